@@ -1,0 +1,64 @@
+"""Shared CLI plumbing: typed errors become one line on stderr and a per-category exit code."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import traceback
+from typing import Any, Callable, TypeVar
+
+import click
+
+from splade_obs.errors import EXIT_INTERRUPTED, ApplicationError, ErrorCategory, classify
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def debug_enabled(ctx: click.Context | None = None) -> bool:
+    ctx = ctx or click.get_current_context(silent=True)
+    while ctx is not None:
+        if ctx.obj and isinstance(ctx.obj, dict) and ctx.obj.get("debug"):
+            return True
+        if ctx.params.get("debug"):
+            return True
+        ctx = ctx.parent
+    return False
+
+
+def report_error(err: ApplicationError, debug: bool) -> None:
+    """Print ``error[CATEGORY]: file:line: message`` and an optional ``hint:`` line to stderr."""
+    if debug:
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    click.echo(err.one_line(), err=True)
+    hint = err.hint_text()
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
+def handle_errors(default: ErrorCategory = ErrorCategory.UNKNOWN_ERROR) -> Callable[[F], F]:
+    """Decorator for click commands: typed errors -> one line + exit code, no traceback unless --debug."""
+
+    def decorate(fn: F) -> F:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+                raise
+            except KeyboardInterrupt:
+                click.echo("interrupted", err=True)
+                sys.exit(EXIT_INTERRUPTED)
+            except Exception as exc:  # noqa: BLE001 - the CLI boundary
+                err = classify(exc, default)
+                logging.getLogger("splade_obs.cli").debug("command failed", exc_info=True)
+                report_error(err, debug_enabled())
+                sys.exit(err.exit_code)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+debug_option = click.option("--debug", is_flag=True, default=False,
+                            help="Show full tracebacks on errors.")

@@ -1,0 +1,43 @@
+"""The ``splade-obs`` command group."""
+
+from __future__ import annotations
+
+import click
+
+from splade_obs import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="splade-obs")
+@click.option("--debug", is_flag=True, default=False, help="Show full tracebacks on errors (all commands).")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """splade-obs: train, evaluate and encode SPLADE models, with every fact of the run observable.
+
+    Runs are tracked in MLflow (./mlruns by default) and traced with OpenTelemetry
+    (<log-dir>/traces.jsonl by default). Run `splade-obs COMMAND --help` for details.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _register() -> None:
+    from . import encode_cmd, evaluate_cmd, mine_cmd, runs_cmd, sysinfo_cmd, train_cmd
+
+    cli.add_command(train_cmd.train)
+    cli.add_command(evaluate_cmd.evaluate)
+    cli.add_command(encode_cmd.encode)
+    cli.add_command(mine_cmd.mine_negatives)
+    cli.add_command(runs_cmd.runs)
+    cli.add_command(sysinfo_cmd.sysinfo)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="splade-obs")
+
+
+if __name__ == "__main__":
+    main()
