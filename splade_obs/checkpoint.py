@@ -1,0 +1,166 @@
+"""Atomic checkpoints and exact resume.
+
+A checkpoint is a folder ``<output_dir>/checkpoints/checkpoint-<step>`` holding
+
+* ``model/``: the encoder in Hugging Face format (safetensors weights + tokenizer),
+* ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``: state dicts (loaded with ``weights_only=True``),
+* ``rng.pt`` (torch CPU/CUDA generator states) and ``rng.json`` (Python and NumPy states),
+* ``trainer_state.json``: global step, epoch, position in the epoch, regularizer schedule, error budget,
+  MLflow run id, best metric.
+
+It is written into a temporary sibling folder and renamed into place, so a crash never leaves a
+half-written checkpoint under the final name. Old checkpoints beyond ``keep_last`` are removed after the
+new one is in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import FileSystemError, TrainingError
+from .recovery import retry
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+STATE_FILE = "trainer_state.json"
+
+
+def capture_rng() -> dict[str, Any]:
+    """Snapshot every generator that influences training (dropout uses torch's global generator)."""
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoints_dir(output_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and (p / STATE_FILE).exists():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def find_resume_checkpoint(output_dir: str | Path, resume: str | None) -> Path | None:
+    """``None`` -> no resume; ``"auto"`` -> latest checkpoint or None; a path -> that checkpoint (must exist)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        ckpts = list_checkpoints(output_dir)
+        return ckpts[-1] if ckpts else None
+    p = Path(resume)
+    if not (p / STATE_FILE).exists():
+        raise FileSystemError("checkpoint not found (no trainer_state.json)", file_path=str(p),
+                              hint="pass --resume auto or a folder under <output-dir>/checkpoints/")
+    return p
+
+
+def read_trainer_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+
+
+@retry(max_attempts=3, delay=0.5, backoff_factor=2.0, max_delay=5.0, retry_on=(OSError,),
+       operation="checkpoint save")
+def save_checkpoint(output_dir: str | Path, *, encoder: Any, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: torch.amp.GradScaler, trainer_state: dict[str, Any],
+                    rng_state: dict[str, Any], keep_last: int = 2, name: str | None = None) -> Path:
+    """Write a checkpoint atomically and return its final path."""
+    root = checkpoints_dir(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / (name or f"checkpoint-{trainer_state['global_step']}")
+    tmp = root / f".tmp-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        tmp.mkdir(parents=True)
+        encoder.save_pretrained(tmp / "model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        torch.save({"torch": rng_state["torch"], "cuda": rng_state["cuda"]}, tmp / "rng.pt")
+        (tmp / "rng.json").write_text(json.dumps({"python": rng_state["python"], "numpy": rng_state["numpy"]}))
+        (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
+        _fsync_dir(tmp)
+        if final.exists():  # same step saved twice (e.g. save_steps and epoch end): replace it
+            trash = root / f".old-{final.name}-{time.monotonic_ns()}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if name is None:
+        _rotate(output_dir, keep_last)
+    return final
+
+
+def load_checkpoint(ckpt: Path, *, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    scaler: torch.amp.GradScaler, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load optimizer/scheduler/scaler/RNG states (the model weights are loaded by the caller from
+    ``ckpt / "model"``) and return the trainer state."""
+    try:
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=map_location, weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
+        rng = torch.load(ckpt / "rng.pt", weights_only=True)
+        rng.update(json.loads((ckpt / "rng.json").read_text()))
+    except FileNotFoundError as exc:
+        raise FileSystemError("checkpoint is incomplete", file_path=str(ckpt), original_exception=exc) from exc
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise TrainingError("checkpoint does not match this run (model or optimizer differ)",
+                            file_path=str(ckpt), original_exception=exc,
+                            hint="resume with the same model and settings, or start a new --output-dir") from exc
+    state = read_trainer_state(ckpt)
+    state["_rng"] = rng
+    return state
+
+
+def _rotate(output_dir: str | Path, keep_last: int) -> None:
+    ckpts = list_checkpoints(output_dir)
+    for old in ckpts[: max(0, len(ckpts) - max(1, keep_last))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
