@@ -1,0 +1,240 @@
+"""The bad-input suite: each malformed input gives the right category, place and field, through the
+library (load_training_data) and through the real CLI (`splade-obs train`), with the exit code of its
+category and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from splade_obs import data as data_mod
+from splade_obs.data import load_training_data
+from splade_obs.errors import EXIT_CODES, ApplicationError, ErrorCategory
+
+DATA, FS = ErrorCategory.DATA_ERROR, ErrorCategory.FILE_SYSTEM_ERROR
+GOOD = {"query": "what river flows through Velmora", "positive": "The Tasko flows through Velmora."}
+TRAIN_CMD = Path(__file__).resolve().parents[1] / "cli" / "train_cmd.py"
+
+
+@dataclass
+class Case:
+    """A malformed input: ``build(tmp)`` writes it and returns (path passed to the loader, expected location)."""
+
+    build: Callable[[Path], tuple[Path, str]]
+    category: ErrorCategory
+    field: str | None = None  # the field the error names, when one applies
+    says: str = ""  # a fragment the message must contain
+
+
+def _jsonl(tmp: Path, lines: list[str], name: str = "train.jsonl") -> Path:
+    p = tmp / name
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+def _good() -> str:
+    return json.dumps(GOOD)
+
+
+def _record_case(record: object, line: int = 2) -> Callable[[Path], tuple[Path, str]]:
+    """A JSONL file whose line ``line`` holds ``record`` and all other lines are good."""
+
+    def build(tmp: Path) -> tuple[Path, str]:
+        lines = [_good()] * 3
+        lines[line - 1] = json.dumps(record)
+        p = _jsonl(tmp, lines)
+        return p, f"{p}:{line}"
+
+    return build
+
+
+def _invalid_json_line(tmp: Path) -> tuple[Path, str]:
+    p = _jsonl(tmp, [_good(), _good(), '{"query": "q", "positive": }'])
+    return p, f"{p}:3"
+
+
+def _invalid_json_array(tmp: Path) -> tuple[Path, str]:
+    p = tmp / "train.json"
+    p.write_text('[\n  {"query": "q", "positive": "p"},\n  {"query": "q2" "positive": "p"}\n]\n', encoding="utf-8")
+    return p, f"{p}:3"
+
+
+def _top_level_object(tmp: Path) -> tuple[Path, str]:
+    p = tmp / "train.json"
+    p.write_text(json.dumps({"records": [GOOD, GOOD]}, indent=2), encoding="utf-8")
+    return p, f"{p}:1"
+
+
+def _array_bad_element(tmp: Path) -> tuple[Path, str]:
+    p = tmp / "train.json"
+    p.write_text(json.dumps([GOOD, {"query": "q", "positive": ["not", "a", "string"]}, GOOD]), encoding="utf-8")
+    return p, f"{p}[1]"
+
+
+def _non_utf8_line(tmp: Path) -> tuple[Path, str]:
+    p = tmp / "train.jsonl"
+    p.write_bytes(_good().encode() + b'\n{"query": "caf\xe9", "positive": "p"}\n' + _good().encode() + b"\n")
+    return p, f"{p}:2"
+
+
+def _non_utf8_array(tmp: Path) -> tuple[Path, str]:
+    p = tmp / "train.json"
+    p.write_bytes(b'[\n {"query": "q", "positive": "p"},\n {"query": "\xff\xfe", "positive": "p"}\n]')
+    return p, f"{p}:3"
+
+
+def _empty_file(tmp: Path) -> tuple[Path, str]:
+    p = tmp / "train.jsonl"
+    p.write_bytes(b"")
+    return p, str(p)
+
+
+def _blank_file(tmp: Path) -> tuple[Path, str]:
+    p = tmp / "train.jsonl"
+    p.write_text("\n   \n\t\n", encoding="utf-8")
+    return p, str(p)
+
+
+def _plain_directory(tmp: Path) -> tuple[Path, str]:
+    d = tmp / "not_beir"
+    d.mkdir()
+    (d / "notes.txt").write_text("hello")
+    return d, str(d)
+
+
+def _missing_file(tmp: Path) -> tuple[Path, str]:
+    p = tmp / "no_such_file.jsonl"
+    return p, str(p)
+
+
+def _huge_line(tmp: Path) -> tuple[Path, str]:
+    p = tmp / "train.jsonl"
+    with open(p, "wb") as f:
+        f.write(_good().encode() + b"\n")
+        f.write(b'{"query": "q", "positive": "' + b"x" * (data_mod.MAX_LINE_BYTES + 1024) + b'"}\n')
+        f.write(_good().encode() + b"\n")
+    return p, f"{p}:2"
+
+
+def _beir(tmp: Path, qrels: str, corpus_line: str | None = None) -> Path:
+    root = tmp / "beir"
+    (root / "qrels").mkdir(parents=True)
+    corpus = [json.dumps({"_id": "d1", "title": "T", "text": "doc one"}), json.dumps({"_id": "d2", "text": "two"})]
+    if corpus_line is not None:
+        corpus[1] = corpus_line
+    (root / "corpus.jsonl").write_text("\n".join(corpus) + "\n", encoding="utf-8")
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "one"}) + "\n", encoding="utf-8")
+    (root / "qrels" / "train.tsv").write_text(qrels, encoding="utf-8")
+    return root
+
+
+def _beir_broken_qrels_row(tmp: Path) -> tuple[Path, str]:
+    root = _beir(tmp, "query-id\tcorpus-id\tscore\nq1\td1\t1\nq1 d2\n")
+    return root, f"{root / 'qrels' / 'train.tsv'}:3"
+
+
+def _beir_bad_qrels_score(tmp: Path) -> tuple[Path, str]:
+    root = _beir(tmp, "query-id\tcorpus-id\tscore\nq1\td1\thigh\n")
+    return root, f"{root / 'qrels' / 'train.tsv'}:2"
+
+
+def _beir_broken_corpus_line(tmp: Path) -> tuple[Path, str]:
+    root = _beir(tmp, "query-id\tcorpus-id\tscore\nq1\td1\t1\n", corpus_line='{"_id": "d2", "text": ')
+    return root, f"{root / 'corpus.jsonl'}:2"
+
+
+CASES: dict[str, Case] = {
+    "invalid_json_line": Case(_invalid_json_line, DATA, None, "invalid JSON"),
+    "invalid_json_array": Case(_invalid_json_array, DATA, None, "invalid JSON"),
+    "top_level_object": Case(_top_level_object, DATA, None, "top-level JSON value is an object"),
+    "record_is_a_list": Case(_record_case(["q", "p"]), DATA, None, "record is a list"),
+    "missing_query": Case(_record_case({"positive": "p"}), DATA, "query", "is missing"),
+    "empty_query": Case(_record_case({"query": "   ", "positive": "p"}), DATA, "query", "is empty"),
+    "non_string_query": Case(_record_case({"query": 42, "positive": "p"}), DATA, "query", "is a number (42)"),
+    "missing_positive": Case(_record_case({"query": "q"}, line=3), DATA, "positive", "is missing"),
+    "both_positive_forms": Case(_record_case({"query": "q", "positive": "p", "positives": ["p"]}), DATA,
+                                "positives", "both given"),
+    "empty_positives_list": Case(_record_case({"query": "q", "positives": []}, line=1), DATA, "positives",
+                                 "empty list"),
+    "non_string_positive_item": Case(_record_case({"query": "q", "positives": ["p", None]}), DATA,
+                                     "positives[1]", "is null"),
+    "negatives_not_a_list": Case(_record_case({"query": "q", "positive": "p", "negatives": "n"}), DATA,
+                                 "negatives", "is a string"),
+    "scores_wrong_length": Case(_record_case({"query": "q", "positive": "p", "negatives": ["n"], "scores": [1.0]}),
+                                DATA, "scores", "has 1 value"),
+    "scores_not_numbers": Case(_record_case({"query": "q", "positive": "p", "negatives": ["n"],
+                                             "scores": [1.0, "high"]}), DATA, "scores[1]", "is a string"),
+    "array_bad_element": Case(_array_bad_element, DATA, "positive", "is a list"),
+    "non_utf8_line": Case(_non_utf8_line, DATA, None, "not valid UTF-8"),
+    "non_utf8_json_array": Case(_non_utf8_array, DATA, None, "not valid UTF-8"),
+    "empty_file": Case(_empty_file, DATA, None, "no training examples"),
+    "blank_file": Case(_blank_file, DATA, None, "no training examples"),
+    "directory_not_beir": Case(_plain_directory, DATA, None, "missing corpus.jsonl"),
+    "missing_file": Case(_missing_file, FS, None, "not found"),
+    "huge_line": Case(_huge_line, DATA, None, "MB long"),
+    "beir_broken_qrels_row": Case(_beir_broken_qrels_row, DATA, None, "expected three tab-separated columns"),
+    "beir_qrels_score_not_int": Case(_beir_bad_qrels_score, DATA, "score", "not an integer"),
+    "beir_broken_corpus_line": Case(_beir_broken_corpus_line, DATA, None, "invalid JSON"),
+}
+
+
+def test_suite_is_large_enough():
+    assert len(CASES) >= 12
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_library_reports_category_location_and_field(name, tmp_path):
+    case = CASES[name]
+    path, location = case.build(tmp_path)
+    with pytest.raises(ApplicationError) as info:
+        load_training_data(str(path))
+    err = info.value
+    assert err.category is case.category, err.one_line()
+    assert err.location == location
+    assert err.context.get("field") == case.field
+    assert case.says in err.message
+    assert err.one_line().startswith(f"error[{case.category.value}]: {location}: ")
+
+
+def test_huge_line_limit_is_a_setting_and_the_line_is_not_parsed(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "MAX_LINE_BYTES", 200)
+    p = _jsonl(tmp_path, [_good(), json.dumps({"query": "q", "positive": "y" * 300})])
+    calls = []
+    real_loads = json.loads
+    monkeypatch.setattr(data_mod.json, "loads", lambda s, *a, **k: calls.append(len(s)) or real_loads(s, *a, **k))
+    loaded = load_training_data(str(p), on_bad_record="skip", bad_records_path=tmp_path / "bad.jsonl")
+    assert loaded.num_skipped == 1 and len(loaded.examples) == 1
+    assert calls and max(calls) < 200  # the long line never reached the JSON parser
+    row = json.loads((tmp_path / "bad.jsonl").read_text())
+    assert row["location"] == f"{p}:2" and "at most 200 bytes" in row["message"] and "yyyy" not in row["record"]
+
+
+def _cli():
+    if not TRAIN_CMD.is_file() or "def train" not in TRAIN_CMD.read_text(encoding="utf-8"):
+        pytest.skip("cli/train_cmd.py (the lead's train command) has not landed yet")
+    from cli.main import cli
+
+    return cli
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cli_reports_one_line_and_the_category_exit_code(name, tmp_path):
+    from click.testing import CliRunner
+
+    cli = _cli()
+    case = CASES[name]
+    path, location = case.build(tmp_path)
+    result = CliRunner().invoke(cli, ["train", "--train-file", str(path), "--output-dir", str(tmp_path / "out"),
+                                      "--no-mlflow", "--otel-exporter", "none"])
+    assert result.exit_code == EXIT_CODES[case.category], (result.output, result.stderr)
+    err_lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error[")]
+    assert err_lines, result.stderr
+    assert err_lines[0].startswith(f"error[{case.category.value}]: {location}: "), err_lines[0]
+    assert case.says in result.stderr
+    assert "Traceback" not in result.output and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
