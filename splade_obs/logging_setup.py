@@ -1,0 +1,325 @@
+"""Root-logger configuration for a run: console lines, a plain log file, a JSON-lines log, redaction.
+
+Everything goes through the standard :mod:`logging` module, so warnings from transformers, mlflow,
+OpenTelemetry, urllib3 and ``warnings.warn`` land in the same files as our own lines.
+
+* console (rank 0 only under torchrun): ``[INFO] 2025-04-11 10:15:30 - Epoch 1/3`` on ``sys.stderr``,
+  looked up at emit time (so click's ``CliRunner`` captures it); the ``[LEVEL]`` tag is coloured only
+  when stderr is a TTY and ``NO_COLOR`` is unset, unless colour is forced.
+* ``<log_dir>/train_splade.log``: the same lines plus the logger name.
+* ``<log_dir>/train_splade.jsonl`` (``json_logs=True``): one JSON object per record with
+  ``timestamp`` (UTC, milliseconds, ``Z``), ``level``, ``name``, ``message``, ``module``, ``function``,
+  ``line``, ``rank`` and every structured field passed with ``extra=`` (step, epoch, category, context...).
+* ranks > 0 write ``train_splade.rank{r}.log`` / ``.jsonl`` and nothing to the console.
+* a redaction filter on every handler replaces the values of secret-looking environment variables
+  (``config.is_secret_key``: ``*_TOKEN``, ``*_PASSWORD``, ``*_KEY``, ``*_SECRET``, ``*_HEADERS``...) with
+  ``***`` wherever they appear in a message, a structured field or a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import is_secret_key
+
+CONSOLE_FORMAT = "[%(levelname)s] %(asctime)s - %(message)s"
+FILE_FORMAT = "[%(levelname)s] %(asctime)s - %(name)s - %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+REDACTED = "***"
+#: Values shorter than this are never treated as secrets (flags like "true"/"1" under a *_TOKEN* name).
+MIN_SECRET_LENGTH = 6
+#: Loggers of libraries whose records we want in our files (they may install their own handlers).
+LIBRARY_LOGGERS = ("transformers", "mlflow", "opentelemetry", "urllib3", "py.warnings")
+
+_COLORS = {
+    "DEBUG": "\x1b[36m", "INFO": "\x1b[32m", "WARNING": "\x1b[33m", "ERROR": "\x1b[31m", "CRITICAL": "\x1b[1;31m",
+}
+_RESET = "\x1b[0m"
+#: Attributes every LogRecord has; anything else on a record came from ``extra=``.
+_STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+# ------------------------------------------------------------------------------------------ redaction
+def secret_values(environ: os._Environ[str] | dict[str, str] | None = None) -> list[str]:
+    """Values of secret-looking environment variables, longest first (so substrings mask last).
+
+    ``*_HEADERS`` values (``key=value,key2=value2``, as in ``OTEL_EXPORTER_OTLP_HEADERS``) also contribute
+    each header value on its own, since a library may print one header.
+    """
+    env = os.environ if environ is None else environ
+    found: set[str] = set()
+    for name, value in env.items():
+        if not value or not is_secret_key(name):
+            continue
+        candidates = [value]
+        if name.upper().endswith(("HEADERS", "HEADER")):
+            for part in value.split(","):
+                _, _, v = part.partition("=")
+                candidates.append(v.strip())
+                candidates.extend(v.strip().split())  # "Bearer abc" -> "abc"
+        found.update(c for c in candidates if len(c) >= MIN_SECRET_LENGTH)
+    return sorted(found, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str] | None = None) -> str:
+    """``text`` with every secret value replaced by ``***``."""
+    for s in secret_values() if secrets is None else secrets:
+        if s in text:
+            text = text.replace(s, REDACTED)
+    return text
+
+
+def redact_obj(obj: Any, secrets: list[str] | None = None) -> Any:
+    """Deep copy of dicts/lists/tuples with secret values masked in every string (keys included)."""
+    secrets = secret_values() if secrets is None else secrets
+    if not secrets:
+        return obj
+    if isinstance(obj, str):
+        return redact_text(obj, secrets)
+    if isinstance(obj, dict):
+        return {redact_obj(k, secrets): redact_obj(v, secrets) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(redact_obj(v, secrets) for v in obj)
+    return obj
+
+
+class RedactingFilter(logging.Filter):
+    """Masks secret environment values in a record before any handler formats it.
+
+    The environment is read on every record (cheap: logging is not on the per-step path), so secrets
+    set after ``setup_logging`` are still caught.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        secrets = secret_values()
+        if not secrets:
+            return True
+        msg = record.getMessage()
+        clean = redact_text(msg, secrets)
+        if clean != msg:
+            record.msg, record.args = clean, ()
+        for key, value in list(vars(record).items()):
+            if key not in _STD_ATTRS:
+                setattr(record, key, redact_obj(value, secrets))
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact_text(record.exc_text, secrets)
+        if record.stack_info:
+            record.stack_info = redact_text(record.stack_info, secrets)
+        return True
+
+
+class RankFilter(logging.Filter):
+    """Stamps ``record.rank`` so every line says which process wrote it."""
+
+    def __init__(self, rank: int) -> None:
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "rank"):
+            record.rank = self.rank
+        return True
+
+
+# ------------------------------------------------------------------------------------------ formatters
+def iso_utc(created: float) -> str:
+    """``2025-04-11T10:15:30.123Z`` for a ``time.time()`` value."""
+    ts = _dt.datetime.fromtimestamp(created, tz=_dt.timezone.utc)
+    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The seed's console format; ``color`` None means decide per record (TTY and no ``NO_COLOR``)."""
+
+    def __init__(self, color: bool | None = None) -> None:
+        super().__init__(CONSOLE_FORMAT, DATE_FORMAT)
+        self.color = color
+
+    def _use_color(self) -> bool:
+        if self.color is not None:
+            return self.color
+        if os.environ.get("NO_COLOR"):
+            return False
+        stream = sys.stderr
+        return bool(stream is not None and getattr(stream, "isatty", lambda: False)())
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if self._use_color():
+            tag = f"[{record.levelname}]"
+            code = _COLORS.get(record.levelname, "")
+            if code and line.startswith(tag):
+                line = f"{code}{tag}{_RESET}{line[len(tag):]}"
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record; structured ``extra=`` fields are copied as they are (``str`` fallback)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "timestamp": iso_utc(record.created),
+            "level": record.levelname,
+            "name": record.name,
+            "message": record.getMessage(),
+            "module": record.module,
+            "function": record.funcName,
+            "line": record.lineno,
+        }
+        for key, value in vars(record).items():
+            if key not in _STD_ATTRS and key not in doc:
+                doc[key] = value
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            doc["exception"] = record.exc_text
+        if record.stack_info:
+            doc["stack"] = record.stack_info
+        return json.dumps(doc, default=str, ensure_ascii=False)
+
+
+class StderrHandler(logging.Handler):
+    """Writes to whatever ``sys.stderr`` is at emit time (CliRunner swaps it); cooperates with tqdm bars."""
+
+    terminator = "\n"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            stream = sys.stderr
+            if stream is None:
+                return
+            tqdm_mod = sys.modules.get("tqdm")
+            if tqdm_mod is not None and getattr(tqdm_mod.tqdm, "_instances", None):
+                tqdm_mod.tqdm.write(msg, file=stream)  # keeps an active progress bar intact
+                return
+            stream.write(msg + self.terminator)
+            stream.flush()
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - logging's own contract
+            self.handleError(record)
+
+
+# ------------------------------------------------------------------------------------------ setup
+class _State:
+    handlers: list[logging.Handler] = []
+    root_level: int | None = None
+    library_state: dict[str, tuple[bool, list[logging.Handler]]] = {}
+    set_mlflow_env: bool = False
+    captured_warnings: bool = False
+
+
+def log_file_paths(log_dir: Path, rank: int = 0, world_size: int = 1) -> tuple[Path, Path]:
+    """(plain log, JSON log) paths for this process: rank-suffixed for ranks > 0 under torchrun."""
+    suffix = f".rank{rank}" if world_size > 1 and rank > 0 else ""
+    return log_dir / f"train_splade{suffix}.log", log_dir / f"train_splade{suffix}.jsonl"
+
+
+def setup_logging(level: str | int = "INFO", log_dir: Path | str | None = None, json_logs: bool = False,
+                  rank: int = 0, world_size: int = 1, color: bool | None = None) -> None:
+    """Configure the root logger for one run; call :func:`teardown_logging` to undo it.
+
+    Calling it again first tears down the previous configuration (tests configure many times).
+    """
+    teardown_logging()
+    root = logging.getLogger()
+    _State.root_level = root.level
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+
+    handlers: list[logging.Handler] = []
+    if world_size <= 1 or rank == 0:
+        console = StderrHandler()
+        console.setFormatter(ConsoleFormatter(color))
+        handlers.append(console)
+    if log_dir is not None:
+        log_dir = Path(log_dir)
+        log_dir.mkdir(parents=True, exist_ok=True)
+        plain_path, json_path = log_file_paths(log_dir, rank, world_size)
+        plain = logging.FileHandler(plain_path, encoding="utf-8")
+        plain.setFormatter(logging.Formatter(FILE_FORMAT, DATE_FORMAT))
+        handlers.append(plain)
+        if json_logs:
+            jh = logging.FileHandler(json_path, encoding="utf-8")
+            jh.setFormatter(JsonFormatter())
+            handlers.append(jh)
+    for h in handlers:
+        h.addFilter(RankFilter(rank))
+        h.addFilter(RedactingFilter())
+        root.addHandler(h)
+    _State.handlers = handlers
+
+    logging.captureWarnings(True)
+    _State.captured_warnings = True
+    adopt_library_loggers()
+
+
+def adopt_library_loggers() -> None:
+    """Make library loggers propagate into our handlers instead of printing on their own.
+
+    transformers and mlflow install a stderr handler and turn propagation off; we take those handlers
+    off (remembering them for teardown) and turn propagation back on. mlflow re-does its setup when it is
+    first imported, so unless the user chose otherwise we set ``MLFLOW_CONFIGURE_LOGGING=false`` before
+    that happens; call this again after importing a library late if needed.
+    """
+    if "mlflow" not in sys.modules and "MLFLOW_CONFIGURE_LOGGING" not in os.environ:
+        os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
+        _State.set_mlflow_env = True
+    for name in LIBRARY_LOGGERS:
+        if name not in _State.library_state:
+            lib = logging.getLogger(name)
+            _State.library_state[name] = (lib.propagate, list(lib.handlers))
+    try:  # configure transformers' library root logger now, so it cannot take over later
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()
+    except Exception:  # noqa: BLE001 - transformers missing or changed: plain propagation below still works
+        pass
+    for name in LIBRARY_LOGGERS:
+        lib = logging.getLogger(name)
+        for h in list(lib.handlers):
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                lib.removeHandler(h)
+        lib.propagate = True
+
+
+def teardown_logging() -> None:
+    """Remove and close the handlers :func:`setup_logging` added and restore what it changed."""
+    root = logging.getLogger()
+    for h in _State.handlers:
+        root.removeHandler(h)
+        try:
+            h.close()
+        except Exception:  # noqa: BLE001
+            pass
+    _State.handlers = []
+    if _State.root_level is not None:
+        root.setLevel(_State.root_level)
+        _State.root_level = None
+    if _State.captured_warnings:
+        logging.captureWarnings(False)
+        _State.captured_warnings = False
+    for name, (propagate, old_handlers) in _State.library_state.items():
+        lib = logging.getLogger(name)
+        lib.propagate = propagate
+        for h in old_handlers:
+            if h not in lib.handlers:
+                lib.addHandler(h)
+    _State.library_state = {}
+    if _State.set_mlflow_env:
+        os.environ.pop("MLFLOW_CONFIGURE_LOGGING", None)
+        _State.set_mlflow_env = False
+
+
+def active_log_files() -> list[Path]:
+    """Paths of the files the current configuration writes (for sinks that upload logs as artifacts)."""
+    return [Path(h.baseFilename) for h in _State.handlers if isinstance(h, logging.FileHandler)]

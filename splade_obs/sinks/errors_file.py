@@ -1,0 +1,63 @@
+"""ErrorsFileSink: every caught error as one JSON line in ``<log_dir>/errors.jsonl``.
+
+Ranks > 0 write ``errors.rank{r}.jsonl``. The file is created on the first error only, so its absence
+means a clean run. Lines are flushed one by one (the sink runs on its own thread), and secret
+environment values are masked like in the logs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import IO, Any
+
+from ..events import ErrorCaught, RunStarted, Sink
+from ..logging_setup import iso_utc, redact_obj
+
+
+def errors_file_path(log_dir: Path, rank: int = 0) -> Path:
+    return log_dir / (f"errors.rank{rank}.jsonl" if rank > 0 else "errors.jsonl")
+
+
+class ErrorsFileSink(Sink):
+    name = "errors_file"
+    scope = "rank"
+    threaded = True
+
+    def __init__(self, log_dir: str | Path | None = None, rank: int | None = None) -> None:
+        """``rank`` picks the file name; None means the rank the bus stamps on the events."""
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.rank = rank
+        self._fh: IO[str] | None = None
+        self.path: Path | None = None
+        self.count = 0
+
+    def on_run_started(self, e: RunStarted) -> None:
+        if self.log_dir is None and (e.log_dir or e.output_dir):
+            self.log_dir = Path(e.log_dir or Path(e.output_dir) / "logs")
+
+    def on_error_caught(self, e: ErrorCaught) -> None:
+        record: dict[str, Any] = {
+            "timestamp": iso_utc(e.time_ns / 1e9), "category": e.category, "message": e.message,
+            "error_type": e.error_type, "exception_type": e.exception_type,
+            "exception_message": e.exception_message, "context": e.context, "step": e.step, "epoch": e.epoch,
+            "batch_index": e.batch_index, "skipped_batch": e.skipped_batch, "fatal": e.fatal, "rank": e.rank,
+            "counts": e.counts,
+        }
+        fh = self._open(e.rank if self.rank is None else self.rank)
+        fh.write(json.dumps(redact_obj(record), default=str, ensure_ascii=False) + "\n")
+        fh.flush()
+        self.count += 1
+
+    def _open(self, rank: int) -> IO[str]:
+        if self._fh is None:
+            log_dir = self.log_dir or Path("logs")
+            log_dir.mkdir(parents=True, exist_ok=True)
+            self.path = errors_file_path(log_dir, rank)
+            self._fh = open(self.path, "a", encoding="utf-8")
+        return self._fh
+
+    def close(self, timeout: float = 5.0) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None

@@ -1,0 +1,174 @@
+"""The event bus: sink isolation, degraded sinks, threaded sinks off the emit path, queue policy, ranks."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from splade_obs.events import (EpochDone, EpochStarted, ErrorCaught, EventBus, RecordingSink, RunFinished,
+                               RunStarted, Sink, SinkDegraded, StepDone)
+from splade_obs.sinks.errors_file import ErrorsFileSink
+from splade_obs.sinks.metrics_file import MetricsFileSink
+
+
+def run_started(total: int = 10) -> RunStarted:
+    return RunStarted(run_name="t", config={}, system_info={}, total_steps=total, num_epochs=1,
+                      steps_per_epoch=total)
+
+
+def step(n: int) -> StepDone:
+    return StepDone(step=n, epoch=1, batch_index=n - 1, loss=1.0, parts={"base": 1.0}, learning_rate=1e-4,
+                    grad_norm=1.0, batch_size=4, num_tokens=64, samples_per_second=10.0, tokens_per_second=160.0,
+                    query_nnz=5.0, doc_nnz=9.0, flops=1.0, total_steps=10)
+
+
+def epoch_done(step_n: int) -> EpochDone:
+    return EpochDone(epoch=1, num_epochs=1, step=step_n, train_loss=1.0, learning_rate=1e-4, duration_seconds=1.0)
+
+
+class RaisingSink(Sink):
+    name = "raiser"
+    scope = "rank"
+
+    def __init__(self, threaded: bool = False) -> None:
+        self.threaded = threaded
+        self.calls = 0
+
+    def handle(self, event):  # noqa: ANN001
+        self.calls += 1
+        raise RuntimeError("sink is broken")
+
+
+class CountingSink(Sink):
+    """Threaded sink that sleeps per event (a slow network exporter) and counts what it handled."""
+
+    name = "slow"
+    scope = "rank"
+    threaded = True
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+        self.handled = 0
+
+    def handle(self, event):  # noqa: ANN001
+        time.sleep(self.delay)
+        self.handled += 1
+
+
+@pytest.mark.parametrize("threaded", [False, True])
+def test_failing_sink_is_isolated_and_degraded(threaded: bool) -> None:
+    raiser, rec = RaisingSink(threaded), RecordingSink()
+    bus = EventBus([raiser, rec], max_failures=3)
+    events = [run_started(), EpochStarted(epoch=1, num_epochs=1, steps_in_epoch=10),
+              *[step(i) for i in range(1, 11)], epoch_done(10), RunFinished(status="FINISHED", step=10,
+                                                                           duration_seconds=1.0)]
+    for ev in events:
+        bus.emit(ev)  # must never raise
+    bus.close(timeout=5)
+
+    stats = bus.stats()
+    assert stats["raiser"]["degraded"] is True
+    assert stats["raiser"]["failures"] == 3           # skipped once degraded
+    assert raiser.calls == 3
+    assert stats["recording"] == {"failures": 0, "dropped": 0, "degraded": False}
+    kinds = [e.kind for e in rec.events if not isinstance(e, SinkDegraded)]
+    assert kinds == [e.kind for e in events]           # the healthy sink got every event, in order
+    degraded = rec.of(SinkDegraded)
+    assert len(degraded) == 1 and degraded[0].sink == "raiser" and degraded[0].failures == 3
+    assert degraded[0].error_type == "RuntimeError" and "broken" in degraded[0].message
+
+
+def test_slow_threaded_sink_does_not_slow_emit() -> None:
+    slow, rec = CountingSink(delay=0.05), RecordingSink()
+    bus = EventBus([slow, rec])
+    n = 2000
+    for i in range(1, n + 1):
+        bus.emit(step(i))
+    handled_when_emit_returned = slow.handled
+    # 2,000 events at 50 ms each is 100 s of sink work; emit returning after a handful proves it did not wait
+    assert len(rec.events) == n
+    assert handled_when_emit_returned < n // 20, handled_when_emit_returned
+    assert bus.stats()["slow"]["dropped"] == 0           # the queue (10,000) had room for all
+    bus.close(timeout=0.3)
+    assert slow.handled < n                               # close gave up at its deadline instead of draining
+    slow.delay = 0.0                                      # let the orphaned worker finish quickly
+
+
+def test_full_queue_drops_step_events_but_keeps_lifecycle_events() -> None:
+    gate = threading.Event()
+    seen: list[str] = []
+
+    class GatedSink(Sink):
+        name = "gated"
+        scope = "rank"
+        threaded = True
+
+        def handle(self, event):  # noqa: ANN001
+            if event.kind == "step_done":
+                gate.wait(10)
+            seen.append(event.kind)
+
+    bus = EventBus([GatedSink()], queue_size=5, lifecycle_put_timeout=10.0)
+    bus.emit(run_started())
+    n = 50
+    for i in range(1, n + 1):
+        bus.emit(step(i))
+    dropped = bus.stats()["gated"]["dropped"]
+    assert dropped >= n - 6                                # queue of 5 plus the one the worker holds
+    threading.Timer(0.2, gate.set).start()                 # the worker frees room while the put waits
+    bus.emit(epoch_done(n))
+    bus.emit(RunFinished(status="FINISHED", step=n, duration_seconds=1.0))
+    bus.close(timeout=10)
+
+    assert bus.stats()["gated"]["dropped"] == dropped      # lifecycle events were not dropped
+    assert seen[0] == "run_started" and seen[-2:] == ["epoch_done", "run_finished"]
+    assert seen.count("step_done") + dropped == n
+
+
+def test_rank_policy_attaches_run_sinks_on_rank_zero_only(tmp_path) -> None:
+    class RunScoped(RecordingSink):
+        name = "run-scoped"
+        scope = "run"
+
+    run_sink, rank_sink = RunScoped(), RecordingSink()
+    metrics, errors = MetricsFileSink(tmp_path), ErrorsFileSink(tmp_path)
+    bus = EventBus([run_sink, rank_sink, metrics, errors], rank=1)
+    assert bus.sinks == [rank_sink, errors]
+    bus.emit(run_started())
+    bus.emit(ErrorCaught(category="DATA_ERROR", message="bad", error_type="DataError", exception_type=None,
+                         exception_message=None, context={}, step=1, skipped_batch=True))
+    bus.close(timeout=5)
+    assert run_sink.events == []
+    assert [e.rank for e in rank_sink.events] == [1, 1]     # the bus stamps its rank on every event
+    assert (tmp_path / "errors.rank1.jsonl").exists() and not (tmp_path / "errors.jsonl").exists()
+    assert not (tmp_path / "training_metrics.json").exists()
+
+    rank0 = EventBus([RunScoped(), RecordingSink()], rank=0)
+    assert [s.name for s in rank0.sinks] == ["run-scoped", "recording"]
+    rank0.close()
+
+
+def test_close_is_bounded_when_a_sink_hangs() -> None:
+    release = threading.Event()
+
+    class HangingSink(Sink):
+        name = "hang"
+        scope = "rank"
+        threaded = True
+
+        def handle(self, event):  # noqa: ANN001
+            release.wait(60)
+
+        def close(self, timeout: float = 5.0) -> None:
+            release.wait(timeout)  # honours the time it is given
+
+    bus = EventBus([HangingSink()], lifecycle_put_timeout=0.1)
+    for i in range(1, 4):
+        bus.emit(step(i))
+    t0 = time.monotonic()
+    bus.close(timeout=0.5)
+    elapsed = time.monotonic() - t0
+    release.set()
+    assert elapsed < 5.0, f"close took {elapsed:.1f}s with a 0.5s timeout"
