@@ -1,0 +1,247 @@
+"""The trainer end to end on the real splade-tiny: CLI, loadable model, exact resume, learning, faults, budget."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from cli.main import cli
+from splade_obs.errors import EXIT_CODES, ErrorCategory
+from splade_obs.events import CheckpointSaved, ErrorCaught, RecordingSink, RunFinished, RunStarted, StepDone
+from splade_obs.run import run_training
+from splade_obs.train import cpu_has_native_bf16, linear_schedule, parse_faults, resolve_amp
+
+from .conftest import TINY_ARGS
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_cli_train_produces_loadable_model(tmp_path):
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["train", "--output-dir", str(out), "--max-steps", "2", *TINY_ARGS,
+                                   "--no-mlflow", "--otel-exporter", "none", "--progress", "lines"])
+    assert res.exit_code == 0, res.output + res.stderr
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    model = AutoModelForMaskedLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    logits = model(**tok(["which river flows through the city"], return_tensors="pt")).logits
+    assert logits.shape[-1] == 30522
+    assert (out / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
+    assert (out / "logs" / "training_metrics.json").exists()
+    assert "Completed training: 2/2 (100.0%)" in res.stderr
+
+
+def test_config_file_with_flag_override(tmp_path):
+    conf = tmp_path / "run.toml"
+    conf.write_text('[optim]\nmax_steps = 1\nbatch_size = 4\nlearning_rate = 1e-4\n'
+                    '[model]\nmax_query_length = 16\nmax_doc_length = 32\n[tracking]\nenabled = false\n')
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["train", "--config", str(conf), "--output-dir", str(out),
+                                   "--learning-rate", "2e-4", "--otel-exporter", "none"])
+    assert res.exit_code == 0, res.stderr
+    state = json.loads((out / "checkpoints" / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["global_step"] == 1
+    # The flag wins over the file: the scheduler's base LR is 2e-4.
+    sched = torch.load(out / "checkpoints" / "checkpoint-1" / "scheduler.pt", weights_only=True)
+    assert sched["base_lrs"][0] == pytest.approx(2e-4)
+
+
+def test_unknown_config_key_is_a_config_error(tmp_path):
+    conf = tmp_path / "bad.yaml"
+    conf.write_text("optim:\n  batch_sz: 4\n")
+    res = CliRunner().invoke(cli, ["train", "--config", str(conf), "--output-dir", str(tmp_path / "o")])
+    assert res.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR]
+    assert res.stderr.startswith("error[CONFIG_ERROR]:")
+    assert "optim.batch_sz" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_resume_gives_identical_weights(tiny_cfg, tmp_path):
+    """A run killed after step 3 and resumed ends with the same weights as an uninterrupted run."""
+    common = {"optim": {"max_steps": 6, "learning_rate": 3e-4}}
+    straight = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "a")}, **common)
+    r1 = run_training(straight)
+    assert r1.status == "FINISHED"
+
+    broken = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b")}, recovery={"inject_faults": ("step:3:interrupt",)},
+                      **common)
+    r2 = run_training(broken)
+    assert r2.status == "KILLED" and r2.result.global_step == 3
+    resumed = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b"), "resume": "auto"}, **common)
+    rec = RecordingSink()
+    r3 = run_training(resumed, extra_sinks=[rec])
+    assert r3.status == "FINISHED"
+    started = rec.of(RunStarted)[0]
+    assert started.resumed and started.start_step == 3
+    assert [e.step for e in rec.of(StepDone)] == [4, 5, 6]
+
+    wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # And the weights did move: this is not a comparison of two untouched models.
+    from splade_obs.hub import resolve_model
+    w0 = _weights(Path(resolve_model("splade-tiny")))
+    assert any(not torch.equal(w0[k], wa[k]) for k in wa if k in w0)
+
+
+def test_resume_with_gradient_accumulation_mid_epoch(tiny_cfg, tmp_path):
+    common = {"optim": {"max_steps": 4, "gradient_accumulation_steps": 2, "batch_size": 2, "learning_rate": 3e-4}}
+    r1 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "a")}, **common))
+    assert r1.status == "FINISHED"
+    r2 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b"), "save_steps": 2},
+                               recovery={"inject_faults": ("step:2:interrupt",)}, **common))
+    assert r2.status == "KILLED"
+    r3 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b"), "resume": "auto"}, **common))
+    assert r3.status == "FINISHED"
+    wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_loss_goes_down_on_demo_data(tiny_cfg, tmp_path):
+    """After a short run the validation loss of the demo set is lower than before training."""
+    cfg = tiny_cfg(optim={"max_steps": 16, "batch_size": 8, "learning_rate": 3e-4, "warmup_steps": 2},
+                   data={"val_file": str(Path(__file__).resolve().parents[1] / "splade_obs" / "demo" / "val.jsonl")},
+                   loss={"lambda_q": 0.0, "lambda_d": 0.0})
+    rec = RecordingSink()
+    res = run_training(cfg, extra_sinks=[rec])
+    assert res.status == "FINISHED"
+    from splade_obs.data import PairCollator, load_training_data
+    from splade_obs.losses import SpladeLoss
+    from splade_obs.model import SpladeEncoder
+
+    val = load_training_data(cfg.data.val_file).examples
+    loss_fn = SpladeLoss(0.0, 0.0)
+
+    def val_loss(model_path: str) -> float:
+        enc = SpladeEncoder.from_pretrained(model_path)
+        enc.eval()
+        col = PairCollator(enc.tokenizer, 16, 32, num_negatives=1, seed=0)
+        total = 0.0
+        with torch.no_grad():
+            for i in range(0, 56, 8):
+                b = col(val[i:i + 8])
+                q = enc(b.queries["input_ids"], b.queries["attention_mask"])
+                p = enc(b.pos_docs["input_ids"], b.pos_docs["attention_mask"])
+                n = enc(b.neg_docs["input_ids"], b.neg_docs["attention_mask"]).view(b.size, b.num_negatives, -1)
+                total += loss_fn(q, p, n, step=0).parts["base"]
+        return total / 7
+
+    before, after = val_loss("splade-tiny"), val_loss(res.result.model_path)
+    assert after < before * 0.9, (before, after)
+
+
+def test_injected_faults_are_skipped_and_counted(tiny_cfg):
+    cfg = tiny_cfg(optim={"max_steps": 5}, recovery={"inject_faults": ("batch:2:oom", "batch:4:nan", "batch:5:exception")})
+    rec = RecordingSink()
+    res = run_training(cfg, extra_sinks=[rec])
+    assert res.status == "FINISHED"
+    errors = rec.of(ErrorCaught)
+    assert [(e.category, e.context["batch"]) for e in errors] == [
+        ("DEVICE_ERROR", 2), ("TRAINING_ERROR", 4), ("TRAINING_ERROR", 5)]
+    assert all(e.skipped_batch and not e.fatal for e in errors)
+    assert errors[0].exception_type == "OutOfMemoryError"
+    # 5 optimizer steps still happened, on 8 batches (3 skipped).
+    steps = rec.of(StepDone)
+    assert [s.step for s in steps] == [1, 2, 3, 4, 5]
+    fin = rec.of(RunFinished)[0]
+    assert fin.counters == {"errors/DEVICE_ERROR": 1, "errors/TRAINING_ERROR": 2, "skipped_batches": 3}
+    lines = [json.loads(x) for x in (Path(cfg.log_dir) / "errors.jsonl").read_text().splitlines()]
+    assert [x["category"] for x in lines] == ["DEVICE_ERROR", "TRAINING_ERROR", "TRAINING_ERROR"]
+
+
+def test_error_budget_stops_run_with_checkpoint(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(optim={"max_steps": 6}, recovery={"inject_faults": ("batch:3:oom", "batch:4:oom"),
+                                                   "max_skipped_batches": 1})
+    rec = RecordingSink()
+    res = run_training(cfg, extra_sinks=[rec])
+    assert res.status == "FAILED"
+    err = res.result.error
+    assert err.category is ErrorCategory.TRAINING_ERROR
+    assert "DEVICE_ERROR" in err.message and err.context["dominant_category"] == "DEVICE_ERROR"
+    saved = [e for e in rec.of(CheckpointSaved) if e.reason == "error_budget"]
+    assert len(saved) == 1 and Path(saved[0].path, "trainer_state.json").exists()
+    assert json.loads(Path(saved[0].path, "trainer_state.json").read_text())["global_step"] == 2
+    assert rec.of(ErrorCaught)[-1].fatal
+
+
+def test_cli_budget_failure_exit_code(tmp_path):
+    res = CliRunner().invoke(cli, ["train", "--output-dir", str(tmp_path / "o"), "--max-steps", "3", *TINY_ARGS,
+                                   "--no-mlflow", "--otel-exporter", "none", "--inject-fault", "batch:1:exception",
+                                   "--max-consecutive-failures", "1"])
+    assert res.exit_code == EXIT_CODES[ErrorCategory.TRAINING_ERROR]
+    first = res.stderr.strip().splitlines()
+    assert any(line.startswith("error[TRAINING_ERROR]: error budget spent") for line in first)
+    assert "Traceback" not in res.stderr
+
+
+def test_debug_flag_shows_traceback(tmp_path):
+    res = CliRunner().invoke(cli, ["--debug", "train", "--output-dir", str(tmp_path / "o"),
+                                   "--train-file", str(tmp_path / "missing.jsonl")])
+    assert res.exit_code == EXIT_CODES[ErrorCategory.FILE_SYSTEM_ERROR]
+    assert "Traceback" in res.stderr
+
+
+def test_interrupt_is_killed_with_checkpoint(tmp_path):
+    res = CliRunner().invoke(cli, ["train", "--output-dir", str(tmp_path / "o"), "--max-steps", "4", *TINY_ARGS,
+                                   "--no-mlflow", "--otel-exporter", "none", "--inject-fault", "step:2:interrupt"])
+    assert res.exit_code == 130
+    assert "--resume auto" in res.stderr
+    state = json.loads((tmp_path / "o" / "checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+
+
+def test_sigterm_stops_cleanly(tiny_cfg):
+    res = run_training(tiny_cfg(optim={"max_steps": 4}, recovery={"inject_faults": ("step:1:sigterm",)}))
+    assert res.status == "KILLED" and res.result.global_step == 1
+    assert res.result.checkpoint and Path(res.result.checkpoint, "trainer_state.json").exists()
+
+
+def test_missing_validation_degrades_gracefully(tiny_cfg, tmp_path):
+    rec = RecordingSink()
+    res = run_training(tiny_cfg(data={"val_file": str(tmp_path / "nope.jsonl")}), extra_sinks=[rec])
+    assert res.status == "FINISHED"
+    assert rec.of(ErrorCaught)[0].category == "FILE_SYSTEM_ERROR"
+
+
+def test_bf16_autocast_runs_on_cpu(tiny_cfg):
+    rec = RecordingSink()
+    res = run_training(tiny_cfg(optim={"max_steps": 2, "mixed_precision": "bf16"}), extra_sinks=[rec])
+    assert res.status == "FINISHED"
+    assert all(torch.isfinite(torch.tensor(s.loss)) for s in rec.of(StepDone))
+
+
+def test_amp_resolution():
+    cpu = torch.device("cpu")
+    assert resolve_amp("no", cpu) is torch.float32
+    assert resolve_amp("bf16", cpu) is torch.bfloat16
+    assert resolve_amp("fp16", cpu) is torch.float16
+    assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+
+
+def test_bare_mixed_precision_flag_means_auto():
+    from cli.train_cmd import train
+    ctx = train.make_context("train", ["--mixed-precision", "--no-mlflow"])
+    assert ctx.params["mixed_precision"] == "auto"
+    ctx = train.make_context("train", ["--mixed-precision", "bf16"])
+    assert ctx.params["mixed_precision"] == "bf16"
+
+
+def test_linear_schedule():
+    f = linear_schedule(warmup=2, total=6)
+    assert [round(f(s), 3) for s in range(7)] == [0.5, 1.0, 1.0, 0.75, 0.5, 0.25, 0.0]
+
+
+def test_fault_spec_parsing():
+    faults = parse_faults(("batch:3:oom", "rank1:step:2:exception"))
+    assert faults[0].unit == "batch" and faults[0].index == 3 and faults[0].rank is None
+    assert faults[1].rank == 1 and faults[1].kind == "exception"
+    from splade_obs.errors import ConfigError
+    with pytest.raises(ConfigError):
+        parse_faults(("batch:x:oom",))
