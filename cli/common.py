@@ -31,6 +31,8 @@ def report_error(err: ApplicationError, debug: bool) -> None:
     if debug:
         traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
     click.echo(err.one_line(), err=True)
+    for line in err.details():
+        click.echo(f"  {line.strip()}", err=True)
     hint = err.hint_text()
     if hint:
         click.echo(f"hint: {hint}", err=True)

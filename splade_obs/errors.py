@@ -97,13 +97,17 @@ class ApplicationError(Exception):
     def one_line(self) -> str:
         """``error[DATA_ERROR]: train.jsonl:17: field "query" is missing — expected ...``"""
         loc = self.location
-        msg = self.message
+        msg = self.message.splitlines()[0] if self.message else ""
         if loc and not msg.startswith(loc):
             msg = f"{loc}: {msg}"
         if self.original_exception is not None and str(self.original_exception) not in msg:
             detail = str(self.original_exception).splitlines()[0] if str(self.original_exception) else ""
             msg = f"{msg} ({type(self.original_exception).__name__}{': ' + detail if detail else ''})"
         return f"error[{self.category.value}]: {msg}"
+
+    def details(self) -> list[str]:
+        """Lines of the message after the first (e.g. every bad record of a data file)."""
+        return self.message.splitlines()[1:]
 
     def hint_text(self) -> str | None:
         return self.hint or DEFAULT_HINTS.get(self.category)
@@ -275,5 +279,6 @@ def classify(exc: BaseException, default: ErrorCategory = ErrorCategory.UNKNOWN_
 def _looks_like_hf_missing(message: str) -> bool:
     # transformers raises a bare OSError when it cannot find or read a model checkpoint.
     markers = ("does not appear to have a file named", "Can't load", "is not a local folder",
-               "not a valid model identifier", "Incorrect path_or_model_id", "We couldn't connect")
+               "not a valid model identifier", "Incorrect path_or_model_id", "We couldn't connect",
+               "no file named", "Unrecognized model")
     return any(m in message for m in markers)

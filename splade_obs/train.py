@@ -209,11 +209,13 @@ class Trainer:
             self._save_on_stop("interrupt")
         except Exception as exc:  # noqa: BLE001 - the run boundary: classify, report, re-raise typed
             error = classify(exc, ErrorCategory.TRAINING_ERROR, step=self.global_step)
+            if not self.started:
+                # Failed before the run could start (e.g. bad data): still give sinks a complete run record.
+                self._emit_run_started(t0_ns, None)
             self._error_event(error, step=self.global_step, fatal=True)
         finally:
             signal.signal(signal.SIGTERM, prev_sigterm) if prev_sigterm is not None else None
         if not self.started:
-            # Failed before the run could start (e.g. bad data): still give sinks a complete run record.
             self._emit_run_started(t0_ns, None)
         counters = {f"errors/{k}": v for k, v in self.budget.by_category.items()}
         counters["skipped_batches"] = self.budget.skipped

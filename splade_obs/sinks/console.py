@@ -127,7 +127,7 @@ class LogSink(Sink):
             level, what = logging.WARNING, "skipped batch"
         else:
             level, what = logging.WARNING, "error"
-        self._emit(level, f"{what} [{e.category}]{loc}: {e.message}", e, step=e.step, epoch=e.epoch,
+        self._emit(level, f"{what} [{e.category}]{loc}: {e.message.splitlines()[0] if e.message else ''}", e, step=e.step, epoch=e.epoch,
                    category=e.category, context=e.context, error_type=e.error_type,
                    exception_type=e.exception_type, batch_index=e.batch_index, fatal=e.fatal,
                    skipped_batch=e.skipped_batch)
@@ -153,7 +153,8 @@ class LogSink(Sink):
         if metrics:
             msg += f": {metrics}"
         if e.error:
-            msg += f" — [{e.error.get('category')}] {e.error.get('message')}"
+            first = (e.error.get("message") or "").splitlines()
+            msg += f" — [{e.error.get('category')}] {first[0] if first else ''}"
         if e.model_path:
             msg += f"; model saved to {e.model_path}"
         self._emit(level, msg, e, step=e.step, status=e.status, final_metrics=e.final_metrics,

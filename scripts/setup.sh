@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create ./.venv and install splade-obs into it.
+#   bash scripts/setup.sh          # the trainer
+#   bash scripts/setup.sh test     # the trainer + test extras
+#   bash scripts/setup.sh bench    # the trainer + benchmark extras (bm25s, sentence-transformers)
+# torch 2.13.0 (CPU wheel) is installed first when no torch is present, so no multi-GB CUDA build is pulled in;
+# pyproject.toml only asks for torch>=2.4, so an existing CUDA torch is kept.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-}"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+VPY=.venv/bin/python
+"$VPY" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" || true
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  "$VPY" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+fi
+spec="."
+[ -n "$extras" ] && spec=".[$extras]"
+"$VPY" -m pip install -q --disable-pip-version-check -e "$spec" 2>&1 | grep -v "is ignored" || true
+"$VPY" -c "import torch, splade_obs, cli.main; print('splade-obs', splade_obs.__version__, 'with torch', torch.__version__)"
