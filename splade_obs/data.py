@@ -630,7 +630,9 @@ class Batch:
 class PairCollator:
     """Turns a list of Examples into a Batch with dynamic padding.
 
-    Choice rule (deterministic in (seed, epoch, batch_index, position in batch), no global RNG):
+    Choice rule (deterministic in (seed, epoch, the example's identity), no global RNG — so the same example
+    gets the same positive/negatives whatever batch or process it lands in, which keeps a torchrun run
+    comparable with a single-process run of the same global batch):
     one positive per example; K = ``num_negatives`` hard negatives per query when *every* example in the
     batch has at least one negative, else K = 0 for the whole batch. An example with fewer than K
     negatives repeats its own (shuffled) negatives to fill K, so all queries have the same K.
@@ -645,8 +647,8 @@ class PairCollator:
         self.num_negatives = max(0, int(num_negatives))
         self.seed = int(seed)
 
-    def _rng(self, epoch: int, batch_index: int, position: int) -> random.Random:
-        return random.Random(f"{self.seed}:{epoch}:{batch_index}:{position}")
+    def _rng(self, epoch: int, example: Example) -> random.Random:
+        return random.Random(f"{self.seed}:{epoch}:{example.location or example.query}")
 
     def _tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_length,
@@ -669,7 +671,7 @@ class PairCollator:
         queries, positives, negatives, scores = [], [], [], []
         with_scores = all(ex.scores is not None for ex in examples)
         for i, ex in enumerate(examples):
-            pos, negs = self.choose(ex, k, self._rng(epoch, batch_index, i))
+            pos, negs = self.choose(ex, k, self._rng(epoch, ex))
             queries.append(ex.query)
             positives.append(ex.positives[pos])
             negatives.extend(ex.negatives[j] for j in negs)
