@@ -1,0 +1,139 @@
+"""``splade-obs runs list`` / ``splade-obs runs compare``: tables of tracked runs from any MLflow store."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any, Sequence
+
+import click
+
+from cli.common import handle_errors
+from splade_obs.errors import ErrorCategory, FileSystemError
+
+#: Params shown by ``compare`` (first), in this order; the rest follow only with --all-params.
+KEY_PARAMS = ("model.name", "data.train_file", "data.train_digest", "optim.learning_rate", "optim.batch_size",
+              "optim.gradient_accumulation_steps", "optim.epochs", "optim.max_steps", "optim.mixed_precision",
+              "optim.seed", "loss.lambda_q", "loss.lambda_d", "loss.distillation", "model.max_query_length",
+              "model.max_doc_length")
+#: Metric prefixes shown by ``compare`` (their latest value).
+KEY_METRIC_PREFIXES = ("final/", "eval/", "epoch/", "errors/", "train/loss", "train/skipped_batches")
+
+tracking_uri_option = click.option(
+    "--tracking-uri", default=None, metavar="URI",
+    help="MLflow store: http(s)://host:port, sqlite:///path.db... "
+         "[default: $MLFLOW_TRACKING_URI or sqlite:///./mlruns/mlflow.db]")
+
+
+def _client(tracking_uri: str | None) -> Any:
+    from mlflow import MlflowClient
+
+    from splade_obs import tracking
+
+    uri = tracking_uri or _default_uri()
+    tracking.lower_http_retries_for(uri)
+    tracking.check_store(uri)
+    return MlflowClient(tracking_uri=uri)
+
+
+def _default_uri() -> str:
+    """Like ``default_tracking_uri`` but never creates ``./mlruns`` just to list nothing."""
+    import os
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path.cwd() / "mlruns" / "mlflow.db"
+    if not db.exists():
+        raise FileSystemError("no MLflow store here", file_path=str(db),
+                              hint="run `splade-obs train` first, or pass --tracking-uri / set MLFLOW_TRACKING_URI")
+    return f"sqlite:///{db.resolve()}"
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    text = str(value)
+    return text if len(text) <= 40 else "…" + text[-39:]
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h)) for i, h in enumerate(header)]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _when(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return dt.datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M")
+
+
+def _duration(run: Any) -> str:
+    if not run.info.end_time or not run.info.start_time:
+        return "-"
+    return f"{(run.info.end_time - run.info.start_time) / 1000:.1f}s"
+
+
+@click.group("runs")
+def runs() -> None:
+    """List and compare tracked training runs (any MLflow tracking URI)."""
+
+
+@runs.command("list")
+@tracking_uri_option
+@click.option("--experiment-name", default="splade-obs", show_default=True, help="Experiment to list.")
+@click.option("--max-results", default=20, show_default=True, type=click.IntRange(1, 10_000),
+              help="Most recent runs to show.")
+@handle_errors(ErrorCategory.DEPENDENCY_ERROR)
+def list_runs(tracking_uri: str | None, experiment_name: str, max_results: int) -> None:
+    """Newest runs first: id, name, status, start, duration, final loss and nDCG@10, errors."""
+    client = _client(tracking_uri)
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        click.echo(f"no experiment named {experiment_name!r} at this tracking URI")
+        return
+    found = client.search_runs([exp.experiment_id], max_results=max_results, order_by=["attributes.start_time DESC"])
+    rows = []
+    for r in found:
+        m = r.data.metrics
+        errors = sum(int(v) for k, v in m.items() if k.startswith("errors/"))
+        rows.append([r.info.run_id, r.info.run_name or "-", r.info.status, _when(r.info.start_time), _duration(r),
+                     m.get("final/train_loss", m.get("train/loss")), m.get("eval/ndcg_at_10"), errors])
+    click.echo(_table(["run_id", "name", "status", "started", "duration", "loss", "ndcg@10", "errors"], rows))
+
+
+@runs.command("compare")
+@click.argument("run_ids", nargs=-1, required=True)
+@tracking_uri_option
+@click.option("--all-params", is_flag=True, default=False, help="Show every param, not only the key ones.")
+@handle_errors(ErrorCategory.DEPENDENCY_ERROR)
+def compare(run_ids: tuple[str, ...], tracking_uri: str | None, all_params: bool) -> None:
+    """Key params and final metrics of RUN_IDS side by side (rows marked * differ between runs)."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    found = []
+    for rid in run_ids:
+        try:
+            found.append(client.get_run(rid))
+        except MlflowException as exc:
+            raise FileSystemError(f"run {rid} not found at this tracking URI", original_exception=exc,
+                                  hint="list runs with `splade-obs runs list --tracking-uri ...`") from exc
+    header = ["", *[f"{r.info.run_name or '-'} ({r.info.run_id[:8]})" for r in found]]
+    rows: list[list[Any]] = [["status", *[r.info.status for r in found]],
+                             ["duration", *[_duration(r) for r in found]]]
+    params = list(KEY_PARAMS)
+    if all_params:
+        params += sorted({k for r in found for k in r.data.params} - set(KEY_PARAMS))
+    rows += [_row(k, [r.data.params.get(k) for r in found]) for k in params
+             if any(k in r.data.params for r in found)]
+    metrics = sorted({k for r in found for k in r.data.metrics if k.startswith(KEY_METRIC_PREFIXES)})
+    rows += [_row(k, [r.data.metrics.get(k) for r in found]) for k in metrics]
+    click.echo(_table(header, rows))
+
+
+def _row(key: str, values: list[Any]) -> list[Any]:
+    differs = len({_fmt(v) for v in values}) > 1
+    return [("* " if differs else "  ") + key, *values]
