@@ -1,0 +1,156 @@
+"""Reference full-logits SPLADE head vs the fused chunked head, on the real splade-tiny.
+
+Measures, for a batch of 16 documents x 128 tokens: encoding throughput (docs/s, no grad), training
+throughput (forward + backward samples/s) and peak memory. Each variant runs in its own fresh process so
+peak memory is not polluted by the other: peak RSS growth over the process's RSS after loading the model
+(``ru_maxrss``; torch's CPU allocations are invisible to tracemalloc), or ``torch.cuda.max_memory_allocated``
+on CUDA.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_head.py            # writes benchmarks/results/bench_head.json
+    python benchmarks/bench_head.py --device cuda --amp bf16 --batch-size 32 --length 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+VARIANTS = ("reference", "fused")
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_head.json"
+WORDS = ("sparse lexical retrieval expands each query and document into weighted vocabulary terms learned "
+         "by a masked language model whose logits are pooled with a max over tokens").split()
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _documents(n: int) -> list[str]:
+    """n different documents, each long enough to fill the length after truncation."""
+    return [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(400)) for i in range(n)]
+
+
+def _timed(fn, iters: int, sync) -> float:
+    fn()  # warm-up (allocator, kernels)
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - start) / iters
+
+
+def run_variant(args: argparse.Namespace) -> dict:
+    import torch
+
+    from splade_obs.model import SpladeEncoder
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    enc = SpladeEncoder.from_pretrained("splade-tiny", device=device, chunk_size=args.chunk_size,
+                                        fused_head=args.variant == "fused")
+    assert enc.fused_head == (args.variant == "fused")
+    batch = {k: v.to(device) for k, v in enc.tokenize(_documents(args.batch_size), args.length).items()}
+    assert batch["input_ids"].shape == (args.batch_size, args.length)
+    autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)  # noqa: E731
+
+    base_rss = _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base_gpu = torch.cuda.memory_allocated() / 2**20
+
+    def forward() -> None:
+        with torch.no_grad(), autocast():
+            forward.out = enc(**batch)
+
+    enc.eval()
+    fwd_s = _timed(forward, args.iters, sync)
+    checksum = float(forward.out.double().sum())
+    fwd_peak = (torch.cuda.max_memory_allocated() / 2**20 - base_gpu) if cuda else _peak_rss_mb() - base_rss
+
+    enc.train()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+
+    def train_step() -> None:
+        with autocast():
+            weights = enc(**batch)
+        loss = weights.sum() / weights.shape[0] + 1e-4 * weights.mean(0).pow(2).sum()
+        loss.backward()
+        enc.zero_grad(set_to_none=True)
+
+    step_s = _timed(train_step, args.iters, sync)
+    train_peak = (torch.cuda.max_memory_allocated() / 2**20 - base_gpu) if cuda else _peak_rss_mb() - base_rss
+    return {
+        "variant": args.variant,
+        "docs_per_s_forward": args.batch_size / fwd_s,
+        "samples_per_s_train": args.batch_size / step_s,
+        "peak_mb_forward": fwd_peak,
+        "peak_mb_train": train_peak,
+        "memory_measure": "cuda max_memory_allocated delta" if cuda else "peak RSS delta (ru_maxrss)",
+        "output_checksum": checksum,
+    }
+
+
+def _child_cmd(args: argparse.Namespace, variant: str) -> list[str]:
+    return [sys.executable, __file__, "--variant", variant, "--device", args.device, "--amp", args.amp,
+            "--batch-size", str(args.batch_size), "--length", str(args.length), "--iters", str(args.iters),
+            "--chunk-size", str(args.chunk_size)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", choices=VARIANTS, help="run one variant in this process (internal)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--iters", type=int, default=3)
+    parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+
+    rows = []
+    for variant in VARIANTS:
+        proc = subprocess.run(_child_cmd(args, variant), capture_output=True, text=True, env=os.environ.copy())
+        if proc.returncode != 0:
+            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    ref, fused = rows
+    print(f"SPLADE head on splade-tiny, batch {args.batch_size} x {args.length} tokens, device {args.device}, "
+          f"amp {args.amp}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.iters} timed iters")
+    print(f"{'metric':<30}{'reference':>14}{'fused':>14}{'fused/ref':>11}")
+    for key, label in (("docs_per_s_forward", "forward docs/s"), ("samples_per_s_train", "fwd+bwd samples/s"),
+                       ("peak_mb_forward", "peak MB forward"), ("peak_mb_train", "peak MB fwd+bwd")):
+        ratio = fused[key] / ref[key] if ref[key] else float("nan")
+        print(f"{label:<30}{ref[key]:>14.2f}{fused[key]:>14.2f}{ratio:>10.2f}x")
+    print(f"memory: {ref['memory_measure']}; output checksums {ref['output_checksum']:.4f} vs "
+          f"{fused['output_checksum']:.4f}")
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "variant"},
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.processor() or platform.machine(),
+        "results": rows}, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

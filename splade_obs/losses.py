@@ -1,0 +1,120 @@
+"""SPLADE training losses: contrastive cross-entropy, FLOPS regularisation with a quadratic warm-up,
+optional MarginMSE distillation. The loss returns its named parts so the trainer can log them.
+
+Checkpoints and the warm-up: the regulariser weights are a pure function of the optimizer step
+(:func:`quadratic_warmup`), so :class:`SpladeLoss` has no state of its own; the trainer saves the global
+step and resuming at that step gives the same ``lambda_q`` / ``lambda_d`` as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import ConfigError, DataError
+
+DISTILLATION_MODES = ("auto", "margin_mse", "none")
+
+
+def flops(reps: Tensor) -> Tensor:
+    """FLOPS regulariser ``sum_j (mean_b w_j)^2`` (Paria et al. 2020): penalises terms active across the batch."""
+    return reps.mean(dim=0).pow(2).sum()
+
+
+def quadratic_warmup(step: int, target: float, warmup_steps: int) -> float:
+    """``target * min(1, step / warmup_steps)^2``; no warm-up when ``warmup_steps <= 0``."""
+    if warmup_steps <= 0:
+        return float(target)
+    frac = min(1.0, max(0.0, step / warmup_steps))
+    return float(target) * frac * frac
+
+
+def sparsity_stats(reps: Tensor) -> dict[str, float]:
+    """Mean non-zero terms per row and the FLOPS value of a batch of representations (no gradient)."""
+    with torch.no_grad():
+        flat = reps.reshape(-1, reps.shape[-1])
+        nnz = (flat != 0).sum(dim=1).float().mean()
+        stats = torch.stack([nnz, flops(flat.float())]).tolist()
+    return {"nnz_mean": stats[0], "flops": stats[1]}
+
+
+@dataclass
+class LossOutput:
+    """``total`` to backpropagate; ``parts`` (plain floats) to log: base, query_reg, doc_reg, distill, lambdas."""
+
+    total: Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class SpladeLoss(torch.nn.Module):
+    """Contrastive loss over in-batch positives plus each query's own hard negatives, FLOPS-regularised.
+
+    ``base``: cross-entropy of query ``i``'s scores against ``[d_pos_0 .. d_pos_{B-1} ; d_neg_{i,0..K-1}]``
+    with target ``i``. ``query_reg = lambda_q(step) * flops(q)``; ``doc_reg = lambda_d(step) * flops(all
+    documents)``. With teacher scores ``(B, 1+K)`` (positive first) and ``distillation`` ``auto`` or
+    ``margin_mse``, ``distill = distillation_weight * mse(s_pos - s_neg, t_pos - t_neg)`` is added.
+    """
+
+    def __init__(self, lambda_q: float = 5e-4, lambda_d: float = 3e-4, reg_warmup_steps: int = 0,
+                 temperature: float = 1.0, distillation: str = "auto", distillation_weight: float = 1.0) -> None:
+        super().__init__()
+        if distillation not in DISTILLATION_MODES:
+            raise ConfigError(f"unknown distillation {distillation!r}; expected one of {', '.join(DISTILLATION_MODES)}",
+                              field="loss.distillation")
+        if temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {temperature}", field="loss.temperature")
+        self.lambda_q = lambda_q
+        self.lambda_d = lambda_d
+        self.reg_warmup_steps = reg_warmup_steps
+        self.temperature = temperature
+        self.distillation = distillation
+        self.distillation_weight = distillation_weight
+
+    def regularizer_weights(self, step: int) -> tuple[float, float]:
+        """``(lambda_q, lambda_d)`` at optimizer step ``step``."""
+        return (quadratic_warmup(step, self.lambda_q, self.reg_warmup_steps),
+                quadratic_warmup(step, self.lambda_d, self.reg_warmup_steps))
+
+    def forward(self, q: Tensor, d_pos: Tensor, d_neg: Tensor | None, *, step: int,
+                teacher_scores: Tensor | None = None) -> LossOutput:
+        batch, vocab = q.shape
+        in_batch = q @ d_pos.t()                                       # (B, B)
+        neg = torch.einsum("bv,bkv->bk", q, d_neg) if d_neg is not None else None  # (B, K)
+        scores = torch.cat([in_batch, neg], dim=1) if neg is not None else in_batch
+        target = torch.arange(batch, device=q.device)
+        base = F.cross_entropy(scores.float() / self.temperature, target)
+
+        lam_q, lam_d = self.regularizer_weights(step)
+        docs = torch.cat([d_pos, d_neg.reshape(-1, vocab)]) if d_neg is not None else d_pos
+        query_reg = lam_q * flops(q.float())
+        doc_reg = lam_d * flops(docs.float())
+
+        named = {"base": base, "query_reg": query_reg, "doc_reg": doc_reg}
+        distill = self._distillation(in_batch.diagonal(), neg, teacher_scores)
+        if distill is not None:
+            named["distill"] = self.distillation_weight * distill
+        total = torch.stack(list(named.values())).sum()
+        values = torch.stack([t.detach() for t in named.values()]).tolist()  # one device sync, not one per part
+        parts = dict(zip(named.keys(), values))
+        parts.update(lambda_q=lam_q, lambda_d=lam_d)
+        return LossOutput(total=total, parts=parts)
+
+    def _distillation(self, s_pos: Tensor, s_neg: Tensor | None, teacher: Tensor | None) -> Tensor | None:
+        if self.distillation == "none" or teacher is None:
+            if self.distillation == "margin_mse" and teacher is None:
+                raise DataError("distillation 'margin_mse' needs teacher scores in the training data",
+                                field="scores", hint="add \"scores\" to each example or use --distillation auto")
+            return None
+        if s_neg is None:
+            raise DataError("MarginMSE needs hard negatives next to the teacher scores", field="negatives")
+        expected = (s_neg.shape[0], 1 + s_neg.shape[1])
+        if tuple(teacher.shape) != expected:
+            raise DataError(f"teacher scores have shape {tuple(teacher.shape)}, expected {expected} "
+                            "(positive first, then one per negative)", field="scores")
+        teacher = teacher.to(device=s_pos.device, dtype=torch.float32)
+        student_margin = s_pos.float().unsqueeze(1) - s_neg.float()
+        teacher_margin = teacher[:, :1] - teacher[:, 1:]
+        return F.mse_loss(student_margin, teacher_margin)

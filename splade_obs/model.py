@@ -1,0 +1,414 @@
+"""The SPLADE encoder: an HF masked-LM backbone whose token logits become one sparse vector per text.
+
+``w_j = max_t log(1 + relu(logit_{t,j}))`` over the non-padding tokens ``t``.
+
+Why the head is special: for a small backbone the vocabulary projection (hidden -> 30,522) costs about ten
+times the encoder, and its full ``(batch, length, vocab)`` logits tensor is what makes SPLADE trainers need
+gigabytes. ``log1p∘relu`` is monotonic, so ``max_t log1p(relu(x_t)) == log1p(relu(max_t x_t))``: we take the
+max over tokens first, computing the projection per document in token chunks so each logits tile stays in
+cache, and keep only the running max. The backward pass of a max only reaches each term's argmax token,
+and relu leaves only a few hundred terms per batch with a gradient, so :class:`_ChunkedMaxProjection`
+recomputes the argmax for those terms alone and builds the exact gradient with index_add, without ever
+materialising the ``(B, L, V)`` tensor. The plain path (``fused_head=False``) stays for tests and
+benchmarks, and for architectures whose head cannot be split.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import ApplicationError, DeviceError, ModelError, classify
+from .hub import resolve_model
+from .recovery import retry
+
+if TYPE_CHECKING:  # pragma: no cover
+    import scipy.sparse
+
+log = logging.getLogger("splade_obs.model")
+
+#: Elements of one ``(B, L, terms)`` tile in the backward's argmax recomputation (64 MiB in fp32).
+_BACKWARD_TILE_ELEMENTS = 1 << 24
+
+
+def splade_pool_reference(logits: Tensor, attention_mask: Tensor) -> Tensor:
+    """Plain SPLADE pooling: ``max_t log1p(relu(logits))`` over non-padding tokens, ``(B,L,V) -> (B,V)``.
+
+    Padding is filled with 0 (the minimum of ``log1p∘relu``) rather than multiplied by the mask, so a
+    padding token with an infinite logit cannot turn into ``inf * 0 = nan``.
+    """
+    weights = torch.log1p(torch.relu(logits))
+    pad = ~attention_mask.bool().unsqueeze(-1)
+    return weights.masked_fill(pad, 0.0).amax(dim=1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The fused head
+# --------------------------------------------------------------------------------------------------------
+
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """The dtype autocast would give a matmul on ``t``'s device, else ``t``'s own dtype."""
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+def _max_projection_forward(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int,
+                            per_document: bool) -> Tensor:
+    """The max over non-padding tokens of ``hidden @ weight.T + bias``, ``(B, V)``; ``-inf`` for empty rows.
+
+    ``per_document`` tiles each document's own tokens (``V x chunk_size`` tiles that stay in a CPU cache, and
+    no work on padding); otherwise a tile is ``chunk_size`` positions of every document at once
+    (``B x chunk_size x V``: few, large kernels and no host synchronisation, which is what a GPU wants).
+    Only values are reduced (``amax``): a max that also returns indices is ~10x slower on CPU, and the
+    backward recomputes the argmax for the few terms that get a gradient.
+    """
+    if per_document:
+        return _max_per_document(hidden, weight, bias, mask, chunk_size)
+    return _max_across_batch(hidden, weight, bias, mask, chunk_size)
+
+
+def _max_per_document(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+    batch, vocab = hidden.shape[0], weight.shape[0]
+    values = torch.full((batch, vocab), float("-inf"), dtype=weight.dtype, device=hidden.device)
+    bias_col = bias.unsqueeze(1)
+    for b in range(batch):
+        positions = mask[b].nonzero().squeeze(1)
+        if positions.numel() == 0:
+            continue
+        tokens = hidden[b].index_select(0, positions).to(weight.dtype)
+        for start in range(0, positions.numel(), chunk_size):
+            tile = torch.addmm(bias_col, weight, tokens[start:start + chunk_size].t())  # (V, c)
+            torch.maximum(values[b], tile.amax(dim=1), out=values[b])
+    return values
+
+
+def _max_across_batch(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+    batch, length = hidden.shape[:2]
+    values = torch.full((batch, weight.shape[0]), float("-inf"), dtype=weight.dtype, device=hidden.device)
+    w_t = weight.t()
+    for start in range(0, length, chunk_size):
+        tile = torch.matmul(hidden[:, start:start + chunk_size].to(weight.dtype), w_t).add_(bias)  # (B, c, V)
+        tile.masked_fill_(~mask[:, start:start + chunk_size, None], float("-inf"))
+        values = torch.maximum(values, tile.amax(dim=1))
+    return values
+
+
+def _max_projection_backward(grad: Tensor, hidden: Tensor, weight: Tensor, mask: Tensor,
+                             need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Exact gradients of the token-max of a linear projection, visiting only the terms that have one.
+
+    ``d values[b,v] / d hidden[b,t] = weight[v]`` only at the argmax ``t``; ``d / d weight[v] =
+    hidden[b, t]``; ``d / d bias[v] = 1``. Terms that relu switched off in every document get no gradient,
+    so the argmax is recomputed (in fp32; the bias is the same for every token and drops out) for the union
+    of active terms only — typically a few hundred of the 30k — in tiles of bounded size. Accumulation is
+    fp32 whatever the forward precision was.
+    """
+    batch, length, hid = hidden.shape
+    g = grad.float().masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
+    w32 = weight.float()
+    h32 = hidden.float()
+    pad = ~mask.unsqueeze(2)
+    grad_h = torch.zeros((batch * length, hid), dtype=torch.float32, device=hidden.device) if need[0] else None
+    grad_w = torch.zeros_like(w32) if need[1] else None
+    active = g.ne(0).any(dim=0).nonzero().squeeze(1)
+    step = max(1, _BACKWARD_TILE_ELEMENTS // max(1, batch * length))
+    for s in range(0, active.numel(), step):
+        terms = active[s:s + step]
+        w_terms = w32.index_select(0, terms)                                          # (T, H)
+        argmax = torch.matmul(h32, w_terms.t()).masked_fill_(pad, float("-inf")).argmax(dim=1)  # (B, T)
+        g_terms = g.index_select(1, terms)                                            # (B, T)
+        rows, cols = g_terms.nonzero(as_tuple=True)
+        gv = g_terms[rows, cols].unsqueeze(1)
+        token_rows = rows * length + argmax[rows, cols]
+        if grad_h is not None:
+            grad_h.index_add_(0, token_rows, gv * w_terms.index_select(0, cols))
+        if grad_w is not None:
+            grad_w.index_add_(0, terms[cols], gv * h32.reshape(batch * length, hid).index_select(0, token_rows))
+    grad_b = g.sum(0) if need[2] else None
+    return (grad_h.view(batch, length, hid) if grad_h is not None else None), grad_w, grad_b
+
+
+class _ChunkedMaxProjection(torch.autograd.Function):
+    """``values[b,v] = max_{t: mask[b,t]} (hidden[b,t] @ weight[v] + bias[v])`` with a sparse argmax backward.
+
+    Dtypes are handled explicitly instead of through ``custom_fwd``: the projection runs in the autocast
+    dtype when autocast is on (the same precision the plain ``nn.Linear`` would get), while ``weight`` and
+    ``bias`` arrive in their own (fp32) precision so the cheap, sparse backward works in fp32 and returns
+    gradients in each input's dtype. Nothing of size ``(B, L, V)`` is kept or built.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int,
+                compute_dtype: torch.dtype, per_document: bool) -> Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            values = _max_projection_forward(hidden, weight.to(compute_dtype), bias.to(compute_dtype), mask,
+                                             chunk_size, per_document)
+        ctx.save_for_backward(hidden, weight, mask)
+        ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
+        return values
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        hidden, weight, mask = ctx.saved_tensors
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        with torch.autocast(hidden.device.type, enabled=False):
+            gh, gw, gb = _max_projection_backward(grad, hidden, weight, mask, need)
+        h_dt, w_dt, b_dt = ctx.dtypes
+        return (gh.to(h_dt) if gh is not None else None, gw.to(w_dt) if gw is not None else None,
+                gb.to(b_dt) if gb is not None else None, None, None, None, None)
+
+
+def fused_splade_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, attention_mask: Tensor,
+                      chunk_size: int = 64, per_document: bool | None = None) -> Tensor:
+    """SPLADE weights from the head-transformed hidden states, equal to the plain path; at least fp32 ``(B,V)``.
+
+    ``per_document=None`` picks per-document tiles on CPU and batch-wide tiles on accelerators.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if bias is None:
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    dtype = _compute_dtype(hidden)
+    if per_document is None:
+        per_document = hidden.device.type == "cpu"
+    max_logits = _ChunkedMaxProjection.apply(hidden, weight, bias, attention_mask.bool(), chunk_size, dtype,
+                                             per_document)
+    # fp16/bf16 maxima are upcast: the term weights feed the loss and the regulariser in fp32 (fp64 stays)
+    return torch.log1p(torch.relu(max_logits.to(torch.promote_types(max_logits.dtype, torch.float32))))
+
+
+class _HeadInput(Exception):
+    """Carries the decoder's input out of the MLM forward, so the full projection never runs."""
+
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__("head input captured")
+        self.hidden = hidden
+
+
+def _raise_head_input(module: nn.Module, args: tuple[Any, ...]) -> None:
+    raise _HeadInput(args[0])
+
+
+# --------------------------------------------------------------------------------------------------------
+# The encoder
+# --------------------------------------------------------------------------------------------------------
+
+class SpladeEncoder(nn.Module):
+    """A masked-LM backbone plus SPLADE pooling; ``forward`` gives differentiable ``(B, V)`` term weights.
+
+    The head is split generically: ``mlm.get_output_embeddings()`` is the vocabulary projection (weight,
+    bias; tied to the input embeddings where the model ties them), and whatever the model computes before
+    it (BERT's dense+act+LayerNorm, RoBERTa's ``lm_head`` transform, DistilBERT's ``vocab_*`` layers...) is
+    captured by a forward pre-hook on that projection that stops the MLM forward right there. A probe at
+    construction checks that ``projection(captured) == logits``; when it is not (a model that post-processes
+    its logits, a non-linear decoder) the encoder falls back to the plain full-logits path.
+    """
+
+    def __init__(self, mlm: nn.Module, tokenizer: Any, *, chunk_size: int = 64, fused_head: bool = True) -> None:
+        super().__init__()
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.mlm = mlm
+        self.tokenizer = tokenizer
+        self.chunk_size = chunk_size
+        self.fused_head = bool(fused_head) and self._head_is_splittable()
+
+    # ---- construction ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, device: str | torch.device = "cpu", chunk_size: int = 64,
+                        fused_head: bool = True) -> "SpladeEncoder":
+        """Load ``splade-tiny``, a local folder or a hub id; every failure is a :class:`ModelError` naming it."""
+        path = resolve_model(name_or_path)
+        mlm, tokenizer = _load_mlm_and_tokenizer(path)
+        try:
+            mlm.to(device)
+        except Exception as exc:  # noqa: BLE001 - a bad device string or an unavailable accelerator
+            raise DeviceError(f"cannot move the model to device {device!s}", original_exception=exc,
+                              device=str(device), hint="check --device and that the accelerator is visible") from exc
+        return cls(mlm, tokenizer, chunk_size=chunk_size, fused_head=fused_head)
+
+    def _projection(self) -> nn.Module | None:
+        out = self.mlm.get_output_embeddings() if hasattr(self.mlm, "get_output_embeddings") else None
+        weight = getattr(out, "weight", None)
+        if not isinstance(out, nn.Module) or not isinstance(weight, Tensor) or weight.dim() != 2:
+            return None
+        return out
+
+    def _head_is_splittable(self) -> bool:
+        proj = self._projection()
+        if proj is None:
+            log.info("%s has no linear output embedding; using the full-logits head", type(self.mlm).__name__)
+            return False
+        vocab = proj.weight.shape[0]
+        ids = torch.arange(1, 6, device=proj.weight.device).remainder(vocab).unsqueeze(0)
+        mask = torch.ones_like(ids)
+        was_training = self.mlm.training
+        self.mlm.eval()
+        try:
+            with torch.no_grad():
+                hidden = self._head_input(ids, mask)
+                split = torch.nn.functional.linear(hidden, proj.weight, getattr(proj, "bias", None))
+                full = self.mlm(input_ids=ids, attention_mask=mask).logits
+            ok = split.shape == full.shape and torch.allclose(split.float(), full.float(), rtol=1e-4, atol=1e-4)
+        except Exception as exc:  # noqa: BLE001 - any surprise means: do not split this architecture
+            log.info("head split probe failed for %s (%s); using the full-logits head", type(self.mlm).__name__, exc)
+            return False
+        finally:
+            self.mlm.train(was_training)
+        if not ok:
+            log.info("%s post-processes its logits; using the full-logits head", type(self.mlm).__name__)
+        return ok
+
+    def _head_input(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Run the MLM up to (not including) the vocabulary projection and return that projection's input."""
+        proj = self._projection()
+        assert proj is not None
+        handle = proj.register_forward_pre_hook(_raise_head_input)
+        try:
+            self.mlm(input_ids=input_ids, attention_mask=attention_mask)
+        except _HeadInput as captured:
+            return captured.hidden
+        finally:
+            handle.remove()
+        raise ModelError(f"{type(self.mlm).__name__} never called its output embedding layer",
+                         hint="construct SpladeEncoder(..., fused_head=False) for this architecture")
+
+    # ---- properties --------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        proj = self._projection()
+        if proj is not None:
+            return int(proj.weight.shape[0])
+        return int(self.mlm.config.vocab_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.mlm.parameters()).device
+
+    # ---- compute -----------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Differentiable SPLADE term weights, fp32 ``(B, V)``."""
+        if self.fused_head:
+            hidden = self._head_input(input_ids, attention_mask)
+            proj = self._projection()
+            return fused_splade_head(hidden, proj.weight, getattr(proj, "bias", None), attention_mask,
+                                     self.chunk_size)
+        logits = self.mlm(input_ids=input_ids, attention_mask=attention_mask).logits
+        return splade_pool_reference(logits, attention_mask).float()
+
+    def tokenize(self, texts: list[str], max_length: int) -> dict[str, Tensor]:
+        """Pad to the longest text of this batch (not to ``max_length``) and truncate to ``max_length``."""
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True, max_length=max_length,
+                             return_tensors="pt")
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], *, max_length: int, batch_size: int = 32, top_k: int | None = None,
+               amp_dtype: torch.dtype | None = None, sort_by_length: bool = True) -> "scipy.sparse.csr_matrix":
+        """Encode texts into a float32 CSR matrix ``(N, V)`` whose rows follow the input order.
+
+        Sorting by length groups similar lengths into a batch so little compute goes to padding; dropout
+        is switched off for the call and the previous mode restored.
+        """
+        import scipy.sparse
+
+        texts = list(texts)
+        ids = self.tokenizer(texts, truncation=True, max_length=max_length)["input_ids"] if texts else []
+        order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort_by_length else list(range(len(ids)))
+        rows, cols, vals = [], [], []
+        was_training = self.training
+        self.eval()
+        try:
+            for start in range(0, len(order), batch_size):
+                batch_idx = order[start:start + batch_size]
+                input_ids, mask = self._pad([ids[i] for i in batch_idx])
+                with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    weights = self(input_ids.to(self.device), mask.to(self.device))
+                if top_k is not None:
+                    weights = top_k_prune(weights, top_k)
+                r, c = weights.nonzero(as_tuple=True)
+                rows.append(np.asarray(batch_idx, dtype=np.int64)[r.cpu().numpy()])
+                cols.append(c.cpu().numpy())
+                vals.append(weights[r, c].float().cpu().numpy())
+        finally:
+            self.train(was_training)
+        cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt))
+        return scipy.sparse.csr_matrix(
+            (cat(vals, np.float32).astype(np.float32), (cat(rows, np.int64), cat(cols, np.int64))),
+            shape=(len(texts), self.vocab_size), dtype=np.float32)
+
+    def _pad(self, sequences: list[list[int]]) -> tuple[Tensor, Tensor]:
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        longest = max(len(s) for s in sequences)
+        input_ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+        for i, seq in enumerate(sequences):
+            input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            mask[i, :len(seq)] = 1
+        return input_ids, mask
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write HF format (safetensors weights, config, tokenizer): ``AutoModelForMaskedLM.from_pretrained(path)``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.mlm.save_pretrained(str(path))
+        self.tokenizer.save_pretrained(str(path))
+
+
+def _load_mlm_and_tokenizer(path: str) -> tuple[nn.Module, Any]:
+    """Load with retries for transient faults; whatever still fails becomes a ModelError naming ``path``."""
+    try:
+        return _load_with_retry(path)
+    except ModelError:
+        raise
+    except ApplicationError as err:
+        raise ModelError(f"cannot load the masked-LM model: {err.message}",
+                         original_exception=err.original_exception or err, file_path=path,
+                         retryable=err.retryable) from err
+
+
+@retry(max_attempts=3, delay=1.0, backoff_factor=2.0, max_delay=10.0, operation="load masked-LM model")
+def _load_with_retry(path: str) -> tuple[nn.Module, Any]:
+    """Load model and tokenizer; transient errors (network, timeouts) are retried by the decorator."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    try:
+        mlm = AutoModelForMaskedLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except ApplicationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - typed below; transient ones stay retryable
+        typed = classify(exc, operation="load masked-LM model", file_path=path)
+        if typed.retryable:
+            raise
+        raise ModelError(f"cannot load the masked-LM model: {typed.message}", original_exception=exc,
+                         file_path=path) from exc
+    return mlm, tokenizer
+
+
+def top_k_prune(weights: Tensor, k: int) -> Tensor:
+    """Keep the ``k`` largest weights of each row and zero the rest (a row never gains non-zeros)."""
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    if k >= weights.shape[-1]:
+        return weights
+    values, index = weights.topk(k, dim=-1)
+    return torch.zeros_like(weights).scatter_(-1, index, values)
+
+
+def sparse_to_dict(row_csr: Any, tokenizer: Any) -> dict[str, float]:
+    """``{term: weight}`` for one row of :meth:`SpladeEncoder.encode`'s output, heaviest term first."""
+    row = row_csr.tocsr() if hasattr(row_csr, "tocsr") else row_csr
+    if row.shape[0] != 1:
+        raise ValueError(f"expected a single row, got shape {row.shape}")
+    ids, weights = row.indices, row.data
+    order = np.argsort(-weights, kind="stable")
+    terms = tokenizer.convert_ids_to_tokens([int(i) for i in ids[order]])
+    return {term: float(w) for term, w in zip(terms, weights[order]) if w != 0}

@@ -1,0 +1,106 @@
+"""SPLADE losses checked against numbers worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from splade_obs.errors import ConfigError, DataError
+from splade_obs.losses import SpladeLoss, flops, quadratic_warmup, sparsity_stats
+
+# q0 = (1, 0), q1 = (0, 1); positives d0 = (3, 0), d1 = (1, 1) -> scores [[3, 1], [0, 1]].
+Q = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+D_POS = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
+# one hard negative each: q0 gets (5, 0) -> score 5; q1 gets (0, 0) -> score 0.
+D_NEG = torch.tensor([[[5.0, 0.0]], [[0.0, 0.0]]])
+
+
+def test_flops_hand_example() -> None:
+    reps = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+    # column means (2, 0, 1) -> 4 + 0 + 1
+    assert flops(reps).item() == pytest.approx(5.0)
+
+
+def test_quadratic_warmup_values() -> None:
+    assert quadratic_warmup(0, 2.0, 10) == 0.0
+    assert quadratic_warmup(5, 2.0, 10) == pytest.approx(0.5)  # 2 * (1/2)^2
+    assert quadratic_warmup(10, 2.0, 10) == pytest.approx(2.0)
+    assert quadratic_warmup(25, 2.0, 10) == pytest.approx(2.0)
+    assert quadratic_warmup(3, 2.0, 0) == 2.0
+    assert quadratic_warmup(3, 2.0, -1) == 2.0
+
+
+def test_cross_entropy_two_by_two_by_hand() -> None:
+    loss = SpladeLoss(lambda_q=0.0, lambda_d=0.0)
+    out = loss(Q, D_POS, None, step=0)
+    # row 0: -log(e^3 / (e^3 + e^1)) = log(1 + e^-2); row 1: -log(e^1 / (e^0 + e^1)) = log(1 + e^-1)
+    expected = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2
+    assert expected == pytest.approx(0.2200948, abs=1e-6)
+    assert out.parts["base"] == pytest.approx(expected, rel=1e-6)
+    assert out.total.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_hard_negatives_change_the_loss_by_hand() -> None:
+    loss = SpladeLoss(lambda_q=0.0, lambda_d=0.0)
+    without = loss(Q, D_POS, None, step=0).parts["base"]
+    out = loss(Q, D_POS, D_NEG, step=0)
+    # row 0 scores [3, 1, 5]: log(1 + e^-2 + e^2); row 1 scores [0, 1, 0]: log(1 + 2 e^-1)
+    expected = (math.log(1 + math.exp(-2) + math.exp(2)) + math.log(1 + 2 * math.exp(-1))) / 2
+    assert out.parts["base"] == pytest.approx(expected, rel=1e-6)
+    assert out.parts["base"] != pytest.approx(without)
+
+
+def test_parts_present_and_sum_to_total() -> None:
+    torch.manual_seed(0)
+    q = torch.rand(4, 50, requires_grad=True)
+    d_pos, d_neg = torch.rand(4, 50), torch.rand(4, 2, 50)
+    loss = SpladeLoss(lambda_q=0.1, lambda_d=0.2, reg_warmup_steps=10)
+    out = loss(q, d_pos, d_neg, step=5)
+    assert set(out.parts) == {"base", "query_reg", "doc_reg", "lambda_q", "lambda_d"}
+    assert out.parts["lambda_q"] == pytest.approx(0.1 * 0.25)
+    assert out.parts["lambda_d"] == pytest.approx(0.2 * 0.25)
+    assert out.parts["query_reg"] == pytest.approx(0.025 * flops(q).item(), rel=1e-5)
+    # the document regulariser covers the positives and the flattened negatives
+    docs = torch.cat([d_pos, d_neg.reshape(-1, 50)])
+    assert out.parts["doc_reg"] == pytest.approx(0.05 * flops(docs).item(), rel=1e-5)
+    summed = out.parts["base"] + out.parts["query_reg"] + out.parts["doc_reg"]
+    assert out.total.item() == pytest.approx(summed, rel=1e-6)
+    out.total.backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_regularizer_follows_the_step() -> None:
+    q, d = torch.rand(2, 8), torch.rand(2, 8)
+    loss = SpladeLoss(lambda_q=1.0, lambda_d=1.0, reg_warmup_steps=4)
+    assert loss(q, d, None, step=0).parts["query_reg"] == 0.0
+    assert loss(q, d, None, step=4).parts["query_reg"] == pytest.approx(flops(q).item(), rel=1e-6)
+
+
+def test_margin_mse_by_hand() -> None:
+    teacher = torch.tensor([[10.0, 8.0], [4.0, 4.0]])
+    loss = SpladeLoss(lambda_q=0.0, lambda_d=0.0, distillation_weight=0.5)
+    out = loss(Q, D_POS, D_NEG, step=0, teacher_scores=teacher)
+    # student margins: 3 - 5 = -2, 1 - 0 = 1; teacher margins: 2, 0 -> ((-4)^2 + 1^2) / 2 = 8.5, weighted 0.5
+    assert out.parts["distill"] == pytest.approx(4.25, rel=1e-6)
+    assert out.total.item() == pytest.approx(out.parts["base"] + 4.25, rel=1e-6)
+
+
+def test_distillation_modes() -> None:
+    teacher = torch.tensor([[10.0, 8.0], [4.0, 4.0]])
+    out = SpladeLoss(distillation="none")(Q, D_POS, D_NEG, step=0, teacher_scores=teacher)
+    assert "distill" not in out.parts
+    assert "distill" not in SpladeLoss()(Q, D_POS, D_NEG, step=0).parts  # auto without teacher scores
+    with pytest.raises(DataError):
+        SpladeLoss(distillation="margin_mse")(Q, D_POS, D_NEG, step=0)
+    with pytest.raises(DataError):
+        SpladeLoss()(Q, D_POS, D_NEG, step=0, teacher_scores=torch.ones(2, 3))
+    with pytest.raises(ConfigError):
+        SpladeLoss(distillation="kl")
+
+
+def test_sparsity_stats() -> None:
+    reps = torch.tensor([[1.0, 0.0, 2.0], [3.0, 0.0, 0.0]])
+    stats = sparsity_stats(reps)
+    assert stats == {"nnz_mean": pytest.approx(1.5), "flops": pytest.approx(5.0)}

@@ -1,0 +1,294 @@
+"""SPLADE encoder: pooling by hand, the fused chunked head against the plain path (values and gradients),
+autocast, HF save/load, encode, and typed load errors — on the real splade-tiny."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from splade_obs import model as model_module
+from splade_obs.errors import ModelError
+from splade_obs.hub import resolve_model
+from splade_obs.model import (SpladeEncoder, fused_splade_head, sparse_to_dict, splade_pool_reference,
+                              top_k_prune)
+
+TEXTS = [
+    "what is sparse retrieval with learned term weights",
+    "splade",
+    "a document about inverted indexes, query expansion and the vocabulary of a masked language model",
+    "short query here",
+]
+
+# Hand example: batch 2, 3 tokens, vocab 2. Document 0 has a padding token with huge logits.
+HAND_LOGITS = torch.tensor([
+    [[1.0, -2.0], [3.0, 0.5], [1e6, 1e6]],
+    [[-1.0, 2.0], [7.0, 9.0], [5.0, 5.0]],
+])
+HAND_MASK = torch.tensor([[1, 1, 0], [1, 0, 0]])
+# doc 0: term 0 max(log 2, log 4) = log 4; term 1 max(log1p(0), log1p(0.5)) = log 1.5
+# doc 1: only token 0 counts: term 0 log1p(relu(-1)) = 0; term 1 log 3
+HAND_EXPECTED = torch.tensor([[math.log(4.0), math.log(1.5)], [0.0, math.log(3.0)]])
+
+
+@pytest.fixture(scope="module")
+def encoder() -> SpladeEncoder:
+    torch.manual_seed(0)
+    enc = SpladeEncoder.from_pretrained("splade-tiny", chunk_size=64)
+    enc.eval()  # no dropout: the two paths must see the same network
+    return enc
+
+
+def _batch(enc: SpladeEncoder, texts: list[str] = TEXTS) -> dict[str, torch.Tensor]:
+    batch = enc.tokenize(texts, max_length=24)
+    assert (batch["attention_mask"] == 0).any(), "the batch must be ragged"
+    return batch
+
+
+def _with_head(enc: SpladeEncoder, fused: bool, chunk: int = 64) -> SpladeEncoder:
+    enc.fused_head, enc.chunk_size = fused, chunk
+    return enc
+
+
+def _grads(enc: SpladeEncoder, batch: dict[str, torch.Tensor], fused: bool, coef: torch.Tensor,
+           autocast: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    enc.zero_grad(set_to_none=True)
+    _with_head(enc, fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        weights = enc(**batch)
+        (weights * coef).sum().backward()
+    grads = {n: p.grad.detach().clone() for n, p in enc.named_parameters() if p.grad is not None}
+    enc.zero_grad(set_to_none=True)
+    return weights.detach(), grads
+
+
+# ---- pooling ----------------------------------------------------------------------------------------
+
+def test_reference_pooling_by_hand_ignores_padding() -> None:
+    out = splade_pool_reference(HAND_LOGITS, HAND_MASK)
+    torch.testing.assert_close(out, HAND_EXPECTED)
+    inf_padding = HAND_LOGITS.clone()
+    inf_padding[0, 2] = float("inf")
+    inf_padding[1, 1:] = 1e30
+    torch.testing.assert_close(splade_pool_reference(inf_padding, HAND_MASK), HAND_EXPECTED)
+
+
+@pytest.mark.parametrize("per_document", [True, False])
+@pytest.mark.parametrize("chunk", [1, 2, 64])
+def test_fused_head_by_hand(chunk: int, per_document: bool) -> None:
+    # identity projection: the "logits" are the hidden states themselves
+    out = fused_splade_head(HAND_LOGITS, torch.eye(2), torch.zeros(2), HAND_MASK, chunk, per_document)
+    torch.testing.assert_close(out, HAND_EXPECTED)
+
+
+@pytest.mark.parametrize("tile_elements", [None, 40])
+@pytest.mark.parametrize("per_document", [True, False])
+def test_fused_head_matches_reference_with_holes_in_the_mask(per_document: bool, tile_elements: int | None,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Left padding, a hole in the middle and a document with no tokens at all: values and gradients.
+
+    ``tile_elements=40`` makes the backward recompute the argmax one term at a time.
+    """
+    if tile_elements is not None:
+        monkeypatch.setattr(model_module, "_BACKWARD_TILE_ELEMENTS", tile_elements)
+    torch.manual_seed(1)
+    hidden = torch.randn(4, 9, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(40, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1] * 9, [0, 0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 1, 1, 0, 1, 0], [0] * 9])
+    coef = torch.randn(4, 40, dtype=torch.float64)
+
+    ref = splade_pool_reference(hidden @ weight.t() + bias, mask)
+    ref_grads = torch.autograd.grad((ref * coef).sum(), (hidden, weight, bias))
+    for chunk in (1, 4, 64):
+        out = fused_splade_head(hidden, weight, bias, mask, chunk, per_document)
+        grads = torch.autograd.grad((out * coef).sum(), (hidden, weight, bias))
+        torch.testing.assert_close(out, ref)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r)
+    assert torch.all(ref[3] == 0)
+
+
+# ---- the real model ---------------------------------------------------------------------------------
+
+def test_fused_forward_equals_reference_on_real_model(encoder: SpladeEncoder) -> None:
+    assert encoder.vocab_size == 30522
+    batch = _batch(encoder)
+    with torch.no_grad():
+        ref = _with_head(encoder, False)(**batch)
+        outs = {c: _with_head(encoder, True, c)(**batch) for c in (1, 7, 64)}
+    assert ref.shape == (len(TEXTS), 30522) and ref.dtype == torch.float32
+    assert (ref > 0).sum() > 0
+    for out in outs.values():
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # padding changes nothing: each text alone, unpadded, gives its row of the padded batch
+    with torch.no_grad():
+        single = encoder(**encoder.tokenize([TEXTS[1]], max_length=24))
+    torch.testing.assert_close(single[0], ref[1], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_gradients_equal_reference_gradients(encoder: SpladeEncoder) -> None:
+    batch = _batch(encoder, TEXTS[:3])
+    coef = torch.randn(3, encoder.vocab_size, generator=torch.Generator().manual_seed(3))
+    ref_w, ref_g = _grads(encoder, batch, fused=False, coef=coef)
+    out_w, out_g = _grads(encoder, batch, fused=True, coef=coef)
+    torch.testing.assert_close(out_w, ref_w, rtol=1e-5, atol=1e-5)
+    assert set(out_g) == set(ref_g)
+    assert len(out_g) == len(list(encoder.parameters()))
+    for name in ref_g:
+        torch.testing.assert_close(out_g[name], ref_g[name], rtol=1e-4, atol=1e-5, msg=name)
+    # tied embeddings: the shared word-embedding matrix got the projection's gradient too
+    proj = encoder.mlm.get_output_embeddings()
+    assert proj.weight is encoder.mlm.get_input_embeddings().weight
+    active = (ref_w > 0).any(0)
+    unused_rows = ~active
+    unused_rows[batch["input_ids"].unique()] = False
+    name = next(n for n, p in encoder.named_parameters() if p is proj.weight)
+    assert out_g[name][active].abs().sum() > 0
+    assert out_g[name][unused_rows].abs().sum() == 0
+
+
+def test_bf16_autocast_forward_backward_close_to_fp32(encoder: SpladeEncoder) -> None:
+    batch = _batch(encoder, TEXTS[:3])
+    coef = torch.rand(3, encoder.vocab_size, generator=torch.Generator().manual_seed(4))
+    ref_w, ref_g = _grads(encoder, batch, fused=False, coef=coef)
+    bf_w, bf_g = _grads(encoder, batch, fused=True, coef=coef, autocast=True)
+    plain_bf_w, _ = _grads(encoder, batch, fused=False, coef=coef, autocast=True)
+    assert bf_w.dtype == torch.float32
+    assert not torch.equal(bf_w, ref_w), "autocast must actually run the projection in bf16"
+    # bf16 keeps ~3 significant digits: weights up to ~3 may move by a few hundredths, as the plain path's do
+    torch.testing.assert_close(bf_w, ref_w, rtol=0.05, atol=0.1)
+    assert (bf_w - ref_w)[ref_w > 0].abs().mean() < 0.02
+    torch.testing.assert_close(bf_w, plain_bf_w, rtol=0.02, atol=0.02)
+    for name, g in ref_g.items():
+        if name.endswith("key.bias"):
+            continue  # softmax is invariant to it: its true gradient is 0 and both paths hold rounding noise
+        assert bf_g[name].dtype == torch.float32 and torch.isfinite(bf_g[name]).all()
+        cos = torch.nn.functional.cosine_similarity(bf_g[name].flatten(), g.flatten(), dim=0)
+        assert cos > 0.95, (name, cos.item())
+
+
+# ---- save, load, encode ----------------------------------------------------------------------------
+
+def test_save_pretrained_loads_with_transformers(encoder: SpladeEncoder, tmp_path: Path) -> None:
+    from transformers import AutoModelForMaskedLM
+
+    encoder.save_pretrained(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path / "out")
+    expected = encoder.mlm.state_dict()
+    for name, tensor in loaded.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+    again = SpladeEncoder.from_pretrained(str(tmp_path / "out"))
+    torch.testing.assert_close(again.encode(TEXTS, max_length=24).toarray(),
+                               encoder.encode(TEXTS, max_length=24).toarray())
+
+
+def test_encode_keeps_input_order_and_top_k(encoder: SpladeEncoder) -> None:
+    _with_head(encoder, True)
+    texts = TEXTS + ["another one", "a much much longer final text so that sorting by length moves it"]
+    mat = encoder.encode(texts, max_length=24, batch_size=2)
+    assert mat.shape == (len(texts), encoder.vocab_size) and mat.dtype.name == "float32"
+    for i, text in enumerate(texts):
+        with torch.no_grad():
+            alone = encoder(**encoder.tokenize([text], max_length=24))[0]
+        torch.testing.assert_close(torch.from_numpy(mat[i].toarray()[0]), alone, rtol=1e-5, atol=1e-5)
+    pruned = encoder.encode(texts, max_length=24, batch_size=2, top_k=5)
+    full = mat.toarray()
+    for i in range(len(texts)):
+        row = pruned[i].toarray()[0]
+        assert 0 < (row != 0).sum() <= 5
+        kept = row[row != 0]
+        assert kept.min() >= sorted(full[i], reverse=True)[4] - 1e-6  # the 5 largest survived
+    terms = sparse_to_dict(mat[1], encoder.tokenizer)
+    assert set(encoder.tokenizer.tokenize(texts[1])) & set(terms), "a text's own tokens carry weight"
+    assert terms == pytest.approx({t: float(mat[1, encoder.tokenizer.convert_tokens_to_ids(t)]) for t in terms})
+    assert len(terms) == mat[1].nnz
+    assert list(terms.values()) == sorted(terms.values(), reverse=True)
+    assert encoder.training is False
+    assert encoder.encode([], max_length=8).shape == (0, encoder.vocab_size)
+
+
+def test_top_k_prune() -> None:
+    w = torch.tensor([[0.1, 0.5, 0.0, 0.3], [2.0, 1.0, 3.0, 0.0]])
+    torch.testing.assert_close(top_k_prune(w, 2), torch.tensor([[0.0, 0.5, 0.0, 0.3], [2.0, 0.0, 3.0, 0.0]]))
+    torch.testing.assert_close(top_k_prune(w, 10), w)
+
+
+def test_from_pretrained_missing_path_raises_model_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelError) as info:
+        SpladeEncoder.from_pretrained(str(missing))
+    assert str(missing) in str(info.value)
+
+
+def test_from_pretrained_bad_weights_raises_model_error(tmp_path: Path) -> None:
+    src = Path(resolve_model("splade-tiny"))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in src.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "model.safetensors").write_bytes(b"this is not a safetensors file")
+    with pytest.raises(ModelError) as info:
+        SpladeEncoder.from_pretrained(str(bad))
+    assert info.value.context.get("file_path") == str(bad)
+    assert str(bad) in info.value.one_line()
+
+
+# ---- other architectures ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("arch", ["distilbert", "roberta"])
+def test_head_split_works_for_other_architectures(arch: str) -> None:
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    kw = dict(vocab_size=97, max_position_embeddings=40)
+    if arch == "distilbert":
+        cfg = AutoConfig.for_model("distilbert", dim=16, hidden_dim=32, n_layers=1, n_heads=2, **kw)
+    else:
+        cfg = AutoConfig.for_model("roberta", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                   num_attention_heads=2, pad_token_id=1, **kw)
+    torch.manual_seed(0)
+    mlm = AutoModelForMaskedLM.from_config(cfg).eval()
+    enc = SpladeEncoder(mlm, tokenizer=None, chunk_size=3)
+    assert enc.fused_head
+    ids = torch.randint(3, 97, (3, 7))
+    mask = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5])
+    coef = torch.randn(3, 97)
+    out = enc(ids, mask)
+    grads = torch.autograd.grad((out * coef).sum(), list(mlm.parameters()), allow_unused=True)
+    ref = splade_pool_reference(mlm(input_ids=ids, attention_mask=mask).logits, mask)
+    ref_grads = torch.autograd.grad((ref * coef).sum(), list(mlm.parameters()), allow_unused=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        if r is None:
+            assert g is None or g.abs().sum() == 0
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+class _ScaledLogitsMLM(nn.Module):
+    """A masked LM that post-processes its logits after the projection, so the head cannot be split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(20, 8)
+        self.decoder = nn.Linear(8, 20)
+        self.config = type("Cfg", (), {"vocab_size": 20})()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.decoder
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        logits = self.decoder(self.embed(input_ids)) * 2.0 - 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_unsplittable_head_falls_back_to_full_logits() -> None:
+    mlm = _ScaledLogitsMLM()
+    enc = SpladeEncoder(mlm, tokenizer=None)
+    assert enc.fused_head is False
+    ids, mask = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 0]])
+    torch.testing.assert_close(enc(ids, mask), splade_pool_reference(mlm(ids, mask).logits, mask))
