@@ -22,6 +22,7 @@ import datetime as _dt
 import json
 import logging
 import os
+import warnings
 import sys
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,34 @@ def adopt_library_loggers() -> None:
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 lib.removeHandler(h)
         lib.propagate = True
+    quiet_library_chatter()
+
+
+#: Loggers whose INFO records are plumbing (database migrations, connection pools), not facts of the run.
+CHATTY_LOGGERS = ("alembic", "sqlalchemy", "mlflow.store.db.utils", "mlflow.tracking._tracking_service.utils",
+                  "urllib3.connectionpool", "filelock", "httpx")
+
+
+def quiet_library_chatter() -> None:
+    """Keep library INFO chatter and progress bars out of the run's console and logs; warnings still pass.
+
+    MLflow's store migrations log ~80 INFO lines on a new sqlite store, and transformers and MLflow draw
+    their own tqdm bars for loading/saving weights and artifacts, which garble the non-TTY progress lines.
+    Users who want them back set the level of those loggers themselves after setup.
+    """
+    for name in CHATTY_LOGGERS:
+        lg = logging.getLogger(name)
+        if lg.level == logging.NOTSET or lg.level < logging.WARNING:
+            lg.setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # MLflow's advice to type-hint pyfunc.predict: our model takes several input shapes on purpose.
+    warnings.filterwarnings("ignore", message=r"(?s).*Add type hints to the `predict` method", category=UserWarning)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except Exception:  # noqa: BLE001 - transformers missing or changed
+        pass
 
 
 def teardown_logging() -> None:

@@ -57,10 +57,11 @@ def build_sinks(cfg: TrainConfig, bus: EventBus, *, rank: int, world_size: int,
         mlflow_sink = MlflowSink.create(cfg, bus_shared=bus.shared, resume_run_id=resume_run_id)
     else:
         mlflow_sink = None
-    from .sinks.otel_sink import OtelSink
-    otel = OtelSink.create(cfg, bus_shared=bus.shared, log_dir=log_dir, rank=rank, world_size=world_size)
-    if otel is not None:
-        sinks.append(otel)
+    if cfg.tracing.exporter != "none":  # optional pieces are imported only when used
+        from .sinks.otel_sink import OtelSink
+        otel = OtelSink.create(cfg, bus_shared=bus.shared, log_dir=log_dir, rank=rank, world_size=world_size)
+        if otel is not None:
+            sinks.append(otel)
     if mlflow_sink is not None:
         sinks.append(mlflow_sink)
     return sinks

@@ -658,8 +658,8 @@ class MlflowSink(Sink):
     def _log_pyfunc(self, model_path: str) -> None:
         import mlflow.pyfunc
 
-        cls = tracking.SpladePyfuncModel
         with tempfile.TemporaryDirectory() as tmp, _quiet_pyfunc_save():
+            cls = tracking.SpladePyfuncModel  # built on first access: MLflow checks its hints then
             local = Path(tmp) / "splade_model"
             mlflow.pyfunc.save_model(
                 path=str(local), python_model=cls(max_length=self.cfg.model.max_doc_length,
