@@ -17,7 +17,7 @@ FLAG_KEYS: dict[str, str] = {
     "on_bad_record": "data.on_bad_record", "num_negatives": "data.num_negatives",
     "output_dir": "checkpoint.output_dir", "save_steps": "checkpoint.save_steps",
     "keep_last": "checkpoint.keep_last", "resume": "checkpoint.resume",
-    "model": "model.name", "max_query_length": "model.max_query_length", "max_doc_length": "model.max_doc_length",
+    "model": "model.name", "dropout": "model.dropout", "max_query_length": "model.max_query_length", "max_doc_length": "model.max_doc_length",
     "epochs": "optim.epochs", "max_steps": "optim.max_steps", "batch_size": "optim.batch_size",
     "gradient_accumulation_steps": "optim.gradient_accumulation_steps", "learning_rate": "optim.learning_rate",
     "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio", "warmup_steps": "optim.warmup_steps",
@@ -50,6 +50,7 @@ P = click.Path
 @click.option("--mixed-precision", type=click.Choice(["auto", "no", "fp16", "bf16"]), default="auto",
               is_flag=False, flag_value="auto", show_default=True,
               help="AMP mode; bare --mixed-precision means auto (bf16 where native, fp16+GradScaler on older GPUs, fp32 otherwise).")
+@click.option("--dropout", type=float, help="Override the backbone's dropout probability (e.g. 0 for deterministic comparisons).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--epochs", type=int, default=1, show_default=True)
 @click.option("--max-steps", type=int, help="Optimizer steps; overrides --epochs.")
@@ -131,7 +132,8 @@ def train(ctx: click.Context, config_file: str | None, no_mlflow: bool, debug: b
     outcome = run_training(cfg)
     result = outcome.result
     if result.status == "FINISHED":
-        click.echo(f"model saved to {result.model_path}", err=True)
+        if result.model_path:  # rank 0 under torchrun
+            click.echo(f"model saved to {result.model_path}", err=True)
         return
     if result.status == "KILLED":
         click.echo(f"run stopped ({result.error.message if result.error else 'interrupted'}); "

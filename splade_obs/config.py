@@ -28,6 +28,7 @@ class ModelConfig:
     max_doc_length: int = 128
     head_chunk_size: int = 64           # tokens per chunk of the memory-saving MLM head
     top_k: int | None = None            # keep only the k largest terms at encode time
+    dropout: float | None = None        # override the backbone's dropout probabilities (None: keep)
 
 
 @dataclass(frozen=True)

@@ -30,12 +30,28 @@ class DistContext:
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
+        # Buffers (position ids) are constant: no broadcast in forward, so forward has no collectives.
         if self.device_name.startswith("cuda"):
-            return DDP(module, device_ids=[self.local_rank], output_device=self.local_rank)
-        return DDP(module)
+            return DDP(module, device_ids=[self.local_rank], output_device=self.local_rank, broadcast_buffers=False)
+        return DDP(module, broadcast_buffers=False)
 
     def no_sync(self, model: torch.nn.Module) -> Any:
         return model.no_sync()
+
+    def gather_failures(self, category: Any) -> list[tuple[int, str]]:
+        """Every rank says whether its micro-batch failed (and in which category); returns the failures."""
+        from .errors import ErrorCategory
+        names = [c.value for c in ErrorCategory]
+        code = torch.tensor([-1 if category is None else names.index(str(category))], dtype=torch.int64,
+                            device=self.device_name)
+        codes = [torch.empty_like(code) for _ in range(self.world_size)]
+        tdist.all_gather(codes, code)
+        return [(r, names[int(c)]) for r, c in enumerate(codes) if int(c) >= 0]
+
+    def mean(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device_name)
+        tdist.all_reduce(t)
+        return (t / self.world_size).tolist()
 
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj]
@@ -43,15 +59,16 @@ class DistContext:
         return box[0]
 
     def finish(self, result: Any) -> None:
-        """Agree on the outcome: if any rank failed, every rank reports which one."""
-        statuses = [None] * self.world_size
-        tdist.all_gather_object(statuses, (self.rank, result.status,
-                                           result.error.one_line() if result.error is not None else None))
-        failed = [(r, msg) for r, st, msg in statuses if st == "FAILED"]
-        if failed and result.status != "FAILED":
-            r, msg = failed[0]
+        """After a finished run, wait for every rank; a rank that failed has left the group instead (it
+        must not enter another collective), which surfaces here as an error naming this rank's view."""
+        if result.status != "FINISHED":
+            return
+        try:
+            tdist.barrier()
+        except Exception as exc:  # noqa: BLE001 - a peer died: report it, do not hang
             result.status = "FAILED"
-            result.error = TrainingError(f"rank {r} failed: {msg}", rank=r)
+            result.error = TrainingError(f"rank {self.rank}: another rank failed before the end "
+                                         f"({type(exc).__name__})", rank=self.rank, original_exception=exc)
 
     def shutdown(self) -> None:
         if tdist.is_initialized():

@@ -22,7 +22,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import warnings
 import sys
 from pathlib import Path
 from typing import Any
@@ -311,8 +310,22 @@ def quiet_library_chatter() -> None:
         if lg.level == logging.NOTSET or lg.level < logging.WARNING:
             lg.setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    # MLflow's advice to type-hint pyfunc.predict: our model takes several input shapes on purpose.
-    warnings.filterwarnings("ignore", message=r"(?s).*Add type hints to the `predict` method", category=UserWarning)
+    # MLflow's advice to type-hint pyfunc.predict (our model takes several input shapes on purpose) is
+    # raised under MLflow's own catch_warnings("once"), so a warnings filter cannot stop it: drop the record.
+    pyw = logging.getLogger("py.warnings")
+    if not any(isinstance(f, _DropMessages) for f in pyw.filters):
+        pyw.addFilter(_DropMessages(("Add type hints to the `predict` method",
+                                     "torch.distributed.nn.functional.all_gather is deprecated")))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(f in msg for f in self.fragments)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -79,21 +79,27 @@ class SpladeLoss(torch.nn.Module):
                 quadratic_warmup(step, self.lambda_d, self.reg_warmup_steps))
 
     def forward(self, q: Tensor, d_pos: Tensor, d_neg: Tensor | None, *, step: int,
-                teacher_scores: Tensor | None = None) -> LossOutput:
+                teacher_scores: Tensor | None = None, positive_offset: int = 0,
+                reg_queries: Tensor | None = None, reg_docs: Tensor | None = None) -> LossOutput:
+        """``d_pos`` may hold more rows than ``q`` (positives gathered from other processes): query ``i``'s
+        own positive is row ``positive_offset + i``. ``reg_queries`` / ``reg_docs`` replace the local
+        batch in the FLOPS terms (the gathered global batch under torchrun)."""
         batch, vocab = q.shape
-        in_batch = q @ d_pos.t()                                       # (B, B)
+        in_batch = q @ d_pos.t()                                       # (B, B_global)
         neg = torch.einsum("bv,bkv->bk", q, d_neg) if d_neg is not None else None  # (B, K)
         scores = torch.cat([in_batch, neg], dim=1) if neg is not None else in_batch
-        target = torch.arange(batch, device=q.device)
+        target = torch.arange(batch, device=q.device) + positive_offset
         base = F.cross_entropy(scores.float() / self.temperature, target)
 
         lam_q, lam_d = self.regularizer_weights(step)
-        docs = torch.cat([d_pos, d_neg.reshape(-1, vocab)]) if d_neg is not None else d_pos
-        query_reg = lam_q * flops(q.float())
-        doc_reg = lam_d * flops(docs.float())
+        if reg_docs is None:
+            reg_docs = torch.cat([d_pos, d_neg.reshape(-1, vocab)]) if d_neg is not None else d_pos
+        query_reg = lam_q * flops((q if reg_queries is None else reg_queries).float())
+        doc_reg = lam_d * flops(reg_docs.float())
+        own_pos = in_batch[torch.arange(batch, device=q.device), target]
 
         named = {"base": base, "query_reg": query_reg, "doc_reg": doc_reg}
-        distill = self._distillation(in_batch.diagonal(), neg, teacher_scores)
+        distill = self._distillation(own_pos, neg, teacher_scores)
         if distill is not None:
             named["distill"] = self.distillation_weight * distill
         total = torch.stack(list(named.values())).sum()

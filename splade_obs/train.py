@@ -209,6 +209,9 @@ class Trainer:
             self._save_on_stop("interrupt")
         except Exception as exc:  # noqa: BLE001 - the run boundary: classify, report, re-raise typed
             error = classify(exc, ErrorCategory.TRAINING_ERROR, step=self.global_step)
+            if self.world_size > 1 and "rank" not in error.context:
+                error.context["rank"] = self.rank
+                error.message = f"rank {self.rank}: {error.message}"
             if not self.started:
                 # Failed before the run could start (e.g. bad data): still give sinks a complete run record.
                 self._emit_run_started(t0_ns, None)
@@ -259,7 +262,7 @@ class Trainer:
 
     def _setup_plan(self, data: LoadedData) -> None:
         o = self.cfg.optim
-        per_rank = math.ceil(len(data.examples) / self.world_size)
+        per_rank = len(data.examples) // self.world_size
         self.batches_per_epoch = max(1, per_rank // o.batch_size) if per_rank >= o.batch_size else 1
         self.steps_per_epoch = max(1, math.ceil(self.batches_per_epoch / o.gradient_accumulation_steps))
         if o.max_steps:
@@ -303,6 +306,10 @@ class Trainer:
         source = str(resume / "model") if resume else cfg.model.name
         self.encoder = SpladeEncoder.from_pretrained(source, device=self.device,
                                                      chunk_size=cfg.model.head_chunk_size)
+        if cfg.model.dropout is not None:
+            for module in self.encoder.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = cfg.model.dropout
         self.encoder.train()
         self.emit(ModelLoaded(name=cfg.model.name, path=source,
                               num_parameters=sum(p.numel() for p in self.encoder.parameters()),
@@ -370,8 +377,8 @@ class Trainer:
 
     def _epoch_batches(self, n: int, epoch: int) -> list[list[int]]:
         order = epoch_order(n, self.cfg.optim.seed, epoch)
-        if self.world_size > 1:
-            order = order[self.rank::self.world_size]
+        if self.world_size > 1:  # equal shares, so every rank runs the same number of batches
+            order = order[: n - n % self.world_size][self.rank::self.world_size]
         bs = self.cfg.optim.batch_size
         batches = [order[i:i + bs] for i in range(0, len(order), bs)]
         if len(batches) > 1 and len(batches[-1]) < bs:
@@ -380,36 +387,98 @@ class Trainer:
 
     def _micro_batch(self, examples: list, idx: list[int], epoch: int, bi: int, batch_no: int,
                      acc: "_Accumulator", accum: int) -> bool:
+        """Forward, loss and backward of one micro-batch; False when the batch was skipped.
+
+        Under torchrun every rank must skip the same batches (or the gradient all-reduce pairs up the
+        wrong batches), so the ranks agree twice before any collective that could pair up wrongly: after
+        the local forward and after the loss. Failures inside collectives cannot be skipped consistently
+        and end the run.
+        """
         start_ns = now_ns()
+        fault = self._fault("batch", batch_no)
         try:
-            fault = self._fault("batch", batch_no)
             if fault is not None and fault.kind != "nan":
                 _fire_batch_fault(fault.kind, batch_no)
             batch = self.collator([examples[i] for i in idx], epoch=epoch, batch_index=bi).to(self.device)
             t_fwd = time.perf_counter()
             with self._autocast():
                 q, d_pos, d_neg = self._forward(batch)
-                out = self.loss_fn(q.float(), d_pos.float(), None if d_neg is None else d_neg.float(),
-                                   step=self.global_step, teacher_scores=batch.teacher_scores)
+            err: Exception | None = None
+        except (KeyboardInterrupt, RunInterrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the batch-level policy
+            if self.dist is None:
+                return self._skip_batch(exc, epoch, bi, batch_no, start_ns)
+            err = exc
+        if not self._ranks_agree(err, epoch, bi, batch_no, start_ns):
+            return False
+        try:
+            with self._autocast():
+                out = self._loss(q, d_pos, d_neg, batch)
             loss = out.total
             if fault is not None and fault.kind == "nan":
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
                 raise TrainingError("non-finite loss; batch skipped without an optimizer step",
                                     loss=float(loss.detach()))
+        except (KeyboardInterrupt, RunInterrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            if self.dist is None:
+                return self._skip_batch(exc, epoch, bi, batch_no, start_ns)
+            if not isinstance(exc, TrainingError):
+                raise  # a failed collective: the ranks can no longer agree
+            err = exc
+        if not self._ranks_agree(err, epoch, bi, batch_no, start_ns):
+            return False
+        try:
             t_bwd = time.perf_counter()
-            no_sync = self.dist.no_sync(self.model) if (self.dist is not None and acc.count + 1 < accum) else nullcontext()
-            with no_sync:
+            sync = self.dist is None or acc.count + 1 >= accum
+            with (nullcontext() if sync else self.dist.no_sync(self.model)):
                 self.scaler.scale(loss / accum).backward()
             t_end = time.perf_counter()
         except (KeyboardInterrupt, RunInterrupted):
             raise
-        except Exception as exc:  # noqa: BLE001 - the batch-level policy
-            self._skip_batch(exc, epoch, bi, batch_no, start_ns)
-            return False
+        except Exception as exc:  # noqa: BLE001
+            if self.dist is not None:
+                raise  # gradients of the ranks are out of step now
+            return self._skip_batch(exc, epoch, bi, batch_no, start_ns)
         acc.add(out, batch, q, d_pos, d_neg, t_bwd - t_fwd, t_end - t_bwd, start_ns)
         self.budget.record_ok()
         return True
+
+    def _loss(self, q: torch.Tensor, d_pos: torch.Tensor, d_neg: torch.Tensor | None, batch: Batch) -> Any:
+        q, d_pos = q.float(), d_pos.float()
+        d_neg = None if d_neg is None else d_neg.float()
+        if self.dist is None:
+            return self.loss_fn(q, d_pos, d_neg, step=self.global_step, teacher_scores=batch.teacher_scores)
+        # In-batch negatives and FLOPS over the global batch: gather (with gradient) from every rank.
+        from torch.distributed.nn.functional import all_gather
+        all_q = torch.cat(all_gather(q))
+        all_pos = torch.cat(all_gather(d_pos))
+        docs = d_pos if d_neg is None else torch.cat([d_pos, d_neg.reshape(-1, d_pos.shape[-1])])
+        all_docs = torch.cat(all_gather(docs)) if d_neg is not None else all_pos
+        return self.loss_fn(q, all_pos, d_neg, step=self.global_step, teacher_scores=batch.teacher_scores,
+                            positive_offset=self.rank * q.shape[0], reg_queries=all_q, reg_docs=all_docs)
+
+    def _ranks_agree(self, err: Exception | None, epoch: int, bi: int, batch_no: int, start_ns: int) -> bool:
+        """True when this micro-batch succeeded on every rank; otherwise every rank records the skip."""
+        if self.dist is None:
+            return True
+        failed = self.dist.gather_failures(classify(err).category if err is not None else None)
+        if not failed:
+            return True
+        if err is not None:
+            self._skip_batch(err, epoch, bi, batch_no, start_ns)
+        else:  # a peer failed: skip in step with it, counted under the peer's category
+            peer, category = failed[0]
+            self.optimizer.zero_grad(set_to_none=True)
+            self.budget.record_failure(category)
+            self._error_event(TrainingError(f"batch skipped because rank {peer} failed it ({category})",
+                                            peer_rank=peer, peer_category=category, batch=batch_no),
+                              step=self.global_step, epoch=epoch, batch_index=bi, skipped_batch=True,
+                              start_ns=start_ns)
+        return False
 
     def _forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         negs = batch.neg_docs if (batch.neg_docs is not None and batch.num_negatives > 0) else None
@@ -425,7 +494,7 @@ class Trainer:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
-    def _skip_batch(self, exc: Exception, epoch: int, bi: int, batch_no: int, start_ns: int) -> None:
+    def _skip_batch(self, exc: Exception, epoch: int, bi: int, batch_no: int, start_ns: int) -> bool:
         err = classify(exc, ErrorCategory.TRAINING_ERROR, step=self.global_step, epoch=epoch,
                        batch_index=bi, batch=batch_no)
         self.optimizer.zero_grad(set_to_none=True)   # drop partial gradients; GradScaler state untouched
@@ -434,6 +503,7 @@ class Trainer:
         self.budget.record_failure(err.category)
         self._error_event(err, step=self.global_step, epoch=epoch, batch_index=bi, skipped_batch=True,
                           start_ns=start_ns)
+        return False
 
     def _check_budget(self, epoch: int, bi: int) -> None:
         reason = self.budget.exceeded()
@@ -465,6 +535,11 @@ class Trainer:
         duration = max(1e-9, (end_ns - acc.start_ns) / 1e9)
         parts = {k: v / acc.count for k, v in acc.parts.items()}
         loss = acc.loss / acc.count
+        if self.dist is not None:  # log the global batch's values, not this rank's share
+            keys = sorted(parts)
+            vals = self.dist.mean([loss, acc.query_nnz, acc.doc_nnz, acc.flops] + [parts[k] for k in keys])
+            loss, acc.query_nnz, acc.doc_nnz, acc.flops = vals[:4]
+            parts = dict(zip(keys, vals[4:]))
         stats.add(loss, parts, acc.query_nnz / acc.count, acc.doc_nnz / acc.count, lr)
         self.emit(StepDone(
             step=self.global_step, epoch=epoch, batch_index=bi, loss=loss, parts=parts, learning_rate=lr,

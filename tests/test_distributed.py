@@ -1,0 +1,108 @@
+"""A real 2-process gloo run on CPU through torchrun, compared with a single-process run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.main"]
+COMMON = ["train", "--max-steps", "3", "--max-query-length", "16", "--max-doc-length", "32", "--dropout", "0",
+          "--learning-rate", "2e-4", "--seed", "11", "--progress", "lines", "--json-logs", "--trace-batches", "all"]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def _losses(db: Path, run_name: str) -> list[float]:
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(f"sqlite:///{db}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              f"tags.mlflow.runName = '{run_name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    hist = sorted(client.get_metric_history(runs[0].info.run_id, "train/loss"), key=lambda m: m.step)
+    return [m.value for m in hist]
+
+
+def test_two_process_gloo_run_matches_single_process(tmp_path):
+    db = tmp_path / "m.db"
+    uri = f"sqlite:///{db}"
+    out2 = tmp_path / "ddp"
+    proc = subprocess.run([*TORCHRUN, *COMMON, "--batch-size", "2", "--output-dir", str(out2), "--tracking-uri", uri,
+                           "--run-name", "ddp"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "cli.main", *COMMON, "--batch-size", "4", "--output-dir",
+                             str(tmp_path / "single"), "--tracking-uri", uri, "--run-name", "single"],
+                            cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    # one MLflow run for the two processes, with the global batch size
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(uri)
+    ddp_runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                  "tags.mlflow.runName = 'ddp'")
+    assert len(ddp_runs) == 1 and ddp_runs[0].info.status == "FINISHED"
+    assert ddp_runs[0].data.tags.get("splade.world_size") == "2"
+
+    # same objective: per-step loss of 2 ranks x batch 2 == 1 process x batch 4 (fp32, no dropout)
+    l2, l1 = _losses(db, "ddp"), _losses(db, "single")
+    assert len(l2) == len(l1) == 3
+    for a, b in zip(l2, l1):
+        assert a == pytest.approx(b, rel=2e-3, abs=1e-5), (l2, l1)
+
+    logs = out2 / "logs"
+    # rank 0 owns the metrics file and the checkpoints; every rank has its own JSON log
+    metrics = json.loads((logs / "training_metrics.json").read_text())
+    assert metrics["status"] == "FINISHED"
+    assert not list(logs.glob("training_metrics.rank*"))
+    ranks = {json.loads(line)["rank"] for f in ("train_splade.jsonl", "train_splade.rank1.jsonl")
+             for line in (logs / f).read_text().splitlines() if line.strip()}
+    assert ranks == {0, 1}
+    assert (out2 / "checkpoints" / "checkpoint-3" / "trainer_state.json").exists()
+    assert json.loads((out2 / "checkpoints" / "checkpoint-3" / "trainer_state.json").read_text())["world_size"] == 2
+
+    # spans from both ranks in one trace
+    per_rank = {r: [json.loads(line) for line in (logs / f).read_text().splitlines() if line.strip()]
+                for r, f in ((0, "traces.jsonl"), (1, "traces.rank1.jsonl"))}
+    assert len({_trace_id(s) for spans in per_rank.values() for s in spans}) == 1
+    assert all(sum(_name(s) == "batch" for s in spans) == 3 for spans in per_rank.values())
+    roots = {r: next(s for s in spans if _name(s) == "train") for r, spans in per_rank.items()}
+    assert _attr(roots[0], "splade.rank") == 0 and _attr(roots[1], "splade.rank") == 1
+    assert roots[1]["parent_id"] == roots[0]["context"]["span_id"]  # rank 1 joined rank 0's run span
+
+
+def test_fault_on_rank1_stops_both_ranks_naming_the_rank(tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run([*TORCHRUN, *COMMON, "--batch-size", "2", "--output-dir", str(out), "--no-mlflow",
+                           "--otel-exporter", "none", "--max-steps", "6", "--inject-fault", "rank1:step:2:exception"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "error[TRAINING_ERROR]: rank 1: injected fault after step 2" in text
+    # rank 0 did not train on alone: no step beyond the failure reached its log
+    steps = [json.loads(line).get("step") for line in (out / "logs" / "train_splade.jsonl").read_text().splitlines()
+             if line.strip()]
+    assert max(s for s in steps if s is not None) <= 3
+
+
+def _trace_id(span: dict) -> str:
+    ctx = span.get("context") or {}
+    return ctx.get("trace_id") or span.get("trace_id")
+
+
+def _name(span: dict) -> str:
+    return span.get("name")
+
+
+def _attr(span: dict, key: str):
+    return (span.get("attributes") or {}).get(key)
