@@ -1,0 +1,42 @@
+"""``splade-obs encode``: a corpus or a query set to sparse JSONL (optionally pruned and quantised)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from splade_obs.errors import ErrorCategory
+
+from .common import debug_option, handle_errors
+from .evaluate_cmd import pick_device
+
+
+@click.command("encode")
+@click.option("--model", "model_name", required=True, help="'splade-tiny', a saved model folder or a hub id.")
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path),
+              help="A BEIR folder, or a JSONL file with '_id' (or 'id') and 'text' (and optional 'title').")
+@click.option("--kind", type=click.Choice(["corpus", "queries"]), required=True,
+              help="corpus: title + text, default max length 256; queries: text, default max length 64.")
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help='Sparse JSONL: {"id": ..., "vector": {term: weight}} per line.')
+@click.option("--max-length", default=None, type=click.IntRange(min=1), help="Token limit (default by --kind).")
+@click.option("--top-k", default=None, type=click.IntRange(min=1), help="Keep only the K heaviest terms.")
+@click.option("--quantize-scale", default=None, type=click.FloatRange(min=0, min_open=True),
+              help="Integer weights int(w * S + 0.5), e.g. 100 for Anserini/Lucene impact indexes.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@debug_option
+@handle_errors(ErrorCategory.INFERENCE_ERROR)
+def encode(model_name: str, input_path: Path, kind: str, output: Path, max_length: int | None,
+           top_k: int | None, quantize_scale: float | None, batch_size: int, device: str, debug: bool) -> None:
+    """Encode texts into SPLADE sparse vectors, one JSON line per record, in input order."""
+    from splade_obs.encode import encode_file, input_file
+    from splade_obs.model import SpladeEncoder
+
+    input_file(input_path, kind)  # a wrong path fails before the model loads
+    encoder = SpladeEncoder.from_pretrained(model_name, device=pick_device(device))
+    stats = encode_file(encoder, input_path, output, kind=kind, max_length=max_length, batch_size=batch_size,
+                        top_k=top_k, quantize_scale=quantize_scale)
+    click.echo(f"encoded {stats.count} {kind} records in {stats.seconds:.1f}s "
+               f"({stats.avg_nnz:.1f} terms per vector) -> {stats.output}", err=True)

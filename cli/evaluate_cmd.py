@@ -1,0 +1,67 @@
+"""``splade-obs evaluate``: retrieval quality and sparsity of a model on a BEIR split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from splade_obs.errors import ErrorCategory
+
+from .common import debug_option, handle_errors
+
+
+def pick_device(name: str) -> str:
+    """``auto`` means the first CUDA device when there is one, else the CPU."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@click.command("evaluate")
+@click.option("--model", "model_name", required=True, help="'splade-tiny', a saved model folder or a hub id.")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
+@click.option("--split", default="test", show_default=True, help="Which qrels/<split>.tsv to evaluate.")
+@click.option("--max-query-length", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-doc-length", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-queries", default=None, type=click.IntRange(min=1),
+              help="Evaluate a fixed random subset of this many queries (seed 0).")
+@click.option("--top-k-docs", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Documents retrieved per query (and written to --trec-run).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
+@click.option("--trec-run", type=click.Path(path_type=Path), default=None,
+              help="Write the ranking as a TREC run file (qid Q0 docid rank score tag).")
+@debug_option
+@handle_errors(ErrorCategory.EVALUATION_ERROR)
+def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int, max_doc_length: int,
+             batch_size: int, max_queries: int | None, top_k_docs: int, device: str, output: Path | None,
+             trec_run: Path | None, debug: bool) -> None:
+    """Encode a BEIR corpus and its queries, retrieve exactly by sparse dot product, and score.
+
+    Prints JSON (nDCG@10, MRR@10, Recall@100, MAP@100, sparsity, timings) on stdout and a table on stderr.
+    """
+    from splade_obs.data import load_beir
+    from splade_obs.evaluate import RetrievalEvaluator, format_metrics_table, write_trec_run
+    from splade_obs.model import SpladeEncoder
+
+    beir = load_beir(data_dir, split)  # data problems surface before the model loads
+    evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
+                                   batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k_docs)
+    encoder = SpladeEncoder.from_pretrained(model_name, device=pick_device(device))
+    metrics = evaluator.evaluate(encoder)
+    result = {"model": model_name, "data": str(data_dir), "split": split, "max_query_length": max_query_length,
+              "max_doc_length": max_doc_length, "top_k_docs": top_k_docs, "metrics": metrics}
+    text = json.dumps(result, indent=2)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text + "\n", encoding="utf-8")
+    if trec_run is not None:
+        write_trec_run(evaluator.run(), trec_run)
+    click.echo(format_metrics_table(metrics), err=True)
+    click.echo(text)

@@ -1,0 +1,57 @@
+"""``splade-obs mine-negatives``: training triples with hard negatives from a BEIR split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from splade_obs.errors import ErrorCategory
+
+from .common import debug_option, handle_errors
+from .evaluate_cmd import pick_device
+
+
+@click.command("mine-negatives")
+@click.option("--model", "model_name", default="splade-tiny", show_default=True,
+              help="Model that retrieves (--method splade): 'splade-tiny', a saved folder or a hub id.")
+@click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
+              help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
+@click.option("--split", default="train", show_default=True)
+@click.option("--output", required=True, type=click.Path(path_type=Path),
+              help='Training JSONL: {"query", "positives", "negatives", "query_id", ...} per line.')
+@click.option("--method", type=click.Choice(["splade", "bm25"]), default="splade", show_default=True,
+              help="bm25 needs the bm25s package (the bench extra).")
+@click.option("--num-negatives", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--depth", default=50, show_default=True, type=click.IntRange(min=1),
+              help="Documents retrieved per query before positives are removed.")
+@click.option("--max-query-length", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-doc-length", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@debug_option
+@handle_errors(ErrorCategory.DATA_ERROR)
+def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, method: str, num_negatives: int,
+                   depth: int, max_query_length: int, max_doc_length: int, batch_size: int, device: str,
+                   debug: bool) -> None:
+    """For each query: retrieve the top --depth documents, drop known positives, keep --num-negatives."""
+    from splade_obs.data import load_beir
+    from splade_obs.mining import mine_negatives as mine, write_jsonl
+
+    beir = load_beir(data_dir, split)
+    encoder = None
+    if method == "splade":
+        from splade_obs.model import SpladeEncoder
+
+        encoder = SpladeEncoder.from_pretrained(model_name, device=pick_device(device))
+    result = mine(beir, method=method, encoder=encoder, num_negatives=num_negatives, depth=depth,
+                  max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size)
+    if not result.records:
+        from splade_obs.errors import DataError
+
+        raise DataError(f"no query kept a negative (all {result.num_queries} skipped) — expected a corpus with "
+                        "documents beyond the positives", file_path=str(data_dir))
+    write_jsonl(result.records, output)
+    click.echo(f"mined {len(result.records)} records ({method}, depth {depth}) in {result.seconds:.1f}s; "
+               f"{result.num_skipped} queries skipped (no negative left), {result.num_short} with fewer than "
+               f"{num_negatives} negatives -> {output}", err=True)

@@ -1,0 +1,252 @@
+"""Retrieval evaluation: metrics against hand-computed values and ranx, the exact index, the evaluate CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from click.testing import CliRunner
+
+from splade_obs.errors import EXIT_CODES, DataError, ErrorCategory
+from splade_obs.evaluate import (
+    InvertedIndex,
+    RetrievalEvaluator,
+    compute_metrics,
+    map_at_k,
+    mrr_at_k,
+    ndcg_at_k,
+    recall_at_k,
+    run_from_search,
+    sparsity_metrics,
+    write_trec_run,
+)
+
+from tests._eval_utils import write_beir
+
+L2 = math.log2
+
+
+# ----------------------------------------------------------------------------------------- hand-computed
+def test_binary_metrics_match_hand_computation() -> None:
+    qrels = {"q1": {"d1": 1, "d3": 1}, "q2": {"d2": 1}}
+    run = {"q1": {"d1": 0.9, "d2": 0.8, "d3": 0.7}, "q2": {"d1": 0.5, "d3": 0.4}}
+    # q1: hits at ranks 1 and 3; q2: its only relevant document is not retrieved -> 0 everywhere.
+    ndcg_q1 = (1 + 1 / L2(4)) / (1 + 1 / L2(3))
+    assert ndcg_at_k(run, qrels, 10) == pytest.approx(ndcg_q1 / 2)
+    assert mrr_at_k(run, qrels, 10) == pytest.approx(1.0 / 2)
+    assert recall_at_k(run, qrels, 100) == pytest.approx(1.0 / 2)
+    assert map_at_k(run, qrels, 100) == pytest.approx((1 + 2 / 3) / 2 / 2)
+    # Cut-offs: at k=2 the second relevant document of q1 is out of reach.
+    assert recall_at_k(run, qrels, 2) == pytest.approx(0.5 / 2)
+    assert map_at_k(run, qrels, 2) == pytest.approx(0.5 / 2)
+    assert ndcg_at_k(run, qrels, 1) == pytest.approx(1.0 / 2)
+
+
+def test_graded_ndcg_uses_the_label_as_gain() -> None:
+    qrels = {"q": {"a": 2, "b": 1, "z": 0}}
+    run = {"q": {"z": 0.95, "b": 0.9, "a": 0.8, "c": 0.7}}
+    dcg = 0 + 1 / L2(3) + 2 / L2(4)
+    idcg = 2 / L2(2) + 1 / L2(3)
+    assert ndcg_at_k(run, qrels, 10) == pytest.approx(dcg / idcg)
+    assert ndcg_at_k(run, qrels, 2) == pytest.approx((1 / L2(3)) / idcg)
+    assert mrr_at_k(run, qrels, 10) == pytest.approx(1 / 2)  # label 0 is not relevant
+    assert map_at_k(run, qrels, 100) == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_queries_without_relevant_documents_are_left_out_and_missing_queries_score_zero() -> None:
+    qrels = {"q1": {"d1": 1}, "q_none": {"d2": 0}, "q_missing": {"d3": 1}}
+    run = {"q1": {"d1": 1.0}, "q_none": {"d2": 1.0}}
+    metrics = compute_metrics(run, qrels)
+    assert set(metrics) == {"ndcg@10", "mrr@10", "recall@100", "map@100"}
+    for value in metrics.values():
+        assert value == pytest.approx(0.5)  # q1 perfect, q_missing zero, q_none not counted
+
+
+def test_ties_are_broken_by_document_id() -> None:
+    qrels = {"q": {"y": 1}}
+    assert mrr_at_k({"q": {"y": 1.0, "x": 1.0}}, qrels) == pytest.approx(0.5)
+    assert mrr_at_k({"q": {"y": 1.0, "z": 1.0}}, qrels) == pytest.approx(1.0)
+
+
+def test_compute_metrics_rejects_qrels_without_any_relevant_document() -> None:
+    with pytest.raises(DataError):
+        compute_metrics({"q": {"d": 1.0}}, {"q": {"d": 0}})
+
+
+# ----------------------------------------------------------------------------------------- vs ranx
+def _random_case(seed: int, graded: bool) -> tuple[dict, dict]:
+    rng = random.Random(seed)
+    docs = [f"d{i}" for i in range(150)]
+    qrels, run = {}, {}
+    for q in range(40):
+        qid = f"q{q}"
+        judged = rng.sample(docs, rng.randint(1, 12))
+        rels = {d: (rng.randint(0, 3) if graded else rng.randint(0, 1)) for d in judged}
+        rels[judged[0]] = max(1, rels[judged[0]])  # at least one relevant document per query
+        qrels[qid] = rels
+        retrieved = rng.sample(docs, rng.randint(1, 130))
+        # Unique scores: ranx and we may break ties differently.
+        scores = rng.sample(range(10_000), len(retrieved))
+        run[qid] = {d: s / 10_000 for d, s in zip(retrieved, scores)}
+    return run, qrels
+
+
+@pytest.mark.parametrize("graded", [False, True])
+def test_metrics_match_ranx_on_random_runs(graded: bool) -> None:
+    ranx = pytest.importorskip("ranx", reason="ranx is the reference implementation (test extra)")
+    for seed in range(3):
+        run, qrels = _random_case(seed, graded)
+        ours = {**compute_metrics(run, qrels), "ndcg@5": ndcg_at_k(run, qrels, 5),
+                "recall@10": recall_at_k(run, qrels, 10), "map@10": map_at_k(run, qrels, 10),
+                "mrr@3": mrr_at_k(run, qrels, 3)}
+        ref = ranx.evaluate(ranx.Qrels(qrels), ranx.Run(run), list(ours))
+        for key, value in ours.items():
+            assert value == pytest.approx(float(ref[key]), abs=1e-9), (seed, key)
+
+
+# ----------------------------------------------------------------------------------------- the index
+def _random_sparse(rows: int, cols: int, density: float, seed: int) -> sp.csr_matrix:
+    rng = np.random.default_rng(seed)
+    m = sp.random(rows, cols, density=density, format="csr", random_state=rng, dtype=np.float32)
+    # Small integer weights: sums are exact in float32, and many scores tie.
+    m.data = rng.integers(1, 4, size=m.nnz).astype(np.float32)
+    return m
+
+
+def _brute_force(q: sp.csr_matrix, d: sp.csr_matrix, k: int) -> list[list[int]]:
+    dense = q.toarray().astype(np.float64) @ d.toarray().astype(np.float64).T
+    out = []
+    for row in dense:
+        ranked = sorted((i for i in range(len(row)) if row[i] > 0), key=lambda i: (-row[i], i))
+        out.append(ranked[:k])
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 5, 37, 500])
+def test_inverted_index_equals_brute_force_dense_ranking(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    import splade_obs.evaluate as ev
+
+    monkeypatch.setattr(ev, "MAX_BLOCK_ELEMENTS", 7 * 300)  # force several query chunks
+    docs = _random_sparse(300, 200, 0.05, seed=k)
+    queries = _random_sparse(25, 200, 0.08, seed=100 + k)
+    index = InvertedIndex(docs, [f"doc{i}" for i in range(300)])
+    positions, values = index.search_positions(queries, k)
+    expected = _brute_force(queries, docs, k)
+    dense = queries.toarray() @ docs.toarray().T
+    ties_at_cut = 0
+    for r, (got, want) in enumerate(zip(positions, expected)):
+        assert got.tolist() == want, f"query {r}"
+        np.testing.assert_allclose(values[r], dense[r, want])
+        if len(want) == k and k < 300 and np.count_nonzero(dense[r] == dense[r, want[-1]]) > 1:
+            ties_at_cut += 1
+    ids, _ = index.search(queries, k)
+    assert ids[0] == [f"doc{i}" for i in expected[0]]
+    if 1 < k < 300:
+        assert ties_at_cut > 0, "the data should exercise ties at the cut-off"
+
+
+def test_index_rejects_wrong_dimension() -> None:
+    index = InvertedIndex(_random_sparse(5, 10, 0.5, 0))
+    with pytest.raises(Exception, match="dimensions"):
+        index.search(_random_sparse(2, 11, 0.5, 1), 3)
+
+
+def test_sparsity_metrics() -> None:
+    q = sp.csr_matrix(np.array([[1, 0, 2, 0], [0, 0, 3, 0]], dtype=np.float32))
+    d = sp.csr_matrix(np.array([[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 0]], dtype=np.float32))
+    s = sparsity_metrics(q, d)
+    assert s["query_nnz"] == pytest.approx(1.5)
+    assert s["doc_nnz"] == pytest.approx(5 / 3)
+    # term 0: p_q=1/2, p_d=1/3; term 2: p_q=1, p_d=2/3
+    assert s["flops"] == pytest.approx(0.5 / 3 + 2 / 3)
+    assert s["num_docs"] == 3
+    assert s["index_size_mb"] == pytest.approx((5 * 8 + 5 * 4) / 1e6)
+
+
+def test_trec_run_format(tmp_path) -> None:
+    run = run_from_search(["q2", "q1"], [["a", "b"], ["c"]], [np.array([2.0, 1.5]), np.array([0.25])])
+    path = write_trec_run(run, tmp_path / "sub" / "run.trec", tag="t")
+    lines = path.read_text().splitlines()
+    assert lines == ["q1 Q0 c 1 0.250000 t", "q2 Q0 a 1 2.000000 t", "q2 Q0 b 2 1.500000 t"]
+
+
+# ----------------------------------------------------------------------------------------- with the model
+@pytest.fixture(scope="module")
+def encoder():
+    from splade_obs.model import SpladeEncoder
+
+    return SpladeEncoder.from_pretrained("splade-tiny")
+
+
+def test_evaluator_restores_training_mode_and_subsets_queries(tmp_path, encoder) -> None:
+    from splade_obs.data import load_beir
+
+    beir = load_beir(write_beir(tmp_path / "beir"), "test")
+    evaluator = RetrievalEvaluator(beir, max_query_length=16, max_doc_length=32, batch_size=4, max_queries=2,
+                                   seed=3)
+    encoder.train()
+    metrics = evaluator.evaluate(encoder)
+    assert encoder.training, "evaluate() must restore the previous train/eval mode"
+    assert metrics["num_queries"] == 2 and len(evaluator.run()) == 2
+    again = RetrievalEvaluator(beir, max_query_length=16, max_doc_length=32, max_queries=2, seed=3)
+    assert again.query_ids == evaluator.query_ids  # same seed -> same subset
+    assert metrics["num_docs"] == 10
+    for key in ("encode_docs_s", "encode_queries_s", "search_s", "query_nnz", "doc_nnz", "flops"):
+        assert metrics[key] > 0
+    # The run holds the real index scores: recompute one from the vectors.
+    q = encoder.encode([beir.queries[evaluator.query_ids[0]]], max_length=16)
+    docs = encoder.encode(evaluator.doc_texts, max_length=32)
+    best_doc, best_score = max(evaluator.run()[evaluator.query_ids[0]].items(), key=lambda kv: kv[1])
+    assert best_score == pytest.approx(float((q @ docs.T).toarray().max()), rel=1e-5)
+    assert evaluator.doc_ids[int((q @ docs.T).toarray().argmax())] == best_doc
+
+
+def test_evaluate_cli_on_a_small_beir_folder(tmp_path) -> None:
+    from cli.main import cli
+
+    data = write_beir(tmp_path / "beir")
+    out, trec = tmp_path / "m" / "metrics.json", tmp_path / "run.trec"
+    result = CliRunner().invoke(cli, ["evaluate", "--model", "splade-tiny", "--data", str(data), "--split", "test",
+                                           "--max-query-length", "16", "--max-doc-length", "32",
+                                           "--batch-size", "4", "--output", str(out), "--trec-run", str(trec),
+                                           "--top-k-docs", "5"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    metrics = payload["metrics"]
+    for key in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
+        assert 0.0 <= metrics[key] <= 1.0
+    for key in ("query_nnz", "doc_nnz", "flops", "index_size_mb", "num_docs", "encode_docs_s"):
+        assert key in metrics
+    assert metrics["num_queries"] == 4
+    assert metrics["mrr@10"] > 0.5, "a real model finds the obvious matches of this toy corpus"
+    assert json.loads(out.read_text()) == payload
+    assert "ndcg@10" in result.stderr  # the console table goes to stderr
+    rows = [line.split() for line in trec.read_text().splitlines()]
+    assert rows and all(len(r) == 6 and r[1] == "Q0" and r[5] == "splade-obs" for r in rows)
+    for qid in ("q1", "q2", "q3", "q4"):
+        ranks = [int(r[3]) for r in rows if r[0] == qid]
+        scores = [float(r[4]) for r in rows if r[0] == qid]
+        assert ranks == list(range(1, len(ranks) + 1)) and 0 < len(ranks) <= 5
+        assert scores == sorted(scores, reverse=True)
+
+
+def test_evaluate_cli_typed_errors(tmp_path) -> None:
+    from cli.main import cli
+
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["evaluate", "--model", "splade-tiny", "--data", str(tmp_path / "nope")])
+    assert missing.exit_code == EXIT_CODES[ErrorCategory.FILE_SYSTEM_ERROR]
+    assert "error[FILE_SYSTEM_ERROR]" in missing.stderr and "Traceback" not in missing.stderr
+
+    data = write_beir(tmp_path / "beir")
+    (data / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td0\n")
+    broken = runner.invoke(cli, ["evaluate", "--model", "splade-tiny", "--data", str(data)])
+    assert broken.exit_code == EXIT_CODES[ErrorCategory.DATA_ERROR]
+    assert "error[DATA_ERROR]" in broken.stderr and "test.tsv:2" in broken.stderr
+    assert "Traceback" not in broken.stderr
+    debug = runner.invoke(cli, ["--debug", "evaluate", "--model", "splade-tiny", "--data", str(data)])
+    assert debug.exit_code == broken.exit_code and "Traceback" in debug.stderr
