@@ -69,9 +69,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def cpu_has_native_bf16() -> bool:
-    """Native bf16 matmul on this CPU (AMX or AVX512-BF16 kernels in torch); emulated bf16 is slower than fp32."""
-    cap = torch.backends.cpu.get_cpu_capability().upper()
-    return "AMX" in cap or "BF16" in cap
+    """bf16 matmuls clearly faster than fp32 on this CPU (measured once; emulated bf16 is slower)."""
+    from .cpu import cpu_bf16_is_fast
+    return cpu_bf16_is_fast()
 
 
 def resolve_amp(mode: str, device: torch.device) -> torch.dtype:

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.main"]
 COMMON = ["train", "--max-steps", "3", "--max-query-length", "16", "--max-doc-length", "32", "--dropout", "0",
-          "--learning-rate", "2e-4", "--seed", "11", "--progress", "lines", "--json-logs", "--trace-batches", "all"]
+          "--learning-rate", "2e-4", "--seed", "11", "--mixed-precision", "no", "--progress", "lines", "--json-logs", "--trace-batches", "all"]
 
 
 def _env() -> dict[str, str]:

@@ -292,3 +292,28 @@ def test_unsplittable_head_falls_back_to_full_logits() -> None:
     assert enc.fused_head is False
     ids, mask = torch.tensor([[1, 2, 3]]), torch.tensor([[1, 1, 0]])
     torch.testing.assert_close(enc(ids, mask), splade_pool_reference(mlm(ids, mask).logits, mask))
+
+
+def test_bf16_prefiltered_inference_equals_fp32(monkeypatch):
+    """On CPUs with fast bf16 matmuls, no-grad encoding prefilters terms in bf16 and recomputes the
+    candidates in fp32: the weights must equal the plain fp32 path's exactly, zeros included."""
+    from splade_obs import cpu
+    from splade_obs.model import SpladeEncoder
+
+    enc = SpladeEncoder.from_pretrained("splade-tiny")
+    texts = ["Thiqueipaix is a city in the region of Fouthan. The river Petrand flows through it " * 4,
+             "which river flows through migu?", "clockwork toys exported for centuries", "a"]
+    results = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("SPLADE_OBS_CPU_BF16", flag)
+        cpu.bf16_matmul_speedup.cache_clear()
+        results[flag] = enc.encode(texts, max_length=128, batch_size=2)
+        from splade_obs import model as model_mod
+        w = enc._projection().weight
+        with torch.no_grad():  # the flag really switches the path (grad mode never uses it)
+            assert model_mod._use_bf16_prefilter(torch.zeros(1, 1, 128), w) is (flag == "1")
+        assert model_mod._use_bf16_prefilter(torch.zeros(1, 1, 128), w) is False
+    cpu.bf16_matmul_speedup.cache_clear()
+    ref, fast = results["0"], results["1"]
+    assert ref.nnz == fast.nnz > 100
+    assert (ref != fast).nnz == 0

@@ -1,0 +1,41 @@
+"""What this CPU is fast at, measured rather than assumed.
+
+torch's ``get_cpu_capability()`` names the ATen vector ISA (e.g. ``AVX512``) but not whether oneDNN's bf16
+matrix kernels (AMX, AVX512-BF16) are usable, and emulated bf16 is slower than fp32. So the answer comes
+from a ~20 ms timing of the SPLADE head's own shape, once per process.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_matmul_speedup() -> float:
+    """fp32 time / bf16 time of a ``(256 x 128) @ (128 x 4096)`` matmul on this CPU (> 1: bf16 is faster)."""
+    forced = os.environ.get("SPLADE_OBS_CPU_BF16")
+    if forced is not None:  # "1"/"0": skip the probe (reproducible CI, or a known machine)
+        return 2.0 if forced == "1" else 0.5
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(256, 128, generator=gen)
+    b = torch.randn(128, 4096, generator=gen)
+    timings = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, y = a.to(dtype), b.to(dtype)
+        torch.mm(x, y)  # warm-up: first calls pick and JIT the kernels
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            torch.mm(x, y)
+            best = min(best, time.perf_counter() - t)
+        timings[dtype] = best
+    return timings[torch.float32] / max(timings[torch.bfloat16], 1e-9)
+
+
+def cpu_bf16_is_fast(threshold: float = 1.25) -> bool:
+    """True when bf16 matmuls beat fp32 clearly on this CPU (native bf16 kernels, not emulation)."""
+    return bf16_matmul_speedup() >= threshold
