@@ -22,18 +22,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    import importlib
+    from . import encode_cmd, evaluate_cmd, mine_cmd, runs_cmd, sysinfo_cmd, train_cmd
 
-    # TEMPORARY while modules are being written in parallel: skip ones not there yet.
-    for mod, attr in (("train_cmd", "train"), ("evaluate_cmd", "evaluate"), ("encode_cmd", "encode"),
-                      ("mine_cmd", "mine_negatives"), ("runs_cmd", "runs"), ("sysinfo_cmd", "sysinfo")):
-        try:
-            m = importlib.import_module(f"cli.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"cli.{mod}":
-                raise
-            continue
-        cli.add_command(getattr(m, attr))
+    for command in (train_cmd.train, evaluate_cmd.evaluate, encode_cmd.encode, mine_cmd.mine_negatives,
+                    runs_cmd.runs, sysinfo_cmd.sysinfo):
+        cli.add_command(command)
 
 
 _register()
