@@ -247,16 +247,37 @@ def is_secret_key(key: str) -> bool:
     return bool(SECRET_KEY_RE.search(last))
 
 
+#: ``scheme://userinfo@`` inside any text; greedy up to the last ``@`` of the authority (passwords may hold ``@``).
+URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s?#]*@")
+
+
+def redact_url_credentials(text: str) -> str:
+    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@``.
+
+    A tracking URI such as ``https://user:pw@host/`` is a config *value* under a harmless key, so the key
+    rule alone would let the password through to params, ``config.yaml`` and traces.
+    """
+    if "://" not in text or "@" not in text:
+        return text
+    return URL_CREDENTIALS_RE.sub(r"\1***@", text)
+
+
+def _redact_value(v: Any) -> Any:
+    if isinstance(v, Mapping):
+        return redact(v)
+    if isinstance(v, str):
+        return redact_url_credentials(v)
+    if isinstance(v, (list, tuple)):
+        return type(v)(_redact_value(x) for x in v)
+    return v
+
+
 def redact(d: Mapping[str, Any]) -> dict[str, Any]:
-    """Copy of a (nested) mapping with secret-looking keys replaced by ``"***"``."""
+    """Copy of a (nested) mapping with secret-looking keys replaced by ``"***"`` and URL credentials in
+    any string value (nested mappings and lists included) replaced by ``***``."""
     out: dict[str, Any] = {}
     for k, v in d.items():
-        if is_secret_key(str(k)):
-            out[k] = "***"
-        elif isinstance(v, Mapping):
-            out[k] = redact(v)
-        else:
-            out[k] = v
+        out[k] = "***" if is_secret_key(str(k)) else _redact_value(v)
     return out
 
 

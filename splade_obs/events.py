@@ -8,6 +8,9 @@ The training loop only calls ``bus.emit(event)``. Sinks decide where facts go. T
 * off the step path: a sink with ``threaded = True`` gets its own worker thread and a bounded queue.
   ``emit`` never blocks on it: when the queue is full, step events are dropped (and counted) while
   lifecycle events wait a bounded time.
+* one delivering thread: non-threaded sinks are only called from the emitting (training) thread. What a
+  sink worker thread produces (the :class:`SinkDegraded` of a threaded sink, events emitted from inside a
+  threaded sink such as retry notices) waits in a pending list that the next ``emit`` or ``close`` drains.
 * rank policy: under torchrun only rank 0 feeds sinks whose ``scope`` is ``"run"``; sinks with scope
   ``"rank"`` (per-rank logs, spans) see every rank's events.
 
@@ -274,6 +277,7 @@ class _Runner:
         self._logged = False
         self._queue: queue.Queue[Event | None] | None = None
         self._thread: threading.Thread | None = None
+        self._stopped = False          # the worker thread has exited: deliver on the caller's thread
         if sink.threaded:
             self._queue = queue.Queue(maxsize=queue_size)
             self._thread = threading.Thread(target=self._work, name=f"sink-{sink.name}", daemon=True)
@@ -283,7 +287,7 @@ class _Runner:
     def submit(self, event: Event) -> None:
         if self.degraded:
             return
-        if self._queue is None:
+        if self._queue is None or self._stopped:
             self._deliver(event)
             return
         try:
@@ -327,16 +331,23 @@ class _Runner:
                 self.bus._on_degraded(self, exc)
 
     # shutdown --------------------------------------------------------------------------------------
+    def stop_worker(self, deadline: float) -> None:
+        """Let the worker drain its queue and exit (bounded by ``deadline``)."""
+        if self._queue is None or self._thread is None or self._stopped:
+            return
+        try:
+            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Full:
+            pass
+        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            log.warning("sink %s did not drain before shutdown deadline (%d events pending)",
+                        self.sink.name, self._queue.qsize())
+        else:
+            self._stopped = True
+
     def close(self, deadline: float) -> None:
-        if self._queue is not None and self._thread is not None:
-            try:
-                self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Full:
-                pass
-            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
-            if self._thread.is_alive():
-                log.warning("sink %s did not drain before shutdown deadline (%d events pending)",
-                            self.sink.name, self._queue.qsize())
+        self.stop_worker(deadline)
         try:
             self.sink.close(timeout=max(0.1, deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001
@@ -361,6 +372,9 @@ class EventBus:
         #: Values that sinks publish for others to read (e.g. "mlflow.run_id", "otel.trace_id").
         self.shared: dict[str, Any] = {}
         self._listeners: list[Callable[[Event], None]] = []
+        #: (event, runner that must not get it) produced on sink worker threads, delivered by the emitter.
+        self._pending: list[tuple[Event, _Runner | None]] = []
+        self._pending_lock = threading.Lock()
         for s in sinks:
             self.add(s)
 
@@ -380,15 +394,42 @@ class EventBus:
             return
         if event.rank != self.rank:
             event = dataclasses.replace(event, rank=self.rank)
+        if self._on_worker_thread():
+            self._defer(event, None)  # never call non-threaded sinks from a sink's worker thread
+            return
+        self._drain_pending()
+        self._fan_out(event, None)
+
+    def _fan_out(self, event: Event, skip: _Runner | None) -> None:
         for runner in list(self._runners):
-            runner.submit(event)
+            if runner is not skip:
+                runner.submit(event)
+
+    def _on_worker_thread(self) -> bool:
+        me = threading.current_thread()
+        return any(r._thread is me for r in self._runners)
+
+    def _defer(self, event: Event, skip: _Runner | None) -> None:
+        with self._pending_lock:
+            self._pending.append((event, skip))
+
+    def _drain_pending(self) -> None:
+        """Deliver what worker threads left for the emitting thread, oldest first."""
+        if not self._pending:  # unlocked peek: a list read is atomic; a late append waits for the next call
+            return
+        with self._pending_lock:
+            pending, self._pending = self._pending, []
+        for event, skip in pending:
+            self._fan_out(event, skip)
 
     def _on_degraded(self, runner: _Runner, exc: BaseException) -> None:
+        """Tell the other sinks; from a worker thread only through the pending list (see ``emit``)."""
         ev = SinkDegraded(sink=runner.sink.name, failures=runner.failures, error_type=type(exc).__name__,
                           message=str(exc)[:500], rank=self.rank)
-        for other in list(self._runners):
-            if other is not runner:
-                other.submit(ev)
+        if self._on_worker_thread():
+            self._defer(ev, runner)
+        else:
+            self._fan_out(ev, runner)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {r.sink.name: r.stats() for r in self._runners}
@@ -399,6 +440,10 @@ class EventBus:
             return
         self._closed = True
         deadline = time.monotonic() + timeout
+        self._drain_pending()
+        for runner in self._runners:       # threaded sinks finish their queues (and may still degrade) ...
+            runner.stop_worker(deadline)
+        self._drain_pending()              # ... so what they left is delivered before any sink closes
         for runner in self._runners:
             runner.close(deadline)
 

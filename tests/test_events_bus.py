@@ -172,3 +172,73 @@ def test_close_is_bounded_when_a_sink_hangs() -> None:
     elapsed = time.monotonic() - t0
     release.set()
     assert elapsed < 5.0, f"close took {elapsed:.1f}s with a 0.5s timeout"
+
+
+class ThreadRecordingSink(Sink):
+    """Non-threaded sink that notes the thread of every delivery and whether it was already closed."""
+
+    name = "thread-recorder"
+    scope = "rank"
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[str, threading.Thread, bool]] = []
+        self.closed = False
+
+    def handle(self, event):  # noqa: ANN001
+        self.deliveries.append((event.kind, threading.current_thread(), self.closed))
+
+    def close(self, timeout: float = 5.0) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("degrade_during", ["run", "close"])
+def test_threaded_sink_degrading_reaches_other_sinks_only_on_the_emitting_thread(degrade_during: str) -> None:
+    """A worker thread never calls a non-threaded sink: its SinkDegraded waits for the next emit (or close)."""
+    raiser, receiver = RaisingSink(threaded=True), ThreadRecordingSink()
+    bus = EventBus([raiser, receiver], max_failures=3)
+    main = threading.current_thread()
+    bus.emit(run_started())
+    for i in range(1, 3):
+        bus.emit(step(i))                                   # 3 events: the raiser degrades on its worker
+    if degrade_during == "run":
+        deadline = time.monotonic() + 10
+        while not bus.stats()["raiser"]["degraded"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert bus.stats()["raiser"]["degraded"]
+        time.sleep(0.05)                                    # before the fix the worker delivered it by now
+        for i in range(3, 6):
+            bus.emit(step(i))
+    bus.close(timeout=10)
+
+    got = [(kind, t, closed) for kind, t, closed in receiver.deliveries if kind == "sink_degraded"]
+    assert len(got) == 1, receiver.deliveries
+    assert all(t is main for _, t, _ in receiver.deliveries), {t.name for _, t, _ in receiver.deliveries}
+    assert got[0][2] is False                               # delivered before the receiver was closed
+    kinds = [k for k, _, _ in receiver.deliveries]
+    if degrade_during == "run":                              # delivered at the first emit after degrading
+        assert kinds.index("sink_degraded") == kinds.index("step_done") + 2
+    assert raiser.calls == 3
+
+
+def test_events_emitted_from_a_sink_worker_are_delivered_on_the_emitting_thread() -> None:
+    """A threaded sink that emits (e.g. a retry notice from its client) does not call other sinks itself."""
+    from splade_obs.events import Message
+
+    class Chatty(Sink):
+        name = "chatty"
+        scope = "rank"
+        threaded = True
+
+        def on_run_started(self, event):  # noqa: ANN001
+            self.bus.emit(Message(level="WARNING", text="retrying the store"))
+
+    receiver = ThreadRecordingSink()
+    bus = EventBus([Chatty(), receiver])
+    main = threading.current_thread()
+    bus.emit(run_started())
+    time.sleep(0.1)                                         # the worker emits meanwhile
+    bus.emit(step(1))
+    bus.close(timeout=10)
+    kinds = [k for k, _, _ in receiver.deliveries]
+    assert kinds == ["run_started", "message", "step_done"], kinds
+    assert all(t is main for _, t, _ in receiver.deliveries)

@@ -360,3 +360,41 @@ def test_real_failing_run_has_error_root(tiny_cfg, tmp_path):
     assert root.status.status_code is StatusCode.ERROR
     assert dict(root.attributes)["splade.status"] == "FAILED"
     assert root.status.description
+
+
+def test_secret_env_values_and_url_credentials_are_masked_in_spans(tmp_path, monkeypatch):
+    """Every text an event carries (errors, context, retries, degraded sinks, messages, the failure) is
+    redacted before it becomes a span attribute, an event attribute or a status description."""
+    from splade_obs.events import Message
+
+    secret = "sk-planted-9876543"
+    monkeypatch.setenv("MY_SERVICE_API_KEY", secret)
+    cred = "https://user:hunter2@example.invalid/"
+    sink, mem, bus = make_sink(tmp_path)
+    t = time.time_ns()
+    bus.emit(RunStarted(run_name="r1", config={}, system_info={}, total_steps=2, num_epochs=1, steps_per_epoch=2,
+                        output_dir=f"/out/{secret}", time_ns=t))
+    bus.emit(EpochStarted(epoch=1, num_epochs=1, steps_in_epoch=2, time_ns=t + MS))
+    bus.emit(ErrorCaught(category="DEPENDENCY_ERROR", message=f"store {cred} refused key {secret}",
+                         error_type="DependencyError", exception_type="RuntimeError",
+                         exception_message=f"401 for key {secret}", context={"url": cred, "detail": [secret]},
+                         step=1, epoch=1, batch_index=0, skipped_batch=True, start_ns=t + MS, time_ns=t + 2 * MS))
+    bus.emit(RetryAttempt(operation="mlflow.log_batch", attempt=1, max_attempts=3, delay_seconds=0.1,
+                          category="DEPENDENCY_ERROR", message=f"retrying {cred} with {secret}", time_ns=t + 3 * MS))
+    bus.emit(SinkDegraded(sink="x", failures=5, error_type="RuntimeError", message=f"rejected {secret}",
+                          time_ns=t + 4 * MS))
+    bus.emit(Message(level="WARNING", text=f"token {secret} at {cred}", time_ns=t + 5 * MS))
+    bus.emit(ErrorCaught(category="DEPENDENCY_ERROR", message=f"fatal: key {secret}", error_type="DependencyError",
+                         exception_type=None, exception_message=None, context={}, step=1, epoch=1, fatal=True,
+                         time_ns=t + 6 * MS))
+    bus.emit(RunFinished(status="FAILED", step=1, duration_seconds=0.1, time_ns=t + 7 * MS,
+                         error={"category": "DEPENDENCY_ERROR", "message": f"fatal: key {secret} via {cred}"}))
+    bus.close(timeout=5)
+
+    spans = mem.get_finished_spans()
+    dump = "\n".join(s.to_json() for s in spans)
+    for needle in ("splade.sink_degraded", "splade.retry", "splade.message", "exception", "***@example.invalid"):
+        assert needle in dump
+    assert secret not in dump and "hunter2" not in dump
+    root = by_name(spans, "train")[0]
+    assert root.status.status_code is StatusCode.ERROR and "***" in root.status.description

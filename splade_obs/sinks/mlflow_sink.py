@@ -36,8 +36,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..config import TrainConfig, flatten, is_secret_key
+from ..config import TrainConfig, flatten, is_secret_key, redact, redact_url_credentials
 from ..errors import ApplicationError, classify
+from ..logging_setup import redact_text, secret_values
 from ..events import (CheckpointSaved, DataLoaded, EpochDone, ErrorCaught, EvaluationDone, ModelLoaded,
                       RunFinished, RunStarted, Sink, SinkDegraded, StepDone)
 from ..recovery import retry
@@ -75,6 +76,15 @@ def _param_value(value: Any) -> str:
     if isinstance(value, (list, tuple, dict)):
         return json.dumps(value, default=str)
     return str(value)
+
+
+def _safe(text: str, secrets: list[str] | None = None) -> str:
+    """Text as it may be stored in MLflow: secret env values and URL credentials masked.
+
+    Tags, params, the note and text artifacts are built partly from event text (error messages, paths,
+    config values), which can carry a token or a ``user:password@`` URL.
+    """
+    return redact_url_credentials(redact_text(text, secret_values() if secrets is None else secrets))
 
 
 def _truncate(text: str, limit: int) -> str:
@@ -312,7 +322,9 @@ class MlflowSink(Sink):
     def _set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, _truncate(str(v), MAX_TAG_VAL_LENGTH)) for k, v in tags.items() if v is not None]
+        secrets = secret_values()
+        items = [RunTag(k, _truncate(_safe(str(v), secrets), MAX_TAG_VAL_LENGTH))
+                 for k, v in tags.items() if v is not None]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self._try("set_tags", self.client.log_batch, self.run_id, tags=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
 
@@ -418,8 +430,9 @@ class MlflowSink(Sink):
         from mlflow.entities import Param
 
         fresh, changed = [], {}
+        secrets = secret_values()
         for key, value in flat.items():
-            text = "***" if is_secret_key(key) else _param_value(value)
+            text = "***" if is_secret_key(key) else _safe(_param_value(value), secrets)
             text = _truncate(text, MAX_PARAM_VAL_LENGTH)
             old = self._existing_params.get(key)
             if old is None:
@@ -453,7 +466,7 @@ class MlflowSink(Sink):
         profile = json.dumps({"num_examples": num_examples, "num_skipped": num_skipped, "format": fmt})
         short = (digest or "unknown").split(":", 1)[-1][:MAX_DATASET_DIGEST_SIZE]  # "sha256:ab.." -> "ab.."
         ds = Dataset(name=name, digest=short, source_type="local",
-                     source=json.dumps({"uri": str(source)}), profile=profile)
+                     source=json.dumps({"uri": _safe(str(source))}), profile=profile)
         self._try("log_inputs", self.client.log_inputs, self.run_id,
                   datasets=[DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
         self._log_params({f"data.{split}_digest": digest, f"data.{split}_num_examples": num_examples})
@@ -600,12 +613,13 @@ class MlflowSink(Sink):
     def _log_config_artifact(self, config: dict[str, Any]) -> None:
         import yaml
 
-        text = yaml.safe_dump(config, sort_keys=False, default_flow_style=False)
+        text = _safe(yaml.safe_dump(redact(config), sort_keys=False, default_flow_style=False))
         self._try("log_config", self.client.log_text, self.run_id, text, "config.yaml")
 
     def _log_json_artifact(self, obj: Any, name: str) -> None:
         if obj:
-            self._try(f"log_{name}", self.client.log_text, self.run_id, json.dumps(obj, indent=2, default=str), name)
+            self._try(f"log_{name}", self.client.log_text, self.run_id,
+                      _safe(json.dumps(obj, indent=2, default=str)), name)
 
     def _log_metrics_file(self) -> None:
         path = self._log_dir / "training_metrics.json"

@@ -34,7 +34,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from splade_obs import __version__
-from splade_obs.config import TrainConfig, is_secret_key
+from splade_obs.config import TrainConfig, is_secret_key, redact_url_credentials
 from splade_obs.events import (
     CheckpointSaved,
     DataLoaded,
@@ -53,6 +53,7 @@ from splade_obs.events import (
     StepDone,
 )
 from splade_obs import tracing
+from splade_obs.logging_setup import redact_text, secret_values
 
 log = logging.getLogger("splade_obs.sinks.otel")
 
@@ -61,19 +62,40 @@ MAX_PENDING = 1000
 MAX_STR = 1000
 
 
-def _attrs(values: Mapping[str, Any]) -> dict[str, Any]:
-    """OTel attribute values must be str/bool/int/float: drop None, stringify the rest."""
+def _clean(text: str, secrets: list[str] | None) -> str:
+    """Event text as it may leave the process: secret env values and URL credentials masked.
+
+    ``secrets`` None means "read the environment now" (as the logging filter does, so a secret set after
+    the sink was built is still caught); an explicit list skips that scan.
+    """
+    return redact_url_credentials(redact_text(text, secret_values() if secrets is None else secrets))
+
+
+def _attrs(values: Mapping[str, Any], redact: bool = True) -> dict[str, Any]:
+    """OTel attribute values must be str/bool/int/float: drop None, stringify the rest.
+
+    Every string is redacted (errors, messages and paths come from event text and go to traces.jsonl,
+    collectors and MLflow); ``redact=False`` only for the per-batch span, whose only string is a fixed word.
+    """
     out: dict[str, Any] = {}
+    secrets: list[str] | None = None
     for k, v in values.items():
         if v is None:
             continue
         if isinstance(v, (bool, int, float)):
             out[k] = v
-        elif isinstance(v, str):
-            out[k] = v[:MAX_STR]
-        else:
-            out[k] = str(v)[:MAX_STR]
+            continue
+        text = v if isinstance(v, str) else str(v)
+        if redact:
+            if secrets is None:
+                secrets = secret_values()
+            text = _clean(text, secrets)
+        out[k] = text[:MAX_STR]
     return out
+
+
+def _status(description: str) -> Status:
+    return Status(StatusCode.ERROR, _clean(description, None)[:200])
 
 
 def _traceparent(ctx: trace.SpanContext) -> str:
@@ -163,9 +185,10 @@ class OtelSink(Sink):
     def _parent(self) -> Any:
         return self._epoch_ctx if self._epoch is not None else self._root_ctx
 
-    def _span(self, name: str, start: int, end: int, attributes: Mapping[str, Any], parent: Any = None) -> Span:
+    def _span(self, name: str, start: int, end: int, attributes: Mapping[str, Any], parent: Any = None,
+              redact: bool = True) -> Span:
         span = self._tracer.start_span(name, context=parent if parent is not None else self._parent(),
-                                       start_time=start, attributes=_attrs(attributes))
+                                       start_time=start, attributes=_attrs(attributes, redact))
         return span
 
     def _end(self, span: Span, end: int | None) -> None:
@@ -242,7 +265,7 @@ class OtelSink(Sink):
             desc = f"{err.get('category', 'UNKNOWN_ERROR')}: {err.get('message', 'run failed')}"
             self._root.set_attributes(_attrs({"error.type": err.get("category"),
                                               "error.category": err.get("category")}))
-            self._root.set_status(Status(StatusCode.ERROR, desc[:200]))
+            self._root.set_status(_status(desc))
         elif e.status == "KILLED":
             self._root.set_status(Status(StatusCode.ERROR, "killed"))
         self._finish_root(e.time_ns)
@@ -304,7 +327,7 @@ class OtelSink(Sink):
         }
         attrs.update({f"splade.loss.{k}": v for k, v in e.parts.items()})
         attrs.update({f"splade.time.{k}_s": v for k, v in e.timings.items()})
-        self._end(self._span("batch", start, end, attrs), end)
+        self._end(self._span("batch", start, end, attrs, redact=False), end)
 
     # -------------------------------------------------------------------------------------- other units of work
     def on_data_loaded(self, e: DataLoaded) -> None:
@@ -348,7 +371,7 @@ class OtelSink(Sink):
         }
         attrs.update({f"splade.context.{k}": ("***" if is_secret_key(str(k)) else v) for k, v in e.context.items()})
         attrs.update({f"splade.errors.{k}": v for k, v in e.counts.items()})
-        status = Status(StatusCode.ERROR, f"{e.category}: {e.message}"[:200])
+        status = _status(f"{e.category}: {e.message}")
         if e.batch_index is not None and (e.skipped_batch or e.start_ns):
             self._failed_batch(e, attrs, status)
         else:

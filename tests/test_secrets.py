@@ -1,0 +1,200 @@
+"""Secrets never leave the process: not in logs, traces, error files, metrics, checkpoints, nor MLflow.
+
+Real short runs of splade-tiny through ``run_training`` with tracing to the default file exporter and
+tracking to a sqlite MLflow store under ``tmp_path``. A secret planted in a secret-looking environment
+variable is made to appear in event text by injected faults (a sink that raises, a batch that fails,
+a model load that fails); every byte written under ``tmp_path`` (output folder, logs, traces.jsonl,
+errors.jsonl, metrics, checkpoints, the MLflow database and its artifact store) is then searched for it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from splade_obs.config import redact, redact_url_credentials
+from splade_obs.data import PairCollator
+from splade_obs.events import ErrorCaught, RecordingSink, RunStarted, Sink, SinkDegraded
+from splade_obs.run import run_training
+from splade_obs.train import Trainer
+
+pytestmark = pytest.mark.timeout(600)
+
+SECRET = "sk-planted-9876543"
+URL_PASSWORD = "hunter2"
+CRED_URI = f"https://user:{URL_PASSWORD}@example.invalid/"
+
+
+class LeakySink(Sink):
+    """A threaded sink whose failures quote the secret (as a client library echoing a rejected key would)."""
+
+    name = "leaky"
+    scope = "rank"
+    threaded = True
+
+    def handle(self, event):  # noqa: ANN001
+        raise RuntimeError(f"upstream rejected api key {SECRET}")
+
+
+def _files_with(root: Path, needle: str) -> list[str]:
+    """Every file under ``root`` whose bytes contain ``needle`` (also as JSON-escaped text)."""
+    raw = needle.encode()
+    hits = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and raw in p.read_bytes():
+            hits.append(str(p.relative_to(root)))
+    return hits
+
+
+def _tracked_cfg(tiny_cfg, tmp_path: Path, **extra):
+    return tiny_cfg(tracing={"exporter": "file", "trace_batches": "all"},
+                    tracking={"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                              "experiment_name": "secrets", "flush_interval": 0.0, "log_model": False},
+                    **extra)
+
+
+def _mlflow_run(tmp_path: Path, run_id: str):
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return client, client.get_run(run_id)
+
+
+def _all_mlflow_text(client, run) -> str:
+    """Params, tags and the text of every artifact of the run, as the MLflow API returns them."""
+    parts = [json.dumps(run.data.params), json.dumps(run.data.tags)]
+    art_root = Path(client.download_artifacts(run.info.run_id, ""))
+    for p in art_root.rglob("*"):
+        if p.is_file():
+            parts.append(p.read_bytes().decode("utf-8", "replace"))
+    return "\n".join(parts)
+
+
+def _trace_records(log_dir: Path) -> list[dict]:
+    path = log_dir / "traces.jsonl"
+    assert path.is_file() and path.stat().st_size > 0, "the file exporter wrote no traces"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_secret_in_failures_reaches_no_file_and_no_mlflow_record(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_API_KEY", SECRET)
+    original = PairCollator.__call__
+    calls = {"n": 0}
+
+    def failing_once(self, *args, **kwargs):  # fault injection: the first training batch fails
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError(f"collator could not reach the feature store with key {SECRET}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PairCollator, "__call__", failing_once)
+    cfg = _tracked_cfg(tiny_cfg, tmp_path)
+    rec = RecordingSink()
+    res = run_training(cfg, extra_sinks=[LeakySink(), rec])
+
+    assert res.status == "FINISHED"
+    # the faults really put the secret into event text (the events stay in memory; outputs must mask it)
+    errors = rec.of(ErrorCaught)
+    assert errors and errors[0].skipped_batch and SECRET in (errors[0].exception_message or errors[0].message)
+    degraded = rec.of(SinkDegraded)
+    assert len(degraded) == 1 and degraded[0].sink == "leaky" and SECRET in degraded[0].message
+    assert res.bus_stats["leaky"]["degraded"] is True
+
+    # the traces carry the error and the degraded sink, masked
+    spans = _trace_records(cfg.log_dir)
+    text = json.dumps(spans)
+    assert "splade.sink_degraded" in text and "exception" in text and "***" in text
+
+    # MLflow got the run, its tags, params and artifacts (logs and traces included), all masked
+    client, run = _mlflow_run(tmp_path, res.shared["mlflow.run_id"])
+    assert run.data.tags.get("splade.degraded_sinks") == "leaky"
+    assert "logs/traces.jsonl" in {f.path for f in client.list_artifacts(run.info.run_id, "logs")}
+    assert SECRET not in _all_mlflow_text(client, run)
+
+    leaks = _files_with(tmp_path, SECRET)
+    assert leaks == [], f"secret found in {leaks}"
+
+
+def test_secret_in_a_fatal_error_is_masked_in_traces_and_the_mlflow_note(tiny_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_SERVICE_API_KEY", SECRET)
+
+    def failing_load(self, *args, **kwargs):  # fault injection: the model cannot be loaded
+        raise RuntimeError(f"model registry refused key {SECRET}")
+
+    monkeypatch.setattr(Trainer, "_load_model", failing_load)
+    cfg = _tracked_cfg(tiny_cfg, tmp_path)
+    rec = RecordingSink()
+    res = run_training(cfg, extra_sinks=[rec])
+
+    assert res.status == "FAILED"
+    fatal = [e for e in rec.of(ErrorCaught) if e.fatal]
+    assert fatal and SECRET in (fatal[0].exception_message or "") + fatal[0].message
+
+    root = [s for s in _trace_records(cfg.log_dir) if s.get("name") == "train"]
+    assert root and "ERROR" in json.dumps(root[0].get("status"))
+
+    client, run = _mlflow_run(tmp_path, res.shared["mlflow.run_id"])
+    note = run.data.tags["mlflow.note.content"]
+    assert "**Failure**" in note and "***" in note
+    assert SECRET not in _all_mlflow_text(client, run)
+
+    leaks = _files_with(tmp_path, SECRET)
+    assert leaks == [], f"secret found in {leaks}"
+
+
+# ------------------------------------------------------------------------------------ URL credentials
+def test_redact_masks_url_credentials_recursively():
+    cfg = {"tracking": {"tracking_uri": CRED_URI, "experiment_name": "x", "api_token": "abcdef123"},
+           "mirrors": ["http://alice:pw%40x@mirror.invalid:8080/a?b=c", "s3://bucket/key"],
+           "plain": "see https://example.invalid/docs (user@example.invalid)", "n": 3}
+    out = redact(cfg)
+    assert out["tracking"]["tracking_uri"] == "https://***@example.invalid/"
+    assert out["tracking"]["api_token"] == "***"
+    assert out["mirrors"] == ["http://***@mirror.invalid:8080/a?b=c", "s3://bucket/key"]
+    assert out["plain"] == cfg["plain"] and out["n"] == 3
+    assert cfg["tracking"]["tracking_uri"] == CRED_URI          # the input is not modified
+    # a password holding "@" is masked up to the host
+    assert redact_url_credentials("mlflow at https://u:p@ss@host.invalid:5000/x") == \
+        "mlflow at https://***@host.invalid:5000/x"
+
+
+def test_run_started_config_has_no_url_credentials(tiny_cfg, tmp_path):
+    cfg = tiny_cfg(tracking={"enabled": False, "tracking_uri": CRED_URI})
+    rec = RecordingSink()
+    res = run_training(cfg, extra_sinks=[rec])
+    assert res.status == "FINISHED"
+    (started,) = rec.of(RunStarted)
+    assert started.config["tracking"]["tracking_uri"] == "https://***@example.invalid/"
+    assert URL_PASSWORD not in json.dumps(started.config)
+    assert _files_with(tmp_path, URL_PASSWORD) == []
+
+
+def test_mlflow_params_and_config_artifact_have_no_url_credentials(tmp_path):
+    """The sink masks credentials itself, even when handed a config that was not redacted."""
+    from splade_obs.config import TrainConfig
+    from splade_obs.events import EventBus, RunFinished
+    from splade_obs.sinks.mlflow_sink import MlflowSink
+
+    cfg = TrainConfig.from_mapping({
+        "checkpoint": {"output_dir": str(tmp_path / "out")},
+        "tracking": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment_name": "p",
+                     "flush_interval": 0.0},
+    })
+    raw = cfg.to_dict()
+    raw["tracking"]["tracking_uri"] = CRED_URI                 # what RunStarted.config would hold unredacted
+    raw["data"]["train_file"] = f"https://bob:{URL_PASSWORD}@data.invalid/train.jsonl"
+    bus = EventBus()
+    sink = MlflowSink.create(cfg, bus_shared=bus.shared)
+    assert sink is not None
+    bus.add(sink)
+    bus.emit(RunStarted(run_name="creds", config=raw, system_info={}, total_steps=1, num_epochs=1,
+                        steps_per_epoch=1, output_dir=str(cfg.output_dir), log_dir=str(cfg.log_dir)))
+    bus.emit(RunFinished(status="FINISHED", step=0, duration_seconds=0.1))
+    bus.close(timeout=60)
+
+    client, run = _mlflow_run(tmp_path, bus.shared["mlflow.run_id"])
+    assert run.data.params["tracking.tracking_uri"] == "https://***@example.invalid/"
+    assert run.data.params["data.train_file"] == "https://***@data.invalid/train.jsonl"
+    assert URL_PASSWORD not in _all_mlflow_text(client, run)
+    assert _files_with(tmp_path, URL_PASSWORD) == []
