@@ -237,4 +237,7 @@ def test_cli_reports_one_line_and_the_category_exit_code(name, tmp_path):
     assert err_lines[0].startswith(f"error[{case.category.value}]: {location}: "), err_lines[0]
     assert case.says in result.stderr
     assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    assert not (tmp_path / "out" / "model.safetensors").exists()
+    # It failed fast, before the model loaded: no final model (out/final/), no checkpoint (out/checkpoints/).
+    assert not (tmp_path / "out" / "final").exists()
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert "Model splade-tiny loaded" not in result.output + result.stderr

@@ -366,3 +366,17 @@ def test_train_cli_failed_run_is_failed_with_error_counters(tmp_path):
     errors = {k: v for k, v in run.data.metrics.items() if k.startswith("errors/")}
     assert errors and all(v >= 1 for v in errors.values())
     assert run.data.tags["splade.status"] == "FAILED"
+
+
+@pytest.mark.slow
+def test_train_cli_register_model_creates_one_version_of_this_run(tmp_path):
+    from mlflow import MlflowClient
+
+    res = _train(tmp_path, "--max-steps", "1", "--register-model", "splade-e2e")
+    assert res.exit_code == 0, res.output
+    client, run = _only_run(tmp_path)
+    versions = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_model_versions("name='splade-e2e'")
+    assert [(v.name, v.run_id) for v in versions] == [("splade-e2e", run.info.run_id)]
+    assert metric_steps(client, run.info.run_id, "train/loss") == [1]
+    assert versions[0].source.endswith("/splade_model")
+    assert run.data.tags["splade.registered_model"] == f"splade-e2e/{versions[0].version}"

