@@ -10,7 +10,7 @@ from typing import Any, Callable, TypeVar
 
 import click
 
-from splade_obs.errors import EXIT_INTERRUPTED, ApplicationError, ErrorCategory, classify
+from splade_obs.errors import EXIT_INTERRUPTED, ApplicationError, ErrorCategory, RunInterrupted, classify
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,7 +48,7 @@ def handle_errors(default: ErrorCategory = ErrorCategory.UNKNOWN_ERROR) -> Calla
                 return fn(*args, **kwargs)
             except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
                 raise
-            except KeyboardInterrupt:
+            except (KeyboardInterrupt, RunInterrupted):
                 click.echo("interrupted", err=True)
                 sys.exit(EXIT_INTERRUPTED)
             except Exception as exc:  # noqa: BLE001 - the CLI boundary

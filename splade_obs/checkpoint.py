@@ -110,13 +110,7 @@ def save_checkpoint(output_dir: str | Path, *, encoder: Any, optimizer: torch.op
         (tmp / "rng.json").write_text(json.dumps({"python": rng_state["python"], "numpy": rng_state["numpy"]}))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
         _fsync_dir(tmp)
-        if final.exists():  # same step saved twice (e.g. save_steps and epoch end): replace it
-            trash = root / f".old-{final.name}-{time.monotonic_ns()}"
-            os.replace(final, trash)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        replace_dir(tmp, final)  # same step saved twice (save_steps and epoch end): the new one wins
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -124,6 +118,18 @@ def save_checkpoint(output_dir: str | Path, *, encoder: Any, optimizer: torch.op
     if name is None:
         _rotate(output_dir, keep_last)
     return final
+
+
+def replace_dir(src: Path, dst: Path) -> None:
+    """Move a finished folder into place; an existing one is renamed aside first and removed last, so a
+    crash at any point leaves a complete folder under ``dst`` or its aside copy."""
+    if dst.exists():
+        trash = dst.parent / f".old-{dst.name}-{time.monotonic_ns()}"
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
 
 
 def load_checkpoint(ckpt: Path, *, optimizer: torch.optim.Optimizer, scheduler: Any,

@@ -664,10 +664,18 @@ class PairCollator:
         order = rng.sample(range(n), n)
         return pos, [order[j % n] for j in range(k)]
 
-    def __call__(self, examples: list[Example], epoch: int = 0, batch_index: int = 0) -> Batch:
+    def negatives_for(self, examples: list[Example]) -> int:
+        """K for this batch: ``num_negatives`` when every example has a negative, else 0."""
+        return self.num_negatives if examples and all(ex.negatives for ex in examples) else 0
+
+    def __call__(self, examples: list[Example], epoch: int = 0, batch_index: int = 0,
+                 num_negatives: int | None = None) -> Batch:
+        """``num_negatives`` may lower K (torchrun ranks agree on the smallest K so their gathers match)."""
         if not examples:
             raise DataError("empty batch — expected at least one example")
-        k = self.num_negatives if all(ex.negatives for ex in examples) else 0
+        k = self.negatives_for(examples)
+        if num_negatives is not None:
+            k = min(k, num_negatives)
         queries, positives, negatives, scores = [], [], [], []
         with_scores = all(ex.scores is not None for ex in examples)
         for i, ex in enumerate(examples):

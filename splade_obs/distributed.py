@@ -1,9 +1,10 @@
 """torch.distributed plumbing for ``torchrun`` (gloo on CPU, nccl on CUDA).
 
-Choice of meaning: each rank computes the contrastive loss over its own micro-batch (in-batch negatives
-are the rank's batch) and the FLOPS regularizer over its own batch; DDP averages gradients. A run with N
-processes and per-rank batch B is therefore the same objective as N independent batches of B averaged —
-not one batch of N*B. ``--batch-size`` is per rank; the logged ``batch_size`` is the global one.
+Choice of meaning: the representations of every rank's micro-batch are gathered (with gradient), so each
+query is scored against the positives of the whole global batch plus its own hard negatives, and the FLOPS
+regularizers are taken over the global batch; DDP averages the gradients. A run with N processes and
+per-rank batch B is the same objective as one process with batch N*B. ``--batch-size`` is per rank; the
+logged ``batch_size`` is the global one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ class DistContext:
         tdist.all_gather(codes, code)
         return [(r, names[int(c)]) for r, c in enumerate(codes) if int(c) >= 0]
 
+    def min_int(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device_name)
+        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+        return int(t.item())
+
     def mean(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device_name)
         tdist.all_reduce(t)
@@ -91,7 +97,8 @@ def dist_from_env(cfg: TrainConfig) -> DistContext | None:
     else:
         backend, device = "gloo", "cpu"
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=10))
+        # 60 min: rank 0 evaluates alone at the end while the others wait
+        tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
     return DistContext(rank=rank, local_rank=local_rank, world_size=world, backend=backend, device_name=device)
 
 

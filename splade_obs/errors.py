@@ -140,6 +140,15 @@ def _jsonable(value: Any) -> Any:
     return str(value)
 
 
+class RunInterrupted(BaseException):
+    """A stop request (Ctrl-C, SIGTERM) acted on at a safe point of the loop; never caught as an error."""
+
+    def __init__(self, signum: int = 2) -> None:
+        import signal as _signal
+        super().__init__(_signal.Signals(signum).name)
+        self.signum = signum
+
+
 class DataError(ApplicationError):
     default_category = ErrorCategory.DATA_ERROR
 

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 from .checkpoint import find_resume_checkpoint, read_trainer_state
 from .config import TrainConfig
+from .errors import ConfigError
 from .distributed import DistContext, dist_from_env
 from .events import EventBus, Sink
 from .recovery import validate_file_exists
@@ -32,13 +34,24 @@ class RunResult:
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Fail fast on missing required inputs, before logging files, sinks or the model are set up."""
+    """Fail fast on bad inputs, before logging files, sinks or the model are set up."""
+    from .checkpoint import list_checkpoints
+    from .train import parse_faults, resolve_amp, resolve_device
+
     if cfg.data.train_file:
         p = Path(cfg.data.train_file)
         validate_file_exists(p, kind="dir" if p.is_dir() else "file", what="training data")
     if cfg.eval.eval_data:
         validate_file_exists(cfg.eval.eval_data, kind="dir", what="--eval-data BEIR folder")
     find_resume_checkpoint(cfg.output_dir, cfg.checkpoint.resume)
+    existing = list_checkpoints(cfg.output_dir)
+    if existing and not cfg.checkpoint.resume:
+        raise ConfigError(f"output dir already holds checkpoints of another run (latest: {existing[-1].name})",
+                          file_path=str(cfg.output_dir), field="checkpoint.output_dir",
+                          hint="continue it with --resume auto, or choose a new --output-dir")
+    parse_faults(cfg.recovery.inject_faults)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # under torchrun each rank picks its own device
+        resolve_amp(cfg.optim.mixed_precision, resolve_device(cfg.optim.device))
 
 
 def build_sinks(cfg: TrainConfig, bus: EventBus, *, rank: int, world_size: int,
@@ -85,13 +98,13 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
         name = run_name or cfg.tracking.run_name or generate_run_name()
         if dist is not None:
             name = dist.broadcast_object(name)
+        evaluator = _build_evaluator(cfg) if rank == 0 else None  # a broken --eval-data fails before any sink
         for s in build_sinks(cfg, bus, rank=rank, world_size=world_size, resume_run_id=resume_run_id):
             bus.add(s)
         for s in extra_sinks:
             bus.add(s)
         device = resolve_device(cfg.optim.device if dist is None else dist.device_name)
         info = collect_system_info(dtype_name(resolve_amp(cfg.optim.mixed_precision, device)))
-        evaluator = _build_evaluator(cfg) if rank == 0 else None
         trainer = Trainer(cfg, bus, system_info=info, evaluator=evaluator, run_name=name, rank=rank,
                           world_size=world_size, dist_ctx=dist)
         result = trainer.run()

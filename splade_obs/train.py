@@ -27,8 +27,8 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import TrainConfig
 from .data import Batch, LoadedData, PairCollator, epoch_order, load_training_data
-from .errors import (ApplicationError, ConfigError, DataError, DeviceError, ErrorCategory, TrainingError,
-                     classify, is_out_of_memory)
+from .errors import (ApplicationError, ConfigError, DataError, DeviceError, ErrorCategory, RunInterrupted,
+                     TrainingError, classify, is_out_of_memory)
 from .events import (CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught, EvaluationDone,
                      EventBus, Message, ModelLoaded, RetryAttempt, RunFinished, RunStarted, StepDone, now_ns)
 from .losses import SpladeLoss, sparsity_stats
@@ -36,14 +36,6 @@ from .model import SpladeEncoder
 from .recovery import ErrorBudget, retry_listener
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class RunInterrupted(BaseException):
-    """Raised inside the loop for Ctrl-C or SIGTERM; never caught by the batch policy."""
-
-    def __init__(self, signum: int = signal.SIGINT) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 @dataclass
@@ -172,6 +164,8 @@ class Trainer:
         self._boundary: dict[str, Any] = {}
         self._collapse_warned: set[str] = set()
         self.final_metrics: dict[str, float] = {}
+        self._stop_signal: int | None = None
+        self._saving_on_stop = False
 
     # ---------------------------------------------------------------------------------- events
     def emit(self, event: Any) -> None:
@@ -186,7 +180,7 @@ class Trainer:
         cfg = self.cfg
         status, error = "FAILED", None
         model_path = None
-        prev_sigterm = self._install_sigterm()
+        prev_handlers = self._install_signal_handlers()
         try:
             with retry_listener(self._on_retry):
                 train_data, val_data, resume = self._prepare_data()
@@ -217,7 +211,8 @@ class Trainer:
                 self._emit_run_started(t0_ns, None)
             self._error_event(error, step=self.global_step, fatal=True)
         finally:
-            signal.signal(signal.SIGTERM, prev_sigterm) if prev_sigterm is not None else None
+            for signum, handler in prev_handlers.items():
+                signal.signal(signum, handler)
         if not self.started:
             self._emit_run_started(t0_ns, None)
         counters = {f"errors/{k}": v for k, v in self.budget.by_category.items()}
@@ -235,10 +230,12 @@ class Trainer:
         cfg = self.cfg
         resume = ckpt_io.find_resume_checkpoint(cfg.output_dir, cfg.checkpoint.resume)
         log_dir = cfg.log_dir
+        bad_path = log_dir / "bad_records.jsonl" if self.rank == 0 else None  # one copy, this run's only
+        if bad_path is not None and bad_path.exists():
+            bad_path.unlink()
         t = now_ns()
         train = load_training_data(cfg.data.train_file, split=cfg.data.train_split,
-                                   on_bad_record=cfg.data.on_bad_record,
-                                   bad_records_path=log_dir / "bad_records.jsonl",
+                                   on_bad_record=cfg.data.on_bad_record, bad_records_path=bad_path,
                                    max_reported=cfg.data.max_reported_problems)
         self._train_load_ns = (t, now_ns())
         if len(train.examples) < 2:
@@ -248,8 +245,7 @@ class Trainer:
         if cfg.data.val_file:
             t = now_ns()
             try:
-                val = load_training_data(cfg.data.val_file, on_bad_record="skip",
-                                         bad_records_path=log_dir / "bad_records.jsonl")
+                val = load_training_data(cfg.data.val_file, on_bad_record="skip", bad_records_path=bad_path)
                 if not val.examples:
                     raise DataError("validation set has no usable examples", file_path=cfg.data.val_file)
                 self._val_load_ns = (t, now_ns())
@@ -336,6 +332,9 @@ class Trainer:
                                   hint="resume with the same number of processes")
             self.global_step = state["global_step"]
             self.start_epoch, self.start_batch = state["epoch"], state["batch_in_epoch"]
+            # the FLOPS ramp continues as it was planned, even if --max-steps changed
+            self.reg_warmup_steps = state.get("reg_warmup_steps", self.reg_warmup_steps)
+            self.loss_fn.reg_warmup_steps = self.reg_warmup_steps
             self.budget.load_state_dict(state["budget"])
             self.best_metric = state.get("best_metric")
             ckpt_io.restore_rng(state["_rng"])
@@ -358,17 +357,21 @@ class Trainer:
             acc = _Accumulator()
             for bi in range(first, len(batches)):
                 batch_no = (epoch - 1) * len(batches) + bi + 1
-                ok = self._micro_batch(examples, batches[bi], epoch, bi, batch_no, acc, accum)
+                closes_step = acc.count + 1 == accum or bi == len(batches) - 1
+                ok = self._micro_batch(examples, batches[bi], epoch, bi, batch_no, acc, closes_step)
                 if not ok:
                     self._check_budget(epoch, bi)
                     acc = _Accumulator()
+                    self._check_stop()
                     continue
-                if acc.count == accum or bi == len(batches) - 1:
+                if closes_step:
                     stepped = self._optimizer_step(acc, epoch, bi, stats)
                     acc = _Accumulator()
                     self._boundary = {"epoch": epoch, "batch_in_epoch": bi + 1, "rng": ckpt_io.capture_rng()}
+                    self._check_stop()
                     if stepped:
                         self._after_step(epoch, bi)
+                        self._check_stop()
                     if self.global_step >= self.total_steps:
                         break
             self._end_epoch(epoch, epoch_t0, epoch_ns, stats, val, len(batches))
@@ -386,24 +389,26 @@ class Trainer:
         return batches
 
     def _micro_batch(self, examples: list, idx: list[int], epoch: int, bi: int, batch_no: int,
-                     acc: "_Accumulator", accum: int) -> bool:
+                     acc: "_Accumulator", closes_step: bool) -> bool:
         """Forward, loss and backward of one micro-batch; False when the batch was skipped.
 
-        Under torchrun every rank must skip the same batches (or the gradient all-reduce pairs up the
-        wrong batches), so the ranks agree twice before any collective that could pair up wrongly: after
-        the local forward and after the loss. Failures inside collectives cannot be skipped consistently
-        and end the run.
+        Under torchrun every rank must skip the same batches, or the collectives pair up wrong (DDP's
+        forward itself runs collectives). So the ranks agree on the negatives per query and on failures
+        of everything before the forward (faults, collation) and again on a non-finite loss; a failure
+        inside the forward, the gathers or the backward cannot be skipped consistently and ends the run.
         """
         start_ns = now_ns()
         fault = self._fault("batch", batch_no)
+        chosen = [examples[i] for i in idx]
+        k = self.collator.negatives_for(chosen)
+        err: Exception | None = None
+        batch = None
         try:
+            if self.dist is not None:
+                k = self.dist.min_int(k)
             if fault is not None and fault.kind != "nan":
                 _fire_batch_fault(fault.kind, batch_no)
-            batch = self.collator([examples[i] for i in idx], epoch=epoch, batch_index=bi).to(self.device)
-            t_fwd = time.perf_counter()
-            with self._autocast():
-                q, d_pos, d_neg = self._forward(batch)
-            err: Exception | None = None
+            batch = self.collator(chosen, epoch=epoch, batch_index=bi, num_negatives=k).to(self.device)
         except (KeyboardInterrupt, RunInterrupted):
             raise
         except Exception as exc:  # noqa: BLE001 - the batch-level policy
@@ -412,37 +417,39 @@ class Trainer:
             err = exc
         if not self._ranks_agree(err, epoch, bi, batch_no, start_ns):
             return False
-        try:
-            with self._autocast():
-                out = self._loss(q, d_pos, d_neg, batch)
-            loss = out.total
-            if fault is not None and fault.kind == "nan":
-                loss = loss * float("nan")
-            if not torch.isfinite(loss):
-                raise TrainingError("non-finite loss; batch skipped without an optimizer step",
-                                    loss=float(loss.detach()))
-        except (KeyboardInterrupt, RunInterrupted):
-            raise
-        except Exception as exc:  # noqa: BLE001
-            if self.dist is None:
+        sync = self.dist is None or closes_step
+        with (nullcontext() if sync else self.dist.no_sync(self.model)):  # DDP decides at forward time
+            try:
+                t_fwd = time.perf_counter()
+                with self._autocast():
+                    q, d_pos, d_neg = self._forward(batch)
+                    out = self._loss(q, d_pos, d_neg, batch)
+                loss = out.total
+                if fault is not None and fault.kind == "nan":
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss):
+                    raise TrainingError("non-finite loss; batch skipped without an optimizer step",
+                                        loss=float(loss.detach()))
+            except (KeyboardInterrupt, RunInterrupted):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if self.dist is None:
+                    return self._skip_batch(exc, epoch, bi, batch_no, start_ns)
+                if not isinstance(exc, TrainingError):
+                    raise  # a failure inside the forward or a gather: the ranks can no longer agree
+                err = exc
+            if not self._ranks_agree(err, epoch, bi, batch_no, start_ns):
+                return False
+            try:
+                t_bwd = time.perf_counter()
+                self.scaler.scale(loss / self.cfg.optim.gradient_accumulation_steps).backward()
+                t_end = time.perf_counter()
+            except (KeyboardInterrupt, RunInterrupted):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                if self.dist is not None:
+                    raise  # gradients of the ranks are out of step now
                 return self._skip_batch(exc, epoch, bi, batch_no, start_ns)
-            if not isinstance(exc, TrainingError):
-                raise  # a failed collective: the ranks can no longer agree
-            err = exc
-        if not self._ranks_agree(err, epoch, bi, batch_no, start_ns):
-            return False
-        try:
-            t_bwd = time.perf_counter()
-            sync = self.dist is None or acc.count + 1 >= accum
-            with (nullcontext() if sync else self.dist.no_sync(self.model)):
-                self.scaler.scale(loss / accum).backward()
-            t_end = time.perf_counter()
-        except (KeyboardInterrupt, RunInterrupted):
-            raise
-        except Exception as exc:  # noqa: BLE001
-            if self.dist is not None:
-                raise  # gradients of the ranks are out of step now
-            return self._skip_batch(exc, epoch, bi, batch_no, start_ns)
         acc.add(out, batch, q, d_pos, d_neg, t_bwd - t_fwd, t_end - t_bwd, start_ns)
         self.budget.record_ok()
         return True
@@ -464,7 +471,7 @@ class Trainer:
     def _ranks_agree(self, err: Exception | None, epoch: int, bi: int, batch_no: int, start_ns: int) -> bool:
         """True when this micro-batch succeeded on every rank; otherwise every rank records the skip."""
         if self.dist is None:
-            return True
+            return err is None
         failed = self.dist.gather_failures(classify(err).category if err is not None else None)
         if not failed:
             return True
@@ -672,10 +679,13 @@ class Trainer:
     def _save_on_stop(self, reason: str) -> None:
         if not self._boundary or not hasattr(self, "optimizer"):
             return
+        self._saving_on_stop = True
         try:
             self._save_checkpoint(reason, self._boundary["epoch"], self._boundary["batch_in_epoch"])
         except Exception as exc:  # noqa: BLE001 - report, the stop goes on
             self._error_event(classify(exc, ErrorCategory.FILE_SYSTEM_ERROR, phase="checkpoint on stop"))
+        finally:
+            self._saving_on_stop = False
 
     def _save_best(self, metrics: dict[str, float]) -> None:
         if self.rank != 0:
@@ -686,10 +696,7 @@ class Trainer:
         tmp = self.cfg.output_dir / f".tmp-best-{os.getpid()}"
         self.encoder.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps({"step": self.global_step, **metrics}, indent=2))
-        if best.exists():
-            import shutil
-            shutil.rmtree(best)
-        os.replace(tmp, best)
+        ckpt_io.replace_dir(tmp, best)
         self.emit(CheckpointSaved(step=self.global_step, epoch=0, path=str(best), reason="best",
                                   duration_seconds=time.monotonic() - t0, start_ns=start))
 
@@ -700,10 +707,7 @@ class Trainer:
         final = self.cfg.output_dir / "final"
         tmp = self.cfg.output_dir / f".tmp-final-{os.getpid()}"
         self.encoder.save_pretrained(tmp)
-        if final.exists():
-            import shutil
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        ckpt_io.replace_dir(tmp, final)
         self.emit(CheckpointSaved(step=self.global_step, epoch=self.num_epochs, path=str(final), reason="final",
                                   duration_seconds=time.monotonic() - t0, start_ns=start))
         return str(final)
@@ -718,14 +722,26 @@ class Trainer:
     def _on_retry(self, info: dict[str, Any]) -> None:
         self.emit(RetryAttempt(**info))
 
-    def _install_sigterm(self) -> Any:
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """Ctrl-C and SIGTERM only set a flag; the loop acts on it right after an optimizer step, where the
+        state is consistent, so the stop checkpoint resumes exactly. A second signal stops at once, except
+        while the stop checkpoint is being written."""
         import threading
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
-        def on_term(signum: int, frame: Any) -> None:
-            raise RunInterrupted(signum)
-        return signal.signal(signal.SIGTERM, on_term)
+        def on_signal(signum: int, frame: Any) -> None:
+            if self._saving_on_stop:
+                return
+            if self._stop_signal is not None:
+                raise RunInterrupted(signum)
+            self._stop_signal = signum
+
+        return {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def _check_stop(self) -> None:
+        if self._stop_signal is not None:
+            raise RunInterrupted(self._stop_signal)
 
 
 class PairForward(torch.nn.Module):

@@ -106,3 +106,28 @@ def _name(span: dict) -> str:
 
 def _attr(span: dict, key: str):
     return (span.get("attributes") or {}).get(key)
+
+
+def test_batch_fault_on_one_rank_is_skipped_in_step_and_mixed_negatives_agree(tmp_path):
+    """A batch that fails on rank 1 only is skipped by both ranks (no hang), and batches where only some
+    ranks have hard negatives agree on K, so the gathers match."""
+    demo = Path(__file__).resolve().parents[1] / "splade_obs" / "demo" / "train.jsonl"
+    rows = [json.loads(line) for line in demo.read_text().splitlines()[:64]]
+    for i, row in enumerate(rows):
+        if i % 3 == 0:
+            row.pop("negatives", None)
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "ddp"
+    proc = subprocess.run([*TORCHRUN, *COMMON, "--batch-size", "2", "--output-dir", str(out), "--no-mlflow",
+                           "--otel-exporter", "none", "--max-steps", "4", "--train-file", str(data),
+                           "--inject-fault", "rank1:batch:2:exception"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((out / "logs" / "training_metrics.json").read_text())
+    assert metrics["status"] == "FINISHED"
+    assert metrics["metrics_by_epoch"]["1"]["skipped_batches"] == 1
+    rank1_errors = [json.loads(line) for line in (out / "logs" / "errors.rank1.jsonl").read_text().splitlines()]
+    assert [(e["category"], e["skipped_batch"]) for e in rank1_errors] == [("TRAINING_ERROR", True)]
+    rank0_errors = [json.loads(line) for line in (out / "logs" / "errors.jsonl").read_text().splitlines()]
+    assert rank0_errors[0]["context"]["peer_rank"] == 1
