@@ -3,8 +3,9 @@
 #   bash scripts/setup.sh          # the trainer
 #   bash scripts/setup.sh test     # the trainer + test extras
 #   bash scripts/setup.sh bench    # the trainer + benchmark extras (bm25s, sentence-transformers)
-# torch 2.13.0 (CPU wheel) is installed first when no torch is present, so no multi-GB CUDA build is pulled in;
-# pyproject.toml only asks for torch>=2.4, so an existing CUDA torch is kept.
+# torch 2.13.0 is installed first when no torch is present (this machine's pip finds a CPU wheel on local disk;
+# elsewhere set TORCH_INDEX_URL for the CPU build); pyproject.toml only asks for torch>=2.4, so an existing
+# torch is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
@@ -13,7 +14,9 @@ PY="${PYTHON:-python3}"
 VPY=.venv/bin/python
 "$VPY" -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" || true
 if ! "$VPY" -c "import torch" 2>/dev/null; then
-  "$VPY" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+  # TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu picks the CPU build where PyPI would serve CUDA.
+  "$VPY" -m pip install -q --disable-pip-version-check ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+    "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
