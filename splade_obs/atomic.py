@@ -33,7 +33,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
         except OSError:
             pass
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     return target
 
 
@@ -74,7 +74,7 @@ def _mode_for(target: Path) -> int:
         return 0o644
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Persist the rename itself (POSIX); silently skipped where directories cannot be opened."""
     try:
         fd = os.open(str(directory), os.O_RDONLY)

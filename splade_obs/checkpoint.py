@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .atomic import fsync_dir
 from .errors import FileSystemError, TrainingError
 from .recovery import retry
 
@@ -109,9 +110,9 @@ def save_checkpoint(output_dir: str | Path, *, encoder: Any, optimizer: torch.op
         torch.save({"torch": rng_state["torch"], "cuda": rng_state["cuda"]}, tmp / "rng.pt")
         (tmp / "rng.json").write_text(json.dumps({"python": rng_state["python"], "numpy": rng_state["numpy"]}))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         replace_dir(tmp, final)  # same step saved twice (save_steps and epoch end): the new one wins
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -157,16 +158,3 @@ def _rotate(output_dir: str | Path, keep_last: int) -> None:
     ckpts = list_checkpoints(output_dir)
     for old in ckpts[: max(0, len(ckpts) - max(1, keep_last))]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
