@@ -95,8 +95,9 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
        operation="checkpoint save")
 def save_checkpoint(output_dir: str | Path, *, encoder: Any, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler, trainer_state: dict[str, Any],
-                    rng_state: dict[str, Any], keep_last: int = 2, name: str | None = None) -> Path:
-    """Write a checkpoint atomically and return its final path."""
+                    rng_state: dict[str, Any], keep_last: int = 2, name: str | None = None,
+                    rank_rng_states: list[dict[str, Any]] | None = None) -> Path:
+    """Write a checkpoint atomically and return its final path (``rank_rng_states``: one per torchrun rank)."""
     root = checkpoints_dir(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / (name or f"checkpoint-{trainer_state['global_step']}")
@@ -109,6 +110,10 @@ def save_checkpoint(output_dir: str | Path, *, encoder: Any, optimizer: torch.op
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
         torch.save({"torch": rng_state["torch"], "cuda": rng_state["cuda"]}, tmp / "rng.pt")
         (tmp / "rng.json").write_text(json.dumps({"python": rng_state["python"], "numpy": rng_state["numpy"]}))
+        if rank_rng_states is not None:
+            torch.save([{"torch": r["torch"], "cuda": r["cuda"]} for r in rank_rng_states], tmp / "rng_ranks.pt")
+            (tmp / "rng_ranks.json").write_text(json.dumps([{"python": r["python"], "numpy": r["numpy"]}
+                                                            for r in rank_rng_states]))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=2, sort_keys=True))
         fsync_dir(tmp)
         replace_dir(tmp, final)  # same step saved twice (save_steps and epoch end): the new one wins
@@ -143,6 +148,10 @@ def load_checkpoint(ckpt: Path, *, optimizer: torch.optim.Optimizer, scheduler: 
         scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
         rng = torch.load(ckpt / "rng.pt", weights_only=True)
         rng.update(json.loads((ckpt / "rng.json").read_text()))
+        rank_rngs = None
+        if (ckpt / "rng_ranks.pt").exists():
+            rank_rngs = [{**t, **p} for t, p in zip(torch.load(ckpt / "rng_ranks.pt", weights_only=True),
+                                                     json.loads((ckpt / "rng_ranks.json").read_text()))]
     except FileNotFoundError as exc:
         raise FileSystemError("checkpoint is incomplete", file_path=str(ckpt), original_exception=exc) from exc
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -151,6 +160,7 @@ def load_checkpoint(ckpt: Path, *, optimizer: torch.optim.Optimizer, scheduler: 
                             hint="resume with the same model and settings, or start a new --output-dir") from exc
     state = read_trainer_state(ckpt)
     state["_rng"] = rng
+    state["_rank_rngs"] = rank_rngs
     return state
 
 

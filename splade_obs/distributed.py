@@ -49,6 +49,11 @@ class DistContext:
         tdist.all_gather(codes, code)
         return [(r, names[int(c)]) for r, c in enumerate(codes) if int(c) >= 0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        tdist.all_gather_object(out, obj)
+        return out
+
     def min_int(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device_name)
         tdist.all_reduce(t, op=tdist.ReduceOp.MIN)

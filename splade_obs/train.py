@@ -337,7 +337,8 @@ class Trainer:
             self.loss_fn.reg_warmup_steps = self.reg_warmup_steps
             self.budget.load_state_dict(state["budget"])
             self.best_metric = state.get("best_metric")
-            ckpt_io.restore_rng(state["_rng"])
+            ranks = state.get("_rank_rngs")
+            ckpt_io.restore_rng(ranks[self.rank] if ranks and len(ranks) == self.world_size else state["_rng"])
         self._boundary = {"epoch": self.start_epoch, "batch_in_epoch": self.start_batch,
                           "rng": ckpt_io.capture_rng()}
 
@@ -665,13 +666,21 @@ class Trainer:
                 "seed": self.cfg.optim.seed, "model": self.cfg.model.name, "saved_at_ns": now_ns()}
 
     def _save_checkpoint(self, reason: str, epoch: int, batch_in_epoch: int) -> None:
-        if self.rank != 0 or not hasattr(self, "optimizer"):
+        """Rank 0 writes; under torchrun every rank's RNG state goes in too, gathered at the save points all
+        ranks reach together (a stop signal reaches ranks at different times: rank 0's state only then)."""
+        if not hasattr(self, "optimizer"):
+            return
+        rank_rngs = None
+        if self.dist is not None and reason != "interrupt":
+            rank_rngs = self.dist.gather_objects(self._boundary["rng"])
+        if self.rank != 0:
             return
         t0, start = time.monotonic(), now_ns()
         path = ckpt_io.save_checkpoint(self.cfg.output_dir, encoder=self.encoder, optimizer=self.optimizer,
                                        scheduler=self.scheduler, scaler=self.scaler,
                                        trainer_state=self._trainer_state(epoch, batch_in_epoch),
-                                       rng_state=self._boundary["rng"], keep_last=self.cfg.checkpoint.keep_last)
+                                       rng_state=self._boundary["rng"], keep_last=self.cfg.checkpoint.keep_last,
+                                       rank_rng_states=rank_rngs)
         self.last_checkpoint = str(path)
         self.emit(CheckpointSaved(step=self.global_step, epoch=epoch, path=str(path), reason=reason,
                                   duration_seconds=time.monotonic() - t0, start_ns=start))

@@ -131,3 +131,26 @@ def test_batch_fault_on_one_rank_is_skipped_in_step_and_mixed_negatives_agree(tm
     assert [(e["category"], e["skipped_batch"]) for e in rank1_errors] == [("TRAINING_ERROR", True)]
     rank0_errors = [json.loads(line) for line in (out / "logs" / "errors.jsonl").read_text().splitlines()]
     assert rank0_errors[0]["context"]["peer_rank"] == 1
+
+
+def test_resume_under_torchrun_is_exact_with_dropout(tmp_path):
+    """Each rank's RNG (dropout) is saved at the checkpoints all ranks reach together, so a 2-process run
+    that fails after step 3 and resumes from checkpoint-2 ends with the uninterrupted run's weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    base = [arg for arg in COMMON if arg not in ("--dropout", "0")]
+    args = [*TORCHRUN, *base, "--batch-size", "2", "--no-mlflow", "--otel-exporter", "none", "--max-steps", "4",
+            "--save-steps", "2"]
+    run = lambda *extra: subprocess.run([*args, *extra], cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                                        timeout=300)
+    straight = run("--output-dir", str(tmp_path / "a"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    broken = run("--output-dir", str(tmp_path / "b"), "--inject-fault", "step:3:exception")
+    assert broken.returncode != 0
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-2" / "rng_ranks.pt").exists()
+    resumed = run("--output-dir", str(tmp_path / "b"), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
