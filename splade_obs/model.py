@@ -60,7 +60,7 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
 
 
 def _max_projection_forward(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int,
-                            per_document: bool) -> Tensor:
+                            per_document: bool, inference: bool = False) -> Tensor:
     """The max over non-padding tokens of ``hidden @ weight.T + bias``, ``(B, V)``; ``-inf`` for empty rows.
 
     ``per_document`` tiles each document's own tokens (``V x chunk_size`` tiles that stay in a CPU cache, and
@@ -70,7 +70,7 @@ def _max_projection_forward(hidden: Tensor, weight: Tensor, bias: Tensor, mask: 
     backward recomputes the argmax for the few terms that get a gradient.
     """
     if per_document:
-        if _use_bf16_prefilter(hidden, weight):
+        if inference and _use_bf16_prefilter(hidden, weight):
             return _max_per_document_prefiltered(hidden, weight, bias, mask, chunk_size)
         return _max_per_document(hidden, weight, bias, mask, chunk_size)
     return _max_across_batch(hidden, weight, bias, mask, chunk_size)
@@ -82,7 +82,8 @@ _BF16_REL_BOUND = 2.0 ** -5
 
 
 def _use_bf16_prefilter(hidden: Tensor, weight: Tensor) -> bool:
-    if torch.is_grad_enabled() or hidden.device.type != "cpu" or weight.dtype != torch.float32:
+    """Only for inference (the caller decides: grad mode is always off inside an autograd Function)."""
+    if hidden.device.type != "cpu" or weight.dtype != torch.float32:
         return False
     from .cpu import cpu_bf16_is_fast
     return cpu_bf16_is_fast()
@@ -227,8 +228,13 @@ def fused_splade_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, atten
     dtype = _compute_dtype(hidden)
     if per_document is None:
         per_document = hidden.device.type == "cpu"
-    max_logits = _ChunkedMaxProjection.apply(hidden, weight, bias, attention_mask.bool(), chunk_size, dtype,
-                                             per_document)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or bias.requires_grad):
+        max_logits = _ChunkedMaxProjection.apply(hidden, weight, bias, attention_mask.bool(), chunk_size, dtype,
+                                                 per_document)
+    else:  # inference: no autograd bookkeeping, and the exact bf16-prefiltered max where it pays
+        with torch.autocast(hidden.device.type, enabled=False):
+            max_logits = _max_projection_forward(hidden, weight.to(dtype), bias.to(dtype), attention_mask.bool(),
+                                                 chunk_size, per_document, inference=True)
     # fp16/bf16 maxima are upcast: the term weights feed the loss and the regulariser in fp32 (fp64 stays)
     return torch.log1p(torch.relu(max_logits.to(torch.promote_types(max_logits.dtype, torch.float32))))
 

@@ -310,9 +310,19 @@ def test_bf16_prefiltered_inference_equals_fp32(monkeypatch):
         results[flag] = enc.encode(texts, max_length=128, batch_size=2)
         from splade_obs import model as model_mod
         w = enc._projection().weight
-        with torch.no_grad():  # the flag really switches the path (grad mode never uses it)
-            assert model_mod._use_bf16_prefilter(torch.zeros(1, 1, 128), w) is (flag == "1")
-        assert model_mod._use_bf16_prefilter(torch.zeros(1, 1, 128), w) is False
+        assert model_mod._use_bf16_prefilter(torch.zeros(1, 1, 128), w) is (flag == "1")
+        # training never takes it: a forward with gradients goes through the autograd Function
+        calls = []
+        real = model_mod._max_per_document_prefiltered
+        monkeypatch.setattr(model_mod, "_max_per_document_prefiltered", lambda *a: calls.append(1) or real(*a))
+        batch = enc.tokenize(texts[:2], 32)
+        enc.train()
+        enc(batch["input_ids"], batch["attention_mask"]).sum().backward()
+        assert calls == []
+        with torch.no_grad():
+            enc(batch["input_ids"], batch["attention_mask"])
+        assert calls == ([1] if flag == "1" else [])
+        monkeypatch.setattr(model_mod, "_max_per_document_prefiltered", real)
     cpu.bf16_matmul_speedup.cache_clear()
     ref, fast = results["0"], results["1"]
     assert ref.nnz == fast.nnz > 100
