@@ -1,12 +1,19 @@
-"""Evaluation speed: full SciFact test evaluation, splade-obs vs sentence-transformers' SparseEncoder.
+"""Speed: SciFact evaluation and training throughput, splade-obs vs sentence-transformers' SparseEncoder.
 
-Both sides load the same splade-tiny weights, read the same BEIR folder, encode all 5,183 documents
+Evaluation (``--part eval``): both sides load the same splade-tiny weights, read the same BEIR folder, encode all 5,183 documents
 (max length 256) and the 300 test queries with batch size 32, retrieve and score nDCG@10. Each side runs in
 its own subprocess so its peak memory (max RSS) is its own; the parent prints a side-by-side table with
 ratios and writes JSON to benchmarks/results/bench_speed.json.
 
+Training (``--part train``): each trainer runs ``--train-steps`` optimizer steps (default 30) on the same
+SciFact train triples (query, positive, one splade-tiny-mined hard negative) with the settings of
+benchmarks/configs/scifact_finetune.toml (batch 16, query length 64, document length 256, the same
+precision), each in its own subprocess; samples/s is measured between the end of step ``--skip-steps``
+and the last step, so model loading, data preparation and saving are left out; peak RSS is the process's.
+
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_speed.py            # full run (minutes)
-    .venv/bin/python benchmarks/bench_speed.py --quick                        # 500 docs, 50 queries: smoke test
+    .venv/bin/python benchmarks/bench_speed.py --quick                        # small: smoke test
+    .venv/bin/python benchmarks/bench_speed.py --part train                   # training only
 
 sentence-transformers is the bench extra (``pip install -e '.[bench]'``).
 """
@@ -98,11 +105,40 @@ def run_st(data: Path, quick: bool, batch_size: int) -> dict:
             "num_queries": len(queries), "peak_rss_mb": peak_rss_mb()}
 
 
-def child(side: str, data: Path, quick: bool, batch_size: int) -> dict:
+def train_side(trainer: str, data: Path, triples: Path, config: Path, steps: int, skip: int,
+               precision: str | None) -> dict:
+    """``steps`` optimizer steps of one trainer on the mined SciFact triples; samples/s after ``skip`` steps."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_quality as bq
+
+    bq.ensure_triples(triples, data, 256)
+    overrides = {"optim.mixed_precision": precision} if precision else {}
+    load0 = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix=f"bench-train-{trainer}-") as tmp:
+        cfg = bq.train_config(config, triples, Path(tmp), max_steps=steps, overrides=overrides)
+        cpu0 = cpu_seconds()
+        if trainer == "ours":
+            info = bq.train_ours(cfg, skip=skip)
+        else:
+            info = bq.train_st(cfg, steps, Path(tmp), skip=skip, save=False)
+    info.update(cpu_s=cpu_seconds() - cpu0, peak_rss_mb=peak_rss_mb(), load_avg_1m=[load0, os.getloadavg()[0]],
+                precision=cfg.optim.mixed_precision, skip_steps=skip,
+                max_query_length=cfg.model.max_query_length, max_doc_length=cfg.model.max_doc_length)
+    info.pop("model_path", None)
+    return info
+
+
+def child(side: str, args: argparse.Namespace) -> dict:
     """Run one side in a fresh interpreter and parse the JSON line it prints last."""
-    cmd = [sys.executable, __file__, "--side", side, "--data", str(data), "--batch-size", str(batch_size)]
-    if quick:
+    cmd = [sys.executable, __file__, "--side", side, "--data", str(args.data), "--batch-size", str(args.batch_size),
+           "--triples", str(args.triples), "--config", str(args.config), "--train-steps", str(args.train_steps),
+           "--skip-steps", str(args.skip_steps)]
+    if args.quick:
         cmd.append("--quick")
+    if args.precision:
+        cmd += ["--precision", args.precision]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{side} failed:\n{proc.stderr[-4000:]}")
@@ -122,48 +158,101 @@ def machine() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
             "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
+            "load_avg": list(os.getloadavg())}
 
 
-def table(ours: dict, st: dict) -> str:
-    rows = [("evaluation wall time (s)", "eval_s", ".1f"), ("evaluation CPU time (s)", "cpu_s", ".1f"),
-            ("nDCG@10", "ndcg@10", ".4f"),
-            ("MRR@10", "mrr@10", ".4f"), ("peak RSS (MB)", "peak_rss_mb", ".0f")]
-    lines = [f"{'':<26}{'splade-obs':>12}{'sentence-tf':>14}{'ratio':>9}", "-" * 61]
-    for label, key, fmt in rows:
-        ratio = st[key] / ours[key] if ours[key] else float("nan")
-        lines.append(f"{label:<26}{ours[key]:>12{fmt}}{st[key]:>14{fmt}}{ratio:>8.2f}x")
+# (label, side key, value key, format, True when larger is better)
+ROWS = [("evaluation wall time (s)", "eval", "eval_s", ".1f", False),
+        ("evaluation CPU time (s)", "eval", "cpu_s", ".1f", False),
+        ("evaluation nDCG@10", "eval", "ndcg@10", ".4f", None),
+        ("evaluation peak RSS (MB)", "eval", "peak_rss_mb", ".0f", False),
+        ("training samples/s", "train", "samples_per_s", ".2f", True),
+        ("training CPU time (s)", "train", "cpu_s", ".1f", False),
+        ("training peak RSS (MB)", "train", "peak_rss_mb", ".0f", False)]
+
+
+def table(results: dict) -> str:
+    """Side by side; 'advantage' > 1 means splade-obs is better (faster, more samples/s, less memory)."""
+    lines = [f"{'':<27}{'splade-obs':>12}{'sentence-tf':>14}{'advantage':>11}", "-" * 64]
+    for label, part, key, fmt, higher in ROWS:
+        if part not in results:
+            continue
+        ours, st = results[part]["splade_obs"][key], results[part]["sentence_transformers"][key]
+        if higher is None:
+            adv = "-"
+        else:
+            ratio = (ours / st if higher else st / ours) if ours and st else float("nan")
+            adv = f"{ratio:.2f}x"
+        lines.append(f"{label:<27}{ours:>12{fmt}}{st:>14{fmt}}{adv:>11}")
     return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--quick", action="store_true", help="500 docs / 50 queries: checks the script, not the speed")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--side", choices=["ours", "st"], help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="500 docs / 50 queries, 8 training steps: checks the script")
+    ap.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
+    ap.add_argument("--part", action="append", choices=["eval", "train"], help="default: both")
+    ap.add_argument("--config", type=Path, default=ROOT / "benchmarks" / "configs" / "scifact_finetune.toml",
+                    help="training config (batch size, lengths, precision) for both trainers")
+    ap.add_argument("--triples", type=Path, default=Path("/tmp/splade-obs-bench/scifact_train_triples.jsonl"))
+    ap.add_argument("--train-steps", type=int, default=30)
+    ap.add_argument("--skip-steps", type=int, default=5, help="first steps left out of samples/s (start-up)")
+    ap.add_argument("--precision", choices=["auto", "no", "bf16"], help="override the config's mixed_precision")
+    ap.add_argument("--side", choices=["ours", "st", "train-ours", "train-st"], help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.quick:
+        args.train_steps, args.skip_steps = min(args.train_steps, 8), min(args.skip_steps, 2)
     if args.side:
-        fn = run_ours if args.side == "ours" else run_st
-        print(json.dumps(fn(args.data, args.quick, args.batch_size)))
+        if args.side.startswith("train-"):
+            out = train_side(args.side[6:], args.data, args.triples, args.config, args.train_steps,
+                             args.skip_steps, args.precision)
+        else:
+            out = (run_ours if args.side == "ours" else run_st)(args.data, args.quick, args.batch_size)
+        print(json.dumps(out))
         return
     if not (args.data / "corpus.jsonl").is_file():
         raise SystemExit(f"SciFact not found at {args.data}")
-    ours = child("ours", args.data, args.quick, args.batch_size)
-    st = child("st", args.data, args.quick, args.batch_size)
-    print(f"SciFact test evaluation ({ours['num_docs']} docs, {ours['num_queries']} queries, batch "
-          f"{args.batch_size}, length 256); ratio = sentence-transformers / splade-obs")
-    print(table(ours, st))
-    print(f"1-minute load average at start/end: splade-obs {ours['load_avg_1m']}, sentence-transformers "
-          f"{st['load_avg_1m']} (wall times are only comparable when these are close)")
-    result = {"benchmark": "eval_speed", "date": dt.datetime.now().isoformat(timespec="seconds"),
-              "quick": args.quick, "machine": machine(), "splade_obs": ours, "sentence_transformers": st,
-              "speedup": st["eval_s"] / ours["eval_s"], "cpu_speedup": st["cpu_s"] / ours["cpu_s"],
-              "memory_ratio": st["peak_rss_mb"] / ours["peak_rss_mb"]}
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    parts = args.part or ["eval", "train"]
     name = "bench_speed_quick.json" if args.quick else "bench_speed.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written {RESULTS / name}")
+    out_path = RESULTS / name
+    previous = json.loads(out_path.read_text()) if out_path.is_file() else {}
+    results: dict = {k: v for k, v in previous.get("parts", {}).items() if k not in parts}
+    now = dt.datetime.now().isoformat(timespec="seconds")
+    if "eval" in parts:
+        ours, st = child("ours", args), child("st", args)
+        results["eval"] = {"date": now, "machine": machine(), "splade_obs": ours, "sentence_transformers": st,
+                           "num_docs": ours["num_docs"], "num_queries": ours["num_queries"],
+                           "batch_size": args.batch_size, "max_doc_length": 256,
+                           "speedup": st["eval_s"] / ours["eval_s"], "cpu_speedup": st["cpu_s"] / ours["cpu_s"],
+                           "memory_ratio": st["peak_rss_mb"] / ours["peak_rss_mb"]}
+    if "train" in parts:
+        ours, st = child("train-ours", args), child("train-st", args)
+        results["train"] = {"date": now, "machine": machine(), "splade_obs": ours, "sentence_transformers": st,
+                            "steps": args.train_steps, "skip_steps": args.skip_steps,
+                            "batch_size": ours["batch_size"], "config": str(args.config),
+                            "speedup": ours["samples_per_s"] / st["samples_per_s"],
+                            "cpu_speedup": st["cpu_s"] / ours["cpu_s"],
+                            "memory_ratio": st["peak_rss_mb"] / ours["peak_rss_mb"]}
+    if "eval" in results:
+        e = results["eval"]
+        print(f"evaluation: SciFact test, {e['num_docs']} docs, {e['num_queries']} queries, batch {e['batch_size']}, "
+              f"length 256 (measured {e['date']})")
+    if "train" in results:
+        t = results["train"]
+        print(f"training: {t['steps']} steps of batch {t['batch_size']} (query + positive + 1 hard negative), "
+              f"lengths {t['splade_obs']['max_query_length']}/{t['splade_obs']['max_doc_length']}, "
+              f"{t['splade_obs']['precision']} precision, samples/s after the first {t['skip_steps']} steps "
+              f"(measured {t['date']})")
+    print(table(results))
+    for part, r in results.items():
+        print(f"{part}: 1-minute load average at start/end: splade-obs {r['splade_obs']['load_avg_1m']}, "
+              f"sentence-transformers {r['sentence_transformers']['load_avg_1m']}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({"benchmark": "speed", "date": now, "machine": machine(), "quick": args.quick,
+                                    "parts": results}, indent=2) + "\n")
+    print(f"written {out_path}")
 
 
 if __name__ == "__main__":
