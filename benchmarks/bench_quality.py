@@ -46,22 +46,7 @@ QUERY_LENGTH = 64
 
 
 # ------------------------------------------------------------------------------------------- machine
-def machine() -> dict[str, Any]:
-    """CPU model, cores, torch version and load: what a reader needs to judge the numbers."""
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
-            "threads": int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-            "load_avg": list(os.getloadavg())}
+from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 # ------------------------------------------------------------------------------------------- data
