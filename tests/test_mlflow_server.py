@@ -84,3 +84,37 @@ def test_http_run_arrives_and_a_killed_server_blocks_nothing(tmp_path, bounded_h
     assert {s.step for s in steps[:4]} <= on_server
     assert on_server | unsent == {s.step for s in steps}  # nothing lost: on the server or in the local record
     assert unsent  # the points emitted after the kill could not have reached the server
+
+
+def test_real_training_goes_on_when_the_server_dies_mid_run(tmp_path, tiny_cfg, bounded_http_env):
+    """The real trainer, tracked on a real server that is killed after step 2 (from a sink, to hit the
+    middle of the run): training finishes every step, the local metrics file is complete, and every
+    train/loss point is on the server or in the local unsent record."""
+    from mlflow import MlflowClient
+
+    from splade_obs.events import RecordingSink, Sink
+    from splade_obs.run import run_training
+
+    with mlflow_server(tmp_path) as (url, proc, backend_db):
+        class KillServerAtStep2(Sink):  # fault injection
+            name, scope = "kill-server", "rank"
+
+            def on_step_done(self, e):
+                if e.step == 2:
+                    stop_server(proc)
+
+        cfg = tiny_cfg(optim={"max_steps": 5}, tracking={"enabled": True, "tracking_uri": url})
+        rec = RecordingSink()
+        result = run_training(cfg, extra_sinks=[KillServerAtStep2(), rec], close_timeout=30)
+        assert proc.poll() is not None  # the server really died during the run
+
+    assert result.status == "FINISHED"
+    assert [e.step for e in rec.of(StepDone)] == [1, 2, 3, 4, 5]
+    metrics = json.loads((cfg.log_dir / "training_metrics.json").read_text())
+    assert metrics["status"] == "FINISHED" and metrics["metrics_by_epoch"]["1"]["train_loss"] > 0
+    run_id = result.shared["mlflow.run_id"]
+    on_server = set(metric_steps(MlflowClient(tracking_uri=f"sqlite:///{backend_db}"), run_id, "train/loss"))
+    lines = (cfg.log_dir / UNSENT_FILE).read_text().splitlines()
+    unsent = {json.loads(x)["step"] for x in lines[1:] if json.loads(x)["key"] == "train/loss"}
+    assert on_server | unsent == {1, 2, 3, 4, 5}
+    assert {3, 4, 5} <= unsent  # emitted after the kill: they could only be kept locally
