@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import DataError, FileSystemError
+from .errors import DataError
 from .recovery import validate_file_exists
 
 log = logging.getLogger("splade_obs.data")

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 from .checkpoint import find_resume_checkpoint, read_trainer_state
 from .config import TrainConfig
 from .errors import ConfigError
-from .distributed import DistContext, dist_from_env
+from .distributed import dist_from_env
 from .events import EventBus, Sink
 from .recovery import validate_file_exists
 from .train import Trainer, TrainResult, resolve_amp, resolve_device, dtype_name

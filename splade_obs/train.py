@@ -20,7 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -344,7 +344,7 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- loop
     def _train_loop(self, train: LoadedData, val: LoadedData | None) -> None:
-        cfg, o = self.cfg, self.cfg.optim
+        o = self.cfg.optim
         accum = o.gradient_accumulation_steps
         examples = train.examples
         for epoch in range(self.start_epoch, self.num_epochs + 1):
