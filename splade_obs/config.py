@@ -65,6 +65,8 @@ class LossConfig:
     temperature: float = 1.0
     distillation: str = "auto"          # auto (MarginMSE when data has scores) | none | margin_mse
     distillation_weight: float = 1.0
+    contrastive_weight: float = 1.0     # 0 = pure distillation
+    contrastive_negatives: str = "all"  # all (in-batch + own hard negatives) | in_batch (hard negatives: distillation only)
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,14 @@ class TrainConfig:
             raise bad("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
         if l.lambda_q < 0 or l.lambda_d < 0:
             raise bad("loss.lambda_q", "regularizer weights must be >= 0")
+        if l.contrastive_negatives not in ("all", "in_batch"):
+            raise bad("loss.contrastive_negatives", f"must be all or in_batch, got {l.contrastive_negatives!r}")
+        if l.contrastive_weight < 0 or l.distillation_weight < 0:
+            raise bad("loss.contrastive_weight" if l.contrastive_weight < 0 else "loss.distillation_weight",
+                      "must be >= 0")
+        if l.contrastive_weight == 0 and l.distillation == "none":
+            raise bad("loss.contrastive_weight", "is 0 and distillation is none: nothing would train the model",
+                      hint="set loss.distillation to auto or margin_mse with teacher scores in the data")
         if d.on_bad_record not in ("error", "skip"):
             raise bad("data.on_bad_record", f"must be 'error' or 'skip', got {d.on_bad_record!r}")
         if not 0 <= r.max_skipped_fraction <= 1:
@@ -285,7 +295,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml/.yml) or TOML (.toml) file into a mapping; errors name the file."""
     p = Path(path)
     if not p.exists():
-        raise ConfigError(f"config file not found", file_path=str(p), hint="check the --config path")
+        raise ConfigError("config file not found", file_path=str(p), hint="check the --config path")
     text = p.read_text(encoding="utf-8")
     try:
         if p.suffix == ".toml":

@@ -17,6 +17,7 @@ from torch import Tensor
 from .errors import ConfigError, DataError
 
 DISTILLATION_MODES = ("auto", "margin_mse", "none")
+CONTRASTIVE_NEGATIVES = ("all", "in_batch")
 
 
 def flops(reps: Tensor) -> Tensor:
@@ -52,15 +53,24 @@ class LossOutput:
 class SpladeLoss(torch.nn.Module):
     """Contrastive loss over in-batch positives plus each query's own hard negatives, FLOPS-regularised.
 
-    ``base``: cross-entropy of query ``i``'s scores against ``[d_pos_0 .. d_pos_{B-1} ; d_neg_{i,0..K-1}]``
-    with target ``i``. ``query_reg = lambda_q(step) * flops(q)``; ``doc_reg = lambda_d(step) * flops(all
+    ``base``: ``contrastive_weight`` times the cross-entropy of query ``i``'s scores against
+    ``[d_pos_0 .. d_pos_{B-1} ; d_neg_{i,0..K-1}]`` with target ``i`` (``contrastive_negatives="in_batch"``
+    leaves the hard negatives out of it: they then feed only distillation and FLOPS, the usual set-up when
+    mined negatives may be unlabelled positives). ``query_reg = lambda_q(step) * flops(q)``; ``doc_reg = lambda_d(step) * flops(all
     documents)``. With teacher scores ``(B, 1+K)`` (positive first) and ``distillation`` ``auto`` or
     ``margin_mse``, ``distill = distillation_weight * mse(s_pos - s_neg, t_pos - t_neg)`` is added.
     """
 
     def __init__(self, lambda_q: float = 5e-4, lambda_d: float = 3e-4, reg_warmup_steps: int = 0,
-                 temperature: float = 1.0, distillation: str = "auto", distillation_weight: float = 1.0) -> None:
+                 temperature: float = 1.0, distillation: str = "auto", distillation_weight: float = 1.0,
+                 contrastive_weight: float = 1.0, contrastive_negatives: str = "all") -> None:
         super().__init__()
+        if contrastive_negatives not in CONTRASTIVE_NEGATIVES:
+            raise ConfigError(f"unknown contrastive_negatives {contrastive_negatives!r}; expected one of "
+                              f"{', '.join(CONTRASTIVE_NEGATIVES)}", field="loss.contrastive_negatives")
+        if contrastive_weight < 0 or distillation_weight < 0:
+            raise ConfigError("contrastive_weight and distillation_weight must be >= 0",
+                              field="loss.contrastive_weight" if contrastive_weight < 0 else "loss.distillation_weight")
         if distillation not in DISTILLATION_MODES:
             raise ConfigError(f"unknown distillation {distillation!r}; expected one of {', '.join(DISTILLATION_MODES)}",
                               field="loss.distillation")
@@ -72,6 +82,8 @@ class SpladeLoss(torch.nn.Module):
         self.temperature = temperature
         self.distillation = distillation
         self.distillation_weight = distillation_weight
+        self.contrastive_weight = contrastive_weight
+        self.contrastive_negatives = contrastive_negatives
 
     def regularizer_weights(self, step: int) -> tuple[float, float]:
         """``(lambda_q, lambda_d)`` at optimizer step ``step``."""
@@ -87,9 +99,10 @@ class SpladeLoss(torch.nn.Module):
         batch, vocab = q.shape
         in_batch = q @ d_pos.t()                                       # (B, B_global)
         neg = torch.einsum("bv,bkv->bk", q, d_neg) if d_neg is not None else None  # (B, K)
-        scores = torch.cat([in_batch, neg], dim=1) if neg is not None else in_batch
+        hard = neg is not None and self.contrastive_negatives == "all"
+        scores = torch.cat([in_batch, neg], dim=1) if hard else in_batch
         target = torch.arange(batch, device=q.device) + positive_offset
-        base = F.cross_entropy(scores.float() / self.temperature, target)
+        base = self.contrastive_weight * F.cross_entropy(scores.float() / self.temperature, target)
 
         lam_q, lam_d = self.regularizer_weights(step)
         if reg_docs is None:

@@ -121,3 +121,36 @@ def test_split_batch_with_offsets_equals_full_batch():
     # the offset matters: without it rank 1's queries would be scored against rank 0's positives
     wrong = loss(q[2:], p, n[2:], step=10, reg_queries=q, reg_docs=docs)
     assert not torch.allclose(wrong.total, halves[1].total)
+
+
+def test_in_batch_contrastive_leaves_hard_negatives_to_distillation_by_hand() -> None:
+    teacher = torch.tensor([[10.0, 8.0], [4.0, 4.0]])
+    out = SpladeLoss(lambda_q=0.0, lambda_d=0.0, contrastive_negatives="in_batch")(
+        Q, D_POS, D_NEG, step=0, teacher_scores=teacher)
+    # the cross-entropy is the in-batch one of the 2x2 example (the negatives scoring 5 and 0 are left out) ...
+    in_batch = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(-1))) / 2
+    assert out.parts["base"] == pytest.approx(in_batch, rel=1e-6)
+    # ... while MarginMSE still sees them: ((-2 - 2)^2 + (1 - 0)^2) / 2
+    assert out.parts["distill"] == pytest.approx(8.5, rel=1e-6)
+
+
+def test_contrastive_weight_scales_the_cross_entropy_and_zero_is_pure_distillation() -> None:
+    teacher = torch.tensor([[10.0, 8.0], [4.0, 4.0]])
+    full = SpladeLoss(lambda_q=0.0, lambda_d=0.0)(Q, D_POS, D_NEG, step=0, teacher_scores=teacher)
+    half = SpladeLoss(lambda_q=0.0, lambda_d=0.0, contrastive_weight=0.5)(Q, D_POS, D_NEG, step=0,
+                                                                          teacher_scores=teacher)
+    assert half.parts["base"] == pytest.approx(0.5 * full.parts["base"], rel=1e-6)
+    pure = SpladeLoss(lambda_q=0.0, lambda_d=0.0, contrastive_weight=0.0)
+    q = Q.clone().requires_grad_(True)
+    out = pure(q, D_POS, D_NEG, step=0, teacher_scores=teacher)
+    assert out.parts["base"] == 0.0 and out.total.item() == pytest.approx(8.5, rel=1e-6)
+    out.total.backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0  # the distillation term alone trains the model
+
+
+def test_contrastive_options_are_validated() -> None:
+    with pytest.raises(ConfigError) as info:
+        SpladeLoss(contrastive_negatives="everything")
+    assert info.value.context["field"] == "loss.contrastive_negatives"
+    with pytest.raises(ConfigError):
+        SpladeLoss(contrastive_weight=-1.0)

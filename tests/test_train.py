@@ -62,6 +62,21 @@ def test_unknown_config_key_is_a_config_error(tmp_path):
     assert "optim.batch_sz" in res.stderr and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("loss_toml, field", [
+    ('contrastive_negatives = "hardest"', "loss.contrastive_negatives"),
+    ("contrastive_weight = -0.5", "loss.contrastive_weight"),
+    ('contrastive_weight = 0.0\ndistillation = "none"', "loss.contrastive_weight"),
+])
+def test_bad_loss_options_are_config_errors_before_training(tmp_path, loss_toml, field):
+    conf = tmp_path / "bad.toml"
+    conf.write_text(f"[loss]\n{loss_toml}\n")
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli, ["train", "--config", str(conf), "--output-dir", str(out), "--no-mlflow"])
+    assert res.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR], res.stderr
+    assert res.stderr.startswith("error[CONFIG_ERROR]:") and field in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "checkpoints").exists()
+
+
 def test_resume_gives_identical_weights(tiny_cfg, tmp_path):
     """A run killed after step 3 and resumed ends with the same weights as an uninterrupted run."""
     common = {"optim": {"max_steps": 6, "learning_rate": 3e-4}}
