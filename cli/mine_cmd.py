@@ -14,17 +14,31 @@ from .evaluate_cmd import pick_device
 
 @click.command("mine-negatives")
 @click.option("--model", "model_name", default="splade-tiny", show_default=True,
-              help="Model that retrieves (--method splade): 'splade-tiny', a saved folder or a hub id.")
+              help="Model that retrieves (--method splade or hybrid): 'splade-tiny', a saved folder or a hub id.")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
 @click.option("--split", default="train", show_default=True)
 @click.option("--output", required=True, type=click.Path(path_type=Path),
               help='Training JSONL: {"query", "positives", "negatives", "query_id", ...} per line.')
-@click.option("--method", type=click.Choice(["splade", "bm25"]), default="splade", show_default=True,
-              help="bm25 needs the bm25s package (the bench extra).")
+@click.option("--method", type=click.Choice(["splade", "bm25", "hybrid"]), default="splade", show_default=True,
+              help="Retriever: the SPLADE --model, BM25 (bm25s package), or hybrid: both, each score divided by "
+                   "its per-query maximum, weighted by --bm25-weight (a teacher for --teacher-scores).")
 @click.option("--num-negatives", default=4, show_default=True, type=click.IntRange(min=1))
 @click.option("--depth", default=50, show_default=True, type=click.IntRange(min=1),
               help="Documents retrieved per query before positives are removed.")
+@click.option("--sample", is_flag=True,
+              help="Draw --num-negatives at random (seeded per query) from the top --depth instead of the best ones.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --sample.")
+@click.option("--teacher-scores", is_flag=True,
+              help='Write "scores" (the positive\'s, then each negative\'s) for MarginMSE distillation; one record '
+                   "per positive.")
+@click.option("--bm25-weight", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Weight of BM25 in --method hybrid (SPLADE gets 1 - this).")
+@click.option("--stemmer", default="english", show_default=True,
+              help="Snowball stemmer of BM25 (PyStemmer), or 'none'.")
+@click.option("--title-queries", is_flag=True,
+              help="Also turn each corpus document's title into a query whose positive is the document's text "
+                   "(in-domain pairs without labels).")
 @click.option("--max-query-length", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-doc-length", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -32,26 +46,35 @@ from .evaluate_cmd import pick_device
 @debug_option
 @handle_errors(ErrorCategory.DATA_ERROR)
 def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, method: str, num_negatives: int,
-                   depth: int, max_query_length: int, max_doc_length: int, batch_size: int, device: str,
+                   depth: int, sample: bool, seed: int, teacher_scores: bool, bm25_weight: float, stemmer: str,
+                   title_queries: bool, max_query_length: int, max_doc_length: int, batch_size: int, device: str,
                    debug: bool) -> None:
-    """For each query: retrieve the top --depth documents, drop known positives, keep --num-negatives."""
+    """For each query: retrieve the top --depth documents, drop known positives, keep --num-negatives.
+
+    With --teacher-scores the records also carry the retriever's scores, the input of MarginMSE
+    distillation (--method hybrid is the teacher to use when no cross-encoder is at hand).
+    """
     from splade_obs.data import load_beir
-    from splade_obs.mining import mine_negatives as mine, write_jsonl
+    from splade_obs.mining import make_stemmer, mine_negatives as mine, write_jsonl
 
     beir = load_beir(data_dir, split)
+    stem = make_stemmer(stemmer) if method in ("bm25", "hybrid") else None
     encoder = None
-    if method == "splade":
+    if method in ("splade", "hybrid"):
         from splade_obs.model import SpladeEncoder
 
         encoder = SpladeEncoder.from_pretrained(model_name, device=pick_device(device))
     result = mine(beir, method=method, encoder=encoder, num_negatives=num_negatives, depth=depth,
-                  max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size)
+                  max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size,
+                  teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stem, sample=sample, seed=seed,
+                  title_queries=title_queries)
     if not result.records:
         from splade_obs.errors import DataError
 
         raise DataError(f"no query kept a negative (all {result.num_queries} skipped) — expected a corpus with "
                         "documents beyond the positives", file_path=str(data_dir))
     write_jsonl(result.records, output)
-    click.echo(f"mined {len(result.records)} records ({method}, depth {depth}) in {result.seconds:.1f}s; "
+    titles = f", {result.num_title_queries} from titles" if title_queries else ""
+    click.echo(f"mined {len(result.records)} records{titles} ({method}, depth {depth}) in {result.seconds:.1f}s; "
                f"{result.num_skipped} queries skipped (no negative left), {result.num_short} with fewer than "
                f"{num_negatives} negatives -> {output}", err=True)

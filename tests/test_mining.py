@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from cli.main import cli
 from splade_obs.data import beir_doc_text, load_beir, load_training_data
-from splade_obs.errors import EXIT_CODES, DependencyError, ErrorCategory
+from splade_obs.errors import EXIT_CODES, DataError, DependencyError, ErrorCategory
 from splade_obs.mining import mine_negatives
 from tests._eval_utils import DOCS, QRELS, read_jsonl, write_beir
 
@@ -106,3 +106,121 @@ def test_mine_negatives_cli_missing_split_is_a_data_error(tmp_path) -> None:
     result = CliRunner().invoke(cli, ["mine-negatives", "--data", str(data), "--output", str(tmp_path / "o.jsonl")])
     assert result.exit_code == EXIT_CODES[ErrorCategory.DATA_ERROR]
     assert "error[DATA_ERROR]" in result.stderr and "qrels/train.tsv" in result.stderr
+
+
+# ----------------------------------------------------------------------------- teacher scores, hybrid, titles
+def _bm25_rows(texts: list[str], queries: list[str], stemmer):
+    """Every document's BM25 score per query, straight from bm25s (the reference for the miner's scores)."""
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(texts, stopwords="en", stemmer=stemmer, show_progress=False), show_progress=False)
+    tokens = bm25s.tokenize(queries, stopwords="en", stemmer=stemmer, return_ids=False, show_progress=False)
+    return [retriever.get_scores(list(t)) for t in tokens]
+
+
+def test_hybrid_teacher_scores_follow_the_fusion_formula(beir, encoder) -> None:
+    pytest.importorskip("bm25s", reason="bm25s is in the test extra")
+    Stemmer = pytest.importorskip("Stemmer", reason="PyStemmer is in the test extra")
+    stemmer = Stemmer.Stemmer("english")
+    result = mine_negatives(beir, method="hybrid", encoder=encoder, num_negatives=3, depth=6,
+                            max_query_length=16, max_doc_length=32, batch_size=4, teacher_scores=True,
+                            bm25_weight=0.3, stemmer=stemmer)
+    # One record per (query, positive): 7 qrels lines, every query keeps negatives at depth 6.
+    assert len(result.records) == sum(len(p) for p in POSITIVES.values()) == 7
+    ids = list(beir.corpus)
+    texts = [beir_doc_text(beir.corpus[d]) for d in ids]
+    docs = encoder.encode(texts, max_length=32, batch_size=4)
+    qids = [q for q in beir.queries if q in POSITIVES]
+    queries = [beir.queries[q] for q in qids]
+    splade = (encoder.encode(queries, max_length=16) @ docs.T).toarray()
+    bm25 = _bm25_rows(texts, queries, stemmer)
+    scale = float(splade.max(axis=1).mean())
+    for rec in result.records:
+        i = qids.index(rec["query_id"])
+        assert len(rec["positive_ids"]) == 1 and rec["positive_ids"][0] in POSITIVES[rec["query_id"]]
+        assert not set(rec["negative_ids"]) & POSITIVES[rec["query_id"]]
+        expected = [scale * (0.3 * bm25[i][ids.index(d)] / bm25[i].max()
+                             + 0.7 * splade[i, ids.index(d)] / splade[i].max())
+                    for d in rec["positive_ids"] + rec["negative_ids"]]
+        assert rec["scores"] == pytest.approx(expected, abs=1e-3)
+        # without --sample the negatives are the best fused non-positives, in order
+        assert rec["scores"][1:] == sorted(rec["scores"][1:], reverse=True)
+
+
+def test_sampled_negatives_come_from_the_top_depth_and_repeat_with_the_seed(beir, encoder) -> None:
+    kwargs = dict(method="splade", encoder=encoder, num_negatives=2, depth=6, max_query_length=16,
+                  max_doc_length=32, batch_size=4)
+    top = {r["query_id"]: r["negative_ids"] for r in mine_negatives(beir, **{**kwargs, "num_negatives": 6}).records}
+    first = mine_negatives(beir, **kwargs, sample=True, seed=1).records
+    again = mine_negatives(beir, **kwargs, sample=True, seed=1).records
+    assert [r["negative_ids"] for r in first] == [r["negative_ids"] for r in again]
+    seeds = [[r["negative_ids"] for r in mine_negatives(beir, **kwargs, sample=True, seed=s).records]
+             for s in range(2, 8)]
+    assert any(s != [r["negative_ids"] for r in first] for s in seeds), "the seed does not change the draw"
+    for rec in first:
+        assert set(rec["negative_ids"]) <= set(top[rec["query_id"]]) and len(rec["negative_ids"]) == 2
+
+
+def test_title_queries_pair_each_title_with_its_own_text(beir, encoder) -> None:
+    result = mine_negatives(beir, method="splade", encoder=encoder, num_negatives=2, depth=5, max_query_length=16,
+                            max_doc_length=32, batch_size=4, teacher_scores=True, title_queries=True)
+    titled = [r for r in result.records if r["query_id"].startswith("title:")]
+    # a title whose words match no other text has no negative and is skipped (counted)
+    assert result.num_title_queries == len(titled) and len(titled) + result.num_skipped == len(DOCS)
+    assert len(titled) >= 7
+    for rec in titled:
+        doc = rec["query_id"].removeprefix("title:")
+        assert rec["query"] == DOCS[doc][0] and rec["positive_ids"] == [doc]
+        assert rec["positives"] == [DOCS[doc][1]]  # the text alone: the title is the query
+        assert doc not in rec["negative_ids"] and all(n in DOCS for n in rec["negative_ids"])
+        assert rec["negatives"] == [DOCS[n][1] for n in rec["negative_ids"]]
+        assert 1 <= len(rec["negatives"]) <= 2 and len(rec["scores"]) == 1 + len(rec["negatives"])
+        assert rec["scores"][0] > 0  # the title scores its own text (the titles' words recur in their texts)
+    # the title queries come on top of the qrels' queries, which are unchanged
+    assert len(result.records) - len(titled) == 7
+
+
+def test_unknown_stemmer_and_missing_pystemmer_are_typed_errors(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from splade_obs.mining import make_stemmer
+
+    pytest.importorskip("Stemmer", reason="PyStemmer is in the test extra")
+    assert make_stemmer("none") is None
+    with pytest.raises(DataError):
+        make_stemmer("klingon")
+    monkeypatch.setitem(sys.modules, "Stemmer", None)  # fault injection: the import fails
+    data = write_beir(tmp_path / "beir", split="train")
+    result = CliRunner().invoke(cli, ["mine-negatives", "--method", "bm25", "--data", str(data),
+                                      "--output", str(tmp_path / "o.jsonl")])
+    assert result.exit_code == EXIT_CODES[ErrorCategory.DEPENDENCY_ERROR]
+    assert "PyStemmer" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_distillation_from_mined_teacher_scores_end_to_end(tmp_path, tiny_cfg) -> None:
+    """mine-negatives --teacher-scores through the CLI feeds a pure-MarginMSE run of the real trainer."""
+    pytest.importorskip("bm25s", reason="bm25s is in the test extra")
+    data = write_beir(tmp_path / "beir", split="train")
+    out = tmp_path / "teacher.jsonl"
+    result = CliRunner().invoke(cli, ["mine-negatives", "--method", "hybrid", "--data", str(data), "--output",
+                                      str(out), "--teacher-scores", "--title-queries", "--num-negatives", "2",
+                                      "--depth", "6", "--sample", "--max-query-length", "16",
+                                      "--max-doc-length", "32", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    titled = sum(r["query_id"].startswith("title:") for r in records)
+    assert titled >= 7 and f"mined {len(records)} records, {titled} from titles (hybrid, depth 6)" in result.stderr
+    loaded = load_training_data(out)
+    assert all(ex.scores is not None and len(ex.scores) == 1 + len(ex.negatives) for ex in loaded.examples)
+
+    from splade_obs.events import RecordingSink, StepDone
+    from splade_obs.run import run_training
+
+    rec = RecordingSink()
+    cfg = tiny_cfg(data={"train_file": str(out), "num_negatives": 2},
+                   loss={"contrastive_weight": 0.0, "distillation": "margin_mse", "lambda_q": 0.0, "lambda_d": 0.0})
+    assert run_training(cfg, extra_sinks=[rec]).status == "FINISHED"
+    steps = rec.of(StepDone)
+    assert len(steps) == 3
+    for step in steps:
+        assert step.parts["base"] == 0.0 and step.parts["distill"] > 0
+        assert step.loss == pytest.approx(step.parts["distill"], rel=1e-5)
