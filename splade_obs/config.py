@@ -223,9 +223,9 @@ class TrainConfig:
         if l.contrastive_weight < 0 or l.distillation_weight < 0:
             raise bad("loss.contrastive_weight" if l.contrastive_weight < 0 else "loss.distillation_weight",
                       "must be >= 0")
-        if l.contrastive_weight == 0 and l.distillation == "none":
-            raise bad("loss.contrastive_weight", "is 0 and distillation is none: nothing would train the model",
-                      hint="set loss.distillation to auto or margin_mse with teacher scores in the data")
+        if l.contrastive_weight == 0 and (l.distillation == "none" or l.distillation_weight == 0):
+            raise bad("loss.contrastive_weight", "is 0 and distillation is off: nothing would train the model",
+                      hint="set loss.distillation to auto or margin_mse (weight > 0) with teacher scores in the data")
         if d.on_bad_record not in ("error", "skip"):
             raise bad("data.on_bad_record", f"must be 'error' or 'skip', got {d.on_bad_record!r}")
         if not 0 <= r.max_skipped_fraction <= 1:

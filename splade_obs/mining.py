@@ -14,8 +14,10 @@ Distillation data (``teacher_scores=True``): one record per (query, positive) wi
 retriever's score of the positive, then of each negative, the input MarginMSE expects. ``method="hybrid"``
 is the teacher worth distilling from when no cross-encoder is at hand: BM25 and SPLADE scores, each divided
 by its per-query maximum over the corpus, summed with weights ``bm25_weight`` / ``1 - bm25_weight`` and
-scaled by the mean top SPLADE score, so the teacher's margins are in the student's units (on SciFact the
-fusion scores nDCG@10 0.709 on test where BM25 scores 0.686 and splade-tiny 0.644). ``sample=True`` draws
+scaled by the mean top SPLADE score (of the queries, and separately of the title queries), so the
+teacher's margins are in the student's units (on SciFact the fusion at weight 0.5 scores nDCG@10 0.709 on
+test where stemmed BM25 scores 0.686 and splade-tiny 0.644: benchmarks/results/scifact_recipe.json).
+``sample=True`` draws
 the negatives at random (seeded per query) from the top ``depth`` instead of keeping the best ones: with a
 teacher's scores, harder is not better, and varied negatives teach more margins.
 
@@ -116,16 +118,17 @@ def make_stemmer(language: str | None) -> Any:
 
 
 class _Scores:
-    """Exact scores of one retriever for every query against every document, computed in query blocks.
+    """Exact scores of one retriever for every query against every document, one query at a time.
 
-    ``top(i, depth)`` gives query ``i``'s best document positions, ``at(i, positions)`` the scores of any
-    documents (positives included, wherever they rank), ``max(i)`` the best score over the corpus.
+    ``row(i)`` is query ``i``'s score for every document (positives included, wherever they rank);
+    ``top(i, depth)`` its best document positions with a positive score, best first.
     """
 
     def __init__(self, method: str, *, encoder: Any, doc_texts: list[str], query_texts: list[str],
                  max_query_length: int, max_doc_length: int, batch_size: int, amp_dtype: Any,
                  stemmer: Any) -> None:
         self.method = method
+        self.num_docs = len(doc_texts)
         if method == "splade":
             docs = encoder.encode(doc_texts, max_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype)
             self.queries = encoder.encode(query_texts, max_length=max_query_length, batch_size=batch_size,
@@ -146,6 +149,8 @@ class _Scores:
         if self._row is None or self._row[0] != i:
             if self.method == "splade":
                 values = np.asarray((self.queries[i] @ self.postings).toarray()).ravel()
+            elif not self.tokens[i]:  # only stopwords or one-letter words: BM25 matches nothing
+                values = np.zeros(self.num_docs)
             else:
                 values = np.asarray(self.retriever.get_scores(list(self.tokens[i])), dtype=np.float64)
             self._row = (i, values.astype(np.float64))

@@ -241,6 +241,14 @@ class Trainer:
         if len(train.examples) < 2:
             raise DataError(f"need at least 2 training examples, found {len(train.examples)}",
                             file_path=train.source)
+        if cfg.loss.contrastive_weight == 0:
+            unscored = sum(1 for ex in train.examples if ex.scores is None)
+            if unscored:
+                raise DataError(f"loss.contrastive_weight is 0 (pure distillation) but {unscored} of "
+                                f"{len(train.examples)} training examples have no teacher \"scores\"",
+                                file_path=train.source, field="scores",
+                                hint="mine them with `splade-obs mine-negatives --teacher-scores`, or set "
+                                     "loss.contrastive_weight > 0")
         val = None
         if cfg.data.val_file:
             t = now_ns()

@@ -106,20 +106,24 @@ def test_sparsity_stats() -> None:
     assert stats == {"nnz_mean": pytest.approx(1.5), "flops": pytest.approx(5.0)}
 
 
-def test_split_batch_with_offsets_equals_full_batch():
+@pytest.mark.parametrize("options", [{}, {"contrastive_negatives": "in_batch"},
+                                     {"contrastive_weight": 0.0, "distillation": "margin_mse"}],
+                         ids=["all", "in_batch", "pure_distillation"])
+def test_split_batch_with_offsets_equals_full_batch(options):
     """What each torchrun rank computes (its queries vs the gathered positives, FLOPS over the gathered
     batch), averaged over ranks, is the single-process loss of the global batch."""
     torch.manual_seed(0)
     q, p, n = torch.rand(4, 50), torch.rand(4, 50), torch.rand(4, 2, 50)
-    loss = SpladeLoss(lambda_q=1e-2, lambda_d=2e-2, reg_warmup_steps=0)
-    full = loss(q, p, n, step=10)
+    teacher = torch.rand(4, 3) * 5
+    loss = SpladeLoss(lambda_q=1e-2, lambda_d=2e-2, reg_warmup_steps=0, **options)
+    full = loss(q, p, n, step=10, teacher_scores=teacher)
     docs = torch.cat([p, n.reshape(-1, 50)])
     halves = [loss(q[2 * r:2 * r + 2], p, n[2 * r:2 * r + 2], step=10, positive_offset=2 * r,
-                   reg_queries=q, reg_docs=docs) for r in range(2)]
+                   reg_queries=q, reg_docs=docs, teacher_scores=teacher[2 * r:2 * r + 2]) for r in range(2)]
     assert torch.allclose((halves[0].total + halves[1].total) / 2, full.total)
     assert halves[0].parts["query_reg"] == pytest.approx(full.parts["query_reg"])
     # the offset matters: without it rank 1's queries would be scored against rank 0's positives
-    wrong = loss(q[2:], p, n[2:], step=10, reg_queries=q, reg_docs=docs)
+    wrong = loss(q[2:], p, n[2:], step=10, reg_queries=q, reg_docs=docs, teacher_scores=teacher[2:])
     assert not torch.allclose(wrong.total, halves[1].total)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -224,3 +225,23 @@ def test_distillation_from_mined_teacher_scores_end_to_end(tmp_path, tiny_cfg) -
     for step in steps:
         assert step.parts["base"] == 0.0 and step.parts["distill"] > 0
         assert step.loss == pytest.approx(step.parts["distill"], rel=1e-5)
+
+
+def test_stopword_only_queries_and_titles_do_not_break_bm25_or_hybrid_mining(tmp_path, encoder) -> None:
+    """bm25s scores an empty token list with an IndexError; such a query (or a title like SciFact's "in")
+    matches nothing in BM25 and is skipped, or mined from SPLADE alone in the hybrid."""
+    pytest.importorskip("bm25s", reason="bm25s is in the test extra")
+    data = write_beir(tmp_path / "beir", split="train", qrels=[*QRELS, ("q5", "d3", 1)])
+    with open(data / "queries.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"_id": "q5", "text": "it is in the a"}) + "\n")
+    with open(data / "corpus.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"_id": "d10", "title": "in", "text": "Lava flows out of a volcano when it erupts."}) + "\n")
+    beir = load_beir(data, "train")
+    bm25 = mine_negatives(beir, method="bm25", num_negatives=2, depth=5, title_queries=True, teacher_scores=True)
+    ids = {r["query_id"] for r in bm25.records}
+    assert "q5" not in ids and "title:d10" not in ids and {"q2", "q4"} <= ids  # q1, q3: only positives match
+    assert len(ids) + bm25.num_skipped == 5 + 11  # every query and title counted, kept or skipped
+    hybrid = mine_negatives(beir, method="hybrid", encoder=encoder, num_negatives=2, depth=5, max_query_length=16,
+                            max_doc_length=32, batch_size=4, teacher_scores=True, title_queries=True)
+    for rec in hybrid.records:
+        assert all(s == s for s in rec["scores"])  # no NaN from a zero BM25 maximum

@@ -66,6 +66,7 @@ def test_unknown_config_key_is_a_config_error(tmp_path):
     ('contrastive_negatives = "hardest"', "loss.contrastive_negatives"),
     ("contrastive_weight = -0.5", "loss.contrastive_weight"),
     ('contrastive_weight = 0.0\ndistillation = "none"', "loss.contrastive_weight"),
+    ("contrastive_weight = 0.0\ndistillation_weight = 0.0", "loss.contrastive_weight"),
 ])
 def test_bad_loss_options_are_config_errors_before_training(tmp_path, loss_toml, field):
     conf = tmp_path / "bad.toml"
@@ -74,6 +75,17 @@ def test_bad_loss_options_are_config_errors_before_training(tmp_path, loss_toml,
     res = CliRunner().invoke(cli, ["train", "--config", str(conf), "--output-dir", str(out), "--no-mlflow"])
     assert res.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR], res.stderr
     assert res.stderr.startswith("error[CONFIG_ERROR]:") and field in res.stderr and "Traceback" not in res.stderr
+    assert not (out / "checkpoints").exists()
+
+
+def test_pure_distillation_without_teacher_scores_is_a_data_error_before_training(tmp_path):
+    conf = tmp_path / "distill.toml"
+    conf.write_text('[loss]\ncontrastive_weight = 0.0\ndistillation = "margin_mse"\n')
+    out = tmp_path / "o"
+    res = CliRunner().invoke(cli, ["train", "--config", str(conf), "--output-dir", str(out), "--no-mlflow",
+                                   "--otel-exporter", "none", *TINY_ARGS])
+    assert res.exit_code == EXIT_CODES[ErrorCategory.DATA_ERROR], res.stderr
+    assert "pure distillation" in res.stderr and "--teacher-scores" in res.stderr and "Traceback" not in res.stderr
     assert not (out / "checkpoints").exists()
 
 
