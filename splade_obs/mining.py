@@ -14,8 +14,8 @@ Distillation data (``teacher_scores=True``): one record per (query, positive) wi
 retriever's score of the positive, then of each negative, the input MarginMSE expects. ``method="hybrid"``
 is the teacher worth distilling from when no cross-encoder is at hand: BM25 and SPLADE scores, each divided
 by its per-query maximum over the corpus, summed with weights ``bm25_weight`` / ``1 - bm25_weight`` and
-scaled by the mean top SPLADE score (of the queries, and separately of the title queries), so the
-teacher's margins are in the student's units (on SciFact the fusion at weight 0.5 scores nDCG@10 0.709 on
+scaled by the mean top SPLADE score of the labelled queries (``MiningResult.teacher_scale``, also used
+for the title queries so that one file has one unit), so the teacher's margins are in the student's units (on SciFact the fusion at weight 0.5 scores nDCG@10 0.709 on
 test where stemmed BM25 scores 0.686 and splade-tiny 0.644: benchmarks/results/scifact_recipe.json).
 ``sample=True`` draws
 the negatives at random (seeded per query) from the top ``depth`` instead of keeping the best ones: with a
@@ -54,6 +54,7 @@ class MiningResult:
     num_skipped: int = 0          # queries with no negative left after removing positives
     num_short: int = 0            # queries with fewer negatives than asked
     num_title_queries: int = 0    # records made from corpus titles (title_queries=True)
+    teacher_scale: float | None = None  # hybrid: the factor every fused score was multiplied by
     seconds: float = 0.0
     method: str = "splade"
     notes: list[str] = field(default_factory=list)
@@ -198,7 +199,7 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
     doc_texts = [beir_doc_text(beir.corpus[d]) for d in doc_ids]
     queries = [(qid, beir.queries[qid], positives) for qid, positives in pairs]
     result = MiningResult([], len(pairs), method=method)
-    _mine_into(result, method, doc_ids, doc_texts, queries, **options)
+    result.teacher_scale = _mine_into(result, method, doc_ids, doc_texts, queries, scale=None, **options)
     if title_queries:
         titled = [d for d in doc_ids if (beir.corpus[d].get("title") or "").strip()
                   and (beir.corpus[d].get("text") or "").strip()]
@@ -206,7 +207,8 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
         before = len(result.records)
         result.num_queries += len(titled)
         _mine_into(result, method, titled, texts,
-                   [(f"title:{d}", beir.corpus[d]["title"].strip(), [d]) for d in titled], **options)
+                   [(f"title:{d}", beir.corpus[d]["title"].strip(), [d]) for d in titled],
+                   scale=result.teacher_scale, **options)
         result.num_title_queries = len(result.records) - before
     result.seconds = time.perf_counter() - start
     return result
@@ -215,13 +217,14 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
 def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts: list[str],
                queries: list[tuple[str, str, list[str]]], *, encoder: Any, num_negatives: int, depth: int,
                max_query_length: int, max_doc_length: int, batch_size: int, amp_dtype: Any, teacher_scores: bool,
-               bm25_weight: float, stemmer: Any, sample: bool, seed: int) -> None:
+               bm25_weight: float, stemmer: Any, sample: bool, seed: int, scale: float | None) -> float | None:
+    """Mine ``queries`` against ``doc_ids`` into ``result``; return the hybrid scale used (given or computed)."""
     position = {d: i for i, d in enumerate(doc_ids)}
     query_texts = [text for _, text, _ in queries]
     common = dict(encoder=encoder, doc_texts=doc_texts, query_texts=query_texts, max_query_length=max_query_length,
                   max_doc_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype, stemmer=stemmer)
     retrievers = {m: _Scores(m, **common) for m in (("splade", "bm25") if method == "hybrid" else (method,))}
-    if method == "hybrid":
+    if method == "hybrid" and scale is None:
         splade_max = [float(retrievers["splade"].row(i).max()) for i in range(len(queries))]
         scale = sum(splade_max) / max(1, len(splade_max))
     for i, (qid, text, positives) in enumerate(queries):
@@ -254,6 +257,7 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
         for d in pos:  # one record per positive: MarginMSE needs the score of the positive it trains on
             result.records.append({**record, "positives": [doc_texts[position[d]]], "positive_ids": [d],
                                    "scores": [round(float(scores[position[d]]), 4)] + neg_scores})
+    return scale if method == "hybrid" else None
 
 
 def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:

@@ -137,6 +137,7 @@ def test_hybrid_teacher_scores_follow_the_fusion_formula(beir, encoder) -> None:
     splade = (encoder.encode(queries, max_length=16) @ docs.T).toarray()
     bm25 = _bm25_rows(texts, queries, stemmer)
     scale = float(splade.max(axis=1).mean())
+    assert result.teacher_scale == pytest.approx(scale, rel=1e-6)
     for rec in result.records:
         i = qids.index(rec["query_id"])
         assert len(rec["positive_ids"]) == 1 and rec["positive_ids"][0] in POSITIVES[rec["query_id"]]
@@ -180,6 +181,21 @@ def test_title_queries_pair_each_title_with_its_own_text(beir, encoder) -> None:
         assert rec["scores"][0] > 0  # the title scores its own text (the titles' words recur in their texts)
     # the title queries come on top of the qrels' queries, which are unchanged
     assert len(result.records) - len(titled) == 7
+
+
+def test_title_queries_share_the_labelled_queries_teacher_scale(beir, encoder) -> None:
+    """One file, one unit: the hybrid title records are scaled by the labelled queries' mean top SPLADE score
+    (a fused score is at most 1 before scaling, so no title score can exceed that scale)."""
+    pytest.importorskip("bm25s", reason="bm25s is in the test extra")
+    kwargs = dict(method="hybrid", encoder=encoder, num_negatives=2, depth=5, max_query_length=16,
+                  max_doc_length=32, batch_size=4, teacher_scores=True)
+    plain = mine_negatives(beir, **kwargs)
+    titled = mine_negatives(beir, **kwargs, title_queries=True)
+    assert titled.teacher_scale == pytest.approx(plain.teacher_scale)
+    title_scores = [s for r in titled.records if r["query_id"].startswith("title:") for s in r["scores"]]
+    assert title_scores and max(title_scores) <= titled.teacher_scale + 1e-3
+    # titles match their own texts almost word for word: a title query's positive gets near the full scale
+    assert max(title_scores) >= 0.9 * titled.teacher_scale
 
 
 def test_unknown_stemmer_and_missing_pystemmer_are_typed_errors(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
