@@ -16,6 +16,10 @@ The fine-tuned rows come from two trainers fed the same data:
   precision and maximum lengths (ST has one ``max_seq_length``: 256; SciFact claims are far shorter than
   64 tokens, so the query cap does not bind on either side).
 
+With a pure-distillation config (``contrastive_weight = 0``, e.g. ``configs/scifact_distill.toml``) and a
+``--triples`` file with teacher scores (``mine-negatives --teacher-scores``), the sentence-transformers side
+trains with ``SparseMarginMSELoss`` on the same (query, positive, negatives, teacher margins) rows.
+
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_quality.py --train ours --train st
     .venv/bin/python benchmarks/bench_quality.py --model "mine=runs/x/final"      # add any saved model
 
@@ -106,6 +110,33 @@ def st_triples(cfg, steps: int) -> dict[str, list[str]]:
     return cols
 
 
+def st_distill_columns(cfg, steps: int) -> dict[str, list]:
+    """(query, positive, negative_1..K, label) for SparseMarginMSELoss: our collator's picks, in our order, with
+    the teacher margins ``score(positive) - score(negative_i)`` from the records' ``scores``."""
+    from splade_obs.data import PairCollator, epoch_order, load_training_data
+
+    examples = load_training_data(cfg.data.train_file).examples
+    k = cfg.data.num_negatives
+    if k < 1 or any(ex.scores is None or not ex.negatives for ex in examples):
+        raise SystemExit(f"{cfg.data.train_file}: MarginMSE needs num_negatives >= 1 and every record with "
+                         "negatives and teacher scores (mine-negatives --teacher-scores)")
+    collator = PairCollator(None, cfg.model.max_query_length, cfg.model.max_doc_length, num_negatives=k,
+                            seed=cfg.optim.seed)
+    cols: dict[str, list] = {"query": [], "positive": [], **{f"negative_{i + 1}": [] for i in range(k)}, "label": []}
+    need, epoch = steps * cfg.optim.batch_size, 0
+    while len(cols["query"]) < need:
+        for i in epoch_order(len(examples), cfg.optim.seed, epoch):
+            ex = examples[i]
+            pos, negs = collator.choose(ex, k, collator._rng(epoch, ex))
+            cols["query"].append(ex.query)
+            cols["positive"].append(ex.positives[pos])
+            for j, n in enumerate(negs):
+                cols[f"negative_{j + 1}"].append(ex.negatives[n])
+            cols["label"].append([ex.scores[0] - ex.scores[1 + n] for n in negs])
+        epoch += 1
+    return cols
+
+
 def throughput(step_ends: list[float], batch_size: int, skip: int) -> float:
     """Samples/s between the end of step ``skip`` and the last step: start-up and first steps excluded."""
     if len(step_ends) <= skip + 1:
@@ -139,7 +170,8 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
     from datasets import Dataset
     from sentence_transformers.sparse_encoder import (SparseEncoder, SparseEncoderTrainer,
                                                       SparseEncoderTrainingArguments)
-    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
+    from sentence_transformers.sparse_encoder.losses import (SparseMarginMSELoss, SparseMultipleNegativesRankingLoss,
+                                                             SpladeLoss)
     from sentence_transformers.training_args import BatchSamplers
     from transformers import TrainerCallback
 
@@ -156,8 +188,11 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
     amp = resolve_amp(cfg.optim.mixed_precision, resolve_device("cpu"))
     model = SparseEncoder(resolve_model(cfg.model.name), device="cpu")
     model.max_seq_length = cfg.model.max_doc_length
-    dataset = Dataset.from_dict(st_triples(cfg, steps))
-    loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model),
+    # Pure distillation configs (contrastive_weight 0, teacher scores in the data) train with ST's MarginMSE.
+    distill = cfg.loss.contrastive_weight == 0 and cfg.loss.distillation != "none"
+    dataset = Dataset.from_dict(st_distill_columns(cfg, steps) if distill else st_triples(cfg, steps))
+    inner = SparseMarginMSELoss(model) if distill else SparseMultipleNegativesRankingLoss(model)
+    loss = SpladeLoss(model, inner,
                       query_regularizer_weight=cfg.loss.lambda_q, document_regularizer_weight=cfg.loss.lambda_d)
     args = SparseEncoderTrainingArguments(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=cfg.optim.batch_size,
@@ -165,7 +200,10 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
         warmup_steps=cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_ratio,
         weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm, lr_scheduler_type="linear",
         bf16=amp == torch.bfloat16, use_cpu=True, seed=cfg.optim.seed, dataloader_drop_last=True,
-        batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no", report_to="none", logging_steps=10,
+        # NO_DUPLICATES keeps a text from being its own in-batch negative (MNRL); MarginMSE has no in-batch
+        # negatives, so a repeated text is harmless there and the plain sampler is used.
+        batch_sampler=BatchSamplers.BATCH_SAMPLER if distill else BatchSamplers.NO_DUPLICATES,
+        save_strategy="no", report_to="none", logging_steps=10,
         disable_tqdm=True)
     clock = StepClock()
     trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=dataset, loss=loss, callbacks=[clock])
@@ -178,7 +216,8 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
     return {"trainer": "sentence-transformers", "model_path": str(final), "steps": len(clock.ends),
             "train_wall_s": wall, "batch_size": cfg.optim.batch_size,
             "samples_per_s": throughput(clock.ends, cfg.optim.batch_size, skip),
-            "final_loss": float(out.training_loss), "bf16": amp == torch.bfloat16}
+            "final_loss": float(out.training_loss), "bf16": amp == torch.bfloat16,
+            "loss": type(inner).__name__}
 
 
 # ------------------------------------------------------------------------------------------- rows

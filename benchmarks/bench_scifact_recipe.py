@@ -1,0 +1,231 @@
+"""SciFact fine-tuning recipes for splade-tiny, chosen on a dev split held out of train, then scored on test.
+
+SciFact has no dev split, so picking a recipe by its test score would be fitting the test set. This script
+holds ``--dev-queries`` (default 200, seeded) of the 809 train queries out as ``dev``, trains every recipe on
+the other train queries, scores it on dev, and only then trains the chosen recipe on the whole train split and
+scores it once on test, next to BM25 (bm25s, with and without stemming), zero-shot splade-tiny and the
+hybrid teacher. Everything goes through the CLI (``mine-negatives``, ``train``, ``evaluate``), as a user
+would run it.
+
+Recipes (all: batch 16, query length 64, document length 256, no FLOPS; splade-tiny is already sparse):
+
+* ``in-batch``: contrastive loss over in-batch negatives only, 2 epochs, lr 2e-5 (config 3 of
+  ``configs/scifact_finetune.toml``).
+* ``distill``: MarginMSE from a hybrid teacher (``mine-negatives --method hybrid --teacher-scores``:
+  BM25 + zero-shot SPLADE, 2 negatives per query drawn from the teacher's top 30), no cross-entropy,
+  3 epochs, lr 1e-4.
+* ``distill-titles``: ``distill`` plus one pseudo-query per corpus document, its title, whose positive is its
+  own text (``--title-queries``: no label is read), 1 epoch over the larger set, lr 1e-4.
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scifact_recipe.py                 # dev, then test
+    .venv/bin/python benchmarks/bench_scifact_recipe.py --stage dev --recipe in-batch     # one recipe on dev
+    .venv/bin/python benchmarks/bench_scifact_recipe.py --stage test --recipe distill-titles
+
+About 40 minutes on 2 CPU cores for the three recipes on dev plus the chosen one on test. Writes
+benchmarks/results/scifact_recipe.json (results of earlier stages are kept and merged). Needs the bench
+extra (bm25s, PyStemmer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "scifact"
+RESULTS = ROOT / "benchmarks" / "results"
+KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
+COMMON = {"batch_size": 16, "max_query_length": 64, "max_doc_length": 256}
+
+from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+
+RECIPES: dict[str, dict[str, Any]] = {
+    "in-batch": {"mine": None, "epochs": 2, "learning_rate": 2e-5, "num_negatives": 0, "loss": {}},
+    "distill": {"mine": ["--method", "hybrid", "--teacher-scores", "--sample", "--num-negatives", "8",
+                         "--depth", "30", "--bm25-weight", "0.5"],
+                "epochs": 3, "learning_rate": 1e-4, "num_negatives": 2,
+                "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}},
+    "distill-titles": {"mine": ["--method", "hybrid", "--teacher-scores", "--sample", "--num-negatives", "8",
+                                "--depth", "30", "--bm25-weight", "0.5", "--title-queries"],
+                       "epochs": 1, "learning_rate": 1e-4, "num_negatives": 2,
+                       "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}},
+}
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "cli.main", *args], check=True, cwd=ROOT)
+
+
+def dev_split(data: Path, folder: Path, num_dev: int, seed: int) -> Path:
+    """A BEIR folder whose qrels/train.tsv lacks ``num_dev`` seeded train queries, held out in qrels/dev.tsv."""
+    (folder / "qrels").mkdir(parents=True, exist_ok=True)
+    for name in ("corpus.jsonl", "queries.jsonl"):
+        link = folder / name
+        if not link.exists():
+            link.symlink_to((data / name).resolve())
+    lines = (data / "qrels" / "train.tsv").read_text(encoding="utf-8").splitlines()
+    head, rows = lines[0], [r for r in lines[1:] if r.strip()]
+    qids = sorted({r.split("\t")[0] for r in rows}, key=lambda q: (len(q), q))
+    random.Random(seed).shuffle(qids)
+    dev = set(qids[:num_dev])
+    for name, keep in (("dev", lambda q: q in dev), ("train", lambda q: q not in dev)):
+        (folder / "qrels" / f"{name}.tsv").write_text(
+            "\n".join([head] + [r for r in rows if keep(r.split("\t")[0])]) + "\n", encoding="utf-8")
+    return folder
+
+
+def write_config(path: Path, recipe: dict[str, Any]) -> Path:
+    loss = {"lambda_q": 0.0, "lambda_d": 0.0, **recipe["loss"]}
+    text = ["[model]", 'name = "splade-tiny"', f"max_query_length = {COMMON['max_query_length']}",
+            f"max_doc_length = {COMMON['max_doc_length']}", "[data]", f"num_negatives = {recipe['num_negatives']}",
+            "[optim]", f"epochs = {recipe['epochs']}", f"batch_size = {COMMON['batch_size']}",
+            f"learning_rate = {recipe['learning_rate']}", "warmup_ratio = 0.1", "weight_decay = 0.01",
+            'mixed_precision = "auto"', "seed = 42", "[loss]"]
+    text += [f"{k} = {json.dumps(v)}" for k, v in loss.items()]
+    path.write_text("\n".join(text) + "\n", encoding="utf-8")
+    return path
+
+
+def run_recipe(name: str, train_data: Path, eval_data: Path, eval_split: str, work: Path) -> dict[str, Any]:
+    """Mine (when the recipe mines), train on ``train_data``'s train split, evaluate on ``eval_split``."""
+    recipe = RECIPES[name]
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    train_file = str(train_data)
+    if recipe["mine"]:
+        train_file = str(work / "teacher.jsonl")
+        cli("mine-negatives", "--data", str(train_data), "--split", "train", "--output", train_file,
+            "--max-doc-length", str(COMMON["max_doc_length"]), *recipe["mine"])
+    mined = time.perf_counter()
+    out = work / "run"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
+    cli("train", "--config", str(write_config(work / "config.toml", recipe)), "--train-file", train_file,
+        "--output-dir", str(out), "--no-mlflow", "--otel-exporter", "none", "--progress", "lines")
+    trained = time.perf_counter()
+    metrics_file = work / f"{eval_split}_metrics.json"
+    cli("evaluate", "--model", str(out / "final"), "--data", str(eval_data), "--split", eval_split,
+        "--max-query-length", str(COMMON["max_query_length"]), "--max-doc-length", str(COMMON["max_doc_length"]),
+        "--output", str(metrics_file))
+    metrics = json.loads(metrics_file.read_text())["metrics"]
+    return {"recipe": name, "split": eval_split, **{k: metrics[k] for k in KEYS},
+            "query_nnz": metrics["query_nnz"], "doc_nnz": metrics["doc_nnz"],
+            "mine_s": round(mined - start, 1), "train_s": round(trained - mined, 1),
+            "eval_s": round(time.perf_counter() - trained, 1), "model": str(out / "final"), "settings": recipe}
+
+
+def baselines(data: Path, split: str) -> list[dict[str, Any]]:
+    """BM25 with and without stemming, zero-shot splade-tiny, and the hybrid teacher (BM25 + splade-tiny)."""
+    sys.path.insert(0, str(ROOT))
+    import numpy as np
+
+    from splade_obs.data import beir_doc_text, load_beir
+    from splade_obs.evaluate import compute_metrics
+    from splade_obs.mining import _Scores, make_stemmer
+    from splade_obs.model import SpladeEncoder
+
+    beir = load_beir(data, split)
+    qids = [q for q, rels in beir.qrels.items() if any(r > 0 for r in rels.values()) and q in beir.queries]
+    qrels = {q: beir.qrels[q] for q in qids}
+    doc_ids = list(beir.corpus)
+    texts = [beir_doc_text(beir.corpus[d]) for d in doc_ids]
+    queries = [beir.queries[q] for q in qids]
+    encoder = SpladeEncoder.from_pretrained("splade-tiny")
+    common = {"encoder": encoder, "doc_texts": texts, "query_texts": queries, "max_query_length": 64,
+              "max_doc_length": COMMON["max_doc_length"], "batch_size": 32, "amp_dtype": None}
+    scorers = {"bm25": _Scores("bm25", **common, stemmer=None),
+               "bm25-stem": _Scores("bm25", **common, stemmer=make_stemmer("english")),
+               "splade": _Scores("splade", **common, stemmer=None)}
+
+    def score(fn) -> dict[str, float]:  # noqa: ANN001
+        run = {}
+        for i, q in enumerate(qids):
+            row = fn(i)
+            top = np.argsort(-row, kind="stable")[:100]
+            run[q] = {doc_ids[j]: float(row[j]) for j in top if row[j] > 0}
+        return compute_metrics(run, qrels)
+
+    def hybrid(i: int):  # noqa: ANN202  the teacher of the distill recipes: mine-negatives --method hybrid
+        b, s = scorers["bm25-stem"].row(i), scorers["splade"].row(i)
+        return 0.5 * b / max(b.max(), 1e-9) + 0.5 * s / max(s.max(), 1e-9)
+
+    rows = [("BM25 (bm25s, no stemming)", lambda i: scorers["bm25"].row(i)),
+            ("BM25 (bm25s, Snowball stemming)", lambda i: scorers["bm25-stem"].row(i)),
+            ("splade-tiny zero-shot", lambda i: scorers["splade"].row(i)),
+            ("hybrid teacher (BM25 stemmed + splade-tiny, 0.5/0.5)", hybrid)]
+    return [{"system": label, "split": split, **{k: v for k, v in score(fn).items() if k in KEYS}}
+            for label, fn in rows]
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    width = max(len(r["system"]) for r in rows) + 2
+    head = f"{'system':<{width}}{'split':>6}" + "".join(f"{k:>12}" for k in KEYS)
+    lines = [head, "-" * len(head)]
+    lines += [f"{r['system']:<{width}}{r['split']:>6}" + "".join(f"{r[k]:>12.4f}" for k in KEYS) for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/splade-obs-recipe"))
+    ap.add_argument("--stage", choices=["dev", "test", "all"], default="all")
+    ap.add_argument("--recipe", action="append", choices=sorted(RECIPES),
+                    help="dev stage: recipes to compare (default all); test stage: the recipe to score "
+                         "(default: the best on dev)")
+    ap.add_argument("--dev-queries", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--output", type=Path, default=RESULTS / "scifact_recipe.json")
+    args = ap.parse_args()
+    if not (args.data / "corpus.jsonl").is_file():
+        raise SystemExit(f"SciFact not found at {args.data} (see ../shared/data/scifact/SOURCE.md)")
+    result: dict[str, Any] = json.loads(args.output.read_text()) if args.output.is_file() else {}
+    if (result.get("dev_queries"), result.get("seed")) != (args.dev_queries, args.seed):
+        result.pop("dev", None)  # dev rows of another split are not comparable
+    result.setdefault("dev", {}).setdefault("recipes", {})
+    result.update({"benchmark": "scifact_recipe", "date": dt.datetime.now().isoformat(timespec="seconds"),
+                   "machine": machine(), "data": str(args.data), "dev_queries": args.dev_queries,
+                   "seed": args.seed, "common": COMMON})
+
+    def save() -> None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(result, indent=2) + "\n")
+
+    if args.stage in ("dev", "all"):
+        folder = dev_split(args.data, args.workdir / "scifact-dev", args.dev_queries, args.seed)
+        result["dev"]["baselines"] = baselines(folder, "dev")
+        save()
+        for name in args.recipe or sorted(RECIPES):
+            row = run_recipe(name, folder, folder, "dev", args.workdir / "dev" / name)
+            result["dev"]["recipes"][name] = row
+            save()
+        rows = result["dev"]["baselines"] + [{"system": f"recipe {n}", **r} for n, r in result["dev"]["recipes"].items()]
+        print(f"SciFact dev ({args.dev_queries} train queries held out, seed {args.seed}); recipes trained on the rest")
+        print(table(rows))
+    if args.stage in ("test", "all"):
+        dev_rows = result["dev"]["recipes"]
+        if args.recipe and args.stage == "test":
+            name, chosen_by = args.recipe[0], "--recipe"
+        elif dev_rows:
+            name, chosen_by = max(dev_rows, key=lambda n: dev_rows[n]["ndcg@10"]), "best dev nDCG@10"
+        else:
+            raise SystemExit("no dev results to choose from: run --stage dev first or pass --recipe")
+        row = run_recipe(name, args.data, args.data, "test", args.workdir / "test" / name)
+        result["test"] = {"chosen": name, "chosen_by": chosen_by,
+                          "baselines": baselines(args.data, "test"), "recipe": row}
+        save()
+        rows = result["test"]["baselines"] + [{"system": f"recipe {name} (trained on all of train)", **row}]
+        print(f"SciFact test ({name} chosen by {result['test']['chosen_by']})")
+        print(table(rows))
+    print(f"written {args.output}")
+
+
+if __name__ == "__main__":
+    main()

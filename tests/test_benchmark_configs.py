@@ -1,0 +1,63 @@
+"""The shipped benchmark configs are valid training configs, and the recipe benchmark's dev split is sound."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from splade_obs.config import TrainConfig, flatten, load_config_file
+from tests._eval_utils import QRELS, write_beir
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _recipe_module():
+    sys.path.insert(0, str(BENCH))  # the script imports its sibling _common
+    spec = importlib.util.spec_from_file_location("bench_scifact_recipe", BENCH / "bench_scifact_recipe.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("path", sorted((BENCH / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_benchmark_configs_are_valid_training_configs(path: Path) -> None:
+    cfg = TrainConfig.from_mapping(flatten(load_config_file(path)), source=str(path))
+    cfg.validate(str(path))
+    assert cfg.model.max_doc_length == 256 and cfg.model.max_query_length == 64
+
+
+def test_recipe_configs_are_valid_and_distillation_recipes_train_on_margins_alone(tmp_path) -> None:
+    module = _recipe_module()
+    for name, recipe in module.RECIPES.items():
+        path = module.write_config(tmp_path / f"{name}.toml", recipe)
+        cfg = TrainConfig.from_mapping(flatten(load_config_file(path)), source=str(path))
+        cfg.validate(str(path))
+        assert cfg.optim.learning_rate == recipe["learning_rate"] and cfg.data.num_negatives == recipe["num_negatives"]
+        if recipe["mine"]:
+            assert "--teacher-scores" in recipe["mine"] and cfg.loss.contrastive_weight == 0.0
+    shipped = TrainConfig.from_mapping(flatten(load_config_file(BENCH / "configs" / "scifact_distill.toml")))
+    chosen = module.RECIPES["distill-titles"]
+    assert (shipped.optim.epochs, shipped.optim.learning_rate, shipped.data.num_negatives) == (
+        chosen["epochs"], chosen["learning_rate"], chosen["num_negatives"])
+
+
+def test_dev_split_holds_out_whole_queries_and_keeps_every_judgement(tmp_path) -> None:
+    module = _recipe_module()
+    data = write_beir(tmp_path / "beir", split="train")
+    folder = module.dev_split(data, tmp_path / "split", num_dev=2, seed=0)
+
+    def rows(split: str) -> list[tuple[str, str, str]]:
+        lines = (folder / "qrels" / f"{split}.tsv").read_text().splitlines()[1:]
+        return [tuple(line.split("\t")) for line in lines if line]
+
+    dev, train = rows("dev"), rows("train")
+    assert len({q for q, _, _ in dev}) == 2
+    assert not {q for q, _, _ in dev} & {q for q, _, _ in train}
+    assert sorted(dev + train) == sorted((q, d, str(r)) for q, d, r in QRELS)
+    assert (folder / "corpus.jsonl").read_text() == (data / "corpus.jsonl").read_text()
+    # the same seed gives the same split
+    again = module.dev_split(data, tmp_path / "again", num_dev=2, seed=0)
+    assert (again / "qrels" / "dev.tsv").read_text() == (folder / "qrels" / "dev.tsv").read_text()
