@@ -128,7 +128,7 @@ def baselines(data: Path, split: str) -> list[dict[str, Any]]:
 
     from splade_obs.data import beir_doc_text, load_beir
     from splade_obs.evaluate import compute_metrics
-    from splade_obs.mining import _Scores, make_stemmer
+    from splade_obs.mining import RetrieverScores, make_stemmer
     from splade_obs.model import SpladeEncoder
 
     beir = load_beir(data, split)
@@ -140,9 +140,9 @@ def baselines(data: Path, split: str) -> list[dict[str, Any]]:
     encoder = SpladeEncoder.from_pretrained("splade-tiny")
     common = {"encoder": encoder, "doc_texts": texts, "query_texts": queries, "max_query_length": 64,
               "max_doc_length": COMMON["max_doc_length"], "batch_size": 32, "amp_dtype": None}
-    scorers = {"bm25": _Scores("bm25", **common, stemmer=None),
-               "bm25-stem": _Scores("bm25", **common, stemmer=make_stemmer("english")),
-               "splade": _Scores("splade", **common, stemmer=None)}
+    scorers = {"bm25": RetrieverScores("bm25", **common, stemmer=None),
+               "bm25-stem": RetrieverScores("bm25", **common, stemmer=make_stemmer("english")),
+               "splade": RetrieverScores("splade", **common, stemmer=None)}
 
     def score(fn) -> dict[str, float]:  # noqa: ANN001
         run = {}

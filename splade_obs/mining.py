@@ -118,7 +118,7 @@ def make_stemmer(language: str | None) -> Any:
                         hint="e.g. english, french, german; or none") from exc
 
 
-class _Scores:
+class RetrieverScores:
     """Exact scores of one retriever for every query against every document, one query at a time.
 
     ``row(i)`` is query ``i``'s score for every document (positives included, wherever they rank);
@@ -223,7 +223,8 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
     query_texts = [text for _, text, _ in queries]
     common = dict(encoder=encoder, doc_texts=doc_texts, query_texts=query_texts, max_query_length=max_query_length,
                   max_doc_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype, stemmer=stemmer)
-    retrievers = {m: _Scores(m, **common) for m in (("splade", "bm25") if method == "hybrid" else (method,))}
+    methods = ("splade", "bm25") if method == "hybrid" else (method,)
+    retrievers = {m: RetrieverScores(m, **common) for m in methods}
     if method == "hybrid" and scale is None:
         splade_max = [float(retrievers["splade"].row(i).max()) for i in range(len(queries))]
         scale = sum(splade_max) / max(1, len(splade_max))
