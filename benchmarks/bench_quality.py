@@ -90,50 +90,50 @@ def planned_steps(cfg) -> int:
     return per_epoch // cfg.optim.gradient_accumulation_steps * cfg.optim.epochs
 
 
-def st_triples(cfg, steps: int) -> dict[str, list[str]]:
-    """(anchor, positive, negative) columns: per epoch, the positive and negative our collator picks, in our order."""
+def collator_picks(cfg, steps: int, k: int):  # noqa: ANN201
+    """(example, positive index, negative indices) in our epoch order with our collator's choices, enough for
+    ``steps`` batches (whole epochs)."""
     from splade_obs.data import PairCollator, epoch_order, load_training_data
 
     examples = load_training_data(cfg.data.train_file).examples
-    collator = PairCollator(None, cfg.model.max_query_length, cfg.model.max_doc_length, num_negatives=1,
+    collator = PairCollator(None, cfg.model.max_query_length, cfg.model.max_doc_length, num_negatives=k,
                             seed=cfg.optim.seed)
-    cols: dict[str, list[str]] = {"anchor": [], "positive": [], "negative": []}
-    need, epoch = steps * cfg.optim.batch_size, 0
-    while len(cols["anchor"]) < need:
+    need, done, epoch = steps * cfg.optim.batch_size, 0, 0
+    while done < need:
         for i in epoch_order(len(examples), cfg.optim.seed, epoch):
             ex = examples[i]
-            pos, negs = collator.choose(ex, 1, collator._rng(epoch, ex))
-            cols["anchor"].append(ex.query)
-            cols["positive"].append(ex.positives[pos])
-            cols["negative"].append(ex.negatives[negs[0]])
+            pos, negs = collator.choose(ex, k, collator._rng(epoch, ex))
+            done += 1
+            yield ex, pos, negs
         epoch += 1
+
+
+def st_triples(cfg, steps: int) -> dict[str, list[str]]:
+    """(anchor, positive, negative) columns: per epoch, the positive and negative our collator picks, in our order."""
+    cols: dict[str, list[str]] = {"anchor": [], "positive": [], "negative": []}
+    for ex, pos, negs in collator_picks(cfg, steps, 1):
+        cols["anchor"].append(ex.query)
+        cols["positive"].append(ex.positives[pos])
+        cols["negative"].append(ex.negatives[negs[0]])
     return cols
 
 
 def st_distill_columns(cfg, steps: int) -> dict[str, list]:
     """(query, positive, negative_1..K, label) for SparseMarginMSELoss: our collator's picks, in our order, with
     the teacher margins ``score(positive) - score(negative_i)`` from the records' ``scores``."""
-    from splade_obs.data import PairCollator, epoch_order, load_training_data
+    from splade_obs.data import load_training_data
 
-    examples = load_training_data(cfg.data.train_file).examples
     k = cfg.data.num_negatives
-    if k < 1 or any(ex.scores is None or not ex.negatives for ex in examples):
+    if k < 1 or any(ex.scores is None or not ex.negatives for ex in load_training_data(cfg.data.train_file).examples):
         raise SystemExit(f"{cfg.data.train_file}: MarginMSE needs num_negatives >= 1 and every record with "
                          "negatives and teacher scores (mine-negatives --teacher-scores)")
-    collator = PairCollator(None, cfg.model.max_query_length, cfg.model.max_doc_length, num_negatives=k,
-                            seed=cfg.optim.seed)
     cols: dict[str, list] = {"query": [], "positive": [], **{f"negative_{i + 1}": [] for i in range(k)}, "label": []}
-    need, epoch = steps * cfg.optim.batch_size, 0
-    while len(cols["query"]) < need:
-        for i in epoch_order(len(examples), cfg.optim.seed, epoch):
-            ex = examples[i]
-            pos, negs = collator.choose(ex, k, collator._rng(epoch, ex))
-            cols["query"].append(ex.query)
-            cols["positive"].append(ex.positives[pos])
-            for j, n in enumerate(negs):
-                cols[f"negative_{j + 1}"].append(ex.negatives[n])
-            cols["label"].append([ex.scores[0] - ex.scores[1 + n] for n in negs])
-        epoch += 1
+    for ex, pos, negs in collator_picks(cfg, steps, k):
+        cols["query"].append(ex.query)
+        cols["positive"].append(ex.positives[pos])
+        for j, n in enumerate(negs):
+            cols[f"negative_{j + 1}"].append(ex.negatives[n])
+        cols["label"].append([ex.scores[0] - ex.scores[1 + n] for n in negs])
     return cols
 
 
