@@ -39,6 +39,9 @@ from .evaluate_cmd import pick_device
 @click.option("--title-queries", is_flag=True,
               help="Also turn each corpus document's title into a query whose positive is the document's text "
                    "(in-domain pairs without labels).")
+@click.option("--sentence-queries", is_flag=True,
+              help="Also turn each corpus document's last sentence into a query whose positive is the document "
+                   "without it (in-domain pairs without labels).")
 @click.option("--max-query-length", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-doc-length", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
@@ -47,7 +50,7 @@ from .evaluate_cmd import pick_device
 @handle_errors(ErrorCategory.DATA_ERROR)
 def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, method: str, num_negatives: int,
                    depth: int, sample: bool, seed: int, teacher_scores: bool, bm25_weight: float, stemmer: str,
-                   title_queries: bool, max_query_length: int, max_doc_length: int, batch_size: int, device: str,
+                   title_queries: bool, sentence_queries: bool, max_query_length: int, max_doc_length: int, batch_size: int, device: str,
                    debug: bool) -> None:
     """For each query: retrieve the top --depth documents, drop known positives, keep --num-negatives.
 
@@ -67,7 +70,7 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
     result = mine(beir, method=method, encoder=encoder, num_negatives=num_negatives, depth=depth,
                   max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size,
                   teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stem, sample=sample, seed=seed,
-                  title_queries=title_queries)
+                  title_queries=title_queries, sentence_queries=sentence_queries)
     if not result.records:
         from splade_obs.errors import DataError
 
@@ -75,6 +78,7 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
                         "documents beyond the positives", file_path=str(data_dir))
     write_jsonl(result.records, output)
     titles = f", {result.num_title_queries} from titles" if title_queries else ""
+    titles += f", {result.num_sentence_queries} from last sentences" if sentence_queries else ""
     click.echo(f"mined {len(result.records)} records{titles} ({method}, depth {depth}) in {result.seconds:.1f}s; "
                f"{result.num_skipped} queries skipped (no negative left), {result.num_short} with fewer than "
                f"{num_negatives} negatives -> {output}", err=True)

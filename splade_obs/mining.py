@@ -24,6 +24,13 @@ teacher's scores, harder is not better, and varied negatives teach more margins.
 ``title_queries=True`` adds in-domain pairs without any label: each corpus document with a title and a
 text becomes a query (its title) whose positive is its own text, negatives and scores mined against the
 texts alone (unsupervised domain adaptation on the target corpus, as in GPL or ICT; no qrels are read).
+
+``sentence_queries=True`` does the same with each document's last sentence (in abstracts, the conclusion: the
+kind of statement a claim or a citing sentence makes) as the query and the document without that sentence
+(title kept) as its positive, every document of that pass likewise stripped of its last sentence, so the query
+never matches its own words (the Inverse Cloze Task). Documents of fewer than three sentences, or whose last
+sentence has fewer than ``MIN_SENTENCE_WORDS`` words, give no query. Sentences end at ``.``, ``!`` or ``?``
+followed by white space and a capital letter, digit or bracket.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +53,16 @@ if TYPE_CHECKING:  # pragma: no cover
 log = logging.getLogger("splade_obs.mining")
 
 METHODS = ("splade", "bm25", "hybrid")
+MIN_SENTENCE_WORDS = 6
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9(\[])")
+
+
+def split_last_sentence(text: str) -> tuple[str, str] | None:
+    """``(text without its last sentence, last sentence)``, or None when there is no usable last sentence."""
+    sentences = [p for p in _SENTENCE_BREAK.split(text.strip()) if p.strip()]
+    if len(sentences) < 3 or len(sentences[-1].split()) < MIN_SENTENCE_WORDS:
+        return None
+    return " ".join(sentences[:-1]), sentences[-1].strip()
 
 
 @dataclass
@@ -54,6 +72,7 @@ class MiningResult:
     num_skipped: int = 0          # queries with no negative left after removing positives
     num_short: int = 0            # queries with fewer negatives than asked
     num_title_queries: int = 0    # records made from corpus titles (title_queries=True)
+    num_sentence_queries: int = 0  # records made from documents' last sentences (sentence_queries=True)
     teacher_scale: float | None = None  # hybrid: the factor every fused score was multiplied by
     seconds: float = 0.0
     method: str = "splade"
@@ -171,10 +190,11 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
                    depth: int = 50, max_query_length: int = 64, max_doc_length: int = 256, batch_size: int = 32,
                    amp_dtype: Any = None, teacher_scores: bool = False, bm25_weight: float = 0.5,
                    stemmer: Any = None, sample: bool = False, seed: int = 0,
-                   title_queries: bool = False) -> MiningResult:
+                   title_queries: bool = False, sentence_queries: bool = False) -> MiningResult:
     """Build training records with hard negatives for every query of ``beir``'s qrels that has a positive.
 
-    See the module docstring for ``teacher_scores``, ``method="hybrid"``, ``sample`` and ``title_queries``.
+    See the module docstring for ``teacher_scores``, ``method="hybrid"``, ``sample``, ``title_queries`` and
+    ``sentence_queries``.
     ``stemmer`` (see :func:`make_stemmer`) applies to BM25.
     """
     from .data import beir_doc_text
@@ -210,6 +230,16 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
                    [(f"title:{d}", beir.corpus[d]["title"].strip(), [d]) for d in titled],
                    scale=result.teacher_scale, **options)
         result.num_title_queries = len(result.records) - before
+    if sentence_queries:
+        splits = {d: split_last_sentence(beir.corpus[d].get("text") or "") for d in doc_ids}
+        stripped = [beir_doc_text({"title": beir.corpus[d].get("title") or "",
+                                   "text": splits[d][0] if splits[d] else beir.corpus[d].get("text") or ""})
+                    for d in doc_ids]
+        asked = [(f"sentence:{d}", splits[d][1], [d]) for d in doc_ids if splits[d]]
+        before = len(result.records)
+        result.num_queries += len(asked)
+        _mine_into(result, method, doc_ids, stripped, asked, scale=result.teacher_scale, **options)
+        result.num_sentence_queries = len(result.records) - before
     result.seconds = time.perf_counter() - start
     return result
 

@@ -261,3 +261,91 @@ def test_stopword_only_queries_and_titles_do_not_break_bm25_or_hybrid_mining(tmp
                             max_doc_length=32, batch_size=4, teacher_scores=True, title_queries=True)
     for rec in hybrid.records:
         assert all(s == s for s in rec["scores"])  # no NaN from a zero BM25 maximum
+
+
+# ----------------------------------------------------------------------------- last-sentence queries (ICT)
+LONG_DOCS = {  # doc id -> (title, text); the last sentence of each is its "conclusion"
+    "a0": ("Coffee", "Coffee is brewed from roasted beans. It is drunk all over the world. "
+                     "These findings suggest that caffeine improves alertness in tired adults."),
+    "a1": ("Tea", "Tea is made from cured leaves. Green tea has less caffeine than coffee. "
+                  "We conclude that caffeine in green tea improves alertness less than coffee."),
+    "a2": ("Insulin", "Insulin is a hormone of the pancreas. It lowers blood glucose after meals. "
+                      "Our results indicate that insulin resistance precedes type 2 diabetes by years."),
+    "a3": ("Diabetes", "Diabetes keeps blood sugar high. Type 2 diabetes is the common form. "
+                       "Together these data show that obesity drives insulin resistance and diabetes."),
+    "a4": ("Volcano", "A volcano lets lava escape. Eruptions can be explosive. Short last one here."),
+    "a5": ("Rust", "Rust is a systems programming language focused on memory safety and speed."),
+}
+
+
+def test_split_last_sentence_keeps_the_rest_and_refuses_short_abstracts() -> None:
+    from splade_obs.mining import split_last_sentence
+
+    rest, last = split_last_sentence(LONG_DOCS["a2"][1])
+    assert last == "Our results indicate that insulin resistance precedes type 2 diabetes by years."
+    assert rest == "Insulin is a hormone of the pancreas. It lowers blood glucose after meals."
+    assert split_last_sentence("Levels fell (p < 0.05). In 3 of 4 mice. (A) The dose was fixed at ten mg per kg.") \
+        == ("Levels fell (p < 0.05). In 3 of 4 mice.", "(A) The dose was fixed at ten mg per kg.")
+    assert split_last_sentence(LONG_DOCS["a4"][1]) is None  # the last sentence is under MIN_SENTENCE_WORDS words
+    assert split_last_sentence(LONG_DOCS["a5"][1]) is None  # one sentence: nothing would be left
+    assert split_last_sentence("A pH of 7.4 was kept. Cells grew. The cells grew at a pH of 7.4 for two days.")[0] \
+        == "A pH of 7.4 was kept. Cells grew."  # a decimal point is not a sentence end
+
+
+def _long_beir(tmp_path):
+    root = tmp_path / "long"
+    (root / "qrels").mkdir(parents=True)
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for did, (title, text) in LONG_DOCS.items():
+            f.write(json.dumps({"_id": did, "title": title, "text": text}) + "\n")
+    (root / "queries.jsonl").write_text(json.dumps({"_id": "q1", "text": "does caffeine improve alertness"}) + "\n")
+    (root / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq1\ta0\t1\n")
+    return root
+
+
+def test_sentence_queries_ask_each_conclusion_against_documents_without_theirs(tmp_path) -> None:
+    pytest.importorskip("bm25s", reason="bm25s is in the test extra")
+    from splade_obs.mining import split_last_sentence
+
+    beir = load_beir(_long_beir(tmp_path), "train")
+    plain = mine_negatives(beir, method="bm25", num_negatives=2, depth=5, teacher_scores=True)
+    result = mine_negatives(beir, method="bm25", num_negatives=2, depth=5, teacher_scores=True,
+                            sentence_queries=True)
+    stripped = {d: beir_doc_text({"title": t, "text": split_last_sentence(x)[0] if split_last_sentence(x) else x})
+                for d, (t, x) in LONG_DOCS.items()}
+    asked = [r for r in result.records if r["query_id"].startswith("sentence:")]
+    assert result.num_sentence_queries == len(asked) and result.num_queries == 1 + 4  # a4, a5 give no query
+    assert result.num_skipped == plain.num_skipped  # every conclusion shares a word with another abstract
+    assert {r["query_id"] for r in asked} == {"sentence:a0", "sentence:a1", "sentence:a2", "sentence:a3"}
+    for rec in asked:
+        doc = rec["query_id"].removeprefix("sentence:")
+        assert rec["query"] == split_last_sentence(LONG_DOCS[doc][1])[1] and rec["positive_ids"] == [doc]
+        assert rec["positives"] == [stripped[doc]] and rec["query"] not in rec["positives"][0]
+        assert doc not in rec["negative_ids"] and rec["negatives"] == [stripped[n] for n in rec["negative_ids"]]
+        assert len(rec["scores"]) == 1 + len(rec["negatives"])
+    # the scores are BM25's against the stripped documents (the conclusion's own words are gone from all of them)
+    from splade_obs.mining import bm25_search
+
+    ids = list(LONG_DOCS)
+    for rec in asked:
+        got, scores = bm25_search(ids, [stripped[d] for d in ids], [rec["query"]], k=len(ids))
+        bm25 = dict(zip(got[0], scores[0]))
+        want = [bm25.get(d, 0.0) for d in rec["positive_ids"] + rec["negative_ids"]]
+        assert rec["scores"] == pytest.approx(want, abs=1e-4)
+    # the labelled queries are mined against the full documents, as without the option
+    assert [r for r in result.records if not r["query_id"].startswith("sentence:")] == plain.records
+
+
+def test_sentence_queries_through_the_cli(tmp_path) -> None:
+    pytest.importorskip("bm25s", reason="bm25s is in the test extra")
+    out = tmp_path / "t.jsonl"
+    result = CliRunner().invoke(cli, ["mine-negatives", "--method", "bm25", "--data", str(_long_beir(tmp_path)),
+                                      "--output", str(out), "--teacher-scores", "--sentence-queries",
+                                      "--title-queries", "--num-negatives", "2", "--depth", "5"])
+    assert result.exit_code == 0, result.output
+    records = read_jsonl(out)
+    counts = {kind: sum(r["query_id"].startswith(kind + ":") for r in records) for kind in ("title", "sentence")}
+    assert counts["sentence"] == 4 and counts["title"] >= 1
+    assert (f"mined {len(records)} records, {counts['title']} from titles, {counts['sentence']} from last "
+            "sentences (bm25, depth 5)") in result.stderr
+    assert load_training_data(out).examples
