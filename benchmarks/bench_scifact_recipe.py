@@ -16,12 +16,19 @@ Recipes (all: batch 16, query length 64, document length 256, no FLOPS; splade-t
   3 epochs, lr 1e-4.
 * ``distill-titles``: ``distill`` plus one pseudo-query per corpus document, its title, whose positive is its
   own text (``--title-queries``: no label is read), 1 epoch over the larger set, lr 1e-4.
+* ``distill-titles-2ep``: the same, 2 epochs.
+* ``distill-titles-sentences``: ``distill-titles`` plus each document's last sentence as a pseudo-query
+  against the documents stripped of theirs (``--sentence-queries``), 1 epoch.
+* ``self-distill``: ``distill-titles-2ep``, then a second round whose teacher fuses stemmed BM25 with the
+  round-1 model instead of splade-tiny (``mine-negatives --model <round 1>``), training on from round 1 for
+  1 epoch.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scifact_recipe.py                 # dev, then test
     .venv/bin/python benchmarks/bench_scifact_recipe.py --stage dev --recipe in-batch     # one recipe on dev
     .venv/bin/python benchmarks/bench_scifact_recipe.py --stage test --recipe distill-titles
 
-About 40 minutes on 2 CPU cores for the three recipes on dev plus the chosen one on test. Writes
+On 2 CPU cores a recipe takes 5-25 minutes on dev (mining 3-5, training 2-15 per round, evaluation 1);
+teacher files of first rounds that mine alike are shared. Writes
 benchmarks/results/scifact_recipe.json (results of earlier stages are kept and merged). Needs the bench
 extra (bm25s, PyStemmer).
 """
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import random
 import shutil
@@ -47,16 +55,18 @@ COMMON = {"batch_size": 16, "max_query_length": 64, "max_doc_length": 256}
 
 from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
+HYBRID = ["--method", "hybrid", "--teacher-scores", "--sample", "--num-negatives", "8", "--depth", "30",
+          "--bm25-weight", "0.5"]
+DISTILL = {"learning_rate": 1e-4, "num_negatives": 2, "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}}
 RECIPES: dict[str, dict[str, Any]] = {
     "in-batch": {"mine": None, "epochs": 2, "learning_rate": 2e-5, "num_negatives": 0, "loss": {}},
-    "distill": {"mine": ["--method", "hybrid", "--teacher-scores", "--sample", "--num-negatives", "8",
-                         "--depth", "30", "--bm25-weight", "0.5"],
-                "epochs": 3, "learning_rate": 1e-4, "num_negatives": 2,
-                "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}},
-    "distill-titles": {"mine": ["--method", "hybrid", "--teacher-scores", "--sample", "--num-negatives", "8",
-                                "--depth", "30", "--bm25-weight", "0.5", "--title-queries"],
-                       "epochs": 1, "learning_rate": 1e-4, "num_negatives": 2,
-                       "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}},
+    "distill": {"mine": HYBRID, "epochs": 3, **DISTILL},
+    "distill-titles": {"mine": [*HYBRID, "--title-queries"], "epochs": 1, **DISTILL},
+    "distill-titles-2ep": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL},
+    "distill-titles-sentences": {"mine": [*HYBRID, "--title-queries", "--sentence-queries"], "epochs": 1, **DISTILL},
+    # round 2 mines with the round-1 model (teacher: stemmed BM25 + that model) and trains on from it
+    "self-distill": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL,
+                     "rounds": [{"mine": [*HYBRID, "--title-queries"], "epochs": 1, **DISTILL}]},
 }
 
 
@@ -82,9 +92,9 @@ def dev_split(data: Path, folder: Path, num_dev: int, seed: int) -> Path:
     return folder
 
 
-def write_config(path: Path, recipe: dict[str, Any]) -> Path:
+def write_config(path: Path, recipe: dict[str, Any], model: str = "splade-tiny") -> Path:
     loss = {"lambda_q": 0.0, "lambda_d": 0.0, **recipe["loss"]}
-    text = ["[model]", 'name = "splade-tiny"', f"max_query_length = {COMMON['max_query_length']}",
+    text = ["[model]", f"name = {json.dumps(model)}", f"max_query_length = {COMMON['max_query_length']}",
             f"max_doc_length = {COMMON['max_doc_length']}", "[data]", f"num_negatives = {recipe['num_negatives']}",
             "[optim]", f"epochs = {recipe['epochs']}", f"batch_size = {COMMON['batch_size']}",
             f"learning_rate = {recipe['learning_rate']}", "warmup_ratio = 0.1", "weight_decay = 0.01",
@@ -94,31 +104,47 @@ def write_config(path: Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
-def run_recipe(name: str, train_data: Path, eval_data: Path, eval_split: str, work: Path) -> dict[str, Any]:
-    """Mine (when the recipe mines), train on ``train_data``'s train split, evaluate on ``eval_split``."""
-    recipe = RECIPES[name]
+def train_round(recipe: dict[str, Any], model: str, train_data: Path, work: Path) -> Path:
+    """Mine with ``model`` (when the round mines) and train from ``model``; return the trained model folder."""
     work.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
     train_file = str(train_data)
     if recipe["mine"]:
-        train_file = str(work / "teacher.jsonl")
-        cli("mine-negatives", "--data", str(train_data), "--split", "train", "--output", train_file,
-            "--max-doc-length", str(COMMON["max_doc_length"]), *recipe["mine"])
-    mined = time.perf_counter()
+        # first rounds that mine alike share the teacher file (mining is deterministic); a later round's
+        # model was just trained, so its teacher is always mined afresh
+        key = hashlib.sha256(json.dumps([str(train_data), COMMON, recipe["mine"]]).encode()).hexdigest()[:12]
+        teacher = work.parent / f"teacher-{key}.jsonl" if model == "splade-tiny" else work / "teacher.jsonl"
+        if model != "splade-tiny" or not teacher.is_file():
+            cli("mine-negatives", "--model", model, "--data", str(train_data), "--split", "train",
+                "--output", str(teacher), "--max-doc-length", str(COMMON["max_doc_length"]), *recipe["mine"])
+        train_file = str(teacher)
     out = work / "run"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
-    cli("train", "--config", str(write_config(work / "config.toml", recipe)), "--train-file", train_file,
+    cli("train", "--config", str(write_config(work / "config.toml", recipe, model)), "--train-file", train_file,
         "--output-dir", str(out), "--no-mlflow", "--otel-exporter", "none", "--progress", "lines")
+    return out / "final"
+
+
+def run_recipe(name: str, train_data: Path, eval_data: Path, eval_split: str, work: Path) -> dict[str, Any]:
+    """Train every round of the recipe on ``train_data``'s train split, then evaluate on ``eval_split``.
+
+    A recipe's later rounds (``"rounds"``) mine with the model the previous round trained, so their teacher
+    fuses BM25 with that model, and train on from it (iterated self-distillation).
+    """
+    recipe = RECIPES[name]
+    start = time.perf_counter()
+    model = "splade-tiny"
+    for i, stage in enumerate([recipe, *recipe.get("rounds", [])]):
+        model = str(train_round(stage, model, train_data, work if i == 0 else work / f"round{i + 1}"))
     trained = time.perf_counter()
     metrics_file = work / f"{eval_split}_metrics.json"
-    cli("evaluate", "--model", str(out / "final"), "--data", str(eval_data), "--split", eval_split,
+    cli("evaluate", "--model", model, "--data", str(eval_data), "--split", eval_split,
         "--max-query-length", str(COMMON["max_query_length"]), "--max-doc-length", str(COMMON["max_doc_length"]),
         "--output", str(metrics_file))
     metrics = json.loads(metrics_file.read_text())["metrics"]
     return {"recipe": name, "split": eval_split, **{k: metrics[k] for k in KEYS},
             "query_nnz": metrics["query_nnz"], "doc_nnz": metrics["doc_nnz"],
-            "mine_s": round(mined - start, 1), "train_s": round(trained - mined, 1),
-            "eval_s": round(time.perf_counter() - trained, 1), "model": str(out / "final"), "settings": recipe}
+            "train_s": round(trained - start, 1), "eval_s": round(time.perf_counter() - trained, 1),
+            "model": model, "settings": recipe}
 
 
 def baselines(data: Path, split: str) -> list[dict[str, Any]]:
@@ -200,8 +226,9 @@ def main() -> None:
 
     if args.stage in ("dev", "all"):
         folder = dev_split(args.data, args.workdir / "scifact-dev", args.dev_queries, args.seed)
-        result["dev"]["baselines"] = baselines(folder, "dev")
-        save()
+        if "baselines" not in result["dev"]:
+            result["dev"]["baselines"] = baselines(folder, "dev")
+            save()
         for name in args.recipe or sorted(RECIPES):
             row = run_recipe(name, folder, folder, "dev", args.workdir / "dev" / name)
             result["dev"]["recipes"][name] = row

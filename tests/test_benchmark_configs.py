@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from splade_obs.config import TrainConfig, flatten, load_config_file
-from tests._eval_utils import QRELS, write_beir
+from tests._eval_utils import QRELS, read_jsonl, write_beir
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -61,3 +61,29 @@ def test_dev_split_holds_out_whole_queries_and_keeps_every_judgement(tmp_path) -
     # the same seed gives the same split
     again = module.dev_split(data, tmp_path / "again", num_dev=2, seed=0)
     assert (again / "qrels" / "dev.tsv").read_text() == (folder / "qrels" / "dev.tsv").read_text()
+
+
+def test_recipe_rounds_mine_with_and_train_on_from_the_previous_round(tmp_path, monkeypatch) -> None:
+    """A two-round recipe through the real CLI on a tiny BEIR folder: round 2's teacher comes from round 1's
+    model (the --model of its mining), its training starts from that model, and the result is round 2's."""
+    pytest.importorskip("bm25s", reason="bm25s is in the test extra")
+    module = _recipe_module()
+    monkeypatch.setitem(module.COMMON, "max_doc_length", 32)
+    monkeypatch.setitem(module.COMMON, "max_query_length", 16)
+    monkeypatch.setitem(module.COMMON, "batch_size", 4)
+    stage = {"mine": ["--method", "hybrid", "--teacher-scores", "--num-negatives", "2", "--depth", "5"],
+             "epochs": 1, "learning_rate": 1e-4, "num_negatives": 2,
+             "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}}
+    monkeypatch.setitem(module.RECIPES, "two-rounds", {**stage, "rounds": [dict(stage)]})
+    data = write_beir(tmp_path / "beir", split="train")
+    work = tmp_path / "work" / "two-rounds"
+    row = module.run_recipe("two-rounds", data, data, "train", work)
+    first, second = work / "run" / "final", work / "round2" / "run" / "final"
+    assert row["model"] == str(second) and (second / "config.json").is_file()
+    round2 = load_config_file(work / "round2" / "config.toml")
+    assert round2["model"]["name"] == str(first)
+    teachers = [read_jsonl(p) for p in [*(tmp_path / "work").glob("teacher-*.jsonl"), work / "round2" / "teacher.jsonl"]]
+    assert len(teachers) == 2 and len(teachers[0]) == len(teachers[1])
+    # the round-2 teacher fuses BM25 with the trained model, not with splade-tiny: its SPLADE half moved
+    assert [r["scores"] for r in teachers[0]] != [r["scores"] for r in teachers[1]]
+    assert 0.0 <= row["ndcg@10"] <= 1.0 and row["split"] == "train"
