@@ -16,7 +16,7 @@ Recipes (all: batch 16, query length 64, document length 256, no FLOPS; splade-t
   3 epochs, lr 1e-4.
 * ``distill-titles``: ``distill`` plus one pseudo-query per corpus document, its title, whose positive is its
   own text (``--title-queries``: no label is read), 1 epoch over the larger set, lr 1e-4.
-* ``distill-titles-2ep``: the same, 2 epochs.
+* ``distill-titles-2ep``, ``distill-titles-3ep``: the same, 2 or 3 epochs.
 * ``distill-titles-sentences``: ``distill-titles`` plus each document's last sentence as a pseudo-query
   against the documents stripped of theirs (``--sentence-queries``), 1 epoch.
 * ``self-distill``: ``distill-titles-2ep``, then a second round whose teacher fuses stemmed BM25 with the
@@ -63,6 +63,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill": {"mine": HYBRID, "epochs": 3, **DISTILL},
     "distill-titles": {"mine": [*HYBRID, "--title-queries"], "epochs": 1, **DISTILL},
     "distill-titles-2ep": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL},
+    "distill-titles-3ep": {"mine": [*HYBRID, "--title-queries"], "epochs": 3, **DISTILL},
     "distill-titles-sentences": {"mine": [*HYBRID, "--title-queries", "--sentence-queries"], "epochs": 1, **DISTILL},
     # round 2 mines with the round-1 model (teacher: stemmed BM25 + that model) and trains on from it
     "self-distill": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL,
