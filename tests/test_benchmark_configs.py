@@ -39,7 +39,7 @@ def test_recipe_configs_are_valid_and_distillation_recipes_train_on_margins_alon
         if recipe["mine"]:
             assert "--teacher-scores" in recipe["mine"] and cfg.loss.contrastive_weight == 0.0
     shipped = TrainConfig.from_mapping(flatten(load_config_file(BENCH / "configs" / "scifact_distill.toml")))
-    chosen = module.RECIPES["distill-titles"]
+    chosen = module.RECIPES["distill-titles-2ep"]
     assert (shipped.optim.epochs, shipped.optim.learning_rate, shipped.data.num_negatives) == (
         chosen["epochs"], chosen["learning_rate"], chosen["num_negatives"])
 
