@@ -50,8 +50,8 @@ from .evaluate_cmd import pick_device
 @handle_errors(ErrorCategory.DATA_ERROR)
 def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, method: str, num_negatives: int,
                    depth: int, sample: bool, seed: int, teacher_scores: bool, bm25_weight: float, stemmer: str,
-                   title_queries: bool, sentence_queries: bool, max_query_length: int, max_doc_length: int, batch_size: int, device: str,
-                   debug: bool) -> None:
+                   title_queries: bool, sentence_queries: bool, max_query_length: int, max_doc_length: int,
+                   batch_size: int, device: str, debug: bool) -> None:
     """For each query: retrieve the top --depth documents, drop known positives, keep --num-negatives.
 
     With --teacher-scores the records also carry the retriever's scores, the input of MarginMSE
