@@ -16,6 +16,8 @@ from typing import Any, Mapping
 
 from .errors import ConfigError
 
+DISTILLATION_MODES = ("auto", "margin_mse", "kl", "kl_margin_mse", "none")
+
 AMP_MODES = ("auto", "no", "fp16", "bf16")
 SECRET_KEY_RE = re.compile(r"(token|password|passwd|secret|_key$|^key$|api[_-]?key|authorization|headers?$|"
                            r"credential)", re.IGNORECASE)
@@ -63,8 +65,9 @@ class LossConfig:
     lambda_d: float = 3e-4
     reg_warmup_steps: int | None = None  # quadratic ramp length; None = a third of the run
     temperature: float = 1.0
-    distillation: str = "auto"          # auto (MarginMSE when data has scores) | none | margin_mse
+    distillation: str = "auto"          # auto (MarginMSE when data has scores) | none | margin_mse | kl | kl_margin_mse
     distillation_weight: float = 1.0
+    distillation_temperature: float = 1.0  # tau of the listwise KL term
     contrastive_weight: float = 1.0     # 0 = pure distillation
     contrastive_negatives: str = "all"  # all (in-batch + own hard negatives) | in_batch (hard negatives: distillation only)
 
@@ -223,9 +226,14 @@ class TrainConfig:
         if l.contrastive_weight < 0 or l.distillation_weight < 0:
             raise bad("loss.contrastive_weight" if l.contrastive_weight < 0 else "loss.distillation_weight",
                       "must be >= 0")
+        if l.distillation not in DISTILLATION_MODES:
+            raise bad("loss.distillation", f"must be one of {', '.join(DISTILLATION_MODES)}, got {l.distillation!r}")
+        if not l.distillation_temperature > 0:
+            raise bad("loss.distillation_temperature", f"must be > 0, got {l.distillation_temperature}")
         if l.contrastive_weight == 0 and (l.distillation == "none" or l.distillation_weight == 0):
             raise bad("loss.contrastive_weight", "is 0 and distillation is off: nothing would train the model",
-                      hint="set loss.distillation to auto or margin_mse (weight > 0) with teacher scores in the data")
+                      hint="set loss.distillation to auto, margin_mse, kl or kl_margin_mse (weight > 0) with "
+                           "teacher scores in the data")
         if d.on_bad_record not in ("error", "skip"):
             raise bad("data.on_bad_record", f"must be 'error' or 'skip', got {d.on_bad_record!r}")
         if not 0 <= r.max_skipped_fraction <= 1:

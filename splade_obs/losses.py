@@ -1,5 +1,6 @@
 """SPLADE training losses: contrastive cross-entropy, FLOPS regularisation with a quadratic warm-up,
-optional MarginMSE distillation. The loss returns its named parts so the trainer can log them.
+optional distillation from teacher scores (pairwise MarginMSE, listwise KL, or both). The loss returns its
+named parts so the trainer can log them.
 
 Checkpoints and the warm-up: the regulariser weights are a pure function of the optimizer step
 (:func:`quadratic_warmup`), so :class:`SpladeLoss` has no state of its own; the trainer saves the global
@@ -14,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import DISTILLATION_MODES
 from .errors import ConfigError, DataError
 
-DISTILLATION_MODES = ("auto", "margin_mse", "none")
 CONTRASTIVE_NEGATIVES = ("all", "in_batch")
 
 
@@ -57,13 +58,23 @@ class SpladeLoss(torch.nn.Module):
     ``[d_pos_0 .. d_pos_{B-1} ; d_neg_{i,0..K-1}]`` with target ``i`` (``contrastive_negatives="in_batch"``
     leaves the hard negatives out of it: they then feed only distillation and FLOPS, the usual set-up when
     mined negatives may be unlabelled positives). ``query_reg = lambda_q(step) * flops(q)``; ``doc_reg = lambda_d(step) * flops(all
-    documents)``. With teacher scores ``(B, 1+K)`` (positive first) and ``distillation`` ``auto`` or
-    ``margin_mse``, ``distill = distillation_weight * mse(s_pos - s_neg, t_pos - t_neg)`` is added.
+    documents)``. With teacher scores ``(B, 1+K)`` (positive first), ``distill = distillation_weight * D`` is
+    added, where ``D`` depends on ``distillation``:
+
+    - ``auto`` / ``margin_mse``: MarginMSE (Hofstaetter et al. 2020), ``mse(s_pos - s_neg, t_pos - t_neg)``;
+      it matches each pairwise margin, so it needs teacher scores on the student's scale.
+    - ``kl``: listwise ``KL(softmax(t / tau) || softmax(s / tau)) * tau^2`` over each query's ``1+K`` candidates
+      (``tau`` = ``distillation_temperature``; the ``tau^2`` keeps gradients comparable across temperatures,
+      Hinton et al. 2015); it only asks the student to rank the candidates like the teacher, at any scale.
+    - ``kl_margin_mse``: the sum of both (as SPLADE-v3 trains, Lassance et al. 2024).
+
+    The unweighted terms are also logged as ``distill_margin_mse`` / ``distill_kl`` when both are on.
     """
 
     def __init__(self, lambda_q: float = 5e-4, lambda_d: float = 3e-4, reg_warmup_steps: int = 0,
                  temperature: float = 1.0, distillation: str = "auto", distillation_weight: float = 1.0,
-                 contrastive_weight: float = 1.0, contrastive_negatives: str = "all") -> None:
+                 contrastive_weight: float = 1.0, contrastive_negatives: str = "all",
+                 distillation_temperature: float = 1.0) -> None:
         super().__init__()
         if contrastive_negatives not in CONTRASTIVE_NEGATIVES:
             raise ConfigError(f"unknown contrastive_negatives {contrastive_negatives!r}; expected one of "
@@ -76,12 +87,16 @@ class SpladeLoss(torch.nn.Module):
                               field="loss.distillation")
         if temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {temperature}", field="loss.temperature")
+        if not distillation_temperature > 0:
+            raise ConfigError(f"distillation_temperature must be > 0, got {distillation_temperature}",
+                              field="loss.distillation_temperature")
         self.lambda_q = lambda_q
         self.lambda_d = lambda_d
         self.reg_warmup_steps = reg_warmup_steps
         self.temperature = temperature
         self.distillation = distillation
         self.distillation_weight = distillation_weight
+        self.distillation_temperature = distillation_temperature
         self.contrastive_weight = contrastive_weight
         self.contrastive_negatives = contrastive_negatives
 
@@ -112,28 +127,38 @@ class SpladeLoss(torch.nn.Module):
         own_pos = in_batch[torch.arange(batch, device=q.device), target]
 
         named = {"base": base, "query_reg": query_reg, "doc_reg": doc_reg}
-        distill = self._distillation(own_pos, neg, teacher_scores)
-        if distill is not None:
-            named["distill"] = self.distillation_weight * distill
+        terms = self._distillation(own_pos, neg, teacher_scores)
+        if terms:
+            named["distill"] = self.distillation_weight * torch.stack(list(terms.values())).sum()
         total = torch.stack(list(named.values())).sum()
-        values = torch.stack([t.detach() for t in named.values()]).tolist()  # one device sync, not one per part
-        parts = dict(zip(named.keys(), values))
+        logged = {**named, **(terms if len(terms) > 1 else {})}
+        values = torch.stack([t.detach() for t in logged.values()]).tolist()  # one device sync, not one per part
+        parts = dict(zip(logged.keys(), values))
         parts.update(lambda_q=lam_q, lambda_d=lam_d)
         return LossOutput(total=total, parts=parts)
 
-    def _distillation(self, s_pos: Tensor, s_neg: Tensor | None, teacher: Tensor | None) -> Tensor | None:
+    def _distillation(self, s_pos: Tensor, s_neg: Tensor | None, teacher: Tensor | None) -> dict[str, Tensor]:
+        """The unweighted distillation terms, by name (empty when distillation is off or there is no teacher)."""
         if self.distillation == "none" or teacher is None:
-            if self.distillation == "margin_mse" and teacher is None:
-                raise DataError("distillation 'margin_mse' needs teacher scores in the training data",
+            if self.distillation not in ("none", "auto") and teacher is None:
+                raise DataError(f"distillation {self.distillation!r} needs teacher scores in the training data",
                                 field="scores", hint="add \"scores\" to each example or use --distillation auto")
-            return None
+            return {}
         if s_neg is None:
-            raise DataError("MarginMSE needs hard negatives next to the teacher scores", field="negatives")
+            raise DataError("distillation needs hard negatives next to the teacher scores", field="negatives")
         expected = (s_neg.shape[0], 1 + s_neg.shape[1])
         if tuple(teacher.shape) != expected:
             raise DataError(f"teacher scores have shape {tuple(teacher.shape)}, expected {expected} "
                             "(positive first, then one per negative)", field="scores")
         teacher = teacher.to(device=s_pos.device, dtype=torch.float32)
-        student_margin = s_pos.float().unsqueeze(1) - s_neg.float()
-        teacher_margin = teacher[:, :1] - teacher[:, 1:]
-        return F.mse_loss(student_margin, teacher_margin)
+        terms: dict[str, Tensor] = {}
+        if self.distillation in ("auto", "margin_mse", "kl_margin_mse"):
+            student_margin = s_pos.float().unsqueeze(1) - s_neg.float()
+            teacher_margin = teacher[:, :1] - teacher[:, 1:]
+            terms["distill_margin_mse"] = F.mse_loss(student_margin, teacher_margin)
+        if self.distillation in ("kl", "kl_margin_mse"):
+            tau = self.distillation_temperature
+            student = torch.cat([s_pos.float().unsqueeze(1), s_neg.float()], dim=1) / tau
+            terms["distill_kl"] = F.kl_div(F.log_softmax(student, dim=1), F.log_softmax(teacher / tau, dim=1),
+                                           log_target=True, reduction="batchmean") * (tau * tau)
+        return terms

@@ -327,7 +327,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.loss_fn = SpladeLoss(cfg.loss.lambda_q, cfg.loss.lambda_d, self.reg_warmup_steps,
                                   cfg.loss.temperature, cfg.loss.distillation, cfg.loss.distillation_weight,
-                                  cfg.loss.contrastive_weight, cfg.loss.contrastive_negatives)
+                                  cfg.loss.contrastive_weight, cfg.loss.contrastive_negatives,
+                                  cfg.loss.distillation_temperature)
         self.collator = PairCollator(self.encoder.tokenizer, cfg.model.max_query_length, cfg.model.max_doc_length,
                                      num_negatives=cfg.data.num_negatives, seed=cfg.optim.seed)
         self.start_epoch, self.start_batch = 1, 0

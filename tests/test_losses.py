@@ -96,8 +96,62 @@ def test_distillation_modes() -> None:
         SpladeLoss(distillation="margin_mse")(Q, D_POS, D_NEG, step=0)
     with pytest.raises(DataError):
         SpladeLoss()(Q, D_POS, D_NEG, step=0, teacher_scores=torch.ones(2, 3))
-    with pytest.raises(ConfigError):
-        SpladeLoss(distillation="kl")
+    with pytest.raises(DataError):
+        SpladeLoss(distillation="kl")(Q, D_POS, D_NEG, step=0)  # kl needs teacher scores too
+    with pytest.raises(ConfigError) as info:
+        SpladeLoss(distillation="listnet")
+    assert info.value.context["field"] == "loss.distillation"
+    with pytest.raises(ConfigError) as info:
+        SpladeLoss(distillation="kl", distillation_temperature=0.0)
+    assert info.value.context["field"] == "loss.distillation_temperature"
+
+
+def _kl_by_hand(teacher: list[float], student: list[float], tau: float) -> float:
+    """sum_i p_i * (log p_i - log q_i), p = softmax(teacher / tau), q = softmax(student / tau), times tau^2."""
+    def softmax(xs: list[float]) -> list[float]:
+        exps = [math.exp(x / tau) for x in xs]
+        return [e / sum(exps) for e in exps]
+    p, q = softmax(teacher), softmax(student)
+    return tau * tau * sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_listwise_kl_by_hand(tau: float) -> None:
+    teacher = torch.tensor([[10.0, 8.0], [4.0, 4.0]])
+    out = SpladeLoss(lambda_q=0.0, lambda_d=0.0, distillation="kl", distillation_weight=0.5,
+                     distillation_temperature=tau)(Q, D_POS, D_NEG, step=0, teacher_scores=teacher)
+    # student candidate scores (positive, negative): q0 (3, 5), q1 (1, 0); batchmean over the 2 queries
+    expected = (_kl_by_hand([10, 8], [3, 5], tau) + _kl_by_hand([4, 4], [1, 0], tau)) / 2
+    assert out.parts["distill"] == pytest.approx(0.5 * expected, rel=1e-6)
+    assert "distill_kl" not in out.parts  # one term: it is the distill part itself
+    assert out.total.item() == pytest.approx(out.parts["base"] + 0.5 * expected, rel=1e-6)
+
+
+def test_kl_ignores_the_teacher_scale_offset_and_margin_mse_does_not() -> None:
+    """KL compares rankings as distributions: shifting every teacher score of a query changes nothing."""
+    teacher = torch.tensor([[10.0, 8.0], [4.0, 4.0]])
+    kl = SpladeLoss(lambda_q=0.0, lambda_d=0.0, distillation="kl")
+    assert kl(Q, D_POS, D_NEG, step=0, teacher_scores=teacher + 100).parts["distill"] == pytest.approx(
+        kl(Q, D_POS, D_NEG, step=0, teacher_scores=teacher).parts["distill"], rel=1e-6)
+    # the student ranks q0's negative first and q1's positive first: a teacher that agrees costs less KL
+    agree = torch.tensor([[1.0, 3.0], [1.0, 0.0]])  # teacher prefers the negative of q0, the positive of q1
+    reverse = torch.tensor([[3.0, 1.0], [0.0, 1.0]])
+    assert kl(Q, D_POS, D_NEG, step=0, teacher_scores=agree).parts["distill"] < \
+        kl(Q, D_POS, D_NEG, step=0, teacher_scores=reverse).parts["distill"]
+
+
+def test_kl_plus_margin_mse_sums_both_and_logs_each() -> None:
+    teacher = torch.tensor([[10.0, 8.0], [4.0, 4.0]])
+    q = Q.clone().requires_grad_(True)
+    out = SpladeLoss(lambda_q=0.0, lambda_d=0.0, distillation="kl_margin_mse", distillation_weight=2.0,
+                     contrastive_weight=0.0)(q, D_POS, D_NEG, step=0, teacher_scores=teacher)
+    kl = (_kl_by_hand([10, 8], [3, 5], 1.0) + _kl_by_hand([4, 4], [1, 0], 1.0)) / 2
+    assert out.parts["distill_margin_mse"] == pytest.approx(8.5, rel=1e-6)  # as in test_margin_mse_by_hand
+    assert out.parts["distill_kl"] == pytest.approx(kl, rel=1e-6)
+    assert out.parts["distill"] == pytest.approx(2.0 * (8.5 + kl), rel=1e-6)
+    assert out.total.item() == pytest.approx(out.parts["distill"], rel=1e-6)  # the logged terms are not added twice
+    out.total.backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
 
 
 def test_sparsity_stats() -> None:
@@ -107,8 +161,10 @@ def test_sparsity_stats() -> None:
 
 
 @pytest.mark.parametrize("options", [{}, {"contrastive_negatives": "in_batch"},
-                                     {"contrastive_weight": 0.0, "distillation": "margin_mse"}],
-                         ids=["all", "in_batch", "pure_distillation"])
+                                     {"contrastive_weight": 0.0, "distillation": "margin_mse"},
+                                     {"contrastive_weight": 0.0, "distillation": "kl_margin_mse",
+                                      "distillation_temperature": 2.0}],
+                         ids=["all", "in_batch", "pure_distillation", "kl_margin_mse"])
 def test_split_batch_with_offsets_equals_full_batch(options):
     """What each torchrun rank computes (its queries vs the gathered positives, FLOPS over the gathered
     batch), averaged over ranks, is the single-process loss of the global batch."""

@@ -242,6 +242,15 @@ def test_distillation_from_mined_teacher_scores_end_to_end(tmp_path, tiny_cfg) -
         assert step.parts["base"] == 0.0 and step.parts["distill"] > 0
         assert step.loss == pytest.approx(step.parts["distill"], rel=1e-5)
 
+    # the same teacher file trains with listwise KL plus MarginMSE; each term reaches the step events
+    rec = RecordingSink()
+    cfg = tiny_cfg(data={"train_file": str(out), "num_negatives": 2}, checkpoint={"output_dir": str(tmp_path / "kl")},
+                   loss={"contrastive_weight": 0.0, "distillation": "kl_margin_mse", "lambda_q": 0.0, "lambda_d": 0.0})
+    assert run_training(cfg, extra_sinks=[rec]).status == "FINISHED"
+    for step in rec.of(StepDone):
+        assert step.parts["distill_kl"] > 0 and step.parts["distill_margin_mse"] > 0
+        assert step.loss == pytest.approx(step.parts["distill_kl"] + step.parts["distill_margin_mse"], rel=1e-5)
+
 
 def test_stopword_only_queries_and_titles_do_not_break_bm25_or_hybrid_mining(tmp_path, encoder) -> None:
     """bm25s scores an empty token list with an IndexError; such a query (or a title like SciFact's "in")

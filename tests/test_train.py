@@ -67,6 +67,8 @@ def test_unknown_config_key_is_a_config_error(tmp_path):
     ("contrastive_weight = -0.5", "loss.contrastive_weight"),
     ('contrastive_weight = 0.0\ndistillation = "none"', "loss.contrastive_weight"),
     ("contrastive_weight = 0.0\ndistillation_weight = 0.0", "loss.contrastive_weight"),
+    ('distillation = "listnet"', "loss.distillation"),
+    ('distillation = "kl"\ndistillation_temperature = 0.0', "loss.distillation_temperature"),
 ])
 def test_bad_loss_options_are_config_errors_before_training(tmp_path, loss_toml, field):
     conf = tmp_path / "bad.toml"
