@@ -16,7 +16,7 @@ The fine-tuned rows come from two trainers fed the same data:
   precision and maximum lengths (ST has one ``max_seq_length``: 256; SciFact claims are far shorter than
   64 tokens, so the query cap does not bind on either side).
 
-With a pure-distillation config (``contrastive_weight = 0``, e.g. ``configs/scifact_distill.toml``) and a
+With a pure-MarginMSE config (``contrastive_weight = 0``, ``distillation = "margin_mse"``) and a
 ``--triples`` file with teacher scores (``mine-negatives --teacher-scores``), the sentence-transformers side
 trains with ``SparseMarginMSELoss`` on the same (query, positive, negatives, teacher margins) rows.
 
@@ -190,6 +190,9 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
     model.max_seq_length = cfg.model.max_doc_length
     # Pure distillation configs (contrastive_weight 0, teacher scores in the data) train with ST's MarginMSE.
     distill = cfg.loss.contrastive_weight == 0 and cfg.loss.distillation != "none"
+    if distill and cfg.loss.distillation not in ("auto", "margin_mse"):
+        raise SystemExit(f"--train st mirrors MarginMSE only; loss.distillation = {cfg.loss.distillation!r} has no "
+                         "like-for-like sentence-transformers loss here: use a margin_mse config for the comparison")
     dataset = Dataset.from_dict(st_distill_columns(cfg, steps) if distill else st_triples(cfg, steps))
     inner = SparseMarginMSELoss(model) if distill else SparseMultipleNegativesRankingLoss(model)
     loss = SpladeLoss(model, inner,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def test_benchmark_configs_are_valid_training_configs(path: Path) -> None:
     assert cfg.model.max_doc_length == 256 and cfg.model.max_query_length == 64
 
 
-def test_recipe_configs_are_valid_and_distillation_recipes_train_on_margins_alone(tmp_path) -> None:
+def test_recipe_configs_are_valid_and_mined_negatives_feed_only_distillation(tmp_path) -> None:
     module = _recipe_module()
     for name, recipe in module.RECIPES.items():
         path = module.write_config(tmp_path / f"{name}.toml", recipe)
@@ -37,11 +38,16 @@ def test_recipe_configs_are_valid_and_distillation_recipes_train_on_margins_alon
         cfg.validate(str(path))
         assert cfg.optim.learning_rate == recipe["learning_rate"] and cfg.data.num_negatives == recipe["num_negatives"]
         if recipe["mine"]:
-            assert "--teacher-scores" in recipe["mine"] and cfg.loss.contrastive_weight == 0.0
+            assert "--teacher-scores" in recipe["mine"] and cfg.loss.distillation != "none"
+            # mined "negatives" may be unjudged positives: they never enter a cross-entropy
+            assert cfg.loss.contrastive_weight == 0.0 or cfg.loss.contrastive_negatives == "in_batch"
     shipped = TrainConfig.from_mapping(flatten(load_config_file(BENCH / "configs" / "scifact_distill.toml")))
-    chosen = module.RECIPES["distill-titles-2ep"]
+    chosen = module.RECIPES["distill-titles-2ep-kl"]  # the best recipe on dev
     assert (shipped.optim.epochs, shipped.optim.learning_rate, shipped.data.num_negatives) == (
         chosen["epochs"], chosen["learning_rate"], chosen["num_negatives"])
+    assert (shipped.loss.distillation, shipped.loss.contrastive_weight) == (
+        chosen["loss"]["distillation"], chosen["loss"]["contrastive_weight"])
+    assert shipped.model.max_doc_length == module.doc_length(chosen)
 
 
 def test_dev_split_holds_out_whole_queries_and_keeps_every_judgement(tmp_path) -> None:
@@ -63,9 +69,11 @@ def test_dev_split_holds_out_whole_queries_and_keeps_every_judgement(tmp_path) -
     assert (again / "qrels" / "dev.tsv").read_text() == (folder / "qrels" / "dev.tsv").read_text()
 
 
-def test_recipe_rounds_mine_with_and_train_on_from_the_previous_round(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("init", ["previous", "base"])
+def test_recipe_rounds_mine_with_and_train_on_from_the_previous_round(tmp_path, monkeypatch, init) -> None:
     """A two-round recipe through the real CLI on a tiny BEIR folder: round 2's teacher comes from round 1's
-    model (the --model of its mining), its training starts from that model, and the result is round 2's."""
+    model (the --model of its mining), its training starts from that model (or from splade-tiny when the round
+    says ``"init": "base"``), and the result is round 2's, scored at round 2's document length."""
     pytest.importorskip("bm25s", reason="bm25s is in the test extra")
     module = _recipe_module()
     monkeypatch.setitem(module.COMMON, "max_doc_length", 32)
@@ -74,14 +82,17 @@ def test_recipe_rounds_mine_with_and_train_on_from_the_previous_round(tmp_path, 
     stage = {"mine": ["--method", "hybrid", "--teacher-scores", "--num-negatives", "2", "--depth", "5"],
              "epochs": 1, "learning_rate": 1e-4, "num_negatives": 2,
              "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}}
-    monkeypatch.setitem(module.RECIPES, "two-rounds", {**stage, "rounds": [dict(stage)]})
+    second_stage = {**stage, "max_doc_length": 24, **({"init": "base"} if init == "base" else {})}
+    monkeypatch.setitem(module.RECIPES, "two-rounds", {**stage, "rounds": [second_stage]})
     data = write_beir(tmp_path / "beir", split="train")
     work = tmp_path / "work" / "two-rounds"
     row = module.run_recipe("two-rounds", data, data, "train", work)
     first, second = work / "run" / "final", work / "round2" / "run" / "final"
     assert row["model"] == str(second) and (second / "config.json").is_file()
     round2 = load_config_file(work / "round2" / "config.toml")
-    assert round2["model"]["name"] == str(first)
+    assert round2["model"]["name"] == (str(first) if init == "previous" else "splade-tiny")
+    assert round2["model"]["max_doc_length"] == 24 and load_config_file(work / "config.toml")["model"]["max_doc_length"] == 32
+    assert json.loads((work / "train_metrics.json").read_text())["max_doc_length"] == 24  # scored as trained
     teachers = [read_jsonl(p) for p in [*(tmp_path / "work").glob("teacher-*.jsonl"), work / "round2" / "teacher.jsonl"]]
     assert len(teachers) == 2 and len(teachers[0]) == len(teachers[1])
     # the round-2 teacher fuses BM25 with the trained model, not with splade-tiny: its SPLADE half moved
