@@ -98,3 +98,9 @@ def test_recipe_rounds_mine_with_and_train_on_from_the_previous_round(tmp_path, 
     # the round-2 teacher fuses BM25 with the trained model, not with splade-tiny: its SPLADE half moved
     assert [r["scores"] for r in teachers[0]] != [r["scores"] for r in teachers[1]]
     assert 0.0 <= row["ndcg@10"] <= 1.0 and row["split"] == "train"
+    # the TREC run it wrote reads back into the same ranking: its per-query nDCG@10 averages to the row's
+    from splade_obs.data import load_beir
+    from splade_obs.evaluate import ndcg_per_query
+
+    per_query = ndcg_per_query(module.read_trec_run(Path(row["trec_run"])), load_beir(data, "train").qrels)
+    assert sum(per_query.values()) / len(per_query) == pytest.approx(row["ndcg@10"], abs=1e-9)

@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
 
-from splade_obs.errors import EXIT_CODES, DataError, ErrorCategory
+from splade_obs.errors import EXIT_CODES, DataError, ErrorCategory, EvaluationError
 from splade_obs.evaluate import (
     InvertedIndex,
     RetrievalEvaluator,
@@ -250,3 +250,40 @@ def test_evaluate_cli_typed_errors(tmp_path) -> None:
     assert "Traceback" not in broken.stderr
     debug = runner.invoke(cli, ["--debug", "evaluate", "--model", "splade-tiny", "--data", str(data)])
     assert debug.exit_code == broken.exit_code and "Traceback" in debug.stderr
+
+
+def test_ndcg_per_query_is_what_ndcg_at_k_averages() -> None:
+    from splade_obs.evaluate import ndcg_at_k, ndcg_per_query
+
+    qrels = {"q1": {"a": 2, "b": 1}, "q2": {"c": 1}, "q3": {"d": 0}}  # q3 has no relevant document: not judged
+    run = {"q1": {"b": 3.0, "a": 2.0, "x": 1.0}, "q3": {"d": 1.0}}   # q2 missing: it scores 0
+    per = ndcg_per_query(run, qrels)
+    ideal = 2 + 1 / math.log2(3)
+    assert per == pytest.approx({"q1": (1 + 2 / math.log2(3)) / ideal, "q2": 0.0})
+    assert ndcg_at_k(run, qrels) == pytest.approx(sum(per.values()) / 2)
+
+
+def test_paired_comparison_separates_a_real_gain_from_noise() -> None:
+    from splade_obs.evaluate import paired_comparison
+
+    rng = np.random.default_rng(3)
+    base = {f"q{i}": float(x) for i, x in enumerate(rng.random(200))}
+    better = {q: v + 0.05 for q, v in base.items()}             # every query gains 0.05
+    gain = paired_comparison(better, base)
+    assert gain["mean_diff"] == pytest.approx(0.05) and gain["p_value"] < 0.001
+    assert gain["ci95_low"] == pytest.approx(0.05) and gain["ci95_high"] == pytest.approx(0.05)
+    same = paired_comparison(base, dict(base))
+    assert same["p_value"] == 1.0 and same["mean_diff"] == 0.0
+    # zero-mean noise: the interval straddles 0 and the test does not call it a difference
+    centred = {q: v + e for (q, v), e in zip(base.items(), _centred_noise(rng, 200))}
+    noise = paired_comparison(centred, base)
+    assert noise["ci95_low"] < 0 < noise["ci95_high"] and noise["p_value"] > 0.5
+    # a swap of the two sides flips the sign and keeps the p-value
+    assert paired_comparison(base, better)["mean_diff"] == pytest.approx(-0.05)
+    with pytest.raises(EvaluationError):
+        paired_comparison(base, {"q0": 1.0, "q1": 0.5})
+
+
+def _centred_noise(rng: np.random.Generator, n: int) -> list[float]:
+    e = rng.normal(0, 0.1, n)
+    return [float(x) for x in e - e.mean()]
