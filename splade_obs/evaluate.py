@@ -219,14 +219,10 @@ def paired_comparison(a: Mapping[str, float], b: Mapping[str, float], *, n_resam
     diff = np.array([a[q] - b[q] for q in queries])
     if not np.any(diff):
         return {"mean_diff": 0.0, "ci95_low": 0.0, "ci95_high": 0.0, "p_value": 1.0, "queries": len(queries)}
-
-    def mean(x: np.ndarray, axis: int = -1) -> np.ndarray:
-        return np.mean(x, axis=axis)
-
     rng = np.random.default_rng(seed)
-    test = stats.permutation_test((diff,), mean, permutation_type="samples", n_resamples=n_resamples,
+    test = stats.permutation_test((diff,), np.mean, permutation_type="samples", n_resamples=n_resamples,
                                   alternative="two-sided", vectorized=True, rng=rng)
-    ci = stats.bootstrap((diff,), mean, n_resamples=n_resamples, vectorized=True, method="percentile",
+    ci = stats.bootstrap((diff,), np.mean, n_resamples=n_resamples, vectorized=True, method="percentile",
                          rng=rng).confidence_interval
     return {"mean_diff": float(diff.mean()), "ci95_low": float(ci.low), "ci95_high": float(ci.high),
             "p_value": float(test.pvalue), "queries": len(queries)}
