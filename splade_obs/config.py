@@ -17,6 +17,7 @@ from typing import Any, Mapping
 from .errors import ConfigError
 
 DISTILLATION_MODES = ("auto", "margin_mse", "kl", "kl_margin_mse", "none")
+CONTRASTIVE_NEGATIVES = ("all", "in_batch")
 
 AMP_MODES = ("auto", "no", "fp16", "bf16")
 SECRET_KEY_RE = re.compile(r"(token|password|passwd|secret|_key$|^key$|api[_-]?key|authorization|headers?$|"
@@ -221,7 +222,7 @@ class TrainConfig:
             raise bad("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
         if l.lambda_q < 0 or l.lambda_d < 0:
             raise bad("loss.lambda_q", "regularizer weights must be >= 0")
-        if l.contrastive_negatives not in ("all", "in_batch"):
+        if l.contrastive_negatives not in CONTRASTIVE_NEGATIVES:
             raise bad("loss.contrastive_negatives", f"must be all or in_batch, got {l.contrastive_negatives!r}")
         if l.contrastive_weight < 0 or l.distillation_weight < 0:
             raise bad("loss.contrastive_weight" if l.contrastive_weight < 0 else "loss.distillation_weight",

@@ -15,10 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .config import DISTILLATION_MODES
+from .config import CONTRASTIVE_NEGATIVES, DISTILLATION_MODES
 from .errors import ConfigError, DataError
-
-CONTRASTIVE_NEGATIVES = ("all", "in_batch")
 
 
 def flops(reps: Tensor) -> Tensor:
