@@ -31,6 +31,8 @@ already sparse):
   (``distillation = "kl_margin_mse"``).
 * ``distill-titles-2ep-inbatch``: ``distill-titles-2ep`` plus the in-batch cross-entropy (weight 1; the mined
   negatives stay out of it: ``contrastive_negatives = "in_batch"``).
+* ``distill-titles-2ep-kl-lr2e-4``: ``distill-titles-2ep-kl`` at learning rate 2e-4 instead of 1e-4.
+* ``distill-titles-2ep-kl-4neg``: ``distill-titles-2ep-kl`` with four negatives per query instead of two.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scifact_recipe.py                 # dev, then test
     .venv/bin/python benchmarks/bench_scifact_recipe.py --stage dev --recipe in-batch     # one recipe on dev
@@ -91,6 +93,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill-titles-2ep-inbatch": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL,
                                    "loss": {"distillation": "margin_mse", "contrastive_weight": 1.0,
                                             "contrastive_negatives": "in_batch"}},
+    "distill-titles-2ep-kl-lr2e-4": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL, "learning_rate": 2e-4,
+                                     "loss": {"distillation": "kl_margin_mse", "contrastive_weight": 0.0}},
+    "distill-titles-2ep-kl-4neg": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL, "num_negatives": 4,
+                                   "loss": {"distillation": "kl_margin_mse", "contrastive_weight": 0.0}},
 }
 
 
