@@ -73,6 +73,9 @@ from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run 
 HYBRID = ["--method", "hybrid", "--teacher-scores", "--sample", "--num-negatives", "8", "--depth", "30",
           "--bm25-weight", "0.5"]
 DISTILL = {"learning_rate": 1e-4, "num_negatives": 2, "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}}
+# distill-titles-2ep with MarginMSE + listwise KL, the base of the recipes that vary one setting of it
+DISTILL_KL = {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL,
+              "loss": {"distillation": "kl_margin_mse", "contrastive_weight": 0.0}}
 RECIPES: dict[str, dict[str, Any]] = {
     "in-batch": {"mine": None, "epochs": 2, "learning_rate": 2e-5, "num_negatives": 0, "loss": {}},
     "distill": {"mine": HYBRID, "epochs": 3, **DISTILL},
@@ -88,15 +91,12 @@ RECIPES: dict[str, dict[str, Any]] = {
                                "rounds": [{"mine": [*HYBRID, "--title-queries"], "epochs": 2, "init": "base",
                                            **DISTILL}]},
     "distill-titles-2ep-512": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL, "max_doc_length": 512},
-    "distill-titles-2ep-kl": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL,
-                              "loss": {"distillation": "kl_margin_mse", "contrastive_weight": 0.0}},
+    "distill-titles-2ep-kl": DISTILL_KL,
     "distill-titles-2ep-inbatch": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL,
                                    "loss": {"distillation": "margin_mse", "contrastive_weight": 1.0,
                                             "contrastive_negatives": "in_batch"}},
-    "distill-titles-2ep-kl-lr2e-4": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL, "learning_rate": 2e-4,
-                                     "loss": {"distillation": "kl_margin_mse", "contrastive_weight": 0.0}},
-    "distill-titles-2ep-kl-4neg": {"mine": [*HYBRID, "--title-queries"], "epochs": 2, **DISTILL, "num_negatives": 4,
-                                   "loss": {"distillation": "kl_margin_mse", "contrastive_weight": 0.0}},
+    "distill-titles-2ep-kl-lr2e-4": {**DISTILL_KL, "learning_rate": 2e-4},
+    "distill-titles-2ep-kl-4neg": {**DISTILL_KL, "num_negatives": 4},
 }
 
 
