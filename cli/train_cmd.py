@@ -77,7 +77,7 @@ P = click.Path
 @click.option("--max-skipped-fraction", type=float, default=0.1, show_default=True, help="Error budget: share of failed batches.")
 @click.option("--max-consecutive-failures", type=int, default=5, show_default=True)
 @click.option("--inject-fault", multiple=True,
-              help="Fault injection for demos/tests: batch:N:{oom,nan,exception,data}, step:N:{interrupt,sigterm,exception}; prefix rankR: for one rank. Repeatable.")
+              help="Fault injection for demos/tests: batch:N:{oom,nan,overflow,exception,data}, step:N:{interrupt,sigterm,exception}; prefix rankR: for one rank. Repeatable.")
 @click.option("--log-dir", type=P(file_okay=False), help="Default: <output-dir>/logs.")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               default="INFO", show_default=True)

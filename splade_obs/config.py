@@ -86,7 +86,7 @@ class RecoveryConfig:
     max_skipped_batches: int = 50
     max_skipped_fraction: float = 0.1
     max_consecutive_failures: int = 5
-    inject_faults: tuple[str, ...] = ()  # "batch:3:oom", "batch:5:nan", "batch:7:exception", "step:4:interrupt"
+    inject_faults: tuple[str, ...] = ()  # "batch:3:oom", "batch:5:nan", "batch:5:overflow", "batch:7:exception", "step:4:interrupt"
 
 
 @dataclass(frozen=True)

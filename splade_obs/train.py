@@ -90,12 +90,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 class Fault:
     unit: str   # "batch" | "step"
     index: int  # 1-based global batch number, or optimizer step
-    kind: str   # oom | nan | exception | data | interrupt | sigterm
+    kind: str   # oom | nan | overflow | exception | data | interrupt | sigterm
     rank: int | None = None
 
 
 def parse_faults(specs: tuple[str, ...]) -> list[Fault]:
-    """``batch:3:oom``, ``batch:5:nan``, ``batch:7:exception``, ``step:4:interrupt``; prefix ``rankR:`` for one rank."""
+    """``batch:3:oom``, ``batch:5:nan``, ``batch:5:overflow``, ``batch:7:exception``, ``step:4:interrupt``; prefix
+    ``rankR:`` for one rank. ``overflow`` multiplies the loss by 1e30 (still finite): under fp16 its gradients
+    overflow, so the GradScaler skips that optimizer step and halves its scale."""
     faults = []
     for spec in specs:
         parts = spec.split(":")
@@ -103,10 +105,10 @@ def parse_faults(specs: tuple[str, ...]) -> list[Fault]:
         if parts and parts[0].startswith("rank"):
             rank = int(parts[0][4:])
             parts = parts[1:]
-        kinds = {"batch": ("oom", "nan", "exception", "data"), "step": ("interrupt", "sigterm", "exception")}
+        kinds = {"batch": ("oom", "nan", "overflow", "exception", "data"), "step": ("interrupt", "sigterm", "exception")}
         if len(parts) != 3 or parts[0] not in kinds or not parts[1].isdigit() or parts[2] not in kinds[parts[0]]:
             raise ConfigError(f"bad --inject-fault {spec!r}", field="recovery.inject_faults",
-                              hint="use batch:N:{oom,nan,exception,data} or step:N:{interrupt,sigterm,exception}, "
+                              hint="use batch:N:{oom,nan,overflow,exception,data} or step:N:{interrupt,sigterm,exception}, "
                                    "optionally prefixed rankR:")
         faults.append(Fault(parts[0], int(parts[1]), parts[2], rank))
     return faults
@@ -417,7 +419,7 @@ class Trainer:
         try:
             if self.dist is not None:
                 k = self.dist.min_int(k)
-            if fault is not None and fault.kind != "nan":
+            if fault is not None and fault.kind not in ("nan", "overflow"):
                 _fire_batch_fault(fault.kind, batch_no)
             batch = self.collator(chosen, epoch=epoch, batch_index=bi, num_negatives=k).to(self.device)
         except (KeyboardInterrupt, RunInterrupted):
@@ -438,6 +440,8 @@ class Trainer:
                 loss = out.total
                 if fault is not None and fault.kind == "nan":
                     loss = loss * float("nan")
+                elif fault is not None and fault.kind == "overflow":
+                    loss = loss * 1e30
                 if not torch.isfinite(loss):
                     raise TrainingError("non-finite loss; batch skipped without an optimizer step",
                                         loss=float(loss.detach()))

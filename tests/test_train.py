@@ -120,6 +120,31 @@ def test_resume_gives_identical_weights(tiny_cfg, tmp_path):
     assert any(not torch.equal(w0[k], wa[k]) for k in wa if k in w0)
 
 
+def test_fp16_resume_restores_the_grad_scaler(tiny_cfg, tmp_path):
+    """fp16 with a GradScaler: an injected overflow halves the loss scale before the interrupt; the resumed run
+    must carry the halved scale on (not start again at 65536) and end with the straight run's weights."""
+    common = {"optim": {"max_steps": 6, "learning_rate": 3e-4, "mixed_precision": "fp16", "device": "cpu"}}
+    rec_a = RecordingSink()
+    r1 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "a")},
+                               recovery={"inject_faults": ("batch:2:overflow",)}, **common), extra_sinks=[rec_a])
+    assert r1.status == "FINISHED"
+    scales = [e.grad_scale for e in rec_a.of(StepDone)]
+    assert scales[0] == 65536.0 and scales[1:] == [32768.0] * 5  # step 2 overflowed: skipped, scale halved
+
+    r2 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b")},
+                               recovery={"inject_faults": ("batch:2:overflow", "step:4:interrupt")}, **common))
+    assert r2.status == "KILLED" and r2.result.global_step == 4
+    rec_b = RecordingSink()
+    r3 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b"), "resume": "auto"}, **common),
+                      extra_sinks=[rec_b])
+    assert r3.status == "FINISHED"
+    resumed = rec_b.of(StepDone)
+    assert [e.step for e in resumed] == [5, 6]
+    assert [e.grad_scale for e in resumed] == [32768.0, 32768.0]
+    wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_resume_with_gradient_accumulation_mid_epoch(tiny_cfg, tmp_path):
     common = {"optim": {"max_steps": 4, "gradient_accumulation_steps": 2, "batch_size": 2, "learning_rate": 3e-4}}
     r1 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "a")}, **common))
