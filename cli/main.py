@@ -29,10 +29,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from . import encode_cmd, evaluate_cmd, mine_cmd, runs_cmd, sysinfo_cmd, train_cmd
+    from . import average_cmd, encode_cmd, evaluate_cmd, mine_cmd, runs_cmd, sysinfo_cmd, train_cmd
 
     for command in (train_cmd.train, evaluate_cmd.evaluate, encode_cmd.encode, mine_cmd.mine_negatives,
-                    runs_cmd.runs, sysinfo_cmd.sysinfo):
+                    runs_cmd.runs, sysinfo_cmd.sysinfo, average_cmd.average):
         cli.add_command(command)
 
 
