@@ -33,6 +33,12 @@ already sparse):
   negatives stay out of it: ``contrastive_negatives = "in_batch"``).
 * ``distill-titles-2ep-kl-lr2e-4``: ``distill-titles-2ep-kl`` at learning rate 2e-4 instead of 1e-4.
 * ``distill-titles-2ep-kl-4neg``: ``distill-titles-2ep-kl`` with four negatives per query instead of two.
+* ``distill-titles-2ep-kl-lr2e-4-soup3``: ``distill-titles-2ep-kl-lr2e-4`` trained with seeds 42, 1 and 2
+  (``"seeds"``), the three averaged weight by weight into one model (``splade-obs average``, a "model soup");
+  each seed's model is scored too (``ingredients`` in the row).
+
+A recipe's dev rank is its dev nDCG@10, or the mean over seeds where one recipe was run with several seeds
+(``ndcg@10_seed_mean``): one seed of a recipe is one draw, and draws of one recipe differ by ~0.01 on dev.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_scifact_recipe.py                 # dev, then test
     .venv/bin/python benchmarks/bench_scifact_recipe.py --stage dev --recipe in-batch     # one recipe on dev
@@ -97,6 +103,7 @@ RECIPES: dict[str, dict[str, Any]] = {
                                             "contrastive_negatives": "in_batch"}},
     "distill-titles-2ep-kl-lr2e-4": {**DISTILL_KL, "learning_rate": 2e-4},
     "distill-titles-2ep-kl-4neg": {**DISTILL_KL, "num_negatives": 4},
+    "distill-titles-2ep-kl-lr2e-4-soup3": {**DISTILL_KL, "learning_rate": 2e-4, "seeds": [42, 1, 2]},
 }
 
 
@@ -128,17 +135,18 @@ def doc_length(recipe: dict[str, Any]) -> int:
 
 
 def best_on_dev(dev_rows: dict[str, dict[str, Any]]) -> str:
-    """The recipe with the best dev nDCG@10: the one the test stage scores when none is named."""
-    return max(dev_rows, key=lambda name: dev_rows[name]["ndcg@10"])
+    """The recipe with the best dev nDCG@10 (its mean over seeds where it was run with several): the one the
+    test stage scores when none is named."""
+    return max(dev_rows, key=lambda name: dev_rows[name].get("ndcg@10_seed_mean", dev_rows[name]["ndcg@10"]))
 
 
-def write_config(path: Path, recipe: dict[str, Any], model: str = "splade-tiny") -> Path:
+def write_config(path: Path, recipe: dict[str, Any], model: str = "splade-tiny", seed: int = 42) -> Path:
     loss = {"lambda_q": 0.0, "lambda_d": 0.0, **recipe["loss"]}
     text = ["[model]", f"name = {json.dumps(model)}", f"max_query_length = {COMMON['max_query_length']}",
             f"max_doc_length = {doc_length(recipe)}", "[data]", f"num_negatives = {recipe['num_negatives']}",
             "[optim]", f"epochs = {recipe['epochs']}", f"batch_size = {COMMON['batch_size']}",
             f"learning_rate = {recipe['learning_rate']}", "warmup_ratio = 0.1", "weight_decay = 0.01",
-            'mixed_precision = "auto"', "seed = 42", "[loss]"]
+            'mixed_precision = "auto"', f"seed = {seed}", "[loss]"]
     text += [f"{k} = {json.dumps(v)}" for k, v in loss.items()]
     path.write_text("\n".join(text) + "\n", encoding="utf-8")
     return path
@@ -158,12 +166,31 @@ def train_round(recipe: dict[str, Any], model: str, train_data: Path, work: Path
             cli("mine-negatives", "--model", model, "--data", str(train_data), "--split", "train",
                 "--output", str(teacher), "--max-doc-length", str(COMMON["max_doc_length"]), *recipe["mine"])
         train_file = str(teacher)
-    out = work / "run"
-    shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
     init = "splade-tiny" if recipe.get("init") == "base" else model
-    cli("train", "--config", str(write_config(work / "config.toml", recipe, init)), "--train-file", train_file,
-        "--output-dir", str(out), "--no-mlflow", "--otel-exporter", "none", "--progress", "lines")
-    return out / "final"
+    seeds = recipe.get("seeds", [42])
+    for seed in seeds:  # one seed: work/run; several: work/seed-N/run each, then their average in work/run
+        seed_work = work if len(seeds) == 1 else work / f"seed-{seed}"
+        seed_work.mkdir(parents=True, exist_ok=True)
+        out = seed_work / "run"
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
+        cli("train", "--config", str(write_config(seed_work / "config.toml", recipe, init, seed)),
+            "--train-file", train_file, "--output-dir", str(out), "--no-mlflow", "--otel-exporter", "none",
+            "--progress", "lines")
+    if len(seeds) > 1:
+        soup(recipe, work)
+    return work / "run" / "final"
+
+
+def seed_models(recipe: dict[str, Any], work: Path) -> dict[int, Path]:
+    """The models a several-seed round trained, by seed."""
+    return {seed: work / f"seed-{seed}" / "run" / "final" for seed in recipe.get("seeds", [42])}
+
+
+def soup(recipe: dict[str, Any], work: Path) -> Path:
+    """Average the round's seed models weight by weight into ``work/run/final``."""
+    target = work / "run" / "final"
+    cli("average", *map(str, seed_models(recipe, work).values()), "--output", str(target))
+    return target
 
 
 def run_recipe(name: str, train_data: Path, eval_data: Path, eval_split: str, work: Path,
@@ -180,19 +207,30 @@ def run_recipe(name: str, train_data: Path, eval_data: Path, eval_split: str, wo
     stages = [recipe, *recipe.get("rounds", [])]
     for i, stage in enumerate(stages):
         round_work = work if i == 0 else work / f"round{i + 1}"
-        model = str(train_round(stage, model, train_data, round_work) if train else round_work / "run" / "final")
+        if train:
+            model = str(train_round(stage, model, train_data, round_work))
+        else:  # --rescore: the models are there; a several-seed round's average is made again from its seeds
+            model = str(soup(stage, round_work) if len(stage.get("seeds", [42])) > 1 else round_work / "run" / "final")
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"no trained model at {model}: run the recipe without --rescore first")
     trained = time.perf_counter()
-    metrics_file, trec = work / f"{eval_split}_metrics.json", work / f"{eval_split}.trec"
-    cli("evaluate", "--model", model, "--data", str(eval_data), "--split", eval_split,
-        "--max-query-length", str(COMMON["max_query_length"]), "--max-doc-length", str(doc_length(stages[-1])),
-        "--output", str(metrics_file), "--trec-run", str(trec))
-    metrics = json.loads(metrics_file.read_text())["metrics"]
-    row = {"recipe": name, "split": eval_split, **{k: metrics[k] for k in KEYS},
-           "query_nnz": metrics["query_nnz"], "doc_nnz": metrics["doc_nnz"],
-           "eval_s": round(time.perf_counter() - trained, 1), "model": model, "trec_run": str(trec),
-           "settings": recipe}
+
+    def score(model_dir: Path | str, out: Path) -> dict[str, Any]:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_file, trec = out / f"{eval_split}_metrics.json", out / f"{eval_split}.trec"
+        cli("evaluate", "--model", str(model_dir), "--data", str(eval_data), "--split", eval_split,
+            "--max-query-length", str(COMMON["max_query_length"]), "--max-doc-length", str(doc_length(stages[-1])),
+            "--output", str(metrics_file), "--trec-run", str(trec))
+        metrics = json.loads(metrics_file.read_text())["metrics"]
+        return {**{k: metrics[k] for k in KEYS}, "query_nnz": metrics["query_nnz"], "doc_nnz": metrics["doc_nnz"],
+                "trec_run": str(trec)}
+
+    row = {"recipe": name, "split": eval_split, **score(model, work)}
+    row.update({"eval_s": round(time.perf_counter() - trained, 1), "model": model, "settings": recipe})
+    last_work = work if len(stages) == 1 else work / f"round{len(stages)}"
+    if len(stages[-1].get("seeds", [42])) > 1:  # a soup: score its ingredients too
+        row["ingredients"] = {str(seed): score(path, path.parent.parent)
+                              for seed, path in seed_models(stages[-1], last_work).items()}
     if train:
         row["train_s"] = round(trained - start, 1)
     return row

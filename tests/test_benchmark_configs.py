@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from splade_obs.config import TrainConfig, flatten, load_config_file
 from tests._eval_utils import QRELS, read_jsonl, write_beir
@@ -20,6 +22,15 @@ def _recipe_module():
     spec = importlib.util.spec_from_file_location("bench_scifact_recipe", BENCH / "bench_scifact_recipe.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _tiny_recipe_module(monkeypatch):
+    """The recipe script with short texts and small batches, for real CLI runs on a tiny BEIR folder."""
+    module = _recipe_module()
+    monkeypatch.setitem(module.COMMON, "max_doc_length", 32)
+    monkeypatch.setitem(module.COMMON, "max_query_length", 16)
+    monkeypatch.setitem(module.COMMON, "batch_size", 4)
     return module
 
 
@@ -77,10 +88,7 @@ def test_recipe_rounds_mine_with_and_train_on_from_the_previous_round(tmp_path, 
     model (the --model of its mining), its training starts from that model (or from splade-tiny when the round
     says ``"init": "base"``), and the result is round 2's, scored at round 2's document length."""
     pytest.importorskip("bm25s", reason="bm25s is in the test extra")
-    module = _recipe_module()
-    monkeypatch.setitem(module.COMMON, "max_doc_length", 32)
-    monkeypatch.setitem(module.COMMON, "max_query_length", 16)
-    monkeypatch.setitem(module.COMMON, "batch_size", 4)
+    module = _tiny_recipe_module(monkeypatch)
     stage = {"mine": ["--method", "hybrid", "--teacher-scores", "--num-negatives", "2", "--depth", "5"],
              "epochs": 1, "learning_rate": 1e-4, "num_negatives": 2,
              "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}}
@@ -106,3 +114,48 @@ def test_recipe_rounds_mine_with_and_train_on_from_the_previous_round(tmp_path, 
 
     per_query = ndcg_per_query(module.read_trec_run(Path(row["trec_run"])), load_beir(data, "train").qrels)
     assert sum(per_query.values()) / len(per_query) == pytest.approx(row["ndcg@10"], abs=1e-9)
+
+
+def test_a_several_seed_recipe_trains_each_seed_and_scores_their_average(tmp_path, monkeypatch) -> None:
+    """``"seeds"``: one training per seed through the real CLI (its config carrying that seed), the models
+    averaged into the round's model (``splade-obs average``), the average scored and each seed's model too;
+    ``--rescore`` makes the same average again from the seed models without training."""
+    pytest.importorskip("bm25s", reason="bm25s is in the test extra")
+    from safetensors.torch import load_file
+
+    module = _tiny_recipe_module(monkeypatch)
+    recipe = {"mine": ["--method", "hybrid", "--teacher-scores", "--num-negatives", "2", "--depth", "5"],
+              "epochs": 1, "learning_rate": 1e-3, "num_negatives": 2, "seeds": [1, 2],
+              "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}}
+    monkeypatch.setitem(module.RECIPES, "soup", recipe)
+    data = write_beir(tmp_path / "beir", split="train")
+    work = tmp_path / "work" / "soup"
+    row = module.run_recipe("soup", data, data, "train", work)
+    assert [load_config_file(work / f"seed-{s}" / "config.toml")["optim"]["seed"] for s in (1, 2)] == [1, 2]
+    w1, w2 = (load_file(str(work / f"seed-{s}" / "run" / "final" / "model.safetensors")) for s in (1, 2))
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)  # two seeds, two different models
+    final = work / "run" / "final"
+    assert row["model"] == str(final)
+    soup = load_file(str(final / "model.safetensors"))
+    assert all(torch.allclose(soup[k].double(), (w1[k].double() + w2[k].double()) / 2, atol=1e-6) for k in soup)
+    sources = json.loads((final / "averaged_from.json").read_text())["models"]
+    assert [(m["path"], m["weight"]) for m in sources] == [
+        (str(work / f"seed-{s}" / "run" / "final"), 0.5) for s in (1, 2)]
+    assert sorted(row["ingredients"]) == ["1", "2"]
+    assert all(0.0 <= r["ndcg@10"] <= 1.0 and Path(r["trec_run"]).is_file() for r in row["ingredients"].values())
+    assert Path(row["trec_run"]).parent == work  # the average's run, not an ingredient's
+    # --rescore: no training; the average is made again from the same seed models, so it scores the same
+    shutil.rmtree(work / "run")
+    again = module.run_recipe("soup", data, data, "train", work, train=False)
+    assert again["ndcg@10"] == row["ndcg@10"] and "train_s" not in again
+    assert load_file(str(final / "model.safetensors")).keys() == soup.keys()
+
+
+def test_dev_choice_ranks_a_recipe_by_its_mean_over_seeds_where_known() -> None:
+    best_on_dev = _recipe_module().best_on_dev
+    rows = {"lucky-seed": {"ndcg@10": 0.682, "ndcg@10_seed_mean": 0.669}, "soup": {"ndcg@10": 0.676},
+            "other": {"ndcg@10": 0.674}}
+    assert best_on_dev(rows) == "soup"
+    rows["soup"]["ndcg@10"] = 0.660
+    assert best_on_dev(rows) == "other"
+    assert best_on_dev({"only": {"ndcg@10": 0.5}}) == "only"
