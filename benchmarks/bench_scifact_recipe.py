@@ -167,18 +167,22 @@ def train_round(recipe: dict[str, Any], model: str, train_data: Path, work: Path
                 "--output", str(teacher), "--max-doc-length", str(COMMON["max_doc_length"]), *recipe["mine"])
         train_file = str(teacher)
     init = "splade-tiny" if recipe.get("init") == "base" else model
-    seeds = recipe.get("seeds", [42])
-    for seed in seeds:  # one seed: work/run; several: work/seed-N/run each, then their average in work/run
-        seed_work = work if len(seeds) == 1 else work / f"seed-{seed}"
+    for seed in recipe.get("seeds", [42]):  # one seed: work/run; several: work/seed-N/run each, then their average
+        seed_work = work / f"seed-{seed}" if is_soup(recipe) else work
         seed_work.mkdir(parents=True, exist_ok=True)
         out = seed_work / "run"
         shutil.rmtree(out, ignore_errors=True)  # a fresh run every time
         cli("train", "--config", str(write_config(seed_work / "config.toml", recipe, init, seed)),
             "--train-file", train_file, "--output-dir", str(out), "--no-mlflow", "--otel-exporter", "none",
             "--progress", "lines")
-    if len(seeds) > 1:
+    if is_soup(recipe):
         soup(recipe, work)
     return work / "run" / "final"
+
+
+def is_soup(recipe: dict[str, Any]) -> bool:
+    """A round trained with several seeds whose model is their weight average."""
+    return len(recipe.get("seeds", [42])) > 1
 
 
 def seed_models(recipe: dict[str, Any], work: Path) -> dict[int, Path]:
@@ -210,7 +214,7 @@ def run_recipe(name: str, train_data: Path, eval_data: Path, eval_split: str, wo
         if train:
             model = str(train_round(stage, model, train_data, round_work))
         else:  # --rescore: the models are there; a several-seed round's average is made again from its seeds
-            model = str(soup(stage, round_work) if len(stage.get("seeds", [42])) > 1 else round_work / "run" / "final")
+            model = str(soup(stage, round_work) if is_soup(stage) else round_work / "run" / "final")
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"no trained model at {model}: run the recipe without --rescore first")
     trained = time.perf_counter()
@@ -228,7 +232,7 @@ def run_recipe(name: str, train_data: Path, eval_data: Path, eval_split: str, wo
     row = {"recipe": name, "split": eval_split, **score(model, work)}
     row.update({"eval_s": round(time.perf_counter() - trained, 1), "model": model, "settings": recipe})
     last_work = work if len(stages) == 1 else work / f"round{len(stages)}"
-    if len(stages[-1].get("seeds", [42])) > 1:  # a soup: score its ingredients too
+    if is_soup(stages[-1]):  # score its ingredients too
         row["ingredients"] = {str(seed): score(path, path.parent.parent)
                               for seed, path in seed_models(stages[-1], last_work).items()}
     if train:
