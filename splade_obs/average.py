@@ -29,13 +29,17 @@ WEIGHTS = "model.safetensors"
 BOOKKEEPING = {"_name_or_path", "transformers_version", "architectures", "torch_dtype", "dtype"}
 
 
-def _config(folder: Path) -> dict:
+def _read_json(path: Path) -> dict:
     try:
-        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read config.json: {exc}", file_path=str(folder / "config.json"),
+        raise ModelError(f"cannot read {path.name}: {exc}", file_path=str(path),
                          hint="pass model folders written by `splade-obs train` or save_pretrained") from exc
-    return {k: v for k, v in cfg.items() if k not in BOOKKEEPING}
+
+
+def _config(folder: Path) -> dict:
+    """config.json without its bookkeeping: what makes the architecture."""
+    return {k: v for k, v in _read_json(folder / "config.json").items() if k not in BOOKKEEPING}
 
 
 def _vocabulary(folder: Path) -> dict | None:
@@ -43,11 +47,7 @@ def _vocabulary(folder: Path) -> dict | None:
     path = folder / "tokenizer.json"
     if not path.is_file():
         return None
-    try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read tokenizer.json: {exc}", file_path=str(path)) from exc
-    return {k: v for k, v in tok.items() if k not in ("truncation", "padding")}
+    return {k: v for k, v in _read_json(path).items() if k not in ("truncation", "padding")}
 
 
 def average_models(models: Sequence[str], output: str | Path, weights: Sequence[float] | None = None) -> Path:
@@ -58,12 +58,12 @@ def average_models(models: Sequence[str], output: str | Path, weights: Sequence[
     from safetensors.torch import load_file, save_file
 
     if len(models) < 2:
-        raise ConfigError("averaging needs at least two models", field="models", hint="pass --model twice or more")
+        raise ConfigError("averaging needs at least two models", field="models", hint="pass two or more model folders")
     if weights is None:
         weights = [1.0] * len(models)
     if len(weights) != len(models):
         raise ConfigError(f"{len(weights)} weights for {len(models)} models", field="weights",
-                          hint="give one --weight per --model, or none for a uniform average")
+                          hint="give one --weight per model, or none for a uniform average")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ConfigError("weights must be non-negative with a positive sum", field="weights")
     mix = [float(w) / float(sum(weights)) for w in weights]
