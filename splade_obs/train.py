@@ -114,6 +114,10 @@ def parse_faults(specs: tuple[str, ...]) -> list[Fault]:
     return faults
 
 
+#: batch faults that corrupt the loss instead of raising: the factor the batch's loss is multiplied by
+LOSS_FAULTS = {"nan": float("nan"), "overflow": 1e30}
+
+
 def _fire_batch_fault(kind: str, batch_no: int) -> None:
     msg = f"injected fault at batch {batch_no}"
     if kind == "oom":
@@ -419,7 +423,7 @@ class Trainer:
         try:
             if self.dist is not None:
                 k = self.dist.min_int(k)
-            if fault is not None and fault.kind not in ("nan", "overflow"):
+            if fault is not None and fault.kind not in LOSS_FAULTS:
                 _fire_batch_fault(fault.kind, batch_no)
             batch = self.collator(chosen, epoch=epoch, batch_index=bi, num_negatives=k).to(self.device)
         except (KeyboardInterrupt, RunInterrupted):
@@ -438,10 +442,8 @@ class Trainer:
                     q, d_pos, d_neg = self._forward(batch)
                     out = self._loss(q, d_pos, d_neg, batch)
                 loss = out.total
-                if fault is not None and fault.kind == "nan":
-                    loss = loss * float("nan")
-                elif fault is not None and fault.kind == "overflow":
-                    loss = loss * 1e30
+                if fault is not None and fault.kind in LOSS_FAULTS:
+                    loss = loss * LOSS_FAULTS[fault.kind]
                 if not torch.isfinite(loss):
                     raise TrainingError("non-finite loss; batch skipped without an optimizer step",
                                         loss=float(loss.detach()))
