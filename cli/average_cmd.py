@@ -26,6 +26,4 @@ def average(models: tuple[str, ...], output: Path, weights: tuple[float, ...], d
     tokenizer. Prints the output folder and the inputs' weights as JSON."""
     from splade_obs.average import average_models
 
-    target = average_models(list(models), output, list(weights) or None)
-    click.echo(json.dumps(json.loads((target / "averaged_from.json").read_text()) | {"output": str(target)},
-                          indent=2))
+    click.echo(json.dumps(average_models(list(models), output, list(weights) or None), indent=2))

@@ -50,10 +50,11 @@ def _vocabulary(folder: Path) -> dict | None:
     return {k: v for k, v in _read_json(path).items() if k not in ("truncation", "padding")}
 
 
-def average_models(models: Sequence[str], output: str | Path, weights: Sequence[float] | None = None) -> Path:
+def average_models(models: Sequence[str], output: str | Path, weights: Sequence[float] | None = None) -> dict:
     """Average the weights of ``models`` (local folders or ``splade-tiny``) into ``output``.
 
-    ``weights`` (default: uniform) are normalised to sum to 1. Returns the output folder.
+    ``weights`` (default: uniform) are normalised to sum to 1. Returns what ``averaged_from.json`` records,
+    plus ``output``: the folder written.
     """
     from safetensors.torch import load_file, save_file
 
@@ -109,14 +110,14 @@ def average_models(models: Sequence[str], output: str | Path, weights: Sequence[
             if f.is_file() and f.name != WEIGHTS and not f.name.startswith("."):
                 shutil.copy2(f, staging / f.name)
         save_file(averaged, str(staging / WEIGHTS), metadata={"format": "pt"})
-        atomic_write_json(staging / "averaged_from.json", {
-            "method": "uniform" if len(set(mix)) == 1 else "weighted",
-            "models": [{"model": m, "path": str(f), "weight": w, "weights_sha256": sha256_file(f / WEIGHTS)}
-                       for m, f, w in zip(models, folders, mix)]})
+        record = {"method": "uniform" if len(set(mix)) == 1 else "weighted",
+                  "models": [{"model": m, "path": str(f), "weight": w, "weights_sha256": sha256_file(f / WEIGHTS)}
+                             for m, f, w in zip(models, folders, mix)]}
+        atomic_write_json(staging / "averaged_from.json", record)
         fsync_dir(staging)
         replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_dir(target.parent)
-    return target
+    return {**record, "output": str(target)}
