@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .atomic import atomic_write_json, fsync_dir
-from .checkpoint import replace_dir
+from .atomic import atomic_write_json
+from .checkpoint import staged_dir
 from .errors import ConfigError, ModelError
 from .hub import resolve_model, sha256_file
 
@@ -103,9 +102,7 @@ def average_models(models: Sequence[str], output: str | Path, weights: Sequence[
                 raise ModelError(f"integer tensor {key} differs between models", file_path=str(folders[0] / WEIGHTS))
             averaged[key] = tensors[0].clone()
     target = Path(output)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=str(target.parent)))
-    try:
+    with staged_dir(target) as staging:
         for f in first.iterdir():
             if f.is_file() and f.name != WEIGHTS and not f.name.startswith("."):
                 shutil.copy2(f, staging / f.name)
@@ -114,10 +111,4 @@ def average_models(models: Sequence[str], output: str | Path, weights: Sequence[
                   "models": [{"model": m, "path": str(f), "weight": w, "weights_sha256": sha256_file(f / WEIGHTS)}
                              for m, f, w in zip(models, folders, mix)]}
         atomic_write_json(staging / "averaged_from.json", record)
-        fsync_dir(staging)
-        replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    fsync_dir(target.parent)
     return {**record, "output": str(target)}

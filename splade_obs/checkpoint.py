@@ -15,14 +15,16 @@ new one is in place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -136,6 +138,24 @@ def replace_dir(src: Path, dst: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(src, dst)
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | Path) -> Iterator[Path]:
+    """A fresh hidden folder beside ``target`` to fill inside the ``with`` block; when the block ends it is
+    fsynced and replaces ``target`` (:func:`replace_dir`); when the block raises it is removed and ``target``
+    stays as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=str(target.parent)))
+    try:
+        yield staging
+        fsync_dir(staging)
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    fsync_dir(target.parent)
 
 
 def load_checkpoint(ckpt: Path, *, optimizer: torch.optim.Optimizer, scheduler: Any,
