@@ -29,10 +29,11 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from . import average_cmd, encode_cmd, evaluate_cmd, mine_cmd, runs_cmd, sysinfo_cmd, train_cmd
+    from . import adapt_cmd, average_cmd, encode_cmd, evaluate_cmd, mine_cmd, runs_cmd, sysinfo_cmd, train_cmd
 
     for command in (train_cmd.train, evaluate_cmd.evaluate, encode_cmd.encode, mine_cmd.mine_negatives,
-                    runs_cmd.runs, sysinfo_cmd.sysinfo, average_cmd.average):
+                    runs_cmd.runs, sysinfo_cmd.sysinfo, average_cmd.average,
+                    adapt_cmd.adapt):
         cli.add_command(command)
 
 
