@@ -36,6 +36,9 @@ already sparse):
 * ``distill-titles-2ep-kl-lr2e-4-soup3``: ``distill-titles-2ep-kl-lr2e-4`` trained with seeds 42, 1 and 2
   (``"seeds"``), the three averaged weight by weight into one model (``splade-obs average``, a "model soup");
   each seed's model is scored too (``ingredients`` in the row).
+* ``adapt-distill-titles-2ep-kl-lr2e-4``: ``splade-obs adapt`` first (``"adapt"``: 2 epochs of masked-LM on the
+  corpus, transformer layers only, lr 5e-5; made once and shared, it reads no query or label), then
+  ``distill-titles-2ep-kl-lr2e-4`` trained from the adapted model; the teacher is still mined with splade-tiny.
 
 A recipe's dev rank is its dev nDCG@10, or the mean over seeds where one recipe was run with several seeds
 (``ndcg@10_seed_mean``): one seed of a recipe is one draw, and draws of one recipe differ by ~0.01 on dev.
@@ -104,6 +107,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "distill-titles-2ep-kl-lr2e-4": {**DISTILL_KL, "learning_rate": 2e-4},
     "distill-titles-2ep-kl-4neg": {**DISTILL_KL, "num_negatives": 4},
     "distill-titles-2ep-kl-lr2e-4-soup3": {**DISTILL_KL, "learning_rate": 2e-4, "seeds": [42, 1, 2]},
+    # splade-obs adapt first: 2 epochs of masked-LM on the corpus, transformer layers only, lr 5e-5
+    "adapt-distill-titles-2ep-kl-lr2e-4": {**DISTILL_KL, "learning_rate": 2e-4,
+                                           "adapt": ["--epochs", "2", "--learning-rate", "5e-5"]},
 }
 
 
@@ -152,9 +158,20 @@ def write_config(path: Path, recipe: dict[str, Any], model: str = "splade-tiny",
     return path
 
 
-def train_round(recipe: dict[str, Any], model: str, train_data: Path, work: Path) -> Path:
-    """Mine with ``model`` (when the round mines) and train from ``model``, or from splade-tiny when the round
-    says ``"init": "base"``; return the trained model folder."""
+def adapted_model(recipe: dict[str, Any], data: Path, work: Path) -> str:
+    """The model ``splade-obs adapt`` makes of splade-tiny on ``data``'s corpus with the recipe's ``"adapt"``
+    arguments; made once and shared by the recipes that adapt alike (adaptation reads no query or label)."""
+    corpus = str((data / "corpus.jsonl").resolve())
+    key = hashlib.sha256(json.dumps([corpus, recipe["adapt"]]).encode()).hexdigest()[:12]
+    out = work.parent / f"adapted-{key}"
+    if not (out / "adapted_from.json").is_file():
+        cli("adapt", "--model", "splade-tiny", "--corpus", str(data), "--output", str(out), *recipe["adapt"])
+    return str(out)
+
+
+def train_round(recipe: dict[str, Any], model: str, train_data: Path, work: Path, start: str | None = None) -> Path:
+    """Mine with ``model`` (when the round mines) and train from ``start`` when given, else from ``model``, or
+    from splade-tiny when the round says ``"init": "base"``; return the trained model folder."""
     work.mkdir(parents=True, exist_ok=True)
     train_file = str(train_data)
     if recipe["mine"]:
@@ -166,7 +183,7 @@ def train_round(recipe: dict[str, Any], model: str, train_data: Path, work: Path
             cli("mine-negatives", "--model", model, "--data", str(train_data), "--split", "train",
                 "--output", str(teacher), "--max-doc-length", str(COMMON["max_doc_length"]), *recipe["mine"])
         train_file = str(teacher)
-    init = "splade-tiny" if recipe.get("init") == "base" else model
+    init = start or ("splade-tiny" if recipe.get("init") == "base" else model)
     for seed in recipe.get("seeds", [42]):  # one seed: work/run; several: work/seed-N/run each, then their average
         seed_work = work / f"seed-{seed}" if is_soup(recipe) else work
         seed_work.mkdir(parents=True, exist_ok=True)
@@ -212,7 +229,9 @@ def run_recipe(name: str, train_data: Path, eval_data: Path, eval_split: str, wo
     for i, stage in enumerate(stages):
         round_work = work if i == 0 else work / f"round{i + 1}"
         if train:
-            model = str(train_round(stage, model, train_data, round_work))
+            # a first round with "adapt" mines with splade-tiny (same teacher) and trains the adapted model
+            init = adapted_model(stage, train_data, work) if i == 0 and stage.get("adapt") else None
+            model = str(train_round(stage, model, train_data, round_work, init))
         else:  # --rescore: the models are there; a several-seed round's average is made again from its seeds
             model = str(soup(stage, round_work) if is_soup(stage) else round_work / "run" / "final")
     if not (Path(model) / "config.json").is_file():

@@ -159,3 +159,33 @@ def test_dev_choice_ranks_a_recipe_by_its_mean_over_seeds_where_known() -> None:
     rows["soup"]["ndcg@10"] = 0.660
     assert best_on_dev(rows) == "other"
     assert best_on_dev({"only": {"ndcg@10": 0.5}}) == "only"
+
+
+def test_an_adapt_recipe_adapts_once_mines_with_splade_tiny_and_trains_the_adapted_model(tmp_path, monkeypatch) -> None:
+    """``"adapt"``: ``splade-obs adapt`` runs on the corpus through the real CLI (once: recipes that adapt alike
+    share it), the teacher is still mined with splade-tiny (the same file a recipe without adaptation uses),
+    and training starts from the adapted model."""
+    pytest.importorskip("bm25s", reason="bm25s is in the test extra")
+    module = _tiny_recipe_module(monkeypatch)
+    stage = {"mine": ["--method", "hybrid", "--teacher-scores", "--num-negatives", "2", "--depth", "5"],
+             "epochs": 1, "learning_rate": 1e-4, "num_negatives": 2,
+             "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}}
+    adapt = ["--epochs", "1", "--max-length", "16", "--batch-size", "4", "--learning-rate", "1e-3"]
+    monkeypatch.setitem(module.RECIPES, "plain", stage)
+    monkeypatch.setitem(module.RECIPES, "adapted", {**stage, "adapt": adapt})
+    data = write_beir(tmp_path / "beir", split="train")
+    root = tmp_path / "work"
+    module.run_recipe("plain", data, data, "train", root / "plain")
+    row = module.run_recipe("adapted", data, data, "train", root / "adapted")
+    adapted = sorted(root.glob("adapted-*"))
+    assert len(adapted) == 1 and (adapted[0] / "model.safetensors").is_file()
+    record = json.loads((adapted[0] / "adapted_from.json").read_text())
+    assert record["corpus"] == str(data / "corpus.jsonl") and record["settings"]["epochs"] == 1
+    assert len(list(root.glob("teacher-*.jsonl"))) == 1  # one teacher for both: mined with splade-tiny
+    assert load_config_file(root / "adapted" / "config.toml")["model"]["name"] == str(adapted[0])
+    assert load_config_file(root / "plain" / "config.toml")["model"]["name"] == "splade-tiny"
+    assert row["model"] == str(root / "adapted" / "run" / "final") and 0.0 <= row["ndcg@10"] <= 1.0
+    stamp = (adapted[0] / "model.safetensors").stat().st_mtime_ns
+    module.run_recipe("adapted", data, data, "train", root / "adapted-again")
+    assert sorted(root.glob("adapted-*")) == [adapted[0], root / "adapted-again"]
+    assert (adapted[0] / "model.safetensors").stat().st_mtime_ns == stamp  # made once, then reused
