@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 
 from .atomic import atomic_write_json
-from .checkpoint import staged_dir
+from .checkpoint import check_output_dir, staged_dir
 from .errors import ConfigError, ModelError
 from .hub import resolve_model, sha256_file
 
@@ -67,6 +67,7 @@ def average_models(models: Sequence[str], output: str | Path, weights: Sequence[
     if any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ConfigError("weights must be non-negative with a positive sum", field="weights")
     mix = [float(w) / float(sum(weights)) for w in weights]
+    target = check_output_dir(output)
     folders = [Path(resolve_model(m)) for m in models]
     first = folders[0]
     base_cfg = _config(first)
@@ -101,7 +102,6 @@ def average_models(models: Sequence[str], output: str | Path, weights: Sequence[
             if any(not torch.equal(t, tensors[0]) for t in tensors):
                 raise ModelError(f"integer tensor {key} differs between models", file_path=str(folders[0] / WEIGHTS))
             averaged[key] = tensors[0].clone()
-    target = Path(output)
     with staged_dir(target) as staging:
         for f in first.iterdir():
             if f.is_file() and f.name != WEIGHTS and not f.name.startswith("."):

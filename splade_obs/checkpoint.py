@@ -140,6 +140,28 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def check_output_dir(target: str | Path) -> Path:
+    """Fail early, as a :class:`FileSystemError`, where ``target`` cannot take a model folder: its parent cannot
+    be created or written, or it is a non-empty folder that holds no model (no ``config.json``), which
+    replacing it would delete."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise FileSystemError("the output exists and is not a folder", file_path=str(target),
+                              hint="name a new folder for the model")
+    if target.is_dir() and any(target.iterdir()) and not (target / "config.json").is_file():
+        raise FileSystemError("the output folder holds files but no model (no config.json): replacing it would "
+                              "delete them", file_path=str(target), hint="name a new folder or a model folder")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FileSystemError(f"cannot create the output's parent folder: {exc.strerror or exc}",
+                              file_path=str(target.parent), original_exception=exc) from exc
+    if not os.access(target.parent, os.W_OK | os.X_OK):
+        raise FileSystemError("the output's parent folder is not writable", file_path=str(target.parent),
+                              hint="choose an output folder you can write to")
+    return target
+
+
 @contextlib.contextmanager
 def staged_dir(target: str | Path) -> Iterator[Path]:
     """A fresh hidden folder beside ``target`` to fill inside the ``with`` block; when the block ends it is

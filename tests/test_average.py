@@ -113,3 +113,13 @@ def test_a_failed_write_leaves_the_previous_output_whole(trained, tiny_model_pat
     assert res.exit_code != 0 and "No space left" in res.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging folder left behind
+
+
+def test_an_output_folder_that_holds_other_files_is_refused_and_kept(trained, tiny_model_path, tmp_path):
+    keep = tmp_path / "runs"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    res = _average(tiny_model_path, str(trained), "--output", str(keep))
+    assert res.exit_code == EXIT_CODES[ErrorCategory.FILE_SYSTEM_ERROR], res.output
+    assert "no config.json" in res.output and "Traceback" not in res.output
+    assert [p.name for p in keep.iterdir()] == ["notes.txt"]
