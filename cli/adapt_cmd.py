@@ -31,7 +31,7 @@ from .evaluate_cmd import pick_device
 @click.option("--train-part", type=click.Choice(["layers", "all"]), default="layers", show_default=True,
               help="layers: only the transformer layers learn; the embeddings and the MLM head (SPLADE's "
                    "vocabulary weights) stay as they are. all: every weight (the model stops being sparse).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the document order and the masks.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the document order, the masks and dropout.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @debug_option
 @handle_errors(ErrorCategory.TRAINING_ERROR)

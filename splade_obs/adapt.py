@@ -20,12 +20,13 @@ documents are visited in a seeded order per epoch, so a run is reproducible. The
 the masked positions: the vocabulary projection, most of the cost, runs on 15% of the tokens. A fixed
 sample of documents with fixed masks gives the masked-LM loss before and after (``mlm_loss_before`` /
 ``mlm_loss_after``), the measure of what adaptation did. The model is written atomically with
-``adapted_from.json``: source model and the sha256 of its weights, corpus and its digest, settings, the loss
-per epoch.
+``adapted_from.json``: source model and the sha256 of its weights (null where the source has no
+``model.safetensors``: a hub id, ``.bin`` weights), corpus and its digest, settings, the loss per epoch.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import time
@@ -36,9 +37,9 @@ from typing import Any
 import torch
 
 from .atomic import atomic_write_json
-from .checkpoint import staged_dir
+from .checkpoint import check_output_dir, staged_dir
 from .data import _iter_jsonl_objects, epoch_order, file_digest
-from .errors import ConfigError, DataError, ModelError, TrainingError
+from .errors import ConfigError, DataError, DependencyError, ModelError, TrainingError
 from .hub import resolve_model, sha256_file
 from .train import linear_schedule
 
@@ -72,6 +73,11 @@ class AdaptSettings:
                               field="mask_probability")
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be positive, got {self.learning_rate}", field="learning_rate")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}", field="warmup_ratio")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ConfigError("weight_decay must be >= 0 and max_grad_norm > 0, got "
+                              f"{self.weight_decay} and {self.max_grad_norm}", field="weight_decay")
         if self.train_part not in ("layers", "all"):
             raise ConfigError(f"train_part must be 'layers' or 'all', got {self.train_part!r}", field="train_part")
 
@@ -142,6 +148,11 @@ def masked_lm_loss(encoder: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor
 def _collator(tokenizer: Any, settings: AdaptSettings, seed: int) -> Any:
     from transformers import DataCollatorForLanguageModeling
 
+    if "seed" not in inspect.signature(DataCollatorForLanguageModeling).parameters:
+        import transformers
+
+        raise DependencyError(f"transformers {transformers.__version__} cannot seed DataCollatorForLanguageModeling, "
+                              "so adaptation would not be reproducible", hint="pip install -U 'transformers>=4.51'")
     return DataCollatorForLanguageModeling(tokenizer, mlm_probability=settings.mask_probability, seed=seed)
 
 
@@ -150,15 +161,29 @@ def _batch(collate: Any, ids: list[list[int]], device: torch.device) -> dict[str
     return {k: out[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
 
 
+def probe_batches(tokenizer: Any, ids: list[list[int]], settings: AdaptSettings) -> list[dict[str, torch.Tensor]]:
+    """The probe documents masked one by one with the fixed ``PROBE_SEED`` (so the masks depend on neither the
+    run's seed nor its batch size), then padded into batches."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collate = _collator(tokenizer, settings, seed=PROBE_SEED)
+    masked = [_batch(collate, [x], torch.device("cpu")) for x in ids]
+    batches = []
+    for i in range(0, len(masked), settings.batch_size):
+        group = masked[i:i + settings.batch_size]
+        batches.append({key: torch.nn.utils.rnn.pad_sequence([m[key][0] for m in group], batch_first=True,
+                                                             padding_value=fill)
+                        for key, fill in (("input_ids", pad), ("attention_mask", 0), ("labels", -100))})
+    return batches
+
+
 @torch.no_grad()
-def probe_loss(encoder: Any, tokenizer: Any, ids: list[list[int]], settings: AdaptSettings) -> float:
-    """Masked-LM loss on ``ids`` with masks that depend only on the seed: comparable before and after."""
+def probe_loss(encoder: Any, batches: list[dict[str, torch.Tensor]]) -> float:
+    """Masked-LM loss over the probe batches (:func:`probe_batches`): comparable before and after, and across runs."""
     was = encoder.training
     encoder.eval()
-    collate = _collator(tokenizer, settings, seed=PROBE_SEED)
     total, n = 0.0, 0
-    for i in range(0, len(ids), settings.batch_size):
-        batch = _batch(collate, ids[i:i + settings.batch_size], encoder.device)
+    for batch in batches:
+        batch = {k: v.to(encoder.device) for k, v in batch.items()}
         k = int((batch["labels"] != -100).sum())
         total += float(masked_lm_loss(encoder, batch)) * k
         n += k
@@ -176,6 +201,7 @@ def adapt_model(model: str, corpus: str | Path, output: str | Path, settings: Ad
 
     settings = settings or AdaptSettings()
     settings.check()
+    target = check_output_dir(output)  # before any work: a bad --output fails now, not after training
     texts, corpus_file = read_corpus(corpus)
     source = Path(resolve_model(model))
     encoder = SpladeEncoder.from_pretrained(model, device=device)
@@ -184,8 +210,9 @@ def adapt_model(model: str, corpus: str | Path, output: str | Path, settings: Ad
         raise ModelError("the tokenizer has no mask token, so masked-LM training is impossible", file_path=str(source))
     trainable, frozen = select_trainable(encoder.mlm, settings.train_part)
     ids = tok(texts, truncation=True, max_length=settings.max_length)["input_ids"]
-    probe = ids[::max(1, len(ids) // PROBE_DOCS)][:PROBE_DOCS]  # evenly spread over the corpus
-    before = probe_loss(encoder, tok, probe, settings)
+    probe = probe_batches(tok, ids[::max(1, len(ids) // PROBE_DOCS)][:PROBE_DOCS], settings)  # spread over the corpus
+    n_probe = sum(len(b["input_ids"]) for b in probe)
+    before = probe_loss(encoder, probe)
     log.info("adapting %s on %d documents of %s: %d trainable / %d frozen parameters, masked-LM loss %.3f",
              model, len(ids), corpus_file, trainable, frozen, before)
 
@@ -226,18 +253,17 @@ def adapt_model(model: str, corpus: str | Path, output: str | Path, settings: Ad
                            "seconds": round(seconds, 1), "docs_per_s": round(len(ids) / max(seconds, 1e-9), 1)})
             log.info("adapt epoch %d/%d: masked-LM loss %.3f (%.1f docs/s)", epoch + 1, settings.epochs,
                      epochs[-1]["loss"], epochs[-1]["docs_per_s"])
-    after = probe_loss(encoder, tok, probe, settings)
+    after = probe_loss(encoder, probe)
     record = {"model": model, "model_path": str(source),
               "model_weights_sha256": sha256_file(source / "model.safetensors")
               if (source / "model.safetensors").is_file() else None,
               "corpus": str(corpus_file), "corpus_sha256": file_digest(corpus_file), "documents": len(ids),
               "settings": asdict(settings), "trainable_parameters": trainable, "frozen_parameters": frozen,
-              "mlm_loss_before": before, "mlm_loss_after": after, "epochs": epochs,
+              "probe_documents": n_probe, "mlm_loss_before": before, "mlm_loss_after": after, "epochs": epochs,
               "seconds": round(time.perf_counter() - t0, 1)}
-    target = Path(output)
     with staged_dir(target) as staging:
         encoder.save_pretrained(staging)
         atomic_write_json(staging / "adapted_from.json", record)
-    log.info("masked-LM loss on %d probe documents: %.3f -> %.3f; model written to %s", len(probe), before, after,
+    log.info("masked-LM loss on %d probe documents: %.3f -> %.3f; model written to %s", n_probe, before, after,
              target)
     return {**record, "output": str(target)}

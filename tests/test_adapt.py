@@ -170,4 +170,47 @@ def test_a_failed_adaptation_leaves_the_previous_output_whole(corpus, tiny_model
     assert res.exit_code == EXIT_CODES[ErrorCategory.TRAINING_ERROR], res.output
     assert "loss is nan" in res.output and "Traceback" not in res.output
     assert (out / "model.safetensors").read_bytes() == kept
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    monkeypatch.setattr(adapt_mod, "masked_lm_loss", real)
+
+    from splade_obs.model import SpladeEncoder
+
+    def torn_write(self, path):  # fault injection: the disk fills up halfway through writing the model
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(SpladeEncoder, "save_pretrained", torn_write)
+    res = _adapt("--model", tiny_model_path, "--corpus", str(corpus), "--output", str(out), "--epochs", "1",
+                 "--batch-size", "8", "--max-length", "32")
+    assert res.exit_code == EXIT_CODES[ErrorCategory.FILE_SYSTEM_ERROR], res.output
+    assert (out / "model.safetensors").read_bytes() == kept  # the old model is whole
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no staging folder left
+
+
+def test_output_that_is_not_a_model_folder_is_refused_before_training(corpus, tiny_model_path, tmp_path):
+    keep = tmp_path / "runs"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    res = _adapt("--model", tiny_model_path, "--corpus", str(corpus), "--output", str(keep))
+    assert res.exit_code == EXIT_CODES[ErrorCategory.FILE_SYSTEM_ERROR], res.output
+    assert "no config.json" in res.output and "adapt epoch" not in res.output  # refused before any training
+    assert (keep / "notes.txt").read_text() == "mine"
+
+
+def test_probe_masks_depend_on_neither_batch_size_nor_seed(tiny_model_path):
+    """The before/after loss is measured on the same masked tokens whatever the run's batch size and seed."""
+    from splade_obs.adapt import probe_batches
+    from splade_obs.model import SpladeEncoder
+
+    tok = SpladeEncoder.from_pretrained(tiny_model_path).tokenizer
+    ids = tok(SENTENCES * 2, truncation=True, max_length=32)["input_ids"]
+
+    def masked(batch_size: int, seed: int) -> list[tuple[int, ...]]:
+        rows = []
+        for b in probe_batches(tok, ids, AdaptSettings(batch_size=batch_size, seed=seed)):
+            for inp, lab, att in zip(b["input_ids"], b["labels"], b["attention_mask"]):
+                n = int(att.sum())
+                rows.append(tuple(inp[:n].tolist()) + tuple(lab[:n].tolist()))
+        return rows
+
+    assert masked(1, 0) == masked(5, 0) == masked(12, 7)
+    assert any(-100 != x for row in masked(3, 0) for x in row[len(row) // 2:])  # some tokens are masked
