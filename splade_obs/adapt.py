@@ -38,10 +38,10 @@ import torch
 
 from .atomic import atomic_write_json
 from .checkpoint import check_output_dir, staged_dir
-from .data import _iter_jsonl_objects, epoch_order, file_digest
+from .data import _iter_jsonl_objects, beir_doc_text, epoch_order
 from .errors import ConfigError, DataError, DependencyError, ModelError, TrainingError
 from .hub import resolve_model, sha256_file
-from .train import linear_schedule
+from .train import build_optimizer, linear_schedule
 
 log = logging.getLogger("splade_obs.adapt")
 
@@ -97,7 +97,7 @@ def read_corpus(path: str | Path) -> tuple[list[str], Path]:
             if value is not None and not isinstance(value, str):
                 raise DataError(f'field "{name}" is {type(value).__name__} — expected a string',
                                 file_path=str(corpus), line_number=line_no, field=name)
-        text = f"{obj.get('title') or ''} {obj.get('text') or ''}".strip()
+        text = beir_doc_text(obj)
         if text:
             texts.append(text)
     if not texts:
@@ -217,10 +217,7 @@ def adapt_model(model: str, corpus: str | Path, output: str | Path, settings: Ad
              model, len(ids), corpus_file, trainable, frozen, before)
 
     params = [p for p in encoder.mlm.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": settings.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=settings.learning_rate)
+    optimizer = build_optimizer(encoder.mlm, settings.learning_rate, settings.weight_decay)  # trainable ones only
     per_epoch = math.ceil(len(ids) / settings.batch_size)
     total = settings.epochs * per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -257,7 +254,7 @@ def adapt_model(model: str, corpus: str | Path, output: str | Path, settings: Ad
     record = {"model": model, "model_path": str(source),
               "model_weights_sha256": sha256_file(source / "model.safetensors")
               if (source / "model.safetensors").is_file() else None,
-              "corpus": str(corpus_file), "corpus_sha256": file_digest(corpus_file), "documents": len(ids),
+              "corpus": str(corpus_file), "corpus_sha256": sha256_file(corpus_file), "documents": len(ids),
               "settings": asdict(settings), "trainable_parameters": trainable, "frozen_parameters": frozen,
               "probe_documents": n_probe, "mlm_loss_before": before, "mlm_loss_after": after, "epochs": epochs,
               "seconds": round(time.perf_counter() - t0, 1)}
