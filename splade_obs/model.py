@@ -91,12 +91,15 @@ def _use_bf16_prefilter(hidden: Tensor, weight: Tensor) -> bool:
 
 def _max_per_document_prefiltered(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor,
                                   chunk_size: int) -> Tensor:
-    """Exact fp32 token-max at bf16 speed, for inference on CPUs with fast bf16 matmuls.
+    """The fp32 token-max at bf16 speed, for inference on CPUs with fast bf16 matmuls.
 
     A bf16 pass gives every term's max logit within a proven error bound; a term whose bound stays <= 0
     has an fp32 max <= 0 too, so relu makes its weight 0 whatever its exact value. Only the remaining
     candidates (typically a few hundred of 30k terms) are recomputed in fp32 over all the document's tokens.
-    Non-candidates keep a value <= 0. The result equals the fp32 path's wherever the weight is non-zero.
+    Non-candidates keep a value <= 0. The result equals the fp32 path's to fp32 rounding: the recompute
+    multiplies a subset of the vocabulary, which a BLAS may sum in another order than full tiles (bit-exact
+    with MKL on an AMX Xeon, a few ULPs apart on an AVX2 AMD EPYC), so only a term whose fp32 logit is within
+    rounding of 0 can differ in being zero.
     """
     batch, vocab = hidden.shape[0], weight.shape[0]
     values = torch.full((batch, vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
@@ -231,7 +234,7 @@ def fused_splade_head(hidden: Tensor, weight: Tensor, bias: Tensor | None, atten
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad or bias.requires_grad):
         max_logits = _ChunkedMaxProjection.apply(hidden, weight, bias, attention_mask.bool(), chunk_size, dtype,
                                                  per_document)
-    else:  # inference: no autograd bookkeeping, and the exact bf16-prefiltered max where it pays
+    else:  # inference: no autograd bookkeeping, and the bf16-prefiltered fp32 max where it pays
         with torch.autocast(hidden.device.type, enabled=False):
             max_logits = _max_projection_forward(hidden, weight.to(dtype), bias.to(dtype), attention_mask.bool(),
                                                  chunk_size, per_document, inference=True)

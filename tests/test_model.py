@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -296,7 +297,13 @@ def test_unsplittable_head_falls_back_to_full_logits() -> None:
 
 def test_bf16_prefiltered_inference_equals_fp32(monkeypatch):
     """On CPUs with fast bf16 matmuls, no-grad encoding prefilters terms in bf16 and recomputes the
-    candidates in fp32: the weights must equal the plain fp32 path's exactly, zeros included."""
+    candidates in fp32: the weights must equal the plain fp32 path's to fp32 rounding, with the same zeros.
+
+    Bit equality is not asked: the recompute multiplies a subset of the vocabulary, and a BLAS may sum
+    that shape in another order than the full-vocabulary tiles (MKL on an AVX2 AMD EPYC differs by a few
+    ULPs; on the AMX Xeon it was bit-exact). A term whose exact fp32 logit lies within rounding of 0 may
+    flip between 0 and a weight of that size; any other difference in the non-zero pattern is a dropped
+    term and fails."""
     from splade_obs import cpu
     from splade_obs.model import SpladeEncoder
 
@@ -324,6 +331,8 @@ def test_bf16_prefiltered_inference_equals_fp32(monkeypatch):
         assert calls == ([1] if flag == "1" else [])
         monkeypatch.setattr(model_mod, "_max_per_document_prefiltered", real)
     cpu.bf16_matmul_speedup.cache_clear()
-    ref, fast = results["0"], results["1"]
-    assert ref.nnz == fast.nnz > 100
-    assert (ref != fast).nnz == 0
+    ref, fast = results["0"].toarray(), results["1"].toarray()
+    assert np.count_nonzero(ref) > 100
+    flipped = (ref > 0) != (fast > 0)  # only terms whose logit is within rounding of 0 (weight ~ logit)
+    assert np.all(np.maximum(ref, fast)[flipped] <= 1e-5)
+    np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
