@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,12 +26,28 @@ def _recipe_module():
     return module
 
 
-def _tiny_recipe_module(monkeypatch):
-    """The recipe script with short texts and small batches, for real CLI runs on a tiny BEIR folder."""
+def _tiny_recipe_module(monkeypatch, in_process: bool = True):
+    """The recipe script with short texts and small batches, for real CLI runs on a tiny BEIR folder.
+
+    ``in_process``: the script's CLI calls go to the same click commands in this interpreter (``CliRunner``)
+    instead of a new ``python -m cli.main`` each: same commands and arguments, without the ~7 s of torch and
+    transformers imports per call that made these tests minutes long on a 2-core CPU. One test keeps the
+    script's own subprocess calls."""
     module = _recipe_module()
     monkeypatch.setitem(module.COMMON, "max_doc_length", 32)
     monkeypatch.setitem(module.COMMON, "max_query_length", 16)
     monkeypatch.setitem(module.COMMON, "batch_size", 4)
+    if in_process:
+        from click.testing import CliRunner
+
+        from cli.main import cli as main
+
+        def run(*args: str) -> None:  # the script's cli(): a failing command raises, as check=True does
+            result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+            if result.exit_code != 0:
+                raise subprocess.CalledProcessError(result.exit_code, ["splade-obs", *args], output=result.output)
+
+        monkeypatch.setattr(module, "cli", run)
     return module
 
 
@@ -166,7 +183,7 @@ def test_an_adapt_recipe_adapts_once_mines_with_splade_tiny_and_trains_the_adapt
     share it), the teacher is still mined with splade-tiny (the same file a recipe without adaptation uses),
     and training starts from the adapted model."""
     pytest.importorskip("bm25s", reason="bm25s is in the test extra")
-    module = _tiny_recipe_module(monkeypatch)
+    module = _tiny_recipe_module(monkeypatch, in_process=False)  # the script's own subprocess calls
     stage = {"mine": ["--method", "hybrid", "--teacher-scores", "--num-negatives", "2", "--depth", "5"],
              "epochs": 1, "learning_rate": 1e-4, "num_negatives": 2,
              "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}}
