@@ -6,7 +6,7 @@ Why it looks like this:
   sparse matrix product ``Q @ D.T`` (scipy walks only the posting lists the queries touch - an inverted
   index in matrix form). Top-k per query is an ``argpartition`` over that block, done in query chunks so
   the dense score block stays bounded in memory. The result is exact, not approximate.
-* Metrics follow trec_eval (and ranx / pytrec_eval, which the tests compare against): nDCG uses the
+* Metrics follow trec_eval (pytrec_eval, its C code in Python, is what the tests compare against): nDCG uses the
   relevance label itself as the gain (``rel / log2(rank + 1)``, graded when qrels are graded) and the
   ideal ranking from the qrels; a document is relevant when its label is > 0; every metric is a per-query
   value averaged over the queries of the qrels that have at least one relevant document (a query missing
