@@ -29,7 +29,7 @@ class ModelConfig:
     name: str = "splade-tiny"          # "splade-tiny", a local folder, or a hub id
     max_query_length: int = 32
     max_doc_length: int = 128
-    head_chunk_size: int = 64           # tokens per chunk of the memory-saving MLM head
+    head_chunk_size: int = 64           # positions per tile of the memory-saving MLM head on accelerators
     top_k: int | None = None            # keep only the k largest terms at encode time
     dropout: float | None = None        # override the backbone's dropout probabilities (None: keep)
 

@@ -85,16 +85,21 @@ def test_fused_head_by_hand(chunk: int, per_document: bool) -> None:
     torch.testing.assert_close(out, HAND_EXPECTED)
 
 
+@pytest.mark.parametrize("cpu_tile_elements", [None, 23])
 @pytest.mark.parametrize("tile_elements", [None, 40])
 @pytest.mark.parametrize("per_document", [True, False])
 def test_fused_head_matches_reference_with_holes_in_the_mask(per_document: bool, tile_elements: int | None,
+                                                             cpu_tile_elements: int | None,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Left padding, a hole in the middle and a document with no tokens at all: values and gradients.
 
-    ``tile_elements=40`` makes the backward recompute the argmax one term at a time.
+    ``tile_elements=40`` makes the backward recompute the argmax one term at a time; ``cpu_tile_elements=23``
+    cuts the 40 terms into blocks of 2-5 (the last one short) in the per-document forward.
     """
     if tile_elements is not None:
         monkeypatch.setattr(model_module, "_BACKWARD_TILE_ELEMENTS", tile_elements)
+    if cpu_tile_elements is not None:
+        monkeypatch.setattr(model_module, "_CPU_TILE_ELEMENTS", cpu_tile_elements)
     torch.manual_seed(1)
     hidden = torch.randn(4, 9, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
@@ -336,3 +341,24 @@ def test_bf16_prefiltered_inference_equals_fp32(monkeypatch):
     flipped = (ref > 0) != (fast > 0)  # only terms whose logit is within rounding of 0 (weight ~ logit)
     assert np.all(np.maximum(ref, fast)[flipped] <= 1e-5)
     np.testing.assert_allclose(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_head_tiles_benchmark_runs_and_checks_its_variants_agree(tmp_path, tiny_model_path) -> None:
+    """benchmarks/bench_head_tiles.py on two short lengths: every variant's output was checked against the
+    token-chunk baseline (the script fails otherwise) and each length has a time for each variant."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiles.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_head_tiles.py"
+    proc = subprocess.run([sys.executable, str(script), "--lengths", "5,33", "--batch-size", "2", "--repeats", "1",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [row["length"] for row in report["rows"]] == [5, 33]
+    assert report["default_tile_elements"] == model_module._CPU_TILE_ELEMENTS
+    for row in report["rows"]:
+        assert len(row["ms_per_doc"]) == 5 and all(v > 0 for v in row["ms_per_doc"].values())
+        assert row["speedup_vs_baseline"][report["baseline"]] == 1.0
+    assert "vocab blocks" in proc.stdout
