@@ -6,10 +6,10 @@ Why the head is special: for a small backbone the vocabulary projection (hidden 
 times the encoder, and its full ``(batch, length, vocab)`` logits tensor is what makes SPLADE trainers need
 gigabytes. ``log1p∘relu`` is monotonic, so ``max_t log1p(relu(x_t)) == log1p(relu(max_t x_t))``: we take the
 max over tokens first, computing the projection in tiles that stay in cache (on CPU: all of one document's
-tokens against a block of the vocabulary) and keep only the max. The backward pass of a max only reaches each term's argmax token,
-and relu leaves only a few hundred terms per batch with a gradient, so :class:`_ChunkedMaxProjection`
-recomputes the argmax for those terms alone and builds the exact gradient with index_add, without ever
-materialising the ``(B, L, V)`` tensor. The plain path (``fused_head=False``) stays for tests and
+tokens against a block of the vocabulary) and keep only the max. The backward pass of a max only reaches each
+term's argmax token, and relu leaves only a few hundred terms per batch with a gradient, so
+:class:`_ChunkedMaxProjection` recomputes the argmax for those terms alone and builds the exact gradient with
+index_add, without ever materialising the ``(B, L, V)`` tensor. The plain path (``fused_head=False``) stays for tests and
 benchmarks, and for architectures whose head cannot be split.
 """
 

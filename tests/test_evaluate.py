@@ -1,4 +1,5 @@
-"""Retrieval evaluation: metrics against hand-computed values and trec_eval (pytrec_eval), the exact index, the evaluate CLI."""
+"""Retrieval evaluation: metrics against hand-computed values and trec_eval (pytrec_eval), the exact index,
+the evaluate CLI."""
 
 from __future__ import annotations
 

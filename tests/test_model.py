@@ -94,7 +94,7 @@ def test_fused_head_matches_reference_with_holes_in_the_mask(per_document: bool,
     """Left padding, a hole in the middle and a document with no tokens at all: values and gradients.
 
     ``tile_elements=40`` makes the backward recompute the argmax one term at a time; ``cpu_tile_elements=23``
-    cuts the 40 terms into blocks of 2-5 (the last one short) in the per-document forward.
+    cuts the 40 terms into blocks of 2-4 (23 // tokens; the last one short) in the per-document forward.
     """
     if tile_elements is not None:
         monkeypatch.setattr(model_module, "_BACKWARD_TILE_ELEMENTS", tile_elements)
