@@ -39,6 +39,10 @@ already sparse):
 * ``adapt-distill-titles-2ep-kl-lr2e-4``: ``splade-obs adapt`` first (``"adapt"``: 2 epochs of masked-LM on the
   corpus, transformer layers only, lr 5e-5; made once and shared, it reads no query or label), then
   ``distill-titles-2ep-kl-lr2e-4`` trained from the adapted model; the teacher is still mined with splade-tiny.
+* ``distill-titles-2ep-kl-lr2e-4-idf``: ``distill-titles-2ep-kl-lr2e-4`` trained alike, scored with the index
+  weighted by idf^0.4 (``"idf_power"``: ``evaluate --idf-power``, idf from the encoded corpus's document
+  frequencies; 0.4 chosen on dev, see ``scratch_probes.index_time_idf_weighting`` in the results); the row
+  also carries the same model's metrics without the weighting (``without_idf``).
 
 A recipe's dev rank is its dev nDCG@10, or the mean over seeds where one recipe was run with several seeds
 (``ndcg@10_seed_mean``): one seed of a recipe is one draw, and draws of one recipe differ by ~0.01 on dev.
@@ -110,6 +114,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     # splade-obs adapt first: 2 epochs of masked-LM on the corpus, transformer layers only, lr 5e-5
     "adapt-distill-titles-2ep-kl-lr2e-4": {**DISTILL_KL, "learning_rate": 2e-4,
                                            "adapt": ["--epochs", "2", "--learning-rate", "5e-5"]},
+    # the same training; the index weighted by idf^0.4 at scoring time (evaluate --idf-power)
+    "distill-titles-2ep-kl-lr2e-4-idf": {**DISTILL_KL, "learning_rate": 2e-4, "idf_power": 0.4},
 }
 
 
@@ -238,17 +244,23 @@ def run_recipe(name: str, train_data: Path, eval_data: Path, eval_split: str, wo
         raise SystemExit(f"no trained model at {model}: run the recipe without --rescore first")
     trained = time.perf_counter()
 
-    def score(model_dir: Path | str, out: Path) -> dict[str, Any]:
+    idf_power = float(stages[-1].get("idf_power", 0.0))
+
+    def score(model_dir: Path | str, out: Path, power: float = idf_power) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
-        metrics_file, trec = out / f"{eval_split}_metrics.json", out / f"{eval_split}.trec"
+        tag = eval_split if power == idf_power else f"{eval_split}-idf{power:g}"
+        metrics_file, trec = out / f"{tag}_metrics.json", out / f"{tag}.trec"
         cli("evaluate", "--model", str(model_dir), "--data", str(eval_data), "--split", eval_split,
             "--max-query-length", str(COMMON["max_query_length"]), "--max-doc-length", str(doc_length(stages[-1])),
-            "--output", str(metrics_file), "--trec-run", str(trec))
+            "--idf-power", str(power), "--output", str(metrics_file), "--trec-run", str(trec))
         metrics = json.loads(metrics_file.read_text())["metrics"]
         return {**{k: metrics[k] for k in KEYS}, "query_nnz": metrics["query_nnz"], "doc_nnz": metrics["doc_nnz"],
                 "trec_run": str(trec)}
 
     row = {"recipe": name, "split": eval_split, **score(model, work)}
+    if idf_power:  # the same model without the index weighting, for the paired view
+        row["idf_power"] = idf_power
+        row["without_idf"] = score(model, work, 0.0)
     row.update({"eval_s": round(time.perf_counter() - trained, 1), "model": model, "settings": recipe})
     last_work = work if len(stages) == 1 else work / f"round{len(stages)}"
     if is_soup(stages[-1]):  # score its ingredients too
@@ -325,7 +337,11 @@ def significance(row: dict[str, Any], baselines_rows: list[dict[str, Any]], eval
 
     qrels = load_beir(eval_data, split).qrels
     ours = ndcg_per_query(read_trec_run(Path(row["trec_run"])), qrels)
-    return {b["system"]: paired_comparison(ours, b["ndcg@10_per_query"]) for b in baselines_rows}
+    out = {b["system"]: paired_comparison(ours, b["ndcg@10_per_query"]) for b in baselines_rows}
+    if "without_idf" in row:  # what the index weighting alone changes, query by query
+        plain = ndcg_per_query(read_trec_run(Path(row["without_idf"]["trec_run"])), qrels)
+        out["the same model without idf weighting"] = paired_comparison(ours, plain)
+    return out
 
 
 def table(rows: list[dict[str, Any]]) -> str:

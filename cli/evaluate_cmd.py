@@ -33,6 +33,9 @@ def pick_device(name: str) -> str:
               help="Evaluate a fixed random subset of this many queries (seed 0).")
 @click.option("--top-k-docs", default=100, show_default=True, type=click.IntRange(min=1),
               help="Documents retrieved per query (and written to --trec-run).")
+@click.option("--idf-power", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Index-time weighting: every document term weight times idf^POWER, idf from the document "
+                   "frequencies of the encoded corpus (BM25's formula). 0 is off.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 @click.option("--trec-run", type=click.Path(path_type=Path), default=None,
@@ -40,8 +43,8 @@ def pick_device(name: str) -> str:
 @debug_option
 @handle_errors(ErrorCategory.EVALUATION_ERROR)
 def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int, max_doc_length: int,
-             batch_size: int, max_queries: int | None, top_k_docs: int, device: str, output: Path | None,
-             trec_run: Path | None, debug: bool) -> None:
+             batch_size: int, max_queries: int | None, top_k_docs: int, idf_power: float, device: str,
+             output: Path | None, trec_run: Path | None, debug: bool) -> None:
     """Encode a BEIR corpus and its queries, retrieve exactly by sparse dot product, and score.
 
     Prints JSON (nDCG@10, MRR@10, Recall@100, MAP@100, sparsity, timings) on stdout and a table on stderr.
@@ -52,11 +55,12 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
 
     beir = load_beir(data_dir, split)  # data problems surface before the model loads
     evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
-                                   batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k_docs)
+                                   batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k_docs,
+                                   idf_power=idf_power)
     encoder = SpladeEncoder.from_pretrained(model_name, device=pick_device(device))
     metrics = evaluator.evaluate(encoder)
     result = {"model": model_name, "data": str(data_dir), "split": split, "max_query_length": max_query_length,
-              "max_doc_length": max_doc_length, "top_k_docs": top_k_docs, "metrics": metrics}
+              "max_doc_length": max_doc_length, "top_k_docs": top_k_docs, "idf_power": idf_power, "metrics": metrics}
     text = json.dumps(result, indent=2)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

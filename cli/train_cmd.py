@@ -32,7 +32,8 @@ FLAG_KEYS: dict[str, str] = {
     "run_name": "tracking.run_name", "require_tracking": "tracking.require", "register_model": "tracking.register_model",
     "otel_exporter": "tracing.exporter", "trace_batches": "tracing.trace_batches", "otel_to_mlflow": "tracing.to_mlflow",
     "eval_data": "eval.eval_data", "eval_split": "eval.eval_split", "eval_steps": "eval.eval_steps",
-    "eval_max_queries": "eval.eval_max_queries", "save_best_metric": "eval.save_best_metric",
+    "eval_max_queries": "eval.eval_max_queries", "eval_idf_power": "eval.eval_idf_power",
+    "save_best_metric": "eval.save_best_metric",
 }
 
 P = click.Path
@@ -98,6 +99,8 @@ P = click.Path
 @click.option("--eval-split", default="test", show_default=True)
 @click.option("--eval-steps", type=int, help="Evaluate every N optimizer steps (and at the end).")
 @click.option("--eval-max-queries", type=int, help="Evaluate on a seeded subset of queries.")
+@click.option("--eval-idf-power", type=float,
+              help="Weight the evaluation index by idf^POWER (as `evaluate --idf-power`; default 0: off).")
 @click.option("--save-best-metric", help="Keep the best model by this eval metric (e.g. ndcg@10) in <output-dir>/best.")
 @debug_option
 @click.pass_context

@@ -126,6 +126,7 @@ class EvalConfig:
     eval_split: str = "test"
     eval_steps: int | None = None
     eval_max_queries: int | None = None
+    eval_idf_power: float = 0.0         # index-time idf^power weighting of the document vectors (0: off)
     save_best_metric: str | None = None  # e.g. "ndcg@10"
 
 
@@ -248,6 +249,8 @@ class TrainConfig:
             raise bad("logging.log_level", f"unknown level {self.logging.log_level!r}")
         if self.eval.eval_steps is not None and self.eval.eval_steps < 1:
             raise bad("eval.eval_steps", "must be >= 1")
+        if not (isinstance(self.eval.eval_idf_power, (int, float)) and 0 <= self.eval.eval_idf_power < float("inf")):
+            raise bad("eval.eval_idf_power", f"must be a number >= 0, got {self.eval.eval_idf_power!r}")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -15,6 +15,11 @@ Why it looks like this:
 * ``RetrievalEvaluator`` encodes the corpus and queries with ``torch.no_grad`` in length-sorted batches
   (the encoder does the sorting), restores the encoder's train/eval mode afterwards, and returns one flat
   dict: quality metrics, sparsity and timings. The trainer uses it for in-training evaluation.
+* ``idf_reweight`` is an optional index-time transform: each document weight ``w_dj`` becomes
+  ``w_dj * idf_j ** power``, with BM25's idf (``ln(1 + (N - df_j + 0.5) / (df_j + 0.5))``) and ``df_j`` the
+  number of the index's documents whose vector has term ``j``. It needs only the encoded corpus (no labels,
+  no queries), keeps the model and the posting lists' shape, and since ``q . diag(idf^a) . d`` is one
+  product, weighting the documents is the same as weighting the queries. Off (power 0) by default.
 """
 
 from __future__ import annotations
@@ -255,6 +260,35 @@ def compute_metrics(run: Run, qrels: Qrels) -> dict[str, float]:
     }
 
 
+def idf_weights(doc_vectors: sp.spmatrix | np.ndarray, power: float) -> np.ndarray:
+    """Per-term factor ``idf_j ** power`` from the document frequencies of the document vectors themselves.
+
+    ``idf_j = ln(1 + (N - df_j + 0.5) / (df_j + 0.5))`` (BM25's, always > 0); ``df_j`` counts the documents
+    with a non-zero weight for term ``j``. ``power`` 0 gives all ones.
+    """
+    if not (power >= 0 and math.isfinite(power)):
+        raise EvaluationError(f"idf power must be a finite number >= 0, got {power}")
+    docs = sp.csr_matrix(doc_vectors, copy=True)
+    docs.sum_duplicates()
+    n = docs.shape[0]
+    df = np.bincount(docs.indices[docs.data != 0], minlength=docs.shape[1]).astype(np.float64)
+    idf = np.log1p((n - df + 0.5) / (df + 0.5))
+    return np.power(idf, power)
+
+
+def idf_reweight(doc_vectors: sp.spmatrix | np.ndarray, power: float) -> sp.csr_matrix:
+    """The document vectors with each term's weights multiplied by :func:`idf_weights` (an index-time
+    transform; power 0 returns the vectors unchanged, as CSR)."""
+    docs = sp.csr_matrix(doc_vectors)
+    if power == 0:
+        return docs
+    dtype = docs.dtype if docs.dtype in (np.float32, np.float64) else np.float32
+    out = docs.astype(dtype, copy=True)
+    out.sum_duplicates()
+    out.data *= idf_weights(out, power).astype(dtype)[out.indices]
+    return out
+
+
 # ----------------------------------------------------------------------------------------- sparsity
 def sparsity_metrics(q_csr: sp.spmatrix, d_csr: sp.spmatrix) -> dict[str, float]:
     """Average non-zeros per query and per document, the FLOPS estimate and the index size.
@@ -300,13 +334,17 @@ class RetrievalEvaluator:
     The corpus is encoded in full every time (the model changes between in-training evaluations); the
     queries are those of the split's qrels that have a relevant document and a text in queries.jsonl,
     optionally a fixed random subset of ``max_queries`` of them (same ``seed`` -> same subset).
+    ``idf_power`` > 0 weights the index by :func:`idf_reweight` (sparsity is that of the model's vectors).
     """
 
     def __init__(self, beir: "BeirData", *, max_query_length: int = 64, max_doc_length: int = 256,
                  batch_size: int = 32, max_queries: int | None = None, seed: int = 0,
-                 top_k_retrieve: int = 100) -> None:
+                 top_k_retrieve: int = 100, idf_power: float = 0.0) -> None:
         from .data import beir_doc_text
 
+        if not (idf_power >= 0 and math.isfinite(idf_power)):
+            raise EvaluationError(f"idf power must be a finite number >= 0, got {idf_power}")
+        self.idf_power = float(idf_power)
         if top_k_retrieve < 100:
             log.warning("top_k_retrieve=%d < 100: recall@100 and map@100 only see the top %d",
                         top_k_retrieve, top_k_retrieve)
@@ -343,7 +381,7 @@ class RetrievalEvaluator:
             t2 = time.perf_counter()
         finally:
             encoder.train(was_training)
-        index = InvertedIndex(docs, self.doc_ids)
+        index = InvertedIndex(idf_reweight(docs, self.idf_power), self.doc_ids)
         found, scores = index.search(queries, self.top_k)
         self._run = run_from_search(self.query_ids, found, scores)
         metrics = compute_metrics(self._run, self.qrels)

@@ -126,4 +126,4 @@ def _build_evaluator(cfg: TrainConfig) -> Any:
     beir = load_beir(cfg.eval.eval_data, cfg.eval.eval_split)
     return RetrievalEvaluator(beir, max_query_length=cfg.model.max_query_length,
                               max_doc_length=cfg.model.max_doc_length, max_queries=cfg.eval.eval_max_queries,
-                              seed=cfg.optim.seed)
+                              seed=cfg.optim.seed, idf_power=cfg.eval.eval_idf_power)

@@ -207,3 +207,34 @@ def test_an_adapt_recipe_adapts_once_mines_with_splade_tiny_and_trains_the_adapt
     assert module.adapted_model(module.RECIPES["adapted"], data, root / "another") == str(adapted[0])
     assert sorted(root.glob("adapted-*")) == adapted
     assert (adapted[0] / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_an_idf_recipe_scores_with_the_weighted_index_and_keeps_the_plain_score(tmp_path, monkeypatch) -> None:
+    """``"idf_power"``: the recipe's model is scored through ``evaluate --idf-power``, the row keeps the same
+    model's plain scores (``without_idf``), and the significance test adds the paired view between the two."""
+    from splade_obs.data import load_beir
+    from splade_obs.evaluate import ndcg_per_query
+    from splade_obs.hub import resolve_model
+
+    module = _tiny_recipe_module(monkeypatch)
+    assert module.RECIPES["distill-titles-2ep-kl-lr2e-4-idf"]["idf_power"] > 0
+    monkeypatch.setitem(module.RECIPES, "idf", {"mine": None, "epochs": 1, "learning_rate": 1e-4,
+                                                "num_negatives": 0, "loss": {}, "idf_power": 1.0})
+    data = write_beir(tmp_path / "beir", split="train")
+    work = tmp_path / "work" / "idf"
+    shutil.copytree(resolve_model("splade-tiny"), work / "run" / "final")  # --rescore: a model is there
+    row = module.run_recipe("idf", data, data, "train", work, train=False)
+    assert row["idf_power"] == 1.0
+    weighted = json.loads((work / "train_metrics.json").read_text())
+    plain = json.loads((work / "train-idf0_metrics.json").read_text())
+    assert (weighted["idf_power"], plain["idf_power"]) == (1.0, 0.0)
+    assert row["ndcg@10"] == weighted["metrics"]["ndcg@10"]
+    assert row["without_idf"]["ndcg@10"] == plain["metrics"]["ndcg@10"]
+    assert row["doc_nnz"] == row["without_idf"]["doc_nnz"]  # one model, two index weightings
+    runs = [module.read_trec_run(Path(r["trec_run"])) for r in (row, row["without_idf"])]
+    assert runs[0] != runs[1], "the weighting changes the scores"
+    qrels = load_beir(data, "train").qrels
+    cmp = module.significance(row, [], data, "train")["the same model without idf weighting"]
+    per_query = [ndcg_per_query(r, qrels) for r in runs]
+    means = [sum(p.values()) / len(qrels) for p in per_query]
+    assert cmp["mean_diff"] == pytest.approx(means[0] - means[1])

@@ -17,6 +17,8 @@ from splade_obs.evaluate import (
     InvertedIndex,
     RetrievalEvaluator,
     compute_metrics,
+    idf_reweight,
+    idf_weights,
     map_at_k,
     mrr_at_k,
     ndcg_at_k,
@@ -172,6 +174,45 @@ def test_index_rejects_wrong_dimension() -> None:
         index.search(_random_sparse(2, 11, 0.5, 1), 3)
 
 
+def test_idf_weights_follow_bm25s_idf_on_the_document_vectors() -> None:
+    d = sp.csr_matrix(np.array([[1.0, 0.5, 0.0, 0.0], [2.0, 0.0, 0.0, 0.0], [0.3, 0.0, 0.0, 0.0],
+                                [0.7, 0.2, 0.4, 0.0]], dtype=np.float32))
+    df = np.array([4, 2, 1, 0])
+    idf = np.log(1 + (4 - df + 0.5) / (df + 0.5))
+    np.testing.assert_allclose(idf_weights(d, 1.0), idf, rtol=1e-12)
+    np.testing.assert_allclose(idf_weights(d, 0.5), np.sqrt(idf), rtol=1e-12)
+    assert np.all(idf_weights(d, 0.0) == 1.0)
+    assert idf[0] > 0, "a term in every document keeps a small positive weight"
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(EvaluationError, match="idf power"):
+            idf_weights(d, bad)
+
+
+@pytest.mark.parametrize("power", [0.0, 0.4, 1.0])
+def test_idf_weighted_index_equals_query_side_weighting_and_brute_force(power: float) -> None:
+    docs = _random_sparse(200, 60, 0.1, seed=5)
+    queries = _random_sparse(12, 60, 0.15, seed=6)
+    df = np.asarray((docs != 0).sum(axis=0)).ravel()
+    w = np.log1p((200 - df + 0.5) / (df + 0.5)) ** power
+    weighted = idf_reweight(docs, power)
+    assert weighted.nnz == docs.nnz and weighted.dtype == docs.dtype
+    index = InvertedIndex(weighted)
+    expected = queries.toarray() @ np.diag(w) @ docs.toarray().T
+    np.testing.assert_allclose(index.scores(queries), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(index.scores(queries), (queries @ sp.diags(w)).toarray() @ docs.toarray().T,
+                               rtol=1e-5, atol=1e-6)
+    if power == 0:
+        np.testing.assert_array_equal(weighted.toarray(), docs.toarray())
+
+
+def test_idf_weighting_lets_a_rare_term_outrank_a_common_one() -> None:
+    # term 0 is in every document, term 1 in one: without idf the document heavy in the common term wins
+    docs = sp.csr_matrix(np.array([[3.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 2.0]], dtype=np.float32))
+    query = sp.csr_matrix(np.array([[1.0, 1.0]], dtype=np.float32))
+    assert InvertedIndex(docs).search_positions(query, 1)[0][0].tolist() == [0]
+    assert InvertedIndex(idf_reweight(docs, 1.0)).search_positions(query, 1)[0][0].tolist() == [3]
+
+
 def test_sparsity_metrics() -> None:
     q = sp.csr_matrix(np.array([[1, 0, 2, 0], [0, 0, 3, 0]], dtype=np.float32))
     d = sp.csr_matrix(np.array([[1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 0]], dtype=np.float32))
@@ -222,6 +263,27 @@ def test_evaluator_restores_training_mode_and_subsets_queries(tmp_path, encoder)
     assert evaluator.doc_ids[int((q @ docs.T).toarray().argmax())] == best_doc
 
 
+def test_evaluator_with_idf_power_scores_with_the_weighted_index(tmp_path, encoder) -> None:
+    from splade_obs.data import load_beir
+
+    beir = load_beir(write_beir(tmp_path / "beir"), "test")
+    evaluator = RetrievalEvaluator(beir, max_query_length=16, max_doc_length=32, idf_power=0.5)
+    metrics = evaluator.evaluate(encoder)
+    docs = encoder.encode(evaluator.doc_texts, max_length=32)
+    queries = encoder.encode(evaluator.query_texts, max_length=16)
+    dense = (queries @ idf_reweight(docs, 0.5).T).toarray()
+    plain = (queries @ docs.T).toarray()
+    for r, qid in enumerate(evaluator.query_ids):
+        got = evaluator.run()[qid]
+        for docid, score in got.items():
+            assert score == pytest.approx(float(dense[r, evaluator.doc_ids.index(docid)]), rel=1e-5)
+    assert not np.allclose(dense, plain), "the weighting changes the scores"
+    plain_nnz = RetrievalEvaluator(beir, max_query_length=16, max_doc_length=32).evaluate(encoder)["doc_nnz"]
+    assert metrics["doc_nnz"] == plain_nnz, "sparsity is the model's own, not the index weighting's"
+    with pytest.raises(EvaluationError, match="idf power"):
+        RetrievalEvaluator(beir, idf_power=-1.0)
+
+
 def test_evaluate_cli_on_a_small_beir_folder(tmp_path) -> None:
     from cli.main import cli
 
@@ -241,6 +303,7 @@ def test_evaluate_cli_on_a_small_beir_folder(tmp_path) -> None:
     assert metrics["num_queries"] == 4
     assert metrics["mrr@10"] > 0.5, "a real model finds the obvious matches of this toy corpus"
     assert json.loads(out.read_text()) == payload
+    assert payload["idf_power"] == 0.0
     assert "ndcg@10" in result.stderr  # the console table goes to stderr
     rows = [line.split() for line in trec.read_text().splitlines()]
     assert rows and all(len(r) == 6 and r[1] == "Q0" and r[5] == "splade-obs" for r in rows)
@@ -249,6 +312,27 @@ def test_evaluate_cli_on_a_small_beir_folder(tmp_path) -> None:
         scores = [float(r[4]) for r in rows if r[0] == qid]
         assert ranks == list(range(1, len(ranks) + 1)) and 0 < len(ranks) <= 5
         assert scores == sorted(scores, reverse=True)
+
+
+def test_evaluate_cli_idf_power_scores_like_the_weighted_evaluator(tmp_path, encoder) -> None:
+    from cli.main import cli
+    from splade_obs.data import load_beir
+
+    data = write_beir(tmp_path / "beir")
+    trec = tmp_path / "run.trec"
+    result = CliRunner().invoke(cli, ["evaluate", "--model", "splade-tiny", "--data", str(data),
+                                      "--max-query-length", "16", "--max-doc-length", "32", "--idf-power", "0.5",
+                                      "--trec-run", str(trec)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["idf_power"] == 0.5
+    evaluator = RetrievalEvaluator(load_beir(data, "test"), max_query_length=16, max_doc_length=32, idf_power=0.5)
+    evaluator.evaluate(encoder)
+    rows = [line.split() for line in trec.read_text().splitlines()]
+    assert len(rows) == sum(len(v) for v in evaluator.run().values())
+    for qid, _, docid, _, score, _ in rows:
+        assert float(score) == pytest.approx(evaluator.run()[qid][docid], abs=2e-6)
+    bad = CliRunner().invoke(cli, ["evaluate", "--model", "splade-tiny", "--data", str(data), "--idf-power", "-1"])
+    assert bad.exit_code == 2 and "--idf-power" in bad.stderr
 
 
 def test_evaluate_cli_typed_errors(tmp_path) -> None:
