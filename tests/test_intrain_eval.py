@@ -1,0 +1,135 @@
+"""In-training retrieval evaluation (``--eval-data`` / ``--eval-steps`` / ``--save-best-metric``), per-step
+sparsity, and the collapse guard: the real trainer on the real splade-tiny, a BEIR folder the test writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from splade_obs.data import load_beir
+from splade_obs.evaluate import RetrievalEvaluator
+from splade_obs.events import CheckpointSaved, EvaluationDone, Message, RecordingSink, StepDone
+from splade_obs.hub import resolve_model
+from splade_obs.model import SpladeEncoder
+from splade_obs.run import run_training
+
+from tests._eval_utils import write_beir
+
+OPTIM = {"learning_rate": 2e-3, "mixed_precision": "no"}
+
+
+def test_evaluation_every_n_steps_and_at_the_end_reaches_the_sinks_and_keeps_the_best(tiny_cfg, tmp_path):
+    data = write_beir(tmp_path / "beir", split="dev")
+    rec = RecordingSink()
+    cfg = tiny_cfg(optim={**OPTIM, "max_steps": 5},
+                   eval={"eval_data": str(data), "eval_split": "dev", "eval_steps": 2, "save_best_metric": "ndcg@10"})
+    res = run_training(cfg, extra_sinks=[rec])
+    assert res.status == "FINISHED"
+
+    evals = rec.of(EvaluationDone)
+    assert [e.step for e in evals] == [2, 4, 5], "every --eval-steps, then once at the end"
+    for e in evals:
+        assert e.split == "dev" and e.metrics["num_queries"] == 4 and e.metrics["num_docs"] == 10
+        for key in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
+            assert 0.0 <= e.metrics[key] <= 1.0
+        assert e.metrics["query_nnz"] > 0 and e.metrics["doc_nnz"] > 0 and e.metrics["flops"] > 0
+    # is_best marks a new running maximum of the chosen metric (strictly better), the first one included
+    best = None
+    for e in evals:
+        assert e.is_best == (best is None or e.metrics["ndcg@10"] > best)
+        best = e.metrics["ndcg@10"] if e.is_best else best
+    best_event = [e for e in evals if e.is_best][-1]
+    assert [c.step for c in rec.of(CheckpointSaved) if c.reason == "best"] == [e.step for e in evals if e.is_best]
+
+    # best/ holds the model of the best evaluation: scoring it again gives the same numbers
+    best_dir = cfg.output_dir / "best"
+    saved = json.loads((best_dir / "metrics.json").read_text(encoding="utf-8"))
+    assert saved["step"] == best_event.step and saved["ndcg@10"] == pytest.approx(best_event.metrics["ndcg@10"])
+    again = RetrievalEvaluator(load_beir(data, "dev"), max_query_length=16, max_doc_length=32).evaluate(
+        SpladeEncoder.from_pretrained(str(best_dir)))
+    for key in ("ndcg@10", "mrr@10", "query_nnz", "doc_nnz"):
+        assert again[key] == pytest.approx(best_event.metrics[key], abs=1e-6), key
+
+    # the metrics file has every evaluation, and the final metrics are the last evaluation's
+    doc = json.loads((cfg.log_dir / "training_metrics.json").read_text(encoding="utf-8"))
+    assert [(x["step"], x["split"], x["is_best"]) for x in doc["eval"]] == [(e.step, "dev", e.is_best) for e in evals]
+    assert [x["metrics"]["ndcg@10"] for x in doc["eval"]] == pytest.approx([e.metrics["ndcg@10"] for e in evals])
+    assert doc["final_metrics"]["eval_ndcg@10"] == pytest.approx(evals[-1].metrics["ndcg@10"])
+
+    # sparsity is tracked at every optimizer step, not only at evaluations
+    steps = rec.of(StepDone)
+    assert [s.step for s in steps] == [1, 2, 3, 4, 5]
+    assert all(s.query_nnz > 0 and s.doc_nnz > 0 and s.flops > 0 for s in steps)
+    assert doc["metrics_by_epoch"]["1"]["query_nnz"] > 0 and doc["metrics_by_epoch"]["1"]["doc_nnz"] > 0
+
+
+def test_idf_power_reaches_the_in_training_evaluator(tiny_cfg, tmp_path):
+    from splade_obs.run import _build_evaluator
+
+    data = write_beir(tmp_path / "beir", split="dev")
+    cfg = tiny_cfg(eval={"eval_data": str(data), "eval_split": "dev", "eval_idf_power": 0.7})
+    assert _build_evaluator(cfg).idf_power == 0.7
+    assert _build_evaluator(tiny_cfg(eval={"eval_data": str(data), "eval_split": "dev"})).idf_power == 0.0
+
+
+def test_a_negative_idf_power_is_a_config_error_before_training(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from splade_obs.errors import EXIT_CODES, ErrorCategory
+
+    data = write_beir(tmp_path / "beir", split="dev")
+    res = CliRunner().invoke(cli, ["train", "--no-mlflow", "--output-dir", str(tmp_path / "out"),
+                                   "--eval-data", str(data), "--eval-idf-power", "-0.5"])
+    assert res.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR], res.output
+    assert "eval.eval_idf_power" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out" / "final").exists()
+
+
+# ------------------------------------------------------------------------------------------- collapse guard
+def _model_with_output_bias(tmp_path: Path, bias: float) -> Path:
+    """A copy of splade-tiny whose MLM output bias is ``bias`` for every term: a large negative bias makes
+    every log(1 + ReLU) weight zero (collapse), a large positive one makes every term active (dense)."""
+    src = Path(resolve_model("splade-tiny"))
+    dst = tmp_path / f"bias{bias:+g}"
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    weights["cls.predictions.bias"] = torch.full_like(weights["cls.predictions.bias"], bias)
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("bias,guards", [(-1e4, {"query_all_zero", "doc_all_zero"}),
+                                         (1e2, {"query_dense", "doc_dense"})])
+def test_collapse_guard_warns_once_and_records_an_event(tiny_cfg, tmp_path, bias, guards):
+    model = _model_with_output_bias(tmp_path, bias)
+    rec = RecordingSink()
+    cfg = tiny_cfg(model={"name": str(model)}, optim={**OPTIM, "max_steps": 3, "learning_rate": 1e-6},
+                   logging={"json_logs": True})
+    res = run_training(cfg, extra_sinks=[rec])
+    assert res.status == "FINISHED"
+    steps = rec.of(StepDone)
+    if "query_all_zero" in guards:
+        assert all(s.query_nnz == 0 and s.doc_nnz == 0 for s in steps)
+    else:
+        vocab = SpladeEncoder.from_pretrained(str(model)).vocab_size
+        assert all(s.query_nnz > 0.5 * vocab and s.doc_nnz > 0.5 * vocab for s in steps)
+    warned = [m for m in rec.of(Message) if m.fields.get("guard")]
+    assert {m.fields["guard"] for m in warned} == guards
+    assert len(warned) == 2, "each guard fires once per run, not at every step"
+    assert all(m.level == "WARNING" and m.text.startswith("collapse guard") and m.fields["step"] == 1
+               for m in warned)
+    logged = [json.loads(line) for line in (cfg.log_dir / "train_splade.jsonl").read_text().splitlines()]
+    assert sum("collapse guard" in r.get("message", "") for r in logged) == 2
+
+
+def test_a_healthy_model_trips_no_guard(tiny_cfg):
+    rec = RecordingSink()
+    assert run_training(tiny_cfg(optim={**OPTIM, "max_steps": 2}), extra_sinks=[rec]).status == "FINISHED"
+    assert not [m for m in rec.of(Message) if m.fields.get("guard")]
