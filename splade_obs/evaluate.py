@@ -260,14 +260,19 @@ def compute_metrics(run: Run, qrels: Qrels) -> dict[str, float]:
     }
 
 
+def _check_idf_power(power: float) -> float:
+    if not (power >= 0 and math.isfinite(power)):
+        raise EvaluationError(f"idf power must be a finite number >= 0, got {power}")
+    return float(power)
+
+
 def idf_weights(doc_vectors: sp.spmatrix | np.ndarray, power: float) -> np.ndarray:
     """Per-term factor ``idf_j ** power`` from the document frequencies of the document vectors themselves.
 
     ``idf_j = ln(1 + (N - df_j + 0.5) / (df_j + 0.5))`` (BM25's, always > 0); ``df_j`` counts the documents
     with a non-zero weight for term ``j``. ``power`` 0 gives all ones.
     """
-    if not (power >= 0 and math.isfinite(power)):
-        raise EvaluationError(f"idf power must be a finite number >= 0, got {power}")
+    _check_idf_power(power)
     docs = sp.csr_matrix(doc_vectors, copy=True)
     docs.sum_duplicates()
     n = docs.shape[0]
@@ -342,9 +347,7 @@ class RetrievalEvaluator:
                  top_k_retrieve: int = 100, idf_power: float = 0.0) -> None:
         from .data import beir_doc_text
 
-        if not (idf_power >= 0 and math.isfinite(idf_power)):
-            raise EvaluationError(f"idf power must be a finite number >= 0, got {idf_power}")
-        self.idf_power = float(idf_power)
+        self.idf_power = _check_idf_power(idf_power)  # fail before any encoding
         if top_k_retrieve < 100:
             log.warning("top_k_retrieve=%d < 100: recall@100 and map@100 only see the top %d",
                         top_k_retrieve, top_k_retrieve)
