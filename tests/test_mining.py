@@ -358,3 +358,71 @@ def test_sentence_queries_through_the_cli(tmp_path) -> None:
     assert (f"mined {len(records)} records, {counts['title']} from titles, {counts['sentence']} from last "
             "sentences (bm25, depth 5)") in result.stderr
     assert load_training_data(out).examples
+
+
+# ----------------------------------------------------------------------------- a dense model in the teacher
+@pytest.fixture(scope="module")
+def dense():
+    """A real bi-encoder without the hub: splade-tiny's BERT under sentence-transformers' mean pooling."""
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is in the test extra")
+    from splade_obs.mining import load_dense_encoder
+
+    return load_dense_encoder("splade-tiny")
+
+
+def test_a_dense_model_joins_the_hybrid_teacher_by_the_fusion_formula(beir, encoder, dense) -> None:
+    import numpy as np
+
+    Stemmer = pytest.importorskip("Stemmer", reason="PyStemmer is in the test extra")
+    stemmer = Stemmer.Stemmer("english")
+    kwargs = dict(method="hybrid", encoder=encoder, num_negatives=3, depth=6, max_query_length=16,
+                  max_doc_length=32, batch_size=4, teacher_scores=True, bm25_weight=0.3, stemmer=stemmer)
+    result = mine_negatives(beir, **kwargs, dense_encoder=dense, dense_weight=0.4)
+    ids = list(beir.corpus)
+    texts = [beir_doc_text(beir.corpus[d]) for d in ids]
+    qids = [q for q in beir.queries if q in POSITIVES]
+    queries = [beir.queries[q] for q in qids]
+    docs = encoder.encode(texts, max_length=32, batch_size=4)
+    splade = (encoder.encode(queries, max_length=16) @ docs.T).toarray()
+    bm25 = _bm25_rows(texts, queries, stemmer)
+    unit = lambda m: m / np.linalg.norm(m, axis=1, keepdims=True)  # noqa: E731
+    cosine = unit(dense.encode(queries)) @ unit(dense.encode(texts)).T
+    scale = float(splade.max(axis=1).mean())
+    assert result.teacher_scale == pytest.approx(scale, rel=1e-6)  # the scale stays SPLADE's
+    assert len(result.records) == 7
+    for rec in result.records:
+        i = qids.index(rec["query_id"])
+        expected = [scale * (0.6 * (0.3 * bm25[i][ids.index(d)] / bm25[i].max()
+                                    + 0.7 * splade[i, ids.index(d)] / splade[i].max())
+                             + 0.4 * cosine[i, ids.index(d)] / cosine[i].max())
+                    for d in rec["positive_ids"] + rec["negative_ids"]]
+        assert rec["scores"] == pytest.approx(expected, abs=2e-3)
+        assert not set(rec["negative_ids"]) & POSITIVES[rec["query_id"]]
+        assert rec["scores"][1:] == sorted(rec["scores"][1:], reverse=True)
+    plain = mine_negatives(beir, **kwargs)
+    assert [r["scores"] for r in plain.records] != [r["scores"] for r in result.records]
+
+
+def test_dense_teacher_through_the_cli_and_its_misuse(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("sentence_transformers", reason="sentence-transformers is in the test extra")
+    data = write_beir(tmp_path / "beir", split="train")
+    base = ["mine-negatives", "--data", str(data), "--num-negatives", "2", "--depth", "6", "--teacher-scores",
+            "--max-query-length", "16", "--max-doc-length", "32", "--batch-size", "4"]
+    out = tmp_path / "dense.jsonl"
+    ok = CliRunner().invoke(cli, [*base, "--method", "hybrid", "--dense-model", "splade-tiny", "--dense-weight",
+                                  "0.5", "--output", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert len(load_training_data(out).examples) == 7
+    # only the hybrid teacher takes a dense model: a config error, nothing written
+    bad = CliRunner().invoke(cli, [*base, "--method", "splade", "--dense-model", "splade-tiny",
+                                   "--output", str(tmp_path / "no.jsonl")])
+    assert bad.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR] and "--method hybrid" in bad.stderr
+    assert "Traceback" not in bad.stderr and not (tmp_path / "no.jsonl").exists()
+    missing = CliRunner().invoke(cli, [*base, "--method", "hybrid", "--dense-model", str(tmp_path / "nowhere"),
+                                       "--output", str(tmp_path / "no.jsonl")])
+    assert missing.exit_code == EXIT_CODES[ErrorCategory.MODEL_ERROR] and "nowhere" in missing.stderr
+    monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # fault injection: the import fails
+    gone = CliRunner().invoke(cli, [*base, "--method", "hybrid", "--dense-model", "splade-tiny",
+                                    "--output", str(tmp_path / "no.jsonl")])
+    assert gone.exit_code == EXIT_CODES[ErrorCategory.DEPENDENCY_ERROR]
+    assert "sentence-transformers" in gone.stderr and "Traceback" not in gone.stderr
