@@ -39,6 +39,9 @@ from .evaluate_cmd import pick_device
                    "whose cosine joins --method hybrid's teacher, with --dense-weight.")
 @click.option("--dense-weight", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Weight of --dense-model's score in the hybrid teacher (BM25 + SPLADE's fusion gets 1 - this).")
+@click.option("--dense-candidates/--no-dense-candidates", default=True, show_default=True,
+              help="Whether --dense-model's top list joins the negative pool; with --no-dense-candidates the "
+                   "negatives come from the BM25 + SPLADE fusion's top --depth and the dense model only scores them.")
 @click.option("--stemmer", default="english", show_default=True,
               help="Snowball stemmer of BM25 (PyStemmer), or 'none'.")
 @click.option("--title-queries", is_flag=True,
@@ -55,7 +58,7 @@ from .evaluate_cmd import pick_device
 @handle_errors(ErrorCategory.DATA_ERROR)
 def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, method: str, num_negatives: int,
                    depth: int, sample: bool, seed: int, teacher_scores: bool, bm25_weight: float,
-                   dense_model: str | None, dense_weight: float, stemmer: str,
+                   dense_model: str | None, dense_weight: float, dense_candidates: bool, stemmer: str,
                    title_queries: bool, sentence_queries: bool, max_query_length: int, max_doc_length: int,
                    batch_size: int, device: str, debug: bool) -> None:
     """For each query: retrieve the top --depth documents, drop known positives, keep --num-negatives.
@@ -87,7 +90,7 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
                   max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size,
                   teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stem, sample=sample, seed=seed,
                   title_queries=title_queries, sentence_queries=sentence_queries, dense_encoder=dense,
-                  dense_weight=dense_weight)
+                  dense_weight=dense_weight, dense_candidates=dense_candidates)
     if not result.records:
         from splade_obs.errors import DataError
 

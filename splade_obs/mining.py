@@ -232,13 +232,16 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
                    amp_dtype: Any = None, teacher_scores: bool = False, bm25_weight: float = 0.5,
                    stemmer: Any = None, sample: bool = False, seed: int = 0,
                    title_queries: bool = False, sentence_queries: bool = False,
-                   dense_encoder: Any = None, dense_weight: float = 0.5) -> MiningResult:
+                   dense_encoder: Any = None, dense_weight: float = 0.5,
+                   dense_candidates: bool = True) -> MiningResult:
     """Build training records with hard negatives for every query of ``beir``'s qrels that has a positive.
 
     See the module docstring for ``teacher_scores``, ``method="hybrid"``, ``sample``, ``title_queries`` and
     ``sentence_queries``.
     ``stemmer`` (see :func:`make_stemmer`) applies to BM25. ``dense_encoder`` (a sentence-transformers
-    bi-encoder, hybrid only) adds its cosine to the fusion with weight ``dense_weight`` (module docstring).
+    bi-encoder, hybrid only) adds its cosine to the fusion with weight ``dense_weight`` (module docstring);
+    ``dense_candidates=False`` keeps it out of the negative pool: the negatives are drawn from the BM25 + SPLADE
+    fusion's top ``depth``, and only their scores are the fusion with the dense model.
     """
     from .data import beir_doc_text
 
@@ -263,7 +266,7 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
     options = dict(encoder=encoder, num_negatives=num_negatives, depth=depth, max_query_length=max_query_length,
                    max_doc_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype,
                    teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stemmer, sample=sample, seed=seed,
-                   dense_encoder=dense_encoder, dense_weight=dense_weight)
+                   dense_encoder=dense_encoder, dense_weight=dense_weight, dense_candidates=dense_candidates)
     doc_ids = list(beir.corpus)
     doc_texts = [beir_doc_text(beir.corpus[d]) for d in doc_ids]
     queries = [(qid, beir.queries[qid], positives) for qid, positives in pairs]
@@ -297,7 +300,7 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
                queries: list[tuple[str, str, list[str]]], *, encoder: Any, num_negatives: int, depth: int,
                max_query_length: int, max_doc_length: int, batch_size: int, amp_dtype: Any, teacher_scores: bool,
                bm25_weight: float, stemmer: Any, sample: bool, seed: int, scale: float | None,
-               dense_encoder: Any = None, dense_weight: float = 0.5) -> float | None:
+               dense_encoder: Any = None, dense_weight: float = 0.5, dense_candidates: bool = True) -> float | None:
     """Mine ``queries`` against ``doc_ids`` into ``result``; return the hybrid scale used (given or computed)."""
     position = {d: i for i, d in enumerate(doc_ids)}
     query_texts = [text for _, text, _ in queries]
@@ -312,10 +315,14 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
         scale = sum(splade_max) / max(1, len(splade_max))
     for i, (qid, text, positives) in enumerate(queries):
         if method == "hybrid":
-            scores = scale * fuse_scores({m: r.row(i) for m, r in retrievers.items()}, bm25_weight, dense_weight)
-            # Candidates from every retriever's top list, ranked by the fused score.
-            candidates = set().union(*(r.top(i, depth) for r in retrievers.values()))
-            hits = sorted(candidates, key=lambda j: (-scores[j], j))[:depth]
+            rows = {m: r.row(i) for m, r in retrievers.items()}
+            scores = scale * fuse_scores(rows, bm25_weight, dense_weight)
+            # Candidates from every retriever's top list (the dense one's only with dense_candidates), ranked by
+            # the fused score (without dense_candidates: by the BM25 + SPLADE fusion alone).
+            pool = [m for m in retrievers if dense_candidates or m != "dense"]
+            rank = scores if pool == list(retrievers) else fuse_scores({m: rows[m] for m in pool}, bm25_weight)
+            candidates = set().union(*(retrievers[m].top(i, depth) for m in pool))
+            hits = sorted(candidates, key=lambda j: (-rank[j], j))[:depth]
         else:
             scores = retrievers[method].row(i)
             hits = retrievers[method].top(i, depth)

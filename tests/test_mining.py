@@ -403,6 +403,34 @@ def test_a_dense_model_joins_the_hybrid_teacher_by_the_fusion_formula(beir, enco
     assert [r["scores"] for r in plain.records] != [r["scores"] for r in result.records]
 
 
+def test_without_dense_candidates_the_sparse_fusion_draws_the_negatives_and_the_dense_teacher_scores_them(
+        beir, encoder, dense) -> None:
+    """--no-dense-candidates: the negatives of the BM25 + SPLADE teacher (same pool, same seeded draw), the scores of
+    the teacher with the dense model in it; the default pool takes the dense model's top list and fused ranking."""
+    Stemmer = pytest.importorskip("Stemmer", reason="PyStemmer is in the test extra")
+    kwargs = dict(method="hybrid", encoder=encoder, num_negatives=2, depth=4, max_query_length=16,
+                  max_doc_length=32, batch_size=4, teacher_scores=True, stemmer=Stemmer.Stemmer("english"),
+                  sample=True, seed=3, title_queries=True)
+    plain = mine_negatives(beir, **kwargs)
+    scored = mine_negatives(beir, **kwargs, dense_encoder=dense, dense_weight=0.4, dense_candidates=False)
+    full = mine_negatives(beir, **kwargs, dense_encoder=dense, dense_weight=0.4)
+    key = lambda r: (r["query_id"], r["positive_ids"], r["negative_ids"])  # noqa: E731
+    assert [key(r) for r in scored.records] == [key(r) for r in plain.records]
+    assert scored.teacher_scale == full.teacher_scale == plain.teacher_scale
+    # a document's score for a query is the dense teacher's whichever pool drew it
+    full_scores = {(r["query_id"], d): s for r in full.records
+                   for d, s in zip(r["positive_ids"] + r["negative_ids"], r["scores"])}
+    shared = 0
+    for rec in scored.records:
+        for d, s in zip(rec["positive_ids"] + rec["negative_ids"], rec["scores"]):
+            if (rec["query_id"], d) in full_scores:
+                assert s == full_scores[rec["query_id"], d]
+                shared += 1
+    assert shared > len(scored.records)  # every positive and some negatives
+    assert [r["scores"] for r in scored.records] != [r["scores"] for r in plain.records]
+    assert [r["negative_ids"] for r in full.records] != [r["negative_ids"] for r in scored.records]
+
+
 def test_dense_teacher_through_the_cli_and_its_misuse(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("sentence_transformers", reason="sentence-transformers is in the test extra")
     data = write_beir(tmp_path / "beir", split="train")
@@ -413,6 +441,11 @@ def test_dense_teacher_through_the_cli_and_its_misuse(tmp_path, monkeypatch: pyt
                                   "0.5", "--output", str(out)])
     assert ok.exit_code == 0, ok.output
     assert len(load_training_data(out).examples) == 7
+    pooled = tmp_path / "sparse-pool.jsonl"
+    ok = CliRunner().invoke(cli, [*base, "--method", "hybrid", "--dense-model", "splade-tiny",
+                                  "--no-dense-candidates", "--output", str(pooled)])
+    assert ok.exit_code == 0, ok.output
+    assert len(load_training_data(pooled).examples) == 7
     # only the hybrid teacher takes a dense model: a config error, nothing written
     bad = CliRunner().invoke(cli, [*base, "--method", "splade", "--dense-model", "splade-tiny",
                                    "--output", str(tmp_path / "no.jsonl")])
