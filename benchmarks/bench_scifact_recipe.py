@@ -43,6 +43,14 @@ already sparse):
   weighted by idf^0.4 (``"idf_power"``: ``evaluate --idf-power``, idf from the encoded corpus's document
   frequencies; 0.4 chosen on dev, see ``scratch_probes.index_time_idf_weighting`` in the results); the row
   also carries the same model's metrics without the weighting (``without_idf``).
+* ``distill-titles-2ep-kl-lr2e-4-dense``: ``distill-titles-2ep-kl-lr2e-4`` from a teacher that adds a dense
+  bi-encoder to the hybrid (``mine-negatives --dense-model all-minilm-l6-v2``, dense weight 0.5, chosen on the
+  train queries by ``bench_teacher.py``) and scores the negatives the BM25 + SPLADE teacher draws
+  (``--no-dense-candidates``): the README's recipe, mined and trained from scratch.
+* ``distill-titles-2ep-kl-lr2e-4-dense-pool``: the same with the dense model's top list in the negative pool
+  and the three-way fusion ranking it (``mine-negatives``' default with ``--dense-model``).
+  Test runs of these two write elsewhere than the dev-chosen recipe's, e.g. ``--stage test --recipe
+  distill-titles-2ep-kl-lr2e-4-dense --output benchmarks/results/scifact_dense_recipe.json``.
 
 A recipe's dev rank is its dev nDCG@10, or the mean over seeds where one recipe was run with several seeds
 (``ndcg@10_seed_mean``): one seed of a recipe is one draw, and draws of one recipe differ by ~0.01 on dev.
@@ -116,6 +124,14 @@ RECIPES: dict[str, dict[str, Any]] = {
                                            "adapt": ["--epochs", "2", "--learning-rate", "5e-5"]},
     # the same training; the index weighted by idf^0.4 at scoring time (evaluate --idf-power)
     "distill-titles-2ep-kl-lr2e-4-idf": {**DISTILL_KL, "learning_rate": 2e-4, "idf_power": 0.4},
+    # the same training from a teacher with a dense bi-encoder in the fusion (dense weight 0.5, the default),
+    # negatives drawn by the BM25 + SPLADE fusion (the README's recipe) or from a pool the dense model joins
+    "distill-titles-2ep-kl-lr2e-4-dense": {**DISTILL_KL, "learning_rate": 2e-4,
+                                           "mine": [*HYBRID, "--title-queries", "--dense-model", "all-minilm-l6-v2",
+                                                    "--no-dense-candidates"]},
+    "distill-titles-2ep-kl-lr2e-4-dense-pool": {**DISTILL_KL, "learning_rate": 2e-4,
+                                                "mine": [*HYBRID, "--title-queries", "--dense-model",
+                                                         "all-minilm-l6-v2"]},
 }
 
 
