@@ -1,37 +1,43 @@
-"""Retrieval quality on SciFact test: BM25 (bm25s) vs splade-tiny zero-shot vs fine-tuned models, one table.
+"""Retrieval quality on SciFact test: BM25 (bm25s) vs splade-tiny zero-shot vs fine-tuned models, one table,
+and the issue's target checked: does a model trained here beat BM25 on nDCG@10?
 
-Every row is scored by the same code (``splade_obs.evaluate``: the BM25 run through ``compute_metrics``,
+Every row is scored by the same code (``splade_obs.evaluate``: the BM25 runs through ``compute_metrics``,
 the SPLADE models through ``RetrievalEvaluator`` at query length 64 / document length 256), so the numbers
-are comparable.
+are comparable. Every trained row is compared query by query with each BM25 row (mean difference of nDCG@10,
+95% bootstrap interval, paired randomisation p-value: ``splade_obs.evaluate.paired_comparison``) and the
+verdict is printed and written under ``target``; ``--require-target`` makes the script exit 1 when no
+trained row is above every BM25 row.
 
 The fine-tuned rows come from two trainers fed the same data:
 
-* ``--train ours``: this project's trainer (``splade_obs.run.run_training``) with
-  ``benchmarks/configs/scifact_finetune.toml`` on SciFact train queries with hard negatives mined by
-  splade-tiny (``splade-obs mine-negatives``; mined once into ``--triples`` when the file is missing).
-* ``--train st``: sentence-transformers' ``SparseEncoderTrainer`` with ``SpladeLoss`` around
-  ``SparseMultipleNegativesRankingLoss``, the same model, the same (query, positive, negative) triples
-  (the exact positive/negative our collator picks for each epoch), batch size, optimizer steps, learning
-  rate and schedule, warm-up, weight decay, FLOPS weights (quadratic ramp over the first third, as ours),
-  precision and maximum lengths (ST has one ``max_seq_length``: 256; SciFact claims are far shorter than
-  64 tokens, so the query cap does not bind on either side).
+* ``--train ours``: this project's trainer (``splade_obs.run.run_training``) with ``--config`` (default
+  ``benchmarks/configs/scifact_distill.toml``, the README's recipe) on ``--triples``. For a distillation
+  config a missing ``--triples`` file is mined with the README's teacher command (``mine-negatives --method
+  hybrid --dense-model all-minilm-l6-v2 --no-dense-candidates --teacher-scores --sample --num-negatives 8
+  --depth 30 --title-queries``, ~13 min here); for a contrastive config (e.g. ``configs/scifact_finetune.toml``)
+  with splade-tiny's hard negatives (``mine-negatives --num-negatives 4 --depth 50``).
+* ``--train st``: sentence-transformers' ``SparseEncoderTrainer`` with ``SpladeLoss`` around the loss that
+  matches the config, the same model, the same rows in the same order (the positive and negatives our
+  collator picks for each epoch), batch size, optimizer steps, learning rate and schedule, warm-up, weight
+  decay, FLOPS weights, precision and maximum lengths (ST has one ``max_seq_length``: 256; SciFact claims are
+  far shorter than 64 tokens, so the query cap does not bind on either side). Losses: a contrastive config
+  trains ``SparseMultipleNegativesRankingLoss``; a distillation config (``contrastive_weight = 0``) trains
+  ``SparseMarginMSELoss`` (``margin_mse``), ``SparseDistillKLDivLoss`` at the config's temperature (``kl``) or
+  the sum of both (``kl_margin_mse``, as ours), on the records' teacher scores (positive first).
 
-With a pure-MarginMSE config (``contrastive_weight = 0``, ``distillation = "margin_mse"``) and a
-``--triples`` file with teacher scores (``mine-negatives --teacher-scores``), the sentence-transformers side
-trains with ``SparseMarginMSELoss`` on the same (query, positive, negatives, teacher margins) rows.
-
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_quality.py --train ours --train st
-    .venv/bin/python benchmarks/bench_quality.py --model "mine=runs/x/final"      # add any saved model
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_quality.py --train ours --train st \
+        --triples /tmp/teacher.jsonl --model "soup=runs/soup"          # add any saved model as a row
 
 Trained models are kept under ``--workdir`` (default /tmp/splade-obs-bench). Writes
-benchmarks/results/bench_quality.json. Needs the bench extra (bm25s, sentence-transformers, datasets,
-accelerate).
+benchmarks/results/bench_quality.json. Needs the bench extra (bm25s, PyStemmer, sentence-transformers,
+datasets, accelerate).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import os
 import subprocess
@@ -42,7 +48,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "scifact"
-DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "scifact_finetune.toml"
+DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "scifact_distill.toml"
 RESULTS = ROOT / "benchmarks" / "results"
 KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 QUERY_LENGTH = 64
@@ -53,16 +59,31 @@ from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run 
 
 
 # ------------------------------------------------------------------------------------------- data
-def ensure_triples(triples: Path, data: Path, max_doc_length: int) -> Path:
-    """Mine splade-tiny hard negatives for the train split once (4 per query from the top 50, positives excluded)."""
+# the README's distillation teacher: BM25 + SPLADE + dense scores, negatives drawn by the sparse fusion
+TEACHER_MINING = ["--method", "hybrid", "--dense-model", "all-minilm-l6-v2", "--no-dense-candidates",
+                  "--teacher-scores", "--sample", "--num-negatives", "8", "--depth", "30", "--title-queries"]
+HARD_NEGATIVE_MINING = ["--num-negatives", "4", "--depth", "50"]
+
+
+def ensure_triples(triples: Path, data: Path, max_doc_length: int, distill: bool) -> Path:
+    """Mine the training file once: the README's teacher file for a distillation config, else splade-tiny's
+    hard negatives (4 per query from the top 50, positives excluded)."""
     if triples.is_file():
         return triples
     triples.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "cli.main", "mine-negatives", "--model", "splade-tiny", "--data", str(data),
-           "--split", "train", "--num-negatives", "4", "--depth", "50", "--max-doc-length", str(max_doc_length),
-           "--output", str(triples)]
+           "--split", "train", "--max-doc-length", str(max_doc_length), "--output", str(triples),
+           *(TEACHER_MINING if distill else HARD_NEGATIVE_MINING)]
     subprocess.run(cmd, check=True, cwd=ROOT)
     return triples
+
+
+def is_distill(config: Path) -> bool:
+    """A pure distillation config: no contrastive term, a distillation loss (the data must carry scores)."""
+    from splade_obs.config import TrainConfig, flatten, load_config_file
+
+    cfg = TrainConfig.from_mapping(flatten(load_config_file(config)), source=str(config))
+    return cfg.loss.contrastive_weight == 0 and cfg.loss.distillation != "none"
 
 
 def train_config(config: Path, triples: Path, out_dir: Path, max_steps: int | None = None,
@@ -119,13 +140,14 @@ def st_triples(cfg, steps: int) -> dict[str, list[str]]:
 
 
 def st_distill_columns(cfg, steps: int) -> dict[str, list]:
-    """(query, positive, negative_1..K, label) for SparseMarginMSELoss: our collator's picks, in our order, with
-    the teacher margins ``score(positive) - score(negative_i)`` from the records' ``scores``."""
+    """(query, positive, negative_1..K, label) for ST's distillation losses: our collator's picks, in our order,
+    with the teacher's scores ``[score(positive), score(negative_1), ...]`` from the records' ``scores``
+    (``SparseMarginMSELoss`` turns them into the margins ``score(positive) - score(negative_i)`` itself)."""
     from splade_obs.data import load_training_data
 
     k = cfg.data.num_negatives
     if k < 1 or any(ex.scores is None or not ex.negatives for ex in load_training_data(cfg.data.train_file).examples):
-        raise SystemExit(f"{cfg.data.train_file}: MarginMSE needs num_negatives >= 1 and every record with "
+        raise SystemExit(f"{cfg.data.train_file}: distillation needs num_negatives >= 1 and every record with "
                          "negatives and teacher scores (mine-negatives --teacher-scores)")
     cols: dict[str, list] = {"query": [], "positive": [], **{f"negative_{i + 1}": [] for i in range(k)}, "label": []}
     for ex, pos, negs in collator_picks(cfg, steps, k):
@@ -133,8 +155,39 @@ def st_distill_columns(cfg, steps: int) -> dict[str, list]:
         cols["positive"].append(ex.positives[pos])
         for j, n in enumerate(negs):
             cols[f"negative_{j + 1}"].append(ex.negatives[n])
-        cols["label"].append([ex.scores[0] - ex.scores[1 + n] for n in negs])
+        cols["label"].append([ex.scores[0], *(ex.scores[1 + n] for n in negs)])
     return cols
+
+
+LOSS_NAMES = {"MarginMSEPlusKL": "SparseMarginMSELoss + SparseDistillKLDivLoss"}
+
+
+def st_distill_loss(model, distillation: str, temperature: float):  # noqa: ANN001, ANN201
+    """The sentence-transformers loss that matches ``loss.distillation``: MarginMSE, listwise KL, or their sum
+    (each term reported by the trainer under its own name, as ours logs ``distill_margin_mse`` / ``distill_kl``)."""
+    import torch
+    from sentence_transformers.sparse_encoder.losses import SparseDistillKLDivLoss, SparseMarginMSELoss
+
+    if distillation in ("auto", "margin_mse"):
+        return SparseMarginMSELoss(model)
+    if distillation == "kl":
+        return SparseDistillKLDivLoss(model, temperature=temperature)
+    if distillation != "kl_margin_mse":
+        raise SystemExit(f"--train st has no sentence-transformers loss for loss.distillation = {distillation!r}")
+
+    class MarginMSEPlusKL(torch.nn.Module):
+        """ST's own two losses on the same embeddings and teacher scores, summed by SpladeLoss (dict output)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.margin_mse = SparseMarginMSELoss(model)
+            self.kl = SparseDistillKLDivLoss(model, temperature=temperature)
+
+        def compute_loss_from_embeddings(self, embeddings, labels):  # noqa: ANN001, ANN201
+            return {"distill_margin_mse": self.margin_mse.compute_loss_from_embeddings(embeddings, labels),
+                    "distill_kl": self.kl.compute_loss_from_embeddings(embeddings, labels)}
+
+    return MarginMSEPlusKL()
 
 
 def throughput(step_ends: list[float], batch_size: int, skip: int) -> float:
@@ -170,8 +223,7 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
     from datasets import Dataset
     from sentence_transformers.sparse_encoder import (SparseEncoder, SparseEncoderTrainer,
                                                       SparseEncoderTrainingArguments)
-    from sentence_transformers.sparse_encoder.losses import (SparseMarginMSELoss, SparseMultipleNegativesRankingLoss,
-                                                             SpladeLoss)
+    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
     from sentence_transformers.training_args import BatchSamplers
     from transformers import TrainerCallback
 
@@ -188,13 +240,12 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
     amp = resolve_amp(cfg.optim.mixed_precision, resolve_device("cpu"))
     model = SparseEncoder(resolve_model(cfg.model.name), device="cpu")
     model.max_seq_length = cfg.model.max_doc_length
-    # Pure distillation configs (contrastive_weight 0, teacher scores in the data) train with ST's MarginMSE.
+    # Pure distillation configs (contrastive_weight 0, teacher scores in the data) train with ST's distillation
+    # losses; the rest with in-batch + hard-negative cross-entropy.
     distill = cfg.loss.contrastive_weight == 0 and cfg.loss.distillation != "none"
-    if distill and cfg.loss.distillation not in ("auto", "margin_mse"):
-        raise SystemExit(f"--train st mirrors MarginMSE only; loss.distillation = {cfg.loss.distillation!r} has no "
-                         "like-for-like sentence-transformers loss here: use a margin_mse config for the comparison")
     dataset = Dataset.from_dict(st_distill_columns(cfg, steps) if distill else st_triples(cfg, steps))
-    inner = SparseMarginMSELoss(model) if distill else SparseMultipleNegativesRankingLoss(model)
+    inner = (st_distill_loss(model, cfg.loss.distillation, cfg.loss.distillation_temperature) if distill
+             else SparseMultipleNegativesRankingLoss(model))
     loss = SpladeLoss(model, inner,
                       query_regularizer_weight=cfg.loss.lambda_q, document_regularizer_weight=cfg.loss.lambda_d)
     args = SparseEncoderTrainingArguments(
@@ -220,14 +271,14 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
             "train_wall_s": wall, "batch_size": cfg.optim.batch_size,
             "samples_per_s": throughput(clock.ends, cfg.optim.batch_size, skip),
             "final_loss": float(out.training_loss), "bf16": amp == torch.bfloat16,
-            "loss": type(inner).__name__}
+            "loss": LOSS_NAMES.get(type(inner).__name__, type(inner).__name__)}
 
 
 # ------------------------------------------------------------------------------------------- rows
 def bm25_rows(beir) -> list[dict]:
     """BM25 without stemming, and with Snowball stemming when PyStemmer is installed."""
     from splade_obs.data import beir_doc_text
-    from splade_obs.evaluate import compute_metrics
+    from splade_obs.evaluate import compute_metrics, ndcg_per_query
     from splade_obs.mining import bm25_search
 
     doc_ids = list(beir.corpus)
@@ -245,29 +296,61 @@ def bm25_rows(beir) -> list[dict]:
         start = time.perf_counter()
         ids, scores = bm25_search(doc_ids, texts, [beir.queries[q] for q in qids], 100, stemmer=stemmer)
         run = {q: dict(zip(i, s)) for q, i, s in zip(qids, ids, scores)}
-        rows.append({"system": label, **compute_metrics(run, {q: beir.qrels[q] for q in qids}),
-                     "seconds": time.perf_counter() - start})
+        qrels = {q: beir.qrels[q] for q in qids}
+        rows.append({"system": label, "kind": "bm25", **compute_metrics(run, qrels),
+                     "seconds": time.perf_counter() - start, "ndcg@10_per_query": ndcg_per_query(run, qrels)})
     return rows
 
 
-def splade_row(label: str, model: str, beir, max_doc_length: int, batch_size: int) -> dict:
-    from splade_obs.evaluate import RetrievalEvaluator
+def splade_row(label: str, model: str, beir, max_doc_length: int, batch_size: int, kind: str) -> dict:
+    from splade_obs.evaluate import RetrievalEvaluator, ndcg_per_query
     from splade_obs.model import SpladeEncoder
 
     start = time.perf_counter()
     encoder = SpladeEncoder.from_pretrained(model)
-    metrics = RetrievalEvaluator(beir, max_query_length=QUERY_LENGTH, max_doc_length=max_doc_length,
-                                 batch_size=batch_size).evaluate(encoder)
-    return {"system": label, "model": model, **{k: metrics[k] for k in KEYS},
+    evaluator = RetrievalEvaluator(beir, max_query_length=QUERY_LENGTH, max_doc_length=max_doc_length,
+                                   batch_size=batch_size)
+    metrics = evaluator.evaluate(encoder)
+    return {"system": label, "kind": kind, "model": model, **{k: metrics[k] for k in KEYS},
             "query_nnz": metrics["query_nnz"], "doc_nnz": metrics["doc_nnz"], "flops": metrics["flops"],
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start,
+            "ndcg@10_per_query": ndcg_per_query(evaluator.run(), evaluator.qrels)}
+
+
+def target_check(rows: list[dict]) -> dict[str, Any]:
+    """The issue's target, "the trained model beats BM25 on SciFact test nDCG@10": every trained row against
+    every BM25 row, query by query; met when some trained row is above every BM25 row (the claim is "above";
+    the p-values say whether it is also significantly above)."""
+    from splade_obs.evaluate import paired_comparison
+
+    bm25 = [r for r in rows if r.get("kind") == "bm25"]
+    trained = [r for r in rows if r.get("kind") == "trained" and "ndcg@10_per_query" in r]
+    out: dict[str, Any] = {"rule": "a trained row's nDCG@10 above every BM25 row's", "rows": {}}
+    for r in trained:
+        out["rows"][r["system"]] = {
+            "ndcg@10": r["ndcg@10"],
+            "above_every_bm25": all(r["ndcg@10"] > b["ndcg@10"] for b in bm25),
+            "vs": {b["system"]: paired_comparison(r["ndcg@10_per_query"], b["ndcg@10_per_query"]) for b in bm25}}
+    winners = [name for name, v in out["rows"].items() if v["above_every_bm25"]]
+    out["met"] = bool(bm25) and bool(winners)
+    out["met_by"] = winners
+    return out
+
+
+def target_lines(target: dict[str, Any]) -> list[str]:
+    lines = [f"target ({target['rule']}): {'MET' if target['met'] else 'NOT MET'}"]
+    for name, v in target["rows"].items():
+        parts = [f"{b}: {c['mean_diff']:+.4f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] p={c['p_value']:.2f}"
+                 for b, c in v["vs"].items()]
+        lines.append(f"  {name} ({v['ndcg@10']:.4f}) vs " + "; ".join(parts))
+    return lines
 
 
 def metrics_row(label: str, path: Path) -> dict:
     """A row from ``splade-obs evaluate --output FILE`` (the same RetrievalEvaluator): no second evaluation."""
     doc = json.loads(Path(path).read_text())
     m = {**doc, **doc.get("metrics", {})}
-    return {"system": label, "model": m.get("model", str(path)), **{k: m[k] for k in KEYS},
+    return {"system": label, "kind": "metrics file", "model": m.get("model", str(path)), **{k: m[k] for k in KEYS},
             "query_nnz": m["query_nnz"], "doc_nnz": m["doc_nnz"], "flops": m["flops"], "metrics_file": str(path),
             **({"measured": m["measured"]} if "measured" in m else {})}
 
@@ -288,8 +371,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--split", default="test")
     ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="training config (TOML) for both trainers")
-    ap.add_argument("--triples", type=Path, default=Path("/tmp/splade-obs-bench/scifact_train_triples.jsonl"),
-                    help="mined training triples (written when missing)")
+    ap.add_argument("--triples", type=Path, default=Path("/tmp/splade-obs-bench/scifact_teacher.jsonl"),
+                    help="the training file (mined when missing: the teacher file for a distillation config)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/splade-obs-bench"))
     ap.add_argument("--train", action="append", default=[], choices=["ours", "st"],
                     help="fine-tune with this trainer and add the row (repeatable)")
@@ -301,6 +384,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     ap.add_argument("--skip-zero-shot", action="store_true")
     ap.add_argument("--output", type=Path, default=RESULTS / "bench_quality.json")
+    ap.add_argument("--require-target", action="store_true",
+                    help="exit 1 unless a trained row's nDCG@10 is above every BM25 row's")
     args = ap.parse_args()
     if not (args.data / "corpus.jsonl").is_file():
         raise SystemExit(f"SciFact not found at {args.data}")
@@ -311,7 +396,7 @@ def main() -> None:
     training: list[dict] = []
     models = [tuple(spec.partition("=")[::2]) for spec in args.model]
     if args.train:
-        triples = ensure_triples(args.triples, args.data, args.max_doc_length)
+        triples = ensure_triples(args.triples, args.data, args.max_doc_length, is_distill(args.config))
         cfg = train_config(args.config, triples, args.workdir / "ours")
         steps = planned_steps(cfg)
         if "ours" in args.train:
@@ -327,25 +412,32 @@ def main() -> None:
     beir = load_beir(args.data, args.split)
     rows = bm25_rows(beir)
     if not args.skip_zero_shot:
-        rows.append(splade_row("splade-tiny zero-shot", "splade-tiny", beir, args.max_doc_length, args.batch_size))
+        rows.append(splade_row("splade-tiny zero-shot", "splade-tiny", beir, args.max_doc_length, args.batch_size,
+                               "zero-shot"))
     for label, path in models:
-        rows.append(splade_row(label or Path(path).name, path, beir, args.max_doc_length, args.batch_size))
+        rows.append(splade_row(label or Path(path).name, path, beir, args.max_doc_length, args.batch_size,
+                               "trained"))
     for spec in args.metrics:
         label, _, path = spec.rpartition("=")
         rows.append(metrics_row(label or Path(path).stem, Path(path)))
+    target = target_check(rows)
     num_queries = sum(1 for rels in beir.qrels.values() if any(r > 0 for r in rels.values()))
     print(f"SciFact {args.split} ({len(beir.corpus)} docs, {num_queries} queries), query length {QUERY_LENGTH}, "
           f"document length {args.max_doc_length}")
     print(table(rows))
+    print("\n".join(target_lines(target)))
     result = {"benchmark": "quality", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "data": str(args.data), "split": args.split, "machine": machine(), "load_avg_start": list(load_start),
-              "rows": rows, "training": training}
+              "rows": rows, "target": target, "training": training}
     if args.train:
         result["train_config"] = json.loads(json.dumps(cfg.to_dict(), default=str))
         result["triples"] = str(args.triples)
+        result["triples_sha256"] = hashlib.sha256(Path(args.triples).read_bytes()).hexdigest()
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written {args.output}")
+    if args.require_target and not target["met"]:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

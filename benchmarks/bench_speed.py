@@ -112,7 +112,7 @@ def train_side(trainer: str, data: Path, triples: Path, config: Path, steps: int
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_quality as bq
 
-    bq.ensure_triples(triples, data, 256)
+    bq.ensure_triples(triples, data, 256, bq.is_distill(config))
     overrides = {"optim.mixed_precision": precision} if precision else {}
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=f"bench-train-{trainer}-") as tmp:

@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from types import ModuleType
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench_module(name: str) -> ModuleType:
+    """A script of benchmarks/ imported as a module (fresh each call, so a test's monkeypatching stays its own)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))  # the scripts import their sibling _common
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 DOCS = {
     "d0": ("Coffee", "Coffee is a brewed drink prepared from roasted coffee beans."),

@@ -2,28 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from splade_obs.config import TrainConfig, flatten, load_config_file
-from tests._eval_utils import QRELS, read_jsonl, write_beir
+from tests._eval_utils import QRELS, bench_module, read_jsonl, write_beir
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _recipe_module():
-    sys.path.insert(0, str(BENCH))  # the script imports its sibling _common
-    spec = importlib.util.spec_from_file_location("bench_scifact_recipe", BENCH / "bench_scifact_recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return bench_module("bench_scifact_recipe")
 
 
 def _tiny_recipe_module(monkeypatch, in_process: bool = True):
