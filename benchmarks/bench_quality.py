@@ -17,8 +17,8 @@ The fine-tuned rows come from two trainers fed the same data:
   --depth 30 --title-queries``, ~13 min here); for a contrastive config (e.g. ``configs/scifact_finetune.toml``)
   with splade-tiny's hard negatives (``mine-negatives --num-negatives 4 --depth 50``).
 * ``--train st``: sentence-transformers' ``SparseEncoderTrainer`` with ``SpladeLoss`` around the loss that
-  matches the config, the same model, the same rows in the same order (the positive and negatives our
-  collator picks for each epoch), batch size, optimizer steps, learning rate and schedule, warm-up, weight
+  matches the config, the same model, the same rows (the positive and negatives our collator picks for each
+  epoch, all epochs' rows in one dataset that ST's seeded sampler shuffles), batch size, optimizer steps, learning rate and schedule, warm-up, weight
   decay, FLOPS weights, precision and maximum lengths (ST has one ``max_seq_length``: 256; SciFact claims are
   far shorter than 64 tokens, so the query cap does not bind on either side). Losses: a contrastive config
   trains ``SparseMultipleNegativesRankingLoss``; a distillation config (``contrastive_weight = 0``) trains
@@ -224,7 +224,10 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
     from sentence_transformers.sparse_encoder import (SparseEncoder, SparseEncoderTrainer,
                                                       SparseEncoderTrainingArguments)
     from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
-    from sentence_transformers.training_args import BatchSamplers
+    try:  # sentence-transformers >= 6 moved it; 5.x has only the old path
+        from sentence_transformers.sentence_transformer.training_args import BatchSamplers
+    except ImportError:
+        from sentence_transformers.training_args import BatchSamplers
     from transformers import TrainerCallback
 
     from splade_obs.hub import resolve_model
@@ -337,6 +340,21 @@ def target_check(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+OURS_ROW = "splade-tiny fine-tuned, splade-obs trainer"
+ST_ROW = "splade-tiny fine-tuned, sentence-transformers trainer"
+
+
+def trainer_comparison(rows: list[dict]) -> dict[str, Any]:
+    """The two trainers' models (same loss, rows, steps) query by query: is either trainer's model better?"""
+    from splade_obs.evaluate import paired_comparison
+
+    by_name = {r["system"]: r for r in rows}
+    if OURS_ROW not in by_name or ST_ROW not in by_name:
+        return {}
+    return {"st_minus_ours": paired_comparison(by_name[ST_ROW]["ndcg@10_per_query"],
+                                               by_name[OURS_ROW]["ndcg@10_per_query"])}
+
+
 def target_lines(target: dict[str, Any]) -> list[str]:
     lines = [f"target ({target['rule']}): {'MET' if target['met'] else 'NOT MET'}"]
     for name, v in target["rows"].items():
@@ -403,11 +421,11 @@ def main() -> None:
             info = train_ours(cfg)
             steps = info["steps"]
             training.append(info)
-            models.append(("splade-tiny fine-tuned, splade-obs trainer", info["model_path"]))
+            models.append((OURS_ROW, info["model_path"]))
         if "st" in args.train:
             info = train_st(cfg, steps, args.workdir / "st")
             training.append(info)
-            models.append(("splade-tiny fine-tuned, sentence-transformers trainer", info["model_path"]))
+            models.append((ST_ROW, info["model_path"]))
 
     beir = load_beir(args.data, args.split)
     rows = bm25_rows(beir)
@@ -421,14 +439,19 @@ def main() -> None:
         label, _, path = spec.rpartition("=")
         rows.append(metrics_row(label or Path(path).stem, Path(path)))
     target = target_check(rows)
+    trainers = trainer_comparison(rows)
     num_queries = sum(1 for rels in beir.qrels.values() if any(r > 0 for r in rels.values()))
     print(f"SciFact {args.split} ({len(beir.corpus)} docs, {num_queries} queries), query length {QUERY_LENGTH}, "
           f"document length {args.max_doc_length}")
     print(table(rows))
     print("\n".join(target_lines(target)))
+    if trainers:
+        c = trainers["st_minus_ours"]
+        print(f"sentence-transformers - splade-obs trainer, nDCG@10 per query: {c['mean_diff']:+.4f} "
+              f"[{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] p={c['p_value']:.2f}")
     result = {"benchmark": "quality", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "data": str(args.data), "split": args.split, "machine": machine(), "load_avg_start": list(load_start),
-              "rows": rows, "target": target, "training": training}
+              "rows": rows, "target": target, "trainers": trainers, "training": training}
     if args.train:
         result["train_config"] = json.loads(json.dumps(cfg.to_dict(), default=str))
         result["triples"] = str(args.triples)

@@ -75,3 +75,12 @@ def test_target_is_met_only_by_a_trained_row_above_every_bm25_row() -> None:
     assert bq.target_lines(target)[0].endswith("MET") and "above (0.6833)" in "\n".join(bq.target_lines(target))
 
     assert not bq.target_check([above])["met"]  # no BM25 row, nothing to beat
+
+
+def test_the_two_trainers_are_compared_query_by_query_only_when_both_trained() -> None:
+    bq = _bench_quality()
+    ours = _row(bq.OURS_ROW, "trained", [0.5, 0.6, 0.7, 0.4, 0.5, 0.6])
+    st = _row(bq.ST_ROW, "trained", [0.6, 0.6, 0.7, 0.5, 0.5, 0.6])
+    assert bq.trainer_comparison([ours]) == {}
+    comparison = bq.trainer_comparison([ours, st])["st_minus_ours"]
+    assert comparison["mean_diff"] == pytest.approx(1 / 30) and comparison["queries"] == 6
