@@ -78,12 +78,16 @@ def ensure_triples(triples: Path, data: Path, max_doc_length: int, distill: bool
     return triples
 
 
-def is_distill(config: Path) -> bool:
+def distills(cfg) -> bool:  # noqa: ANN001
     """A pure distillation config: no contrastive term, a distillation loss (the data must carry scores)."""
+    return cfg.loss.contrastive_weight == 0 and cfg.loss.distillation != "none"
+
+
+def is_distill(config: Path) -> bool:
+    """:func:`distills` of a TOML config file."""
     from splade_obs.config import TrainConfig, flatten, load_config_file
 
-    cfg = TrainConfig.from_mapping(flatten(load_config_file(config)), source=str(config))
-    return cfg.loss.contrastive_weight == 0 and cfg.loss.distillation != "none"
+    return distills(TrainConfig.from_mapping(flatten(load_config_file(config)), source=str(config)))
 
 
 def train_config(config: Path, triples: Path, out_dir: Path, max_steps: int | None = None,
@@ -245,7 +249,7 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
     model.max_seq_length = cfg.model.max_doc_length
     # Pure distillation configs (contrastive_weight 0, teacher scores in the data) train with ST's distillation
     # losses; the rest with in-batch + hard-negative cross-entropy.
-    distill = cfg.loss.contrastive_weight == 0 and cfg.loss.distillation != "none"
+    distill = distills(cfg)
     dataset = Dataset.from_dict(st_distill_columns(cfg, steps) if distill else st_triples(cfg, steps))
     inner = (st_distill_loss(model, cfg.loss.distillation, cfg.loss.distillation_temperature) if distill
              else SparseMultipleNegativesRankingLoss(model))
