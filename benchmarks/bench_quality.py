@@ -359,11 +359,15 @@ def trainer_comparison(rows: list[dict]) -> dict[str, Any]:
                                                by_name[OURS_ROW]["ndcg@10_per_query"])}
 
 
+def comparison_text(c: dict[str, float]) -> str:
+    """A paired comparison as 'mean difference [95% CI] p'."""
+    return f"{c['mean_diff']:+.4f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] p={c['p_value']:.2f}"
+
+
 def target_lines(target: dict[str, Any]) -> list[str]:
     lines = [f"target ({target['rule']}): {'MET' if target['met'] else 'NOT MET'}"]
     for name, v in target["rows"].items():
-        parts = [f"{b}: {c['mean_diff']:+.4f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] p={c['p_value']:.2f}"
-                 for b, c in v["vs"].items()]
+        parts = [f"{b}: {comparison_text(c)}" for b, c in v["vs"].items()]
         lines.append(f"  {name} ({v['ndcg@10']:.4f}) vs " + "; ".join(parts))
     return lines
 
@@ -450,9 +454,8 @@ def main() -> None:
     print(table(rows))
     print("\n".join(target_lines(target)))
     if trainers:
-        c = trainers["st_minus_ours"]
-        print(f"sentence-transformers - splade-obs trainer, nDCG@10 per query: {c['mean_diff']:+.4f} "
-              f"[{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}] p={c['p_value']:.2f}")
+        print("sentence-transformers - splade-obs trainer, nDCG@10 per query: "
+              + comparison_text(trainers["st_minus_ours"]))
     result = {"benchmark": "quality", "date": dt.datetime.now().isoformat(timespec="seconds"),
               "data": str(args.data), "split": args.split, "machine": machine(), "load_avg_start": list(load_start),
               "rows": rows, "target": target, "trainers": trainers, "training": training}
