@@ -1,9 +1,9 @@
 """The environment variables a trainer process reads, in one place.
 
-Why a module: the compose file (docker/compose.yaml), the README's "Team setup" section and the
-redaction rules must all agree on these names. tests/test_docker.py compares the trainer service's
-environment against ``TRAINER_ENV_VARS`` and checks that every name in ``SECRET_ENV_VARS`` is caught
-by ``splade_obs.config.is_secret_key`` so it never reaches logs, params or tags.
+Why a module: the compose file (docker/compose.yaml), docker/README.md and the redaction rules must all
+agree on these names. tests/test_docker.py compares the trainer service's environment against
+``TRAINER_ENV_VARS`` and checks that every name in ``SECRET_ENV_VARS`` is caught by
+``splade_obs.redaction.is_secret_key`` so it never reaches logs, params or tags.
 
 Almost all of them are read by the standard tools, not by splade-obs: MLflow reads the ``MLFLOW_*``
 names, boto3 (used by MLflow for s3:// artifacts) the ``AWS_*`` ones and the OpenTelemetry SDK the
@@ -11,9 +11,6 @@ names, boto3 (used by MLflow for s3:// artifacts) the ``AWS_*`` ones and the Ope
 """
 
 from __future__ import annotations
-
-import os
-from typing import Mapping
 
 # Read by the MLflow client.
 TRACKING_ENV_VARS: tuple[str, ...] = (
@@ -60,11 +57,3 @@ SECRET_ENV_VARS: tuple[str, ...] = (
     "OTEL_EXPORTER_OTLP_HEADERS",
 )
 
-
-def secret_env_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """The non-empty values of the secret variables set in ``environ`` (default: os.environ).
-
-    Log formatters can use this to scrub a secret that slipped into a free-text message.
-    """
-    env = os.environ if environ is None else environ
-    return [env[name] for name in SECRET_ENV_VARS if env.get(name)]

@@ -26,14 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import is_secret_key
+from .redaction import redact_obj, redact_text, secret_values
 
 CONSOLE_FORMAT = "[%(levelname)s] %(asctime)s - %(message)s"
 FILE_FORMAT = "[%(levelname)s] %(asctime)s - %(name)s - %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
-REDACTED = "***"
-#: Values shorter than this are never treated as secrets (flags like "true"/"1" under a *_TOKEN* name).
-MIN_SECRET_LENGTH = 6
 #: Loggers of libraries whose records we want in our files (they may install their own handlers).
 LIBRARY_LOGGERS = ("transformers", "mlflow", "opentelemetry", "urllib3", "py.warnings")
 
@@ -46,49 +43,6 @@ _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"
 
 
 # ------------------------------------------------------------------------------------------ redaction
-def secret_values(environ: os._Environ[str] | dict[str, str] | None = None) -> list[str]:
-    """Values of secret-looking environment variables, longest first (so substrings mask last).
-
-    ``*_HEADERS`` values (``key=value,key2=value2``, as in ``OTEL_EXPORTER_OTLP_HEADERS``) also contribute
-    each header value on its own, since a library may print one header.
-    """
-    env = os.environ if environ is None else environ
-    found: set[str] = set()
-    for name, value in env.items():
-        if not value or not is_secret_key(name):
-            continue
-        candidates = [value]
-        if name.upper().endswith(("HEADERS", "HEADER")):
-            for part in value.split(","):
-                _, _, v = part.partition("=")
-                candidates.append(v.strip())
-                candidates.extend(v.strip().split())  # "Bearer abc" -> "abc"
-        found.update(c for c in candidates if len(c) >= MIN_SECRET_LENGTH)
-    return sorted(found, key=len, reverse=True)
-
-
-def redact_text(text: str, secrets: list[str] | None = None) -> str:
-    """``text`` with every secret value replaced by ``***``."""
-    for s in secret_values() if secrets is None else secrets:
-        if s in text:
-            text = text.replace(s, REDACTED)
-    return text
-
-
-def redact_obj(obj: Any, secrets: list[str] | None = None) -> Any:
-    """Deep copy of dicts/lists/tuples with secret values masked in every string (keys included)."""
-    secrets = secret_values() if secrets is None else secrets
-    if not secrets:
-        return obj
-    if isinstance(obj, str):
-        return redact_text(obj, secrets)
-    if isinstance(obj, dict):
-        return {redact_obj(k, secrets): redact_obj(v, secrets) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(redact_obj(v, secrets) for v in obj)
-    return obj
-
-
 class RedactingFilter(logging.Filter):
     """Masks secret environment values in a record before any handler formats it.
 
@@ -216,6 +170,7 @@ class _State:
     library_state: dict[str, tuple[bool, list[logging.Handler]]] = {}
     set_mlflow_env: bool = False
     captured_warnings: bool = False
+    disabled_hf_progress_bar: bool = False
 
 
 def log_file_paths(log_dir: Path, rank: int = 0, world_size: int = 1) -> tuple[Path, Path]:
@@ -310,6 +265,14 @@ def quiet_library_chatter() -> None:
         if lg.level == logging.NOTSET or lg.level < logging.WARNING:
             lg.setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    try:  # transformers' (and the hub's) bars for loading weights; teardown turns them back on
+        from transformers.utils import logging as hf_logging
+
+        if hf_logging.is_progress_bar_enabled():
+            hf_logging.disable_progress_bar()
+            _State.disabled_hf_progress_bar = True
+    except Exception:  # noqa: BLE001 - transformers missing or changed
+        pass
     # MLflow's advice to type-hint pyfunc.predict (our model takes several input shapes on purpose) is
     # raised under MLflow's own catch_warnings("once"), so a warnings filter cannot stop it: drop the record.
     pyw = logging.getLogger("py.warnings")
@@ -326,12 +289,6 @@ class _DropMessages(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
         return not any(f in msg for f in self.fragments)
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    except Exception:  # noqa: BLE001 - transformers missing or changed
-        pass
 
 
 def teardown_logging() -> None:
@@ -360,8 +317,12 @@ def teardown_logging() -> None:
     if _State.set_mlflow_env:
         os.environ.pop("MLFLOW_CONFIGURE_LOGGING", None)
         _State.set_mlflow_env = False
+    if _State.disabled_hf_progress_bar:
+        try:
+            from transformers.utils import logging as hf_logging
 
+            hf_logging.enable_progress_bar()
+        except Exception:  # noqa: BLE001
+            pass
+        _State.disabled_hf_progress_bar = False
 
-def active_log_files() -> list[Path]:
-    """Paths of the files the current configuration writes (for sinks that upload logs as artifacts)."""
-    return [Path(h.baseFilename) for h in _State.handlers if isinstance(h, logging.FileHandler)]

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from splade_obs.config import redact, redact_url_credentials
-from splade_obs.data import PairCollator
-from splade_obs.events import ErrorCaught, RecordingSink, RunStarted, Sink, SinkDegraded
+from splade_obs.redaction import redact, redact_url_credentials
+from splade_obs.collate import PairCollator
+from splade_obs.bus import RecordingSink, Sink
+from splade_obs.events import ErrorCaught, RunStarted, SinkDegraded
 from splade_obs.run import run_training
 from splade_obs.train import Trainer
 
@@ -107,8 +108,12 @@ def test_secret_in_failures_reaches_no_file_and_no_mlflow_record(tiny_cfg, tmp_p
     assert "splade.sink_degraded" in text and "exception" in text and "***" in text
 
     # MLflow got the run, its tags, params and artifacts (logs and traces included), all masked
-    client, run = _mlflow_run(tmp_path, res.shared["mlflow.run_id"])
+    client, run = _mlflow_run(tmp_path, res.ids.mlflow_run_id)
     assert run.data.tags.get("splade.degraded_sinks") == "leaky"
+    # the run links to its trace (TraceOpened from the OTel sink): tag and note carry the trace id
+    (root,) = [s for s in spans if s.get("name") == "train"]
+    trace_id = root["context"]["trace_id"].removeprefix("0x")
+    assert run.data.tags["otel.trace_id"] == trace_id and trace_id in run.data.tags["mlflow.note.content"]
     assert "logs/traces.jsonl" in {f.path for f in client.list_artifacts(run.info.run_id, "logs")}
     assert SECRET not in _all_mlflow_text(client, run)
 
@@ -134,7 +139,7 @@ def test_secret_in_a_fatal_error_is_masked_in_traces_and_the_mlflow_note(tiny_cf
     root = [s for s in _trace_records(cfg.log_dir) if s.get("name") == "train"]
     assert root and "ERROR" in json.dumps(root[0].get("status"))
 
-    client, run = _mlflow_run(tmp_path, res.shared["mlflow.run_id"])
+    client, run = _mlflow_run(tmp_path, res.ids.mlflow_run_id)
     note = run.data.tags["mlflow.note.content"]
     assert "**Failure**" in note and "***" in note
     assert SECRET not in _all_mlflow_text(client, run)
@@ -171,10 +176,11 @@ def test_run_started_config_has_no_url_credentials(tiny_cfg, tmp_path):
 
 
 def test_mlflow_params_and_config_artifact_have_no_url_credentials(tmp_path):
-    """The sink masks credentials itself, even when handed a config that was not redacted."""
-    from splade_obs.config import TrainConfig
-    from splade_obs.events import EventBus, RunFinished
-    from splade_obs.sinks.mlflow_sink import MlflowSink
+    """The sink masks credentials itself, even when handed a config and params that were not redacted."""
+    from splade_obs.config import TrainConfig, flatten
+    from splade_obs.bus import EventBus, RunIds
+    from splade_obs.events import RunFinished
+    from splade_obs.sinks.mlflow import MlflowOptions, MlflowSink
 
     cfg = TrainConfig.from_mapping({
         "checkpoint": {"output_dir": str(tmp_path / "out")},
@@ -184,17 +190,22 @@ def test_mlflow_params_and_config_artifact_have_no_url_credentials(tmp_path):
     raw = cfg.to_dict()
     raw["tracking"]["tracking_uri"] = CRED_URI                 # what RunStarted.config would hold unredacted
     raw["data"]["train_file"] = f"https://bob:{URL_PASSWORD}@data.invalid/train.jsonl"
-    bus = EventBus()
-    sink = MlflowSink.create(cfg, bus_shared=bus.shared)
-    assert sink is not None
-    bus.add(sink)
-    bus.emit(RunStarted(run_name="creds", config=raw, system_info={}, total_steps=1, num_epochs=1,
-                        steps_per_epoch=1, output_dir=str(cfg.output_dir), log_dir=str(cfg.log_dir)))
-    bus.emit(RunFinished(status="FINISHED", step=0, duration_seconds=0.1))
-    bus.close(timeout=60)
+    params = {k: str(v) for k, v in flatten(raw).items()}      # what unredacted RunStarted.params would hold
+    for given in (params, {}):                                 # the event's params; the fallback from the config
+        sink = MlflowSink.create(MlflowOptions(tracking_uri=cfg.tracking.tracking_uri, experiment_name="p",
+                                               flush_interval=0.0))
+        assert sink is not None
+        ids = RunIds()
+        bus = EventBus([ids, sink])
+        bus.open()
+        bus.emit(RunStarted(run_name="creds", config=raw, params=given, system_info={}, total_steps=1,
+                            num_epochs=1, steps_per_epoch=1, output_dir=str(cfg.output_dir),
+                            log_dir=str(cfg.log_dir)))
+        bus.emit(RunFinished(status="FINISHED", step=0, duration_seconds=0.1))
+        bus.close(timeout=60)
 
-    client, run = _mlflow_run(tmp_path, bus.shared["mlflow.run_id"])
-    assert run.data.params["tracking.tracking_uri"] == "https://***@example.invalid/"
-    assert run.data.params["data.train_file"] == "https://***@data.invalid/train.jsonl"
-    assert URL_PASSWORD not in _all_mlflow_text(client, run)
-    assert _files_with(tmp_path, URL_PASSWORD) == []
+        client, run = _mlflow_run(tmp_path, ids.mlflow_run_id)
+        assert run.data.params["tracking.tracking_uri"] == "https://***@example.invalid/"
+        assert run.data.params["data.train_file"] == "https://***@data.invalid/train.jsonl"
+        assert URL_PASSWORD not in _all_mlflow_text(client, run)
+        assert _files_with(tmp_path, URL_PASSWORD) == []
