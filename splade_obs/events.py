@@ -1,18 +1,9 @@
-"""Typed run events and the bus that fans them out to sinks.
+"""Typed run events: what the training loop reports, and the canonical names of the quantities they carry.
 
-The training loop only calls ``bus.emit(event)``. Sinks decide where facts go. The bus guarantees:
-
-* isolation: an exception in a sink is caught, logged once, counted; after ``max_failures`` consecutive
-  failures the sink is marked degraded, skipped from then on, and a :class:`SinkDegraded` event goes to
-  the other sinks. Training never stops because a sink failed.
-* off the step path: a sink with ``threaded = True`` gets its own worker thread and a bounded queue.
-  ``emit`` never blocks on it: when the queue is full, step events are dropped (and counted) while
-  lifecycle events wait a bounded time.
-* one delivering thread: non-threaded sinks are only called from the emitting (training) thread. What a
-  sink worker thread produces (the :class:`SinkDegraded` of a threaded sink, events emitted from inside a
-  threaded sink such as retry notices) waits in a pending list that the next ``emit`` or ``close`` drains.
-* rank policy: under torchrun only rank 0 feeds sinks whose ``scope`` is ``"run"``; sinks with scope
-  ``"rank"`` (per-rank logs, spans) see every rank's events.
+The training loop only calls ``bus.emit(event)`` (:mod:`splade_obs.bus`); sinks decide where facts go.
+Every quantity has one canonical name, declared next to the event that carries it (``METRICS``) and
+returned by ``Event.metrics()``; each sink maps those names by one rule (the table in
+docs/observability.md is generated from these declarations by :mod:`splade_obs.vocabulary`).
 
 All timestamps are wall-clock ``time.time_ns()`` so spans can be rebuilt after the fact.
 """
@@ -20,18 +11,41 @@ All timestamps are wall-clock ``time.time_ns()`` so spans can be rebuilt after t
 from __future__ import annotations
 
 import dataclasses
-import logging
-import queue
-import threading
+import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
-
-log = logging.getLogger("splade_obs.events")
+from typing import Any, ClassVar
 
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+# ---------------------------------------------------------------------------------- metric vocabulary
+@dataclass(frozen=True)
+class MetricDef:
+    """One canonical metric name (or a family: ``{part}``, ``{metric}``... in braces) and what it means.
+
+    The names are MLflow-valid (letters, digits, ``_ - . : /``); every sink derives its own key from the
+    canonical name by one rule (see ``docs/observability.md``, generated from these definitions).
+    """
+
+    name: str
+    unit: str
+    description: str
+
+    @property
+    def pattern(self) -> re.Pattern[str]:
+        return re.compile("^" + re.sub(r"\\\{[A-Za-z_]+\\\}", r"[A-Za-z0-9_.:\\-]+", re.escape(self.name)) + "$")
+
+
+_NAME_BAD_CHARS = re.compile(r"[^\w\-. :/]")
+
+
+def metric_name(name: str) -> str:
+    """An MLflow-valid name: ``ndcg@10`` -> ``ndcg_at_10``; other odd characters -> ``_``."""
+    clean = _NAME_BAD_CHARS.sub("_", name.replace("@", "_at_")).strip("/")
+    return re.sub(r"/{2,}", "/", clean) or "_"
 
 
 # --------------------------------------------------------------------------------------------- events
@@ -40,6 +54,8 @@ class Event:
     kind: ClassVar[str] = "event"
     #: Lifecycle events are never dropped by a full sink queue (they wait a bounded time instead).
     lifecycle: ClassVar[bool] = True
+    #: The canonical metric names this event carries (see :meth:`metrics`).
+    METRICS: ClassVar[tuple[MetricDef, ...]] = ()
     time_ns: int = field(default_factory=now_ns, kw_only=True)
     rank: int = field(default=0, kw_only=True)
 
@@ -48,25 +64,52 @@ class Event:
         d["event"] = self.kind
         return d
 
+    def metrics(self) -> dict[str, float]:
+        """The quantities this event reports, by canonical name (empty for events that carry none)."""
+        return {}
+
 
 @dataclass(frozen=True)
 class RunStarted(Event):
     kind: ClassVar[str] = "run_started"
     run_name: str
-    config: dict[str, Any]              # nested effective config (secrets already removed)
+    config: dict[str, Any]              # nested effective config, secrets removed (config.yaml, console)
     system_info: dict[str, Any]
     total_steps: int                    # optimizer steps planned for the whole run
     num_epochs: int
     steps_per_epoch: int
+    #: the flattened config as MLflow params (``TrainConfig.params()``: dotted keys, string values, redacted)
+    params: dict[str, str] = field(default_factory=dict)
+    model_name: str = ""
     start_step: int = 0                 # > 0 when resumed
     resumed: bool = False
     output_dir: str = ""
     log_dir: str = ""
     world_size: int = 1
-    #: MLflow run id to continue (from a checkpoint), if any; the MLflow sink fills ``run_ids``.
+    #: MLflow run id recorded in the checkpoint this run resumes from, if any.
     tracking_run_id: str | None = None
     #: W3C traceparent of the run span to join (distributed ranks > 0), if any.
     traceparent: str | None = None
+
+
+@dataclass(frozen=True)
+class TrackingRunOpened(Event):
+    """The MLflow sink opened (or continued) its run; other sinks link to it (span attributes, exporters)."""
+
+    kind: ClassVar[str] = "tracking_run_opened"
+    run_id: str
+    experiment_id: str
+    tracking_uri: str                   # without credentials
+    resumed: bool = False
+
+
+@dataclass(frozen=True)
+class TraceOpened(Event):
+    """The OpenTelemetry sink knows the run's trace; other sinks link to it (MLflow tag ``otel.trace_id``)."""
+
+    kind: ClassVar[str] = "trace_opened"
+    trace_id: str                       # 32 hex digits
+    traceparent: str                    # W3C traceparent of the run span
 
 
 @dataclass(frozen=True)
@@ -104,36 +147,77 @@ class EpochStarted(Event):
 
 @dataclass(frozen=True)
 class StepDone(Event):
-    """One optimizer step (after gradient accumulation)."""
+    """One optimizer step (after gradient accumulation). Values are the global batch's under torchrun.
+
+    The trainer keeps per-step values on the device and emits the StepDone events of several steps at
+    once, at each logging point, with each step's own times: sinks see every step, exactly.
+    """
 
     kind: ClassVar[str] = "step_done"
     lifecycle: ClassVar[bool] = False
+    METRICS: ClassVar[tuple[MetricDef, ...]] = (
+        MetricDef("train/loss", "", "training loss of the step (mean over its micro-batches)"),
+        MetricDef("train/{part}", "", "a named part of the loss: base (contrastive), query_reg, doc_reg "
+                  "(FLOPS regularizers, weighted), distill, and distill_margin_mse / distill_kl when both "
+                  "distillation terms are on"),
+        MetricDef("train/lambda_q", "", "query FLOPS-regularizer weight at this step (quadratic warm-up)"),
+        MetricDef("train/lambda_d", "", "document FLOPS-regularizer weight at this step (quadratic warm-up)"),
+        MetricDef("train/lr", "", "learning rate used by the step"),
+        MetricDef("train/grad_norm", "", "gradient norm before clipping"),
+        MetricDef("train/grad_scale", "", "fp16 GradScaler scale (fp16 runs only)"),
+        MetricDef("train/samples_per_second", "1/s", "training queries per second in the step"),
+        MetricDef("train/tokens_per_second", "1/s", "non-padding tokens per second in the step"),
+        MetricDef("train/query_nnz", "", "mean non-zero terms per query vector"),
+        MetricDef("train/doc_nnz", "", "mean non-zero terms per document vector"),
+        MetricDef("train/retrieval_flops", "", "expected retrieval cost of the batch, sum_j p_q(j) p_d(j) "
+                  "(share of queries and documents using term j); not the FLOPS regularizer"),
+        MetricDef("train/forward_seconds", "s", "forward and loss time of the step"),
+        MetricDef("train/backward_seconds", "s", "backward time of the step"),
+        MetricDef("train/optimizer_seconds", "s", "unscale, clip and optimizer time of the step"),
+    )
     step: int                           # global optimizer step, 1-based
     epoch: int
     batch_index: int                    # index of the last micro-batch of this step within the epoch
     loss: float
-    parts: dict[str, float]             # {"base": .., "query_reg": .., "doc_reg": .., ...}
+    parts: dict[str, float]             # {"base": .., "query_reg": .., "doc_reg": .., "distill": ..}
     learning_rate: float
     grad_norm: float
-    batch_size: int                     # examples in the step (all micro-batches)
+    batch_size: int                     # examples in the step (all micro-batches, all ranks)
     num_tokens: int                     # non-padding tokens in the step
     samples_per_second: float
     tokens_per_second: float
     query_nnz: float                    # mean non-zero terms per query vector
     doc_nnz: float
-    flops: float                        # FLOPS estimate of the step's batch
-    start_ns: int = 0
-    end_ns: int = 0
-    timings: dict[str, float] = field(default_factory=dict)   # seconds: forward, backward, optimizer, data
+    retrieval_flops: float              # expected retrieval FLOPS of the step's batch
     lambda_q: float = 0.0
     lambda_d: float = 0.0
+    start_ns: int = 0
+    end_ns: int = 0
+    timings: dict[str, float] = field(default_factory=dict)   # seconds: forward, backward, optimizer
     grad_scale: float | None = None
     total_steps: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        m = {"train/loss": self.loss}
+        m.update({metric_name(f"train/{k}"): v for k, v in self.parts.items()})
+        m.update({"train/lambda_q": self.lambda_q, "train/lambda_d": self.lambda_d,
+                  "train/lr": self.learning_rate, "train/grad_norm": self.grad_norm,
+                  "train/samples_per_second": self.samples_per_second,
+                  "train/tokens_per_second": self.tokens_per_second, "train/query_nnz": self.query_nnz,
+                  "train/doc_nnz": self.doc_nnz, "train/retrieval_flops": self.retrieval_flops})
+        if self.grad_scale is not None:
+            m["train/grad_scale"] = self.grad_scale
+        m.update({metric_name(f"train/{k}_seconds"): v for k, v in self.timings.items()})
+        return m
 
 
 @dataclass(frozen=True)
 class ErrorCaught(Event):
     kind: ClassVar[str] = "error_caught"
+    METRICS: ClassVar[tuple[MetricDef, ...]] = (
+        MetricDef("errors/{CATEGORY}", "", "errors caught so far in this category (DATA_ERROR, ...)"),
+        MetricDef("train/skipped_batches", "", "batches skipped so far by the batch-error policy"),
+    )
     category: str                       # ErrorCategory name
     message: str
     error_type: str                     # class name of the ApplicationError
@@ -147,6 +231,7 @@ class ErrorCaught(Event):
     fatal: bool = False                 # the run stops because of it
     start_ns: int = 0                   # when the failing unit of work began (for the batch span)
     counts: dict[str, int] = field(default_factory=dict)   # running counters by category
+    skipped_batches: int = 0            # running count of skipped batches (this one included)
 
     @classmethod
     def from_error(cls, err: Any, **kw: Any) -> "ErrorCaught":
@@ -158,42 +243,86 @@ class ErrorCaught(Event):
             context=d["context"], **kw,
         )
 
+    def metrics(self) -> dict[str, float]:
+        m = {metric_name(f"errors/{self.category}"): float(self.counts.get(self.category, 1))}
+        if self.skipped_batch:
+            m["train/skipped_batches"] = float(self.skipped_batches)
+        return m
+
 
 @dataclass(frozen=True)
 class EpochDone(Event):
+    """The end of an epoch, or (``complete=False``) the part of one that a stopped run got through.
+
+    ``means`` holds the epoch's aggregates, computed once by the trainer: ``epoch/<x>`` is the mean over the
+    epoch's steps of the step metric ``train/<x>``.
+    """
+
     kind: ClassVar[str] = "epoch_done"
+    METRICS: ClassVar[tuple[MetricDef, ...]] = (
+        MetricDef("epoch/{x}", "", "mean over the epoch's optimizer steps of the step metric train/{x} "
+                  "(epoch/loss is the epoch's training loss)"),
+        MetricDef("epoch/duration_seconds", "s", "wall time of the epoch (validation included)"),
+        MetricDef("epoch/skipped_batches", "", "batches skipped in this epoch"),
+        MetricDef("val/loss", "", "validation loss at the end of the epoch (with --val-file)"),
+    )
     epoch: int
     num_epochs: int
     step: int
-    train_loss: float
-    learning_rate: float
     duration_seconds: float
+    means: dict[str, float] = field(default_factory=dict)   # {"epoch/loss": .., "epoch/lr": .., ...}
     val_loss: float | None = None
-    extra: dict[str, float] = field(default_factory=dict)  # loss parts, sparsity, skipped batches...
+    skipped_batches: int = 0
+    steps_completed: int = 0
+    complete: bool = True
     start_ns: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        m = dict(self.means)
+        m["epoch/duration_seconds"] = self.duration_seconds
+        m["epoch/skipped_batches"] = float(self.skipped_batches)
+        if self.val_loss is not None:
+            m["val/loss"] = self.val_loss
+        return m
 
 
 @dataclass(frozen=True)
 class EvaluationDone(Event):
     kind: ClassVar[str] = "evaluation_done"
+    METRICS: ClassVar[tuple[MetricDef, ...]] = (
+        MetricDef("eval/{metric}", "", "retrieval metric on the evaluation split: ndcg_at_10, mrr_at_10, "
+                  "recall_at_100, map_at_100, query_nnz, doc_nnz (the evaluator's names made MLflow-valid)"),
+        MetricDef("eval/duration_seconds", "s", "wall time of the evaluation"),
+    )
     step: int
     epoch: int
     split: str
-    metrics: dict[str, float]           # e.g. {"ndcg@10": .., "mrr@10": .., "query_nnz": ..}
+    scores: dict[str, float]            # the evaluator's own names: {"ndcg@10": .., "mrr@10": .., ...}
     duration_seconds: float
     start_ns: int = 0
     is_best: bool = False
+
+    def metrics(self) -> dict[str, float]:
+        m = {metric_name(f"eval/{k}"): v for k, v in self.scores.items()}
+        m["eval/duration_seconds"] = self.duration_seconds
+        return m
 
 
 @dataclass(frozen=True)
 class CheckpointSaved(Event):
     kind: ClassVar[str] = "checkpoint_saved"
+    METRICS: ClassVar[tuple[MetricDef, ...]] = (
+        MetricDef("checkpoint/duration_seconds", "s", "time to write the checkpoint or model"),
+    )
     step: int
     epoch: int
     path: str
     reason: str                         # "save_steps" | "epoch_end" | "interrupt" | "error_budget" | "best" | "final"
     duration_seconds: float
     start_ns: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        return {"checkpoint/duration_seconds": self.duration_seconds}
 
 
 @dataclass(frozen=True)
@@ -229,242 +358,43 @@ class Message(Event):
 @dataclass(frozen=True)
 class RunFinished(Event):
     kind: ClassVar[str] = "run_finished"
+    METRICS: ClassVar[tuple[MetricDef, ...]] = (
+        MetricDef("run/duration_seconds", "s", "wall time of the run (this process, since its start)"),
+    )
     status: str                         # "FINISHED" | "FAILED" | "KILLED"
     step: int
     duration_seconds: float
+    #: the last value of each epoch/*, val/* and eval/* metric, by canonical name
     final_metrics: dict[str, float] = field(default_factory=dict)
     error: dict[str, Any] | None = None # ApplicationError.to_dict() when FAILED
     output_dir: str = ""
     model_path: str | None = None
-    counters: dict[str, int] = field(default_factory=dict)  # errors by category, skipped batches
+    #: final counts by canonical name: errors/<CATEGORY>, train/skipped_batches
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def metrics(self) -> dict[str, float]:
+        m = {k: float(v) for k, v in self.counters.items()}
+        m["run/duration_seconds"] = self.duration_seconds
+        return m
 
 
 EVENT_TYPES: dict[str, type[Event]] = {
-    c.kind: c for c in (RunStarted, DataLoaded, ModelLoaded, EpochStarted, StepDone, ErrorCaught, EpochDone,
-                        EvaluationDone, CheckpointSaved, RetryAttempt, SinkDegraded, Message, RunFinished)
+    c.kind: c for c in (RunStarted, TrackingRunOpened, TraceOpened, DataLoaded, ModelLoaded, EpochStarted,
+                        StepDone, ErrorCaught, EpochDone, EvaluationDone, CheckpointSaved, RetryAttempt,
+                        SinkDegraded, Message, RunFinished)
 }
 
-
-# ---------------------------------------------------------------------------------------------- sinks
-class Sink:
-    """Base class: ``handle`` dispatches to ``on_<kind>`` hooks that are no-ops by default."""
-
-    name: str = "sink"
-    #: "run": rank 0 only; "rank": every rank.
-    scope: str = "run"
-    #: True: the bus runs this sink on its own worker thread with a bounded queue.
-    threaded: bool = False
-
-    def handle(self, event: Event) -> None:
-        hook = getattr(self, "on_" + event.kind, None)
-        if hook is not None:
-            hook(event)
-
-    def close(self, timeout: float = 5.0) -> None:  # flush and release; bounded by ``timeout``
-        pass
+#: Every canonical metric (or family), in the order of the events that carry them.
+METRIC_VOCABULARY: tuple[tuple[type[Event], MetricDef], ...] = tuple(
+    (cls, m) for cls in EVENT_TYPES.values() for m in cls.METRICS)
 
 
-class _Runner:
-    """Delivers events to one sink and keeps its health record."""
-
-    def __init__(self, sink: Sink, bus: "EventBus", queue_size: int) -> None:
-        self.sink = sink
-        self.bus = bus
-        self.failures = 0              # consecutive
-        self.total_failures = 0
-        self.dropped = 0
-        self.degraded = False
-        self._logged = False
-        self._queue: queue.Queue[Event | None] | None = None
-        self._thread: threading.Thread | None = None
-        self._stopped = False          # the worker thread has exited: deliver on the caller's thread
-        if sink.threaded:
-            self._queue = queue.Queue(maxsize=queue_size)
-            self._thread = threading.Thread(target=self._work, name=f"sink-{sink.name}", daemon=True)
-            self._thread.start()
-
-    # delivery --------------------------------------------------------------------------------------
-    def submit(self, event: Event) -> None:
-        if self.degraded:
-            return
-        if self._queue is None or self._stopped:
-            self._deliver(event)
-            return
-        try:
-            self._queue.put_nowait(event)
-        except queue.Full:
-            if not event.lifecycle:
-                self.dropped += 1
-                return
-            try:
-                self._queue.put(event, timeout=self.bus.lifecycle_put_timeout)
-            except queue.Full:
-                self.dropped += 1
-
-    def _work(self) -> None:
-        assert self._queue is not None
-        while True:
-            event = self._queue.get()
-            try:
-                if event is None:
-                    return
-                if not self.degraded:
-                    self._deliver(event)
-            finally:
-                self._queue.task_done()
-
-    def _deliver(self, event: Event) -> None:
-        try:
-            self.sink.handle(event)
-            self.failures = 0
-        except Exception as exc:  # noqa: BLE001 - the one place sink failures are caught
-            self.failures += 1
-            self.total_failures += 1
-            if not self._logged:
-                self._logged = True
-                log.warning("sink %s failed on %s: %s: %s (further failures are counted, not logged)",
-                            self.sink.name, event.kind, type(exc).__name__, exc)
-            if self.failures >= self.bus.max_failures and not self.degraded:
-                self.degraded = True
-                log.warning("sink %s degraded after %d consecutive failures; it is skipped from now on",
-                            self.sink.name, self.failures)
-                self.bus._on_degraded(self, exc)
-
-    # shutdown --------------------------------------------------------------------------------------
-    def stop_worker(self, deadline: float) -> None:
-        """Let the worker drain its queue and exit (bounded by ``deadline``)."""
-        if self._queue is None or self._thread is None or self._stopped:
-            return
-        try:
-            self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
-        except queue.Full:
-            pass
-        self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        if self._thread.is_alive():
-            log.warning("sink %s did not drain before shutdown deadline (%d events pending)",
-                        self.sink.name, self._queue.qsize())
-        else:
-            self._stopped = True
-
-    def close(self, deadline: float) -> None:
-        self.stop_worker(deadline)
-        try:
-            self.sink.close(timeout=max(0.1, deadline - time.monotonic()))
-        except Exception as exc:  # noqa: BLE001
-            log.warning("sink %s failed to close: %s: %s", self.sink.name, type(exc).__name__, exc)
-
-    def stats(self) -> dict[str, Any]:
-        return {"failures": self.total_failures, "dropped": self.dropped, "degraded": self.degraded}
-
-
-class EventBus:
-    """Fans events out to sinks; see the module docstring for the guarantees."""
-
-    def __init__(self, sinks: Iterable[Sink] = (), *, rank: int = 0, max_failures: int = 5,
-                 queue_size: int = 10_000, lifecycle_put_timeout: float = 2.0) -> None:
-        self.rank = rank
-        self.max_failures = max_failures
-        self.lifecycle_put_timeout = lifecycle_put_timeout
-        self.queue_size = queue_size
-        self._runners: list[_Runner] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        #: Values that sinks publish for others to read (e.g. "mlflow.run_id", "otel.trace_id").
-        self.shared: dict[str, Any] = {}
-        self._listeners: list[Callable[[Event], None]] = []
-        #: (event, runner that must not get it) produced on sink worker threads, delivered by the emitter.
-        self._pending: list[tuple[Event, _Runner | None]] = []
-        self._pending_lock = threading.Lock()
-        for s in sinks:
-            self.add(s)
-
-    def add(self, sink: Sink) -> Sink:
-        if sink.scope == "run" and self.rank != 0:
-            return sink  # not attached on other ranks
-        sink.bus = self  # type: ignore[attr-defined]
-        self._runners.append(_Runner(sink, self, self.queue_size))
-        return sink
-
-    @property
-    def sinks(self) -> list[Sink]:
-        return [r.sink for r in self._runners]
-
-    def emit(self, event: Event) -> None:
-        if self._closed:
-            return
-        if event.rank != self.rank:
-            event = dataclasses.replace(event, rank=self.rank)
-        if self._on_worker_thread():
-            self._defer(event, None)  # never call non-threaded sinks from a sink's worker thread
-            return
-        self._drain_pending()
-        self._fan_out(event, None)
-
-    def _fan_out(self, event: Event, skip: _Runner | None) -> None:
-        for runner in list(self._runners):
-            if runner is not skip:
-                runner.submit(event)
-
-    def _on_worker_thread(self) -> bool:
-        me = threading.current_thread()
-        return any(r._thread is me for r in self._runners)
-
-    def _defer(self, event: Event, skip: _Runner | None) -> None:
-        with self._pending_lock:
-            self._pending.append((event, skip))
-
-    def _drain_pending(self) -> None:
-        """Deliver what worker threads left for the emitting thread, oldest first."""
-        if not self._pending:  # unlocked peek: a list read is atomic; a late append waits for the next call
-            return
-        with self._pending_lock:
-            pending, self._pending = self._pending, []
-        for event, skip in pending:
-            self._fan_out(event, skip)
-
-    def _on_degraded(self, runner: _Runner, exc: BaseException) -> None:
-        """Tell the other sinks; from a worker thread only through the pending list (see ``emit``)."""
-        ev = SinkDegraded(sink=runner.sink.name, failures=runner.failures, error_type=type(exc).__name__,
-                          message=str(exc)[:500], rank=self.rank)
-        if self._on_worker_thread():
-            self._defer(ev, runner)
-        else:
-            self._fan_out(ev, runner)
-
-    def stats(self) -> dict[str, dict[str, Any]]:
-        return {r.sink.name: r.stats() for r in self._runners}
-
-    def close(self, timeout: float = 10.0) -> None:
-        """Drain threaded sinks and close all sinks, within ``timeout`` seconds overall."""
-        if self._closed:
-            return
-        self._closed = True
-        deadline = time.monotonic() + timeout
-        self._drain_pending()
-        for runner in self._runners:       # threaded sinks finish their queues (and may still degrade) ...
-            runner.stop_worker(deadline)
-        self._drain_pending()              # ... so what they left is delivered before any sink closes
-        for runner in self._runners:
-            runner.close(deadline)
-
-    def __enter__(self) -> "EventBus":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-class RecordingSink(Sink):
-    """Keeps every event in memory; used by tests and by ``splade_obs`` callers that want the events."""
-
-    name = "recording"
-    scope = "rank"
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-
-    def handle(self, event: Event) -> None:
-        self.events.append(event)
-
-    def of(self, cls: type[Event]) -> list[Any]:
-        return [e for e in self.events if isinstance(e, cls)]
+def metric_def(name: str) -> MetricDef | None:
+    """The definition a canonical name belongs to (exact names win over families), or None."""
+    for _, m in METRIC_VOCABULARY:
+        if m.name == name:
+            return m
+    for _, m in METRIC_VOCABULARY:
+        if "{" in m.name and m.pattern.match(name):
+            return m
+    return None

@@ -35,8 +35,20 @@ def run_started(log_dir: Path, total: int, epochs: int, resumed: bool = False, s
 def step(n: int, epoch: int, total: int) -> StepDone:
     return StepDone(step=n, epoch=epoch, batch_index=n - 1, loss=2.0 / n, parts={"base": 1.5 / n, "query_reg": 0.1,
                     "doc_reg": 0.2}, learning_rate=1e-4 / n, grad_norm=0.5, batch_size=4, num_tokens=100,
-                    samples_per_second=20.0, tokens_per_second=500.0, query_nnz=12.0, doc_nnz=40.0, flops=3.0,
-                    total_steps=total)
+                    samples_per_second=20.0, tokens_per_second=500.0, query_nnz=12.0, doc_nnz=40.0,
+                    retrieval_flops=3.0, total_steps=total)
+
+
+def epoch_means(steps: list[StepDone]) -> dict[str, float]:
+    """What the trainer reports as an epoch's aggregates: epoch/<x> = mean of train/<x> over the steps."""
+    rows = [s.metrics() for s in steps]
+    return {"epoch/" + k.split("/", 1)[1]: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+
+
+def partial_epoch(steps: list[StepDone], epoch: int, epochs: int) -> EpochDone:
+    """The partial EpochDone a stopped run emits for the steps it got through."""
+    return EpochDone(epoch=epoch, num_epochs=epochs, step=steps[-1].step, duration_seconds=0.5,
+                     means=epoch_means(steps), steps_completed=len(steps), complete=False)
 
 
 def epoch_events(epoch: int, epochs: int, steps_per_epoch: int, *, skip_batch: bool = False,
@@ -44,17 +56,19 @@ def epoch_events(epoch: int, epochs: int, steps_per_epoch: int, *, skip_batch: b
     total = epochs * steps_per_epoch
     first = (epoch - 1) * steps_per_epoch + 1
     evs: list[Event] = [EpochStarted(epoch=epoch, num_epochs=epochs, steps_in_epoch=steps_per_epoch)]
+    steps = []
     for n in range(first, first + steps_per_epoch):
-        evs.append(step(n, epoch, total))
+        steps.append(step(n, epoch, total))
+        evs.append(steps[-1])
         if skip_batch and n == first:
             err = DataError('field "query" is missing', file_path="train.jsonl", line_number=17, field="query")
             evs.append(ErrorCaught.from_error(err, step=n, epoch=epoch, batch_index=0, skipped_batch=True))
     if finish:
         last = first + steps_per_epoch - 1
-        evs.append(EpochDone(epoch=epoch, num_epochs=epochs, step=last, train_loss=1.0 / epoch,
-                             learning_rate=1e-5, duration_seconds=1.5, val_loss=val_loss,
-                             extra={"skipped_batches": 1 if skip_batch else 0}))
-        evs.append(EvaluationDone(step=last, epoch=epoch, split="test", metrics={"ndcg@10": 0.3, "mrr@10": 0.25},
+        evs.append(EpochDone(epoch=epoch, num_epochs=epochs, step=last, duration_seconds=1.5, val_loss=val_loss,
+                             means=epoch_means(steps), skipped_batches=1 if skip_batch else 0,
+                             steps_completed=len(steps)))
+        evs.append(EvaluationDone(step=last, epoch=epoch, split="test", scores={"ndcg@10": 0.3, "mrr@10": 0.25},
                                   duration_seconds=0.5, is_best=epoch == 1))
         evs.append(CheckpointSaved(step=last, epoch=epoch, path=f"ckpt-{last}", reason="epoch_end",
                                    duration_seconds=0.1))
@@ -66,7 +80,8 @@ def full_run(log_dir: Path, epochs: int = 2, steps_per_epoch: int = 3) -> list[E
     for ep in range(1, epochs + 1):
         evs += epoch_events(ep, epochs, steps_per_epoch, skip_batch=ep == 1)
     evs.append(RunFinished(status="FINISHED", step=epochs * steps_per_epoch, duration_seconds=3.0,
-                           final_metrics={"train_loss": 0.5, "ndcg@10": 0.3}, counters={"skipped_batches": 1}))
+                           final_metrics={"epoch/loss": 0.5, "eval/ndcg_at_10": 0.3},
+                           counters={"train/skipped_batches": 1, "errors/DATA_ERROR": 1}))
     return evs
 
 

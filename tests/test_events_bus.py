@@ -7,8 +7,14 @@ import time
 
 import pytest
 
-from splade_obs.events import (EpochDone, EpochStarted, ErrorCaught, EventBus, RecordingSink, RunFinished,
-                               RunStarted, Sink, SinkDegraded, StepDone)
+import importlib
+import inspect
+import pkgutil
+
+import splade_obs
+from splade_obs.bus import HOOKS, EventBus, RecordingSink, RunIds, Sink
+from splade_obs.events import (EVENT_TYPES, EpochDone, EpochStarted, ErrorCaught, RunFinished, RunStarted,
+                               SinkDegraded, StepDone, TraceOpened, TrackingRunOpened)
 from splade_obs.sinks.errors_file import ErrorsFileSink
 from splade_obs.sinks.metrics_file import MetricsFileSink
 
@@ -21,11 +27,11 @@ def run_started(total: int = 10) -> RunStarted:
 def step(n: int) -> StepDone:
     return StepDone(step=n, epoch=1, batch_index=n - 1, loss=1.0, parts={"base": 1.0}, learning_rate=1e-4,
                     grad_norm=1.0, batch_size=4, num_tokens=64, samples_per_second=10.0, tokens_per_second=160.0,
-                    query_nnz=5.0, doc_nnz=9.0, flops=1.0, total_steps=10)
+                    query_nnz=5.0, doc_nnz=9.0, retrieval_flops=1.0, total_steps=10)
 
 
 def epoch_done(step_n: int) -> EpochDone:
-    return EpochDone(epoch=1, num_epochs=1, step=step_n, train_loss=1.0, learning_rate=1e-4, duration_seconds=1.0)
+    return EpochDone(epoch=1, num_epochs=1, step=step_n, duration_seconds=1.0, means={"epoch/loss": 1.0})
 
 
 class RaisingSink(Sink):
@@ -229,11 +235,15 @@ def test_events_emitted_from_a_sink_worker_are_delivered_on_the_emitting_thread(
         scope = "rank"
         threaded = True
 
+        def open(self, bus: EventBus) -> None:
+            self.bus = bus
+
         def on_run_started(self, event):  # noqa: ANN001
             self.bus.emit(Message(level="WARNING", text="retrying the store"))
 
     receiver = ThreadRecordingSink()
     bus = EventBus([Chatty(), receiver])
+    bus.open()
     main = threading.current_thread()
     bus.emit(run_started())
     time.sleep(0.1)                                         # the worker emits meanwhile
@@ -242,3 +252,119 @@ def test_events_emitted_from_a_sink_worker_are_delivered_on_the_emitting_thread(
     kinds = [k for k, _, _ in receiver.deliveries]
     assert kinds == ["run_started", "message", "step_done"], kinds
     assert all(t is main for _, t, _ in receiver.deliveries)
+
+
+# ------------------------------------------------------------------------------------ declared hooks
+def _all_sink_classes() -> list[type[Sink]]:
+    """Every Sink subclass defined in the package (each module imported, optional SDKs included)."""
+    for mod in pkgutil.walk_packages(splade_obs.__path__, "splade_obs."):
+        if mod.name.startswith("splade_obs.demo"):
+            continue
+        importlib.import_module(mod.name)
+    found, todo = [], [Sink]
+    while todo:
+        cls = todo.pop()
+        for sub in cls.__subclasses__():
+            todo.append(sub)
+            if sub.__module__.startswith("splade_obs."):
+                found.append(sub)
+    return found
+
+
+def test_the_sink_base_declares_one_documented_hook_per_event_kind() -> None:
+    assert set(HOOKS) == set(EVENT_TYPES)
+    for kind, hook in HOOKS.items():
+        fn = getattr(Sink, hook, None)
+        assert fn is not None, f"Sink has no {hook} for {kind}"
+        assert inspect.getdoc(fn), f"Sink.{hook} has no docstring"
+        params = list(inspect.signature(fn).parameters.values())
+        assert params[1].annotation in (EVENT_TYPES[kind].__name__, EVENT_TYPES[kind]), (hook, params[1])
+    assert not [n for n in vars(Sink) if n.startswith("on_") and n not in HOOKS.values()]
+
+
+def test_every_sink_in_the_package_defines_only_hooks_that_match_an_event() -> None:
+    classes = _all_sink_classes()
+    names = {c.__name__ for c in classes}
+    assert {"LogSink", "MetricsFileSink", "ErrorsFileSink", "ProgressSink", "MlflowSink", "OtelSink",
+            "RunIds"} <= names, names
+    for cls in classes:
+        hooks = [n for klass in cls.__mro__ if klass is not object for n in vars(klass) if n.startswith("on_")]
+        stray = sorted(set(hooks) - set(HOOKS.values()))
+        assert not stray, f"{cls.__module__}.{cls.__qualname__} defines {stray}, which match no event"
+
+
+def test_a_misspelled_hook_is_refused_when_the_class_is_made() -> None:
+    with pytest.raises(TypeError, match="on_step_don"):
+        class Typo(Sink):  # noqa: F841 - the class statement itself must fail
+            def on_step_don(self, e):  # noqa: ANN001
+                pass
+
+
+def test_hooks_fire_for_their_event_kind_only() -> None:
+    seen = []
+
+    class Two(Sink):
+        scope = "rank"
+
+        def on_step_done(self, e: StepDone) -> None:
+            seen.append(("step", e.step))
+
+        def on_epoch_done(self, e: EpochDone) -> None:
+            seen.append(("epoch", e.step))
+
+    bus = EventBus([Two()])
+    for ev in (run_started(), step(1), step(2), epoch_done(2), RunFinished(status="FINISHED", step=2,
+                                                                            duration_seconds=1.0)):
+        bus.emit(ev)
+    bus.close()
+    assert seen == [("step", 1), ("step", 2), ("epoch", 2)]
+
+
+# ------------------------------------------------------------------------------------ ids as events
+class _Announcer(Sink):
+    """Creates an id in open() (as the MLflow and OTel sinks do) and records what it hears."""
+
+    scope = "rank"
+
+    def __init__(self, event) -> None:  # noqa: ANN001
+        self.event = event
+        self.heard: list[str] = []
+
+    def open(self, bus: EventBus) -> None:
+        bus.emit(self.event)
+
+    def on_tracking_run_opened(self, e: TrackingRunOpened) -> None:
+        self.heard.append(f"run:{e.run_id}")
+
+    def on_trace_opened(self, e: TraceOpened) -> None:
+        self.heard.append(f"trace:{e.trace_id}")
+
+    def on_run_started(self, e: RunStarted) -> None:
+        self.heard.append("run_started")
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_ids_reach_every_sink_before_run_started_whatever_the_order(reverse: bool) -> None:
+    run = _Announcer(TrackingRunOpened(run_id="r1", experiment_id="e1", tracking_uri="sqlite:///x.db"))
+    trace = _Announcer(TraceOpened(trace_id="ab" * 16, traceparent="00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"))
+    ids = RunIds()
+    sinks = [ids, run, trace]
+    bus = EventBus(list(reversed(sinks)) if reverse else sinks)
+    bus.open()
+    bus.emit(run_started())
+    bus.close()
+    for sink in (run, trace):
+        assert sorted(sink.heard[:2]) == ["run:r1", "trace:" + "ab" * 16] and sink.heard[2] == "run_started"
+    assert (ids.mlflow_run_id, ids.mlflow_experiment_id, ids.trace_id) == ("r1", "e1", "ab" * 16)
+
+
+def test_every_metric_an_event_reports_is_declared() -> None:
+    from splade_obs.events import metric_def
+
+    events = [step(1), epoch_done(1), RunFinished(status="FINISHED", step=1, duration_seconds=1.0,
+                                                   counters={"errors/DATA_ERROR": 1, "train/skipped_batches": 1})]
+    for ev in events:
+        for name in ev.metrics():
+            assert metric_def(name) is not None, name
+    assert metric_def("train/no_such") is not None  # a loss part family...
+    assert metric_def("nope/loss") is None           # ...but no undeclared section

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from splade_obs import atomic
-from splade_obs.events import EventBus, RecordingSink, RunFinished, Sink, SinkDegraded, StepDone
+from splade_obs.bus import EventBus, RecordingSink, Sink
+from splade_obs.events import RunFinished, SinkDegraded, StepDone
 from splade_obs.logging_setup import setup_logging, teardown_logging
 from splade_obs.sinks.console import LogSink
 from splade_obs.sinks.errors_file import ErrorsFileSink
@@ -20,6 +21,7 @@ from splade_obs.sinks.metrics_file import MetricsFileSink
 from splade_obs.sinks.progress import ProgressSink
 
 from tests._logging_utils import (ANSI, COMPLETED_RE, CONSOLE_RE, PROGRESS_RE, all_file_text, check_json_log_line,
+                                 partial_epoch,
                              check_metrics_file, epoch_events, full_run, read_json_lines, run_started)
 
 SECRET = "sk-planted-123"
@@ -98,6 +100,17 @@ def test_teardown_removes_handlers(tmp_path: Path) -> None:
     assert logging.getLogger().handlers == before
 
 
+def test_transformers_progress_bars_are_off_during_a_run_and_back_after() -> None:
+    from transformers.utils import logging as hf_logging
+
+    assert hf_logging.is_progress_bar_enabled()
+    setup_logging("INFO", None)
+    setup_logging("INFO", None)  # configuring again keeps them off and still restores them once
+    assert not hf_logging.is_progress_bar_enabled()  # its tqdm bars would garble the non-TTY progress lines
+    teardown_logging()
+    assert hf_logging.is_progress_bar_enabled()
+
+
 # ------------------------------------------------------------------------------------------ console
 def _console_lines(monkeypatch, stream: io.StringIO, color: bool | None) -> list[str]:
     monkeypatch.setattr("sys.stderr", stream)
@@ -148,7 +161,7 @@ def test_log_sink_lines(tmp_path: Path, capsys) -> None:
     assert "Epoch 1/2" in msgs and "Epoch 2/2" in msgs
     step_lines = [m for m in msgs if m.startswith("Step ")]
     assert [m.split()[1] for m in step_lines] == ["1/6", "2/6", "4/6", "6/6"]   # throttled: 1st, every 2nd, last
-    assert any(m.startswith("Epoch 1/2 done: train_loss=1 val_loss=0.7") for m in msgs)
+    assert any(m.startswith("Epoch 1/2 done: epoch/loss=1.222 val/loss=0.7") for m in msgs), msgs
     skipped = [line for line in err if "skipped batch [DATA_ERROR]" in line]
     assert len(skipped) == 1 and skipped[0].startswith("[WARNING]") and "train.jsonl:17" in skipped[0]
     assert msgs[-1].startswith("Run finished with status FINISHED at step 6")
@@ -170,11 +183,15 @@ def test_metrics_file_schema(tmp_path: Path) -> None:
     check_metrics_file(doc, finished=True)
     assert doc["status"] == "FINISHED" and set(doc["metrics_by_epoch"]) == {"1", "2"}
     ep1 = doc["metrics_by_epoch"]["1"]
-    assert ep1["train_loss"] == 1.0 and ep1["val_loss"] == 0.7 and ep1["skipped_batches"] == 1
+    assert ep1["train_loss"] == pytest.approx((2.0 / 1 + 2.0 / 2 + 2.0 / 3) / 3)   # the seed's key for epoch/loss
+    assert ep1["val_loss"] == 0.7 and ep1["skipped_batches"] == 1
+    assert ep1["learning_rate"] == pytest.approx((1e-4 / 1 + 1e-4 / 2 + 1e-4 / 3) / 3)
     assert ep1["base"] == pytest.approx((1.5 / 1 + 1.5 / 2 + 1.5 / 3) / 3)     # mean of the epoch's steps
+    assert ep1["epoch_duration_seconds"] == 1.5 and ep1["retrieval_flops"] == 3.0
     assert ep1["complete"] is True and ep1["step"] == 3
-    assert [e["step"] for e in doc["eval"]] == [3, 6] and doc["eval"][0]["metrics"]["ndcg@10"] == 0.3
-    assert doc["final_metrics"] == {"train_loss": 0.5, "ndcg@10": 0.3}
+    assert [e["step"] for e in doc["eval"]] == [3, 6] and doc["eval"][0]["metrics"]["ndcg_at_10"] == 0.3
+    assert doc["final_metrics"] == {"train_loss": 0.5, "ndcg_at_10": 0.3}
+    assert doc["counters"] == {"skipped_batches": 1, "DATA_ERROR": 1}
     assert doc["errors_by_category"] == {"DATA_ERROR": 1}
     assert json.loads((tmp_path / "system_info.json").read_text())["python_version"] == "3.x"
 
@@ -211,8 +228,10 @@ def test_crash_during_write_keeps_previous_file(tmp_path: Path, monkeypatch) -> 
 
 def test_killed_run_records_partial_epoch_and_resume_continues(tmp_path: Path) -> None:
     bus = EventBus([MetricsFileSink(tmp_path)])
-    for ev in [run_started(tmp_path, 6, 2), *epoch_events(1, 2, 3), *epoch_events(2, 2, 3, finish=False)[:2]]:
+    started = epoch_events(2, 2, 3, finish=False)[:2]
+    for ev in [run_started(tmp_path, 6, 2), *epoch_events(1, 2, 3), *started]:
         bus.emit(ev)
+    bus.emit(partial_epoch([started[1]], 2, 2))   # the trainer reports the partial epoch when it stops
     bus.emit(RunFinished(status="KILLED", step=4, duration_seconds=2.0))
     bus.close()
     doc = json.loads((tmp_path / "training_metrics.json").read_text())
@@ -347,7 +366,7 @@ def e2e_env(tmp_path: Path, monkeypatch) -> Path:
 def test_e2e_train_logs_and_metrics_schema(e2e_env: Path) -> None:
     from click.testing import CliRunner
 
-    from cli.main import cli
+    from splade_obs_cli.main import cli
 
     out = e2e_env / "out"
     res = CliRunner().invoke(cli, ["train", "--output-dir", str(out), *E2E_ARGS, "--inject-fault", "batch:2:nan",
@@ -427,7 +446,7 @@ def test_e2e_failing_sink_does_not_stop_run_and_secrets_stay_out(e2e_env: Path, 
 def test_e2e_metrics_valid_after_run_killed_mid_epoch(e2e_env: Path) -> None:
     from click.testing import CliRunner
 
-    from cli.main import cli
+    from splade_obs_cli.main import cli
 
     out = e2e_env / "out"
     res = CliRunner().invoke(cli, ["train", "--output-dir", str(out), *E2E_ARGS,

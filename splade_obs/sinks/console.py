@@ -11,8 +11,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..bus import Sink
 from ..events import (CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught, EvaluationDone, Message,
-                      ModelLoaded, RetryAttempt, RunFinished, RunStarted, Sink, SinkDegraded, StepDone)
+                      ModelLoaded, RetryAttempt, RunFinished, RunStarted, SinkDegraded, StepDone)
 
 TRAIN_LOGGER = "splade_obs.train"
 
@@ -89,22 +90,23 @@ class LogSink(Sink):
                    f"Step {e.step}/{total or '?'} | loss={_fmt(e.loss)} {parts} | lr={e.learning_rate:.3e} | "
                    f"grad_norm={_fmt(e.grad_norm)} | {e.samples_per_second:.1f} samples/s "
                    f"{e.tokens_per_second:.0f} tok/s | nnz q={e.query_nnz:.1f} d={e.doc_nnz:.1f}",
-                   e, step=e.step, epoch=e.epoch, loss=e.loss, learning_rate=e.learning_rate,
-                   samples_per_second=e.samples_per_second)
+                   e, step=e.step, epoch=e.epoch, metrics=e.metrics())
 
     def on_epoch_done(self, e: EpochDone) -> None:
-        val = f" val_loss={_fmt(e.val_loss)}" if e.val_loss is not None else ""
+        loss = e.means.get("epoch/loss")
+        val = f" val/loss={_fmt(e.val_loss)}" if e.val_loss is not None else ""
+        state = "done" if e.complete else f"stopped after {e.steps_completed} steps"
         self._emit(logging.INFO,
-                   f"Epoch {e.epoch}/{e.num_epochs} done: train_loss={_fmt(e.train_loss)}{val} "
-                   f"lr={e.learning_rate:.3e} duration={e.duration_seconds:.1f}s",
-                   e, step=e.step, epoch=e.epoch, train_loss=e.train_loss, val_loss=e.val_loss)
+                   f"Epoch {e.epoch}/{e.num_epochs} {state}: epoch/loss={_fmt(loss)}{val} "
+                   f"duration={e.duration_seconds:.1f}s",
+                   e, step=e.step, epoch=e.epoch, metrics=e.metrics())
 
     def on_evaluation_done(self, e: EvaluationDone) -> None:
-        metrics = " ".join(f"{k}={_fmt(v)}" for k, v in e.metrics.items())
+        metrics = " ".join(f"{k}={_fmt(v)}" for k, v in e.scores.items())
         best = " (best so far)" if e.is_best else ""
         self._emit(logging.INFO, f"Evaluation on {e.split} at step {e.step}: {metrics}{best} "
                                  f"[{e.duration_seconds:.1f}s]",
-                   e, step=e.step, epoch=e.epoch, split=e.split, metrics=e.metrics)
+                   e, step=e.step, epoch=e.epoch, split=e.split, metrics=e.metrics())
 
     def on_checkpoint_saved(self, e: CheckpointSaved) -> None:
         self._emit(logging.INFO, f"Checkpoint saved at step {e.step} ({e.reason}): {e.path} "

@@ -11,8 +11,10 @@ import json
 from pathlib import Path
 from typing import IO, Any
 
-from ..events import ErrorCaught, RunStarted, Sink
-from ..logging_setup import iso_utc, redact_obj
+from ..bus import Sink
+from ..events import ErrorCaught, RunStarted
+from ..logging_setup import iso_utc
+from ..redaction import redact_obj
 
 
 def errors_file_path(log_dir: Path, rank: int = 0) -> Path:

@@ -9,13 +9,17 @@ Shape::
                                 "epoch_duration_seconds": .., "step": .., "base": .., "query_reg": ..,
                                 "doc_reg": .., "query_nnz": .., "doc_nnz": .., "grad_norm": ..,
                                 "samples_per_second": .., "skipped_batches": 0, "complete": true}},
+
+Every number is an event's canonical metric under the key :func:`file_key` gives: the seed's keys
+(``train_loss``, ``val_loss``, ``learning_rate``, ``epoch_duration_seconds``) by one table, every other name
+without its section. The sink aggregates nothing itself: epoch means come in ``EpochDone``.
      "eval": [{"step": .., "epoch": .., "split": .., "metrics": {..}, "duration_seconds": .., "is_best": ..}],
      "checkpoints": [{"step": .., "epoch": .., "path": .., "reason": ..}],
      "errors_by_category": {"DATA_ERROR": 2}, "final_metrics": {..}, "counters": {..}, "error": null}
 
 The file is rewritten atomically (temp file + fsync + rename) at run start, after each epoch, after each
 evaluation, on a fatal error and at run end, so a crash at any moment leaves the previous valid version.
-A run killed mid-epoch records that epoch with ``"complete": false``. On resume the existing file is
+A run stopped mid-epoch records that epoch with ``"complete": false`` (the trainer's partial ``EpochDone``). On resume the existing file is
 loaded and continued. The sink also writes ``RunStarted.system_info`` to ``system_info.json`` next to it
 at run start (``write_system_info=False`` turns that off).
 """
@@ -29,37 +33,28 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import atomic_write_json
-from ..events import (CheckpointSaved, EpochDone, EpochStarted, ErrorCaught, EvaluationDone, RunFinished, RunStarted,
-                      Sink, StepDone)
-from ..logging_setup import iso_utc, redact_obj
+from ..bus import Sink
+from ..events import CheckpointSaved, EpochDone, ErrorCaught, EvaluationDone, RunFinished, RunStarted, StepDone
+from ..logging_setup import iso_utc
+from ..redaction import redact_obj
 from ..sysinfo import save_system_info
 
 METRICS_FILE = "training_metrics.json"
 
 
-class _EpochAccumulator:
-    """Running sums of per-step values for the epoch in progress (means go into the file)."""
+#: The seed's keys, by canonical name; every other canonical name loses its section (``epoch/query_nnz`` ->
+#: ``query_nnz``, ``eval/ndcg_at_10`` -> ``ndcg_at_10``, ``errors/DATA_ERROR`` -> ``DATA_ERROR``).
+SEED_KEYS = {"epoch/loss": "train_loss", "val/loss": "val_loss", "epoch/lr": "learning_rate",
+             "epoch/duration_seconds": "epoch_duration_seconds"}
 
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.count = 0
-        self.skipped = 0
-        self.last_lr: float | None = None
-        self.last_step = 0
 
-    def add(self, e: StepDone) -> None:
-        self.count += 1
-        self.last_lr, self.last_step = e.learning_rate, e.step
-        values = {"loss": e.loss, **e.parts, "query_nnz": e.query_nnz, "doc_nnz": e.doc_nnz,
-                  "grad_norm": e.grad_norm, "samples_per_second": e.samples_per_second,
-                  "tokens_per_second": e.tokens_per_second}
-        for k, v in values.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+def file_key(name: str) -> str:
+    """The key of canonical metric ``name`` in ``training_metrics.json`` (one table, one rule)."""
+    return SEED_KEYS.get(name) or name.split("/", 1)[-1]
 
-    def means(self) -> dict[str, float]:
-        if not self.count:
-            return {}
-        return {k: v / self.count for k, v in self.sums.items()}
+
+def _file_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {file_key(k): v for k, v in metrics.items()}
 
 
 class MetricsFileSink(Sink):
@@ -71,8 +66,6 @@ class MetricsFileSink(Sink):
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.write_system_info = write_system_info
         self.doc: dict[str, Any] = {}
-        self._acc = _EpochAccumulator()
-        self._epoch: int | None = None
         self._start_mono = 0.0
         self._prior_duration = 0.0
         self._lock = threading.Lock()
@@ -105,50 +98,34 @@ class MetricsFileSink(Sink):
             save_system_info(redact_obj(dict(e.system_info)), self.log_dir)
         self._write()
 
-    def on_epoch_started(self, e: EpochStarted) -> None:
-        self._epoch = e.epoch
-        self._acc = _EpochAccumulator()
-
     def on_step_done(self, e: StepDone) -> None:
-        if self._epoch != e.epoch:  # no EpochStarted seen (dropped or resumed mid-epoch)
-            self._epoch, self._acc = e.epoch, _EpochAccumulator()
-        self._acc.add(e)
         self.doc["last_step"] = e.step
 
     def on_error_caught(self, e: ErrorCaught) -> None:
         errs = self.doc.setdefault("errors_by_category", {})
         errs[e.category] = errs.get(e.category, 0) + 1
-        if e.skipped_batch:
-            self._acc.skipped += 1
         if e.fatal:
             self.doc["status"] = "FAILED"
             self.doc["error"] = {"category": e.category, "message": e.message, "error_type": e.error_type,
                                  "step": e.step, "epoch": e.epoch}
-            self._record_partial_epoch()
             self._write()
 
     def on_epoch_done(self, e: EpochDone) -> None:
-        record: dict[str, Any] = {"train_loss": e.train_loss}
-        if e.val_loss is not None:
-            record["val_loss"] = e.val_loss
-        record.update({"learning_rate": e.learning_rate, "epoch_duration_seconds": e.duration_seconds,
-                       "step": e.step})
-        means = self._acc.means() if self._epoch == e.epoch else {}
-        means.pop("loss", None)  # train_loss from the trainer is authoritative
-        record.update(means)
-        record["skipped_batches"] = self._acc.skipped if self._epoch == e.epoch else 0
-        record.update(e.extra)  # the trainer's own numbers win over our step means
+        """The epoch's aggregates as the trainer computed them, under the file's keys; a stopped run's
+        partial epoch goes in with ``"complete": false`` (and is replaced when a resumed run finishes it)."""
+        record: dict[str, Any] = _file_metrics(e.metrics())
         record["skipped_batches"] = int(record.get("skipped_batches") or 0)
-        record["complete"] = True
+        record.update({"step": e.step, "complete": e.complete})
+        if not e.complete:
+            record["steps_completed"] = e.steps_completed
         self.doc["metrics_by_epoch"][str(e.epoch)] = record
         self.doc["last_step"] = max(int(self.doc.get("last_step") or 0), e.step)
-        self._acc = _EpochAccumulator()
-        self._epoch = None
         self._write()
 
     def on_evaluation_done(self, e: EvaluationDone) -> None:
+        metrics = _file_metrics({k: v for k, v in e.metrics().items() if k != "eval/duration_seconds"})
         self.doc.setdefault("eval", []).append({"step": e.step, "epoch": e.epoch, "split": e.split,
-                                                "metrics": dict(e.metrics), "duration_seconds": e.duration_seconds,
+                                                "metrics": metrics, "duration_seconds": e.duration_seconds,
                                                 "is_best": e.is_best})
         self._write()
 
@@ -157,9 +134,8 @@ class MetricsFileSink(Sink):
                                                        "reason": e.reason})
 
     def on_run_finished(self, e: RunFinished) -> None:
-        self._record_partial_epoch()
         self.doc.update({"status": e.status, "end_time": iso_utc(e.time_ns / 1e9),
-                         "final_metrics": dict(e.final_metrics), "counters": dict(e.counters),
+                         "final_metrics": _file_metrics(e.final_metrics), "counters": _file_metrics(e.counters),
                          "last_step": e.step, "model_path": e.model_path})
         if e.error:
             self.doc["error"] = e.error
@@ -169,21 +145,9 @@ class MetricsFileSink(Sink):
     def close(self, timeout: float = 5.0) -> None:
         """A run that never sent RunFinished (hard crash) still leaves its last state on disk."""
         if self.doc and not self._finished:
-            self._record_partial_epoch()
             self._write()
 
     # helpers ------------------------------------------------------------------------------------------
-    def _record_partial_epoch(self) -> None:
-        """Steps of an epoch that did not finish go in as ``"complete": false`` (killed or crashed runs)."""
-        if self._epoch is None or not self._acc.count:
-            return
-        means = self._acc.means()
-        record: dict[str, Any] = {"train_loss": means.pop("loss")}
-        record.update({"learning_rate": self._acc.last_lr, "step": self._acc.last_step, **means,
-                       "skipped_batches": self._acc.skipped, "steps_completed": self._acc.count,
-                       "complete": False})
-        self.doc["metrics_by_epoch"][str(self._epoch)] = record
-
     def _load_previous(self) -> dict[str, Any] | None:
         assert self.path is not None
         try:

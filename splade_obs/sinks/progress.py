@@ -21,7 +21,8 @@ import sys
 import time
 from typing import Any
 
-from ..events import EpochStarted, RunFinished, RunStarted, Sink, StepDone
+from ..bus import Sink
+from ..events import EpochStarted, RunFinished, RunStarted, StepDone
 
 MODES = ("auto", "bar", "lines", "none")
 
