@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import click
 
-from cli.common import handle_errors
+from .common import handle_errors
 from splade_obs.errors import ErrorCategory, FileSystemError
 
 #: Params shown by ``compare`` (first), in this order; the rest follow only with --all-params.
@@ -16,8 +16,10 @@ KEY_PARAMS = ("model.name", "data.train_file", "data.train_digest", "optim.learn
               "optim.gradient_accumulation_steps", "optim.epochs", "optim.max_steps", "optim.mixed_precision",
               "optim.seed", "loss.lambda_q", "loss.lambda_d", "loss.distillation", "model.max_query_length",
               "model.max_doc_length")
-#: Metric prefixes shown by ``compare`` (their latest value).
-KEY_METRIC_PREFIXES = ("final/", "eval/", "epoch/", "errors/", "train/loss", "train/skipped_batches")
+#: Metric prefixes shown by ``compare`` (their latest value, which is the final one; ``final/`` is kept for
+#: runs tracked before those metrics were dropped).
+KEY_METRIC_PREFIXES = ("epoch/", "val/", "eval/", "errors/", "train/loss", "train/skipped_batches", "run/",
+                       "final/")
 
 tracking_uri_option = click.option(
     "--tracking-uri", default=None, metavar="URI",
@@ -28,11 +30,11 @@ tracking_uri_option = click.option(
 def _client(tracking_uri: str | None) -> Any:
     from mlflow import MlflowClient
 
-    from splade_obs import tracking
+    from splade_obs.sinks.mlflow import store
 
     uri = tracking_uri or _default_uri()
-    tracking.lower_http_retries_for(uri)
-    tracking.check_store(uri)
+    store.lower_http_retries_for(uri)
+    store.check_store(uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -99,8 +101,9 @@ def list_runs(tracking_uri: str | None, experiment_name: str, max_results: int) 
     for r in found:
         m = r.data.metrics
         errors = sum(int(v) for k, v in m.items() if k.startswith("errors/"))
+        loss = m.get("epoch/loss", m.get("final/train_loss", m.get("train/loss")))  # final/*: runs tracked before
         rows.append([r.info.run_id, r.info.run_name or "-", r.info.status, _when(r.info.start_time), _duration(r),
-                     m.get("final/train_loss", m.get("train/loss")), m.get("eval/ndcg_at_10"), errors])
+                     loss, m.get("eval/ndcg_at_10"), errors])
     click.echo(_table(["run_id", "name", "status", "started", "duration", "loss", "ndcg@10", "errors"], rows))
 
 

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from splade_obs.config import TrainConfig
+from splade_obs.bus import EventBus, RunIds
 from splade_obs.events import (CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught, EvaluationDone,
                                ModelLoaded, RunFinished, RunStarted, StepDone)
+from splade_obs.sinks.mlflow import MlflowOptions, MlflowSink
 
 LONG_VALUE_LEN = 7000  # over MLflow's 6000-character param limit
 
@@ -37,6 +39,31 @@ def make_cfg(tmp_path: Path, uri: str | None = None, **tracking: Any) -> TrainCo
     })
 
 
+def options_for(cfg: TrainConfig) -> MlflowOptions:
+    """The options ``run.build_sinks`` would give the sink for ``cfg``."""
+    t = cfg.tracking
+    return MlflowOptions(tracking_uri=t.tracking_uri, experiment_name=t.experiment_name, run_name=t.run_name,
+                         require=t.require, register_model=t.register_model, log_model=t.log_model,
+                         flush_interval=t.flush_interval)
+
+
+def create_sink(cfg: TrainConfig, **kw: Any) -> MlflowSink | None:
+    return MlflowSink.create(options_for(cfg), **kw)
+
+
+def open_bus(sink: MlflowSink, *extra: Any) -> tuple[EventBus, RunIds]:
+    """A bus with ``RunIds``, the sink and ``extra`` sinks, opened (the sink announces its run)."""
+    ids = RunIds()
+    bus = EventBus([ids, sink, *extra])
+    bus.open()
+    return bus, ids
+
+
+def config_params(cfg: TrainConfig) -> dict[str, str]:
+    """What ``RunStarted.params`` holds: ``TrainConfig.params()`` (the flattened config as param strings)."""
+    return dict(cfg.params())
+
+
 def write_log_files(log_dir: Path) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "train_splade.log").write_text("2025-01-01 INFO splade_obs.train started\n")
@@ -50,7 +77,7 @@ def step_event(step: int, *, epoch: int = 1, loss: float | None = None) -> StepD
                     parts={"base": loss * 0.9, "query_reg": 0.01 * step, "doc_reg": 0.02 * step},
                     learning_rate=1e-5 * step, grad_norm=1.0 + step, batch_size=4, num_tokens=100,
                     samples_per_second=8.0, tokens_per_second=200.0, query_nnz=30.0 - step, doc_nnz=80.0 - step,
-                    flops=1000.0 / step, total_steps=6)
+                    retrieval_flops=1000.0 / step, lambda_q=1e-4 * step, lambda_d=2e-4 * step, total_steps=6)
 
 
 def run_events(cfg: TrainConfig, *, steps: range = range(1, 7), status: str = "FINISHED", start_step: int = 0,
@@ -58,7 +85,8 @@ def run_events(cfg: TrainConfig, *, steps: range = range(1, 7), status: str = "F
     """A realistic run: start, two datasets, model, steps with one skipped batch, epoch, eval, checkpoint, end."""
     log_dir = str(cfg.log_dir)
     ev: list[Any] = [
-        RunStarted(run_name="synthetic-run-0001", config=cfg.to_dict(),
+        RunStarted(run_name="synthetic-run-0001", config=cfg.to_dict(), params=config_params(cfg),
+                   model_name=cfg.model.name,
                    system_info={"hostname": "test-host", "mixed_precision": "float32", "git_commit": "a" * 40},
                    total_steps=steps.stop - 1, num_epochs=1, steps_per_epoch=steps.stop - 1, start_step=start_step,
                    resumed=start_step > 0, output_dir=str(cfg.output_dir), log_dir=log_dir),
@@ -71,12 +99,14 @@ def run_events(cfg: TrainConfig, *, steps: range = range(1, 7), status: str = "F
         EpochStarted(epoch=1, num_epochs=1, steps_in_epoch=steps.stop - 1),
     ]
     counts: dict[str, int] = {}
+    skipped = 0
     for s in steps:
         if s == 3:
             counts["DATA_ERROR"] = counts.get("DATA_ERROR", 0) + 1
+            skipped += 1
             ev.append(ErrorCaught(category="DATA_ERROR", message="field \"query\" is missing", error_type="DataError",
                                   exception_type="KeyError", exception_message="query", context={}, step=s,
-                                  epoch=1, skipped_batch=True, counts=dict(counts)))
+                                  epoch=1, skipped_batch=True, counts=dict(counts), skipped_batches=skipped))
             continue
         if fail_at is not None and s == fail_at:
             counts["TRAINING_ERROR"] = counts.get("TRAINING_ERROR", 0) + 1
@@ -87,16 +117,18 @@ def run_events(cfg: TrainConfig, *, steps: range = range(1, 7), status: str = "F
         ev.append(step_event(s))
     last = ev[-1].step if hasattr(ev[-1], "step") and ev[-1].step else steps.stop - 1
     if fail_at is None:
-        ev += [EpochDone(epoch=1, num_epochs=1, step=last, train_loss=0.5, learning_rate=1e-5, duration_seconds=3.0,
-                         val_loss=0.6, extra={"query_nnz": 25.0}),
-               EvaluationDone(step=last, epoch=1, split="test", metrics={"ndcg@10": 0.31, "mrr@10": 0.25},
+        # a KILLED run stops inside its epoch: the trainer reports the partial epoch (complete=False)
+        ev += [EpochDone(epoch=1, num_epochs=1, step=last, duration_seconds=3.0, val_loss=0.6, skipped_batches=skipped,
+                         means={"epoch/loss": 0.5, "epoch/lr": 1e-5, "epoch/query_nnz": 25.0},
+                         steps_completed=len(steps) - skipped, complete=status != "KILLED"),
+               EvaluationDone(step=last, epoch=1, split="test", scores={"ndcg@10": 0.31, "mrr@10": 0.25},
                               duration_seconds=1.5),
                CheckpointSaved(step=last, epoch=1, path=str(cfg.output_dir / f"checkpoint-{last}"),
                                reason="epoch_end", duration_seconds=0.2)]
     counters = {f"errors/{k}": v for k, v in counts.items()}
-    counters["skipped_batches"] = counts.get("DATA_ERROR", 0)
+    counters["train/skipped_batches"] = skipped
     ev.append(RunFinished(status=status, step=last, duration_seconds=10.0,
-                          final_metrics={"train_loss": 0.5, "eval_ndcg@10": 0.31} if status == "FINISHED" else {},
+                          final_metrics={"epoch/loss": 0.5, "eval/ndcg_at_10": 0.31} if status == "FINISHED" else {},
                           error={"category": "TRAINING_ERROR", "message": "loss is NaN"} if status == "FAILED" else None,
                           output_dir=str(cfg.output_dir), model_path=model_path, counters=counters))
     return ev

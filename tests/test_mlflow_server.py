@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from splade_obs.events import EventBus, StepDone
-from splade_obs.sinks.mlflow_sink import UNSENT_FILE, MlflowSink
-from tests._mlflow_utils import make_cfg, metric_steps, mlflow_server, run_events, stop_server
+from splade_obs.events import StepDone
+from splade_obs.sinks.mlflow import UNSENT_FILE
+from tests._mlflow_utils import create_sink, make_cfg, metric_steps, mlflow_server, open_bus, run_events, stop_server
 
 pytestmark = [pytest.mark.server, pytest.mark.timeout(600)]
 
@@ -38,10 +38,10 @@ def test_http_run_arrives_and_a_killed_server_blocks_nothing(tmp_path, bounded_h
     with mlflow_server(tmp_path) as (url, proc, backend_db):
         # 1. a whole run over HTTP: params, stepped metrics, tags, artifacts (proxied), status
         cfg = make_cfg(tmp_path / "a", uri=url)
-        bus = EventBus()
-        sink = MlflowSink.create(cfg, bus_shared=bus.shared)
-        assert sink is not None and bus.shared["mlflow.tracking_uri"] == url
-        bus.add(sink)
+        sink = create_sink(cfg)
+        assert sink is not None
+        bus, ids = open_bus(sink)
+        assert ids.tracking_uri == url and ids.mlflow_run_id == sink.run_id
         for e in run_events(cfg):
             bus.emit(e)
         bus.close(timeout=60)
@@ -55,9 +55,8 @@ def test_http_run_arrives_and_a_killed_server_blocks_nothing(tmp_path, bounded_h
 
         # 2. the server dies mid-run
         cfg = make_cfg(tmp_path / "b", uri=url)
-        bus = EventBus()
-        sink = MlflowSink.create(cfg, bus_shared=bus.shared)
-        bus.add(sink)
+        sink = create_sink(cfg)
+        bus, _ = open_bus(sink)
         events = run_events(cfg, steps=range(1, 13))
         steps = [e for e in events if isinstance(e, StepDone)]
         cut = events.index(steps[4])
@@ -92,7 +91,7 @@ def test_real_training_goes_on_when_the_server_dies_mid_run(tmp_path, tiny_cfg, 
     train/loss point is on the server or in the local unsent record."""
     from mlflow import MlflowClient
 
-    from splade_obs.events import RecordingSink, Sink
+    from splade_obs.bus import RecordingSink, Sink
     from splade_obs.run import run_training
 
     with mlflow_server(tmp_path) as (url, proc, backend_db):
@@ -112,7 +111,7 @@ def test_real_training_goes_on_when_the_server_dies_mid_run(tmp_path, tiny_cfg, 
     assert [e.step for e in rec.of(StepDone)] == [1, 2, 3, 4, 5]
     metrics = json.loads((cfg.log_dir / "training_metrics.json").read_text())
     assert metrics["status"] == "FINISHED" and metrics["metrics_by_epoch"]["1"]["train_loss"] > 0
-    run_id = result.shared["mlflow.run_id"]
+    run_id = result.ids.mlflow_run_id
     on_server = set(metric_steps(MlflowClient(tracking_uri=f"sqlite:///{backend_db}"), run_id, "train/loss"))
     lines = (cfg.log_dir / UNSENT_FILE).read_text().splitlines()
     unsent = {json.loads(x)["step"] for x in lines[1:] if json.loads(x)["key"] == "train/loss"}

@@ -1,8 +1,10 @@
 """The MLflow sink against a real sqlite store under tmp_path: first fed a realistic synthetic run through a
-real EventBus, then driven by a real ``splade-obs train`` (CliRunner, real splade-tiny)."""
+real EventBus, then driven by a real ``splade-obs train`` (CliRunner, real splade-tiny). Also: the sink
+package learns everything from events (it imports nothing from ``splade_obs.config``)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import time
@@ -12,13 +14,13 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from splade_obs import tracking
+import splade_obs
 from splade_obs.errors import ErrorCategory
-from splade_obs.events import EventBus
-from splade_obs.sinks import mlflow_sink
-from splade_obs.sinks.mlflow_sink import MlflowSink, metric_name
-from tests._mlflow_utils import (LONG_VALUE_LEN, artifact_paths, free_port, make_cfg, metric_steps, run_events,
-                                 step_event, write_log_files)
+from splade_obs.bus import RecordingSink
+from splade_obs.events import RunFinished, RunStarted, TraceOpened, TrackingRunOpened, metric_name
+from splade_obs.sinks.mlflow import MlflowOptions, MlflowSink, store, transport
+from tests._mlflow_utils import (LONG_VALUE_LEN, artifact_paths, create_sink, free_port, make_cfg, metric_steps,
+                                 open_bus, run_events, step_event, write_log_files)
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -28,17 +30,19 @@ def _client(cfg):
     return MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
 
 
-def _run_through_bus(cfg, events, shared=None, resume_run_id=None):
-    bus = EventBus()
-    bus.shared.update(shared or {})
-    sink = MlflowSink.create(cfg, bus_shared=bus.shared, resume_run_id=resume_run_id)
+TRACE_ID = "ab" * 16
+TRACE_OPENED = TraceOpened(trace_id=TRACE_ID, traceparent=f"00-{TRACE_ID}-{'cd' * 8}-01")
+
+
+def _run_through_bus(cfg, events, resume_run_id=None):
+    sink = create_sink(cfg, resume_run_id=resume_run_id)
     assert sink is not None
-    bus.add(sink)
+    bus, ids = open_bus(sink)
     for e in events:
         bus.emit(e)
     bus.close(timeout=120)
     assert bus.stats()["mlflow"] == {"failures": 0, "dropped": 0, "degraded": False}
-    return bus.shared["mlflow.run_id"], bus.shared
+    return ids.mlflow_run_id, ids
 
 
 # ------------------------------------------------------------------------------------ synthetic runs
@@ -48,8 +52,8 @@ def finished_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mlflow-finished")
     cfg = make_cfg(tmp)
     write_log_files(cfg.log_dir)
-    run_id, shared = _run_through_bus(cfg, run_events(cfg), shared={"otel.trace_id": "ab" * 16})
-    return cfg, run_id, shared, _client(cfg).get_run(run_id)
+    run_id, ids = _run_through_bus(cfg, [TRACE_OPENED, *run_events(cfg)])  # the trace is known before RunStarted
+    return cfg, run_id, ids, _client(cfg).get_run(run_id)
 
 
 def test_params_hold_the_whole_flattened_config(finished_run):
@@ -71,21 +75,31 @@ def test_metrics_are_stepped_and_named_for_mlflow(finished_run):
     client = _client(cfg)
     for key in ("train/loss", "train/base", "train/query_reg", "train/doc_reg", "train/lr", "train/grad_norm",
                 "train/samples_per_second", "train/tokens_per_second", "train/query_nnz", "train/doc_nnz",
-                "train/flops"):
+                "train/retrieval_flops", "train/lambda_q", "train/lambda_d"):
         assert metric_steps(client, run_id, key) == [1, 2, 4, 5, 6], key  # step 3 was a skipped batch
     losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
     assert losses[4] == pytest.approx(0.5)
-    assert metric_steps(client, run_id, "epoch/train_loss") == [6]
-    assert run.data.metrics["epoch/val_loss"] == pytest.approx(0.6)
-    assert "epoch/duration_seconds" in run.data.metrics
+    assert metric_steps(client, run_id, "epoch/loss") == [6]
+    assert run.data.metrics["epoch/query_nnz"] == pytest.approx(25.0)
+    assert run.data.metrics["val/loss"] == pytest.approx(0.6)
+    assert "epoch/duration_seconds" in run.data.metrics and run.data.metrics["epoch/skipped_batches"] == 1
     assert run.data.metrics["eval/ndcg_at_10"] == pytest.approx(0.31)
+    assert run.data.metrics["eval/mrr_at_10"] == pytest.approx(0.25) and "eval/duration_seconds" in run.data.metrics
     assert run.data.metrics["errors/DATA_ERROR"] == 1 and metric_steps(client, run_id, "errors/DATA_ERROR")[0] == 3
     assert run.data.metrics["train/skipped_batches"] == 1
-    assert run.data.metrics["final/eval_ndcg_at_10"] == pytest.approx(0.31)
+    assert "checkpoint/duration_seconds" in run.data.metrics and "run/duration_seconds" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("final/")]   # the last point is the final value
+
+
+def test_metric_keys_are_the_canonical_names_of_the_events(finished_run):
+    """One rule: every key in the run is a name some event's ``metrics()`` returned, unchanged."""
+    cfg, _, _, run = finished_run
+    names = {n for e in run_events(cfg) for n in e.metrics()}
+    assert set(run.data.metrics) == names
 
 
 def test_tags_note_and_status(finished_run):
-    _, _, shared, run = finished_run
+    cfg, run_id, ids, run = finished_run
     tags = run.data.tags
     assert run.info.status == "FINISHED" and run.info.run_name == "synthetic-run-0001"
     assert tags["mlflow.runName"] == "synthetic-run-0001"
@@ -93,11 +107,16 @@ def test_tags_note_and_status(finished_run):
     assert tags["host"] == "test-host" and tags["device"] == "cpu" and tags["amp_dtype"] == "float32"
     assert tags["splade.world_size"] == "1"
     assert tags["splade.data.train.digest"] == "sha256:" + "1" * 40
-    assert tags["otel.trace_id"] == "ab" * 16
+    assert tags["otel.trace_id"] == TRACE_ID
+    assert tags["splade.model"] == cfg.model.name and tags["splade.amp_mode"] == cfg.optim.mixed_precision
     assert tags["splade.last_checkpoint_step"] == "6"
     note = tags["mlflow.note.content"]
-    assert "FINISHED" in note and "/data/train.jsonl" in note and "splade-tiny" in note and "eval_ndcg@10" in note
-    assert shared["mlflow.tracking_uri"].startswith("sqlite:///")
+    assert "FINISHED" in note and "/data/train.jsonl" in note and "splade-tiny" in note
+    assert "eval/ndcg_at_10: 0.31" in note and f"`{TRACE_ID}`" in note
+    assert "train/skipped_batches: 1" in note and "errors/DATA_ERROR: 1" in note
+    # the run was announced on the bus, with the URI the sink uses (no credentials)
+    assert ids.mlflow_run_id == run_id and ids.mlflow_experiment_id == run.info.experiment_id
+    assert ids.tracking_uri == cfg.tracking.tracking_uri and ids.tracking_uri.startswith("sqlite:///")
 
 
 def test_artifacts_and_dataset_inputs(finished_run):
@@ -119,8 +138,11 @@ def test_artifacts_and_dataset_inputs(finished_run):
 
 def test_failed_run_is_failed_with_error_counters(tmp_path):
     cfg = make_cfg(tmp_path)
-    run_id, _ = _run_through_bus(cfg, run_events(cfg, status="FAILED", fail_at=5))
+    events = run_events(cfg, status="FAILED", fail_at=5)
+    events.insert(2, TRACE_OPENED)  # the trace id may also arrive after RunStarted
+    run_id, _ = _run_through_bus(cfg, events)
     run = _client(cfg).get_run(run_id)
+    assert run.data.tags["otel.trace_id"] == TRACE_ID and TRACE_ID in run.data.tags["mlflow.note.content"]
     assert run.info.status == "FAILED"
     assert run.data.metrics["errors/DATA_ERROR"] == 1 and run.data.metrics["errors/TRAINING_ERROR"] == 1
     assert set(metric_steps(_client(cfg), run_id, "errors/TRAINING_ERROR")) == {5}  # at the error (and final)
@@ -130,23 +152,23 @@ def test_failed_run_is_failed_with_error_counters(tmp_path):
 
 def test_metrics_are_batched_not_sent_per_step(tmp_path):
     cfg = make_cfg(tmp_path, flush_interval=3600.0)
-    bus = EventBus()
-    sink = MlflowSink.create(cfg, bus_shared=bus.shared)
+    sink = create_sink(cfg)
     calls = []
-    real = sink.client.log_batch
+    real = sink.transport.client.log_batch
 
     def spy(run_id, metrics=(), params=(), tags=(), **kw):  # counts calls, passes everything through
         if metrics:
             calls.append(len(metrics))
         return real(run_id, metrics=metrics, params=params, tags=tags, **kw)
 
-    sink.client.log_batch = spy
-    bus.add(sink)
+    sink.transport.client.log_batch = spy
+    bus, _ = open_bus(sink)
     evs = run_events(cfg, steps=range(1, 41))
     for e in evs[:5] + [e for e in evs if type(e).__name__ == "StepDone"] + [evs[-1]]:
         bus.emit(e)
     bus.close(timeout=60)
-    assert sum(calls) >= 39 * 11 and len(calls) <= 2, calls   # 39 steps x 11 metrics in one or two batches
+    per_step = len(step_event(1).metrics())
+    assert sum(calls) >= 39 * per_step and len(calls) <= 2, calls   # 39 steps x 13 metrics in one or two batches
     assert metric_steps(_client(cfg), sink.run_id, "train/loss")[-1] == 40
 
 
@@ -155,13 +177,16 @@ def test_resume_continues_the_same_run_without_duplicate_points(tmp_path):
     first = run_events(cfg, steps=range(1, 5), status="KILLED")
     run_id, _ = _run_through_bus(cfg, first)
     assert _client(cfg).get_run(run_id).info.status == "KILLED"
+    assert "epoch/loss" not in _client(cfg).get_run(run_id).data.metrics  # a partial epoch is not logged
     # resumed from the checkpoint at step 2, although steps up to 4 already reached MLflow
     cfg2 = cfg.replace(optim={"max_steps": 6})
-    bus = EventBus()
-    sink = MlflowSink.create(cfg2, bus_shared=bus.shared, resume_run_id=run_id)
-    assert sink.run_id == run_id and bus.shared["mlflow.run_id"] == run_id
+    sink = create_sink(cfg2, resume_run_id=run_id)
+    assert sink.run_id == run_id
     assert _client(cfg).get_run(run_id).info.status == "RUNNING"
-    bus.add(sink)
+    rec = RecordingSink()
+    bus, ids = open_bus(sink, rec)
+    (opened,) = rec.of(TrackingRunOpened)
+    assert ids.mlflow_run_id == run_id and opened.resumed is True
     for e in run_events(cfg2, steps=range(3, 7), start_step=2):
         bus.emit(e)
     bus.close(timeout=60)
@@ -169,6 +194,7 @@ def test_resume_continues_the_same_run_without_duplicate_points(tmp_path):
     run = client.get_run(run_id)
     steps = metric_steps(client, run_id, "train/loss")
     assert steps == [1, 2, 4, 5, 6] and len(steps) == len(set(steps))
+    assert metric_steps(client, run_id, "epoch/loss") == [6]
     assert run.info.status == "FINISHED"
     assert run.data.tags["splade.resume_count"] == "1"
     assert json.loads(run.data.tags["splade.resume.changed_params"]) == {"optim.max_steps": "6"}
@@ -178,38 +204,38 @@ def test_resume_continues_the_same_run_without_duplicate_points(tmp_path):
 def test_unreachable_store_warns_and_training_goes_on(tmp_path, caplog, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = make_cfg(tmp_path, uri=f"http://user:s3cret-pw@127.0.0.1:{free_port()}")
-    shared: dict = {}
     with caplog.at_level(logging.WARNING, logger="splade_obs.sinks.mlflow"):
         t0 = time.monotonic()
-        assert MlflowSink.create(cfg, bus_shared=shared) is None
+        assert create_sink(cfg) is None
         assert time.monotonic() - t0 < 10
     warnings = [r.getMessage() for r in caplog.records
                 if r.levelno == logging.WARNING and r.name == "splade_obs.sinks.mlflow"]
     assert len(warnings) == 1 and "unreachable" in warnings[0] and "s3cret-pw" not in warnings[0]
-    assert shared == {}
 
 
 def test_unreachable_store_with_require_fails_fast_and_typed(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = make_cfg(tmp_path, uri=f"http://127.0.0.1:{free_port()}", require=True)
-    with pytest.raises(tracking.TrackingUnavailableError) as info:
-        MlflowSink.create(cfg, bus_shared={})
+    with pytest.raises(store.TrackingUnavailableError) as info:
+        create_sink(cfg)
     assert info.value.category is ErrorCategory.DEPENDENCY_ERROR and info.value.exit_code == 10
 
 
 def test_disabled_tracking_creates_nothing(tmp_path):
-    cfg = make_cfg(tmp_path, enabled=False)
-    assert MlflowSink.create(cfg, bus_shared={}) is None
+    from splade_obs.run import build_sinks
+
+    cfg = make_cfg(tmp_path, enabled=False).replace(tracing={"exporter": "none"})
+    assert not [s for s in build_sinks(cfg) if isinstance(s, MlflowSink)]
     assert not (tmp_path / "m.db").exists()
 
 
 def test_outage_keeps_points_and_sends_them_later_once(tmp_path):
     """Injected connection errors: points wait in the buffer and are sent once the store answers again."""
     cfg = make_cfg(tmp_path)
-    bus = EventBus()
-    sink = MlflowSink.create(cfg, bus_shared=bus.shared)
-    sink._breaker.first_wait = 0.05
-    real = sink.client.log_batch
+    sink = create_sink(cfg)
+    t = sink.transport
+    t.breaker.first_wait = 0.05
+    real = t.client.log_batch
     outage = {"on": True}
 
     def flaky(*a, **kw):  # fault injection: the store refuses connections while outage["on"]
@@ -217,62 +243,133 @@ def test_outage_keeps_points_and_sends_them_later_once(tmp_path):
             raise ConnectionRefusedError(111, "Connection refused")
         return real(*a, **kw)
 
-    sink.client.log_batch = flaky
+    t.client.log_batch = flaky
     evs = run_events(cfg)
+    per_step = len(step_event(1).metrics())
     sink.handle(evs[0])
     for s in (1, 2):
         sink.handle(step_event(s))
-    assert len(sink.unsent()) == 22 and sink.sent_points == 0
+    assert len(t.unsent()) == 2 * per_step and t.sent_points == 0
     outage["on"] = False
     time.sleep(0.1)
     sink.handle(step_event(4))
-    assert sink.unsent() == [] and sink.sent_points == 33
+    assert t.unsent() == [] and t.sent_points == 3 * per_step
     sink.close(timeout=10)
     assert metric_steps(_client(cfg), sink.run_id, "train/loss") == [1, 2, 4]
 
 
 def test_full_buffer_drops_oldest_and_close_records_what_was_not_sent(tmp_path, monkeypatch):
-    monkeypatch.setattr(mlflow_sink, "PENDING_LIMIT", 50)
+    monkeypatch.setattr(transport, "PENDING_LIMIT", 50)
     cfg = make_cfg(tmp_path)
-    sink = MlflowSink.create(cfg, bus_shared={})
+    sink = create_sink(cfg)
+    t = sink.transport
 
     def down(*a, **kw):  # fault injection: the store is gone for good
         raise ConnectionRefusedError(111, "Connection refused")
 
-    sink.client.log_batch = down
-    sink.client.set_terminated = down
+    t.client.log_batch = down
+    t.client.set_terminated = down
     sink.handle(run_events(cfg)[0])
     for s in range(1, 11):
         sink.handle(step_event(s))
-    assert len(sink.unsent()) == 50 and sink.dropped_points == 110 - 50
+    total = 10 * len(step_event(1).metrics())
+    assert len(t.unsent()) == 50 and t.dropped_points == total - 50
     t0 = time.monotonic()
     sink.close(timeout=3)
     assert time.monotonic() - t0 < 5
-    lines = (cfg.log_dir / mlflow_sink.UNSENT_FILE).read_text().splitlines()
+    lines = (cfg.log_dir / transport.UNSENT_FILE).read_text().splitlines()
     header, points = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
-    assert header["unsent"] == 50 and header["dropped"] == 60 and header["run_id"] == sink.run_id
-    assert {p["step"] for p in points if p["key"] == "train/loss"} == {7, 8, 9, 10}  # the newest are kept
-    assert len(points) == 50 and points[-1] == {"key": "train/doc_reg", "value": pytest.approx(0.2), "step": 10,
-                                                "timestamp": points[-1]["timestamp"]}
+    assert header["unsent"] == 50 and header["dropped"] == total - 50 and header["run_id"] == sink.run_id
+    queued = [(s, k, v) for s in range(1, 11) for k, v in step_event(s).metrics().items()]
+    assert [(p["step"], p["key"]) for p in points] == [(s, k) for s, k, _ in queued[-50:]]  # the newest are kept
+    assert {p["step"] for p in points if p["key"] == "train/loss"} == {8, 9, 10}
+    assert points[-1]["value"] == pytest.approx(queued[-1][2]) and isinstance(points[-1]["timestamp"], int)
+
+
+def test_params_fall_back_to_the_flattened_config_and_options_default_the_store(tmp_path, monkeypatch):
+    """Without ``RunStarted.params`` the sink flattens ``RunStarted.config``; ``tracking_uri=None`` is the
+    default store of the working directory."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    sink = MlflowSink.create(MlflowOptions(experiment_name="defaults", flush_interval=0.0))
+    assert sink is not None
+    bus, ids = open_bus(sink)
+    assert ids.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
+    config = {"model": {"name": "splade-tiny", "max_doc_length": 32}, "optim": {"lr": 1e-3, "faults": ["a", "b"]},
+              "tracking": {"api_token": "abcdef123"}}
+    bus.emit(RunStarted(run_name="fallback", config=config, system_info={}, total_steps=1, num_epochs=1,
+                        steps_per_epoch=1, log_dir=str(tmp_path / "logs")))
+    bus.emit(RunFinished(status="FINISHED", step=0, duration_seconds=0.1))
+    bus.close(timeout=60)
+    from mlflow import MlflowClient
+    run = MlflowClient(ids.tracking_uri).get_run(ids.mlflow_run_id)
+    assert run.data.params == {"model.name": "splade-tiny", "model.max_doc_length": "32", "optim.lr": "0.001",
+                               "optim.faults": '["a", "b"]', "tracking.api_token": "***"}
+    assert run.data.tags["splade.model"] == "splade-tiny" and run.info.run_name == "fallback"
+    assert run.data.metrics == {"run/duration_seconds": pytest.approx(0.1)}
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Every module ``path`` imports (relative imports resolved against ``package``), plus ``from m import n``
+    as ``m.n``."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                parent = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{parent}.{base}" if base else parent
+            out.add(base)
+            out.update(f"{base}.{a.name}" for a in node.names)
+    return out
+
+
+def test_the_mlflow_sink_package_imports_nothing_from_the_config():
+    """The sink consumes events only: no ``splade_obs.config``, no ``TrainConfig``, in any of its modules."""
+    root = Path(splade_obs.__file__).parent / "sinks" / "mlflow"
+    modules = sorted(root.glob("*.py"))
+    assert {p.name for p in modules} >= {"__init__.py", "sink.py", "transport.py", "artifacts.py", "store.py",
+                                         "pyfunc.py"}
+    for path in modules:
+        package = "splade_obs.sinks.mlflow"
+        imported = _imported_modules(path, package)
+        bad = sorted(m for m in imported if m == "splade_obs.config" or m.startswith("splade_obs.config.")
+                     or m.endswith(".TrainConfig"))
+        assert not bad, f"{path.name} imports {bad}"
+        assert "TrainConfig" not in path.read_text(encoding="utf-8"), path.name
+        assert len(path.read_text(encoding="utf-8").splitlines()) <= 450, path.name
+
+
+def test_importing_the_package_does_not_import_mlflow():
+    import subprocess
+    import sys
+    code = ("import sys; import splade_obs.sinks.mlflow as m; from splade_obs.sinks.mlflow import pyfunc; "
+            "assert 'mlflow' not in sys.modules, 'mlflow imported'; "
+            "assert pyfunc.SpladePyfuncModel.__module__ == 'splade_obs.sinks.mlflow.pyfunc'")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------------- helpers' units
 def test_default_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    uri = tracking.default_tracking_uri(tmp_path)
+    uri = store.default_tracking_uri(tmp_path)
     assert uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db" and (tmp_path / "mlruns").is_dir()
-    assert tracking.artifact_location_for(uri, "splade-obs") == (tmp_path.resolve() / "mlruns" / "artifacts" /
-                                                                "splade-obs").as_uri()
+    assert store.artifact_location_for(uri, "splade-obs") == (tmp_path.resolve() / "mlruns" / "artifacts" /
+                                                             "splade-obs").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
-    assert tracking.default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
+    assert store.default_tracking_uri(tmp_path) == "http://127.0.0.1:5000"
 
 
 def test_strip_credentials_and_run_names():
-    assert tracking.strip_credentials("https://bob:pw@mlflow.example:443/x") == "https://mlflow.example:443/x"
-    assert tracking.strip_credentials("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
-    name = tracking.generate_run_name(7)
-    assert name == tracking.generate_run_name(7) and len(name.split("-")) == 3 and name[-4:].isdigit()
-    assert len({tracking.generate_run_name(i) for i in range(50)}) > 40
+    assert store.strip_credentials("https://bob:pw@mlflow.example:443/x") == "https://mlflow.example:443/x"
+    assert store.strip_credentials("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+    name = store.generate_run_name(7)
+    assert name == store.generate_run_name(7) and len(name.split("-")) == 3 and name[-4:].isdigit()
+    assert len({store.generate_run_name(i) for i in range(50)}) > 40
 
 
 @pytest.mark.parametrize("raw", ["ndcg@10", "eval/recall@100", "weird name!(x)", "a//b", "/lead"])
@@ -284,7 +381,7 @@ def test_metric_names_pass_mlflow_validation(raw):
 
 # ------------------------------------------------------------------------------------------ runs CLI
 def test_runs_list_and_compare(finished_run, tmp_path):
-    from cli.main import cli
+    from splade_obs_cli.main import cli
 
     cfg, run_id, _, _ = finished_run
     cfg2 = make_cfg(tmp_path, uri=cfg.tracking.tracking_uri).replace(optim={"batch_size": 8})
@@ -298,14 +395,15 @@ def test_runs_list_and_compare(finished_run, tmp_path):
     assert out.exit_code == 0, out.output
     row = next(line for line in out.output.splitlines() if "optim.batch_size" in line)
     assert row.startswith("* ") and "16" in row and "8" in row          # differing values are marked
-    assert any("final/train_loss" in line for line in out.output.splitlines())
+    assert any("epoch/loss" in line for line in out.output.splitlines())
+    assert not any("final/" in line for line in out.output.splitlines())
     bad = runner.invoke(cli, ["runs", "compare", "0" * 32, "--tracking-uri", uri])
     assert bad.exit_code == 9 and "error[FILE_SYSTEM_ERROR]" in bad.output
 
 
 # ----------------------------------------------------------------------------------- real training
 def _train(tmp_path, *extra):
-    from cli.main import cli
+    from splade_obs_cli.main import cli
     from tests.conftest import TINY_ARGS
 
     args = ["train", "--max-steps", "4", *TINY_ARGS, "--otel-exporter", "none", "--progress", "none",
@@ -333,8 +431,8 @@ def test_train_cli_tracks_everything_and_resume_appends(tmp_path):
     assert run.info.status == "FINISHED" and run.info.run_name == "e2e-run"
     assert run.data.params["optim.batch_size"] == "4" and run.data.params["model.max_doc_length"] == "32"
     assert metric_steps(client, rid, "train/loss") == [1, 2, 3, 4]
-    for key in ("train/lr", "train/grad_norm", "train/query_nnz", "train/doc_nnz", "train/flops",
-                "train/samples_per_second", "epoch/train_loss"):
+    for key in ("train/lr", "train/grad_norm", "train/query_nnz", "train/doc_nnz", "train/retrieval_flops",
+                "train/samples_per_second", "epoch/loss", "run/duration_seconds"):
         assert key in run.data.metrics, key
     assert run.data.tags["device"] == "cpu" and "mlflow.note.content" in run.data.tags
     assert {d.tags[0].value for d in run.inputs.dataset_inputs} == {"training"}

@@ -1,14 +1,11 @@
-"""MLflow plumbing shared by the MLflow sink and ``splade-obs runs``: where the store is, whether it answers,
-readable run names, and the pyfunc wrapper that makes a trained SPLADE model loadable with
-``mlflow.pyfunc.load_model``.
+"""Where the tracking store is and whether it answers; readable run names; the source commit.
 
-Importing this module does not import mlflow (a second and a half on a small machine); only the
-functions that talk to a store do, and ``SpladePyfuncModel`` is built on first access.
+Shared by the MLflow sink and ``splade-obs runs``. Importing this module does not import mlflow (a second
+and a half on a small machine); only the health check of an unusual store does, lazily.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import re
@@ -20,9 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import DependencyError
-
-log = logging.getLogger("splade_obs.tracking")
+from ...errors import DependencyError
 
 #: Seconds the start-up probe of a tracking store may take before the store counts as unreachable.
 HEALTH_TIMEOUT_S = 5.0
@@ -60,7 +55,7 @@ def scheme(uri: str) -> str:
 
 
 def strip_credentials(uri: str) -> str:
-    """The URI without ``user:password@`` (safe for tags, logs and ``bus.shared``)."""
+    """The URI without ``user:password@`` (safe for tags, logs and events)."""
     parts = urllib.parse.urlsplit(uri)
     if "@" not in parts.netloc:
         return uri
@@ -194,80 +189,3 @@ def git_commit(cwd: Path | None = None) -> str | None:
         return None
     sha = out.stdout.strip()
     return sha if out.returncode == 0 and re.fullmatch(r"[0-9a-f]{40}", sha) else None
-
-
-# ------------------------------------------------------------------------------------- pyfunc model
-_pyfunc_class: type | None = None
-
-
-def _build_pyfunc_class() -> type:
-    import mlflow.pyfunc
-
-    class SpladePyfuncModel(mlflow.pyfunc.PythonModel):
-        """``predict(texts)`` -> one ``{term: weight}`` dict per text, heaviest term first.
-
-        Input: a list of strings, a string, a pandas Series, or a DataFrame (column ``text``, ``query``
-        or the first column). The HF folder travels as the artifact ``hf``; loading needs torch,
-        transformers and splade-obs installed.
-        """
-
-        def __init__(self, max_length: int = 128, top_k: int | None = None) -> None:
-            self.max_length = max_length
-            self.top_k = top_k
-            self._encoder: Any = None
-
-        def load_context(self, context: Any) -> None:
-            from splade_obs.model import SpladeEncoder
-            self._encoder = SpladeEncoder.from_pretrained(context.artifacts["hf"])
-
-        def predict(self, context, model_input, params=None):  # noqa: ANN001,ANN201 - pyfunc signature
-            from splade_obs.model import sparse_to_dict
-            texts = _texts_from(model_input)
-            max_length = int((params or {}).get("max_length", self.max_length))
-            top_k = (params or {}).get("top_k", self.top_k)
-            matrix = self._encoder.encode(texts, max_length=max_length, top_k=top_k)
-            return [sparse_to_dict(matrix[i], self._encoder.tokenizer) for i in range(len(texts))]
-
-    SpladePyfuncModel.__module__ = __name__
-    SpladePyfuncModel.__qualname__ = "SpladePyfuncModel"
-    return SpladePyfuncModel
-
-
-def _texts_from(model_input: Any) -> list[str]:
-    """Normalize the inputs pyfunc callers pass (list, str, Series, DataFrame, numpy array)."""
-    if isinstance(model_input, str):
-        return [model_input]
-    columns = getattr(model_input, "columns", None)
-    if columns is not None:  # DataFrame
-        col = next((c for c in ("text", "query", "document") if c in columns), columns[0])
-        return [str(t) for t in model_input[col].tolist()]
-    if hasattr(model_input, "tolist"):
-        model_input = model_input.tolist()
-    return [str(t) for t in model_input]
-
-
-def __getattr__(name: str) -> Any:
-    """``SpladePyfuncModel`` is built on first access so importing this module stays mlflow-free.
-
-    Pickles (cloudpickle, as MLflow writes them) refer to it by module and name, which resolves here.
-    """
-    global _pyfunc_class
-    if name == "SpladePyfuncModel":
-        if _pyfunc_class is None:
-            _pyfunc_class = _build_pyfunc_class()
-        return _pyfunc_class
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def pip_requirements() -> list[str]:
-    """Pinned requirements written into the logged model (skips MLflow's slow requirement inference)."""
-    from importlib import metadata
-
-    reqs = []
-    for dist in ("torch", "transformers", "mlflow", "scipy", "numpy"):
-        try:
-            version = metadata.version(dist).split("+", 1)[0]
-        except metadata.PackageNotFoundError:
-            continue
-        reqs.append(f"{dist}=={version}")
-    return reqs
