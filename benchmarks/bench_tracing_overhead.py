@@ -12,7 +12,6 @@ Writes benchmarks/results/tracing_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -20,9 +19,12 @@ import tempfile
 import time
 from pathlib import Path
 
+# the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
+from _common import RESULTS, table, write_json
 from splade_obs.config import TrainConfig
-from splade_obs.events import EpochDone, EpochStarted, EventBus, RunFinished, RunStarted, StepDone
-from splade_obs.sinks.otel_sink import OtelSink
+from splade_obs.bus import EventBus
+from splade_obs.events import EpochDone, EpochStarted, RunFinished, RunStarted, StepDone
+from splade_obs.sinks.otel import OtelOptions, OtelSink
 
 MODES = ("none", "every:50", "every:10", "all")
 
@@ -35,9 +37,9 @@ def make_steps(n: int) -> list[StepDone]:
         out.append(StepDone(step=i, epoch=1, batch_index=i - 1, loss=1.0, parts={"base": 0.9, "query_reg": 0.05,
                                                                                  "doc_reg": 0.05},
                             learning_rate=5e-5, grad_norm=0.7, batch_size=16, num_tokens=2500, samples_per_second=4.2,
-                            tokens_per_second=650.0, query_nnz=25.0, doc_nnz=90.0, flops=3.1, start_ns=start,
+                            tokens_per_second=650.0, query_nnz=25.0, doc_nnz=90.0, retrieval_flops=3.1, start_ns=start,
                             end_ns=start + 19_000_000, timings={"forward": 0.008, "backward": 0.009,
-                                                                "optimizer": 0.002, "data": 0.0005},
+                                                                "optimizer": 0.002},
                             lambda_q=5e-4, lambda_d=3e-4, total_steps=n, time_ns=start + 19_000_000))
     return out
 
@@ -47,9 +49,10 @@ def time_mode(mode: str | None, steps: list[StepDone], log_dir: Path) -> dict[st
     bus = EventBus()
     sink = None
     if mode is not None:
-        cfg = TrainConfig().replace(tracing={"exporter": "file", "trace_batches": mode})
-        sink = OtelSink.create(cfg, bus_shared=bus.shared, log_dir=log_dir / mode.replace(":", "_"))
+        sink = OtelSink.create(OtelOptions(exporter="file", trace_batches=mode),
+                               log_dir=log_dir / mode.replace(":", "_"))
         bus.add(sink)
+    bus.open()
     bus.emit(RunStarted(run_name="bench", config={}, system_info={}, total_steps=len(steps), num_epochs=1,
                         steps_per_epoch=len(steps)))
     bus.emit(EpochStarted(epoch=1, num_epochs=1, steps_in_epoch=len(steps)))
@@ -57,8 +60,7 @@ def time_mode(mode: str | None, steps: list[StepDone], log_dir: Path) -> dict[st
     for ev in steps:
         bus.emit(ev)
     elapsed = time.perf_counter() - t0
-    bus.emit(EpochDone(epoch=1, num_epochs=1, step=len(steps), train_loss=1.0, learning_rate=5e-5,
-                       duration_seconds=1.0))
+    bus.emit(EpochDone(epoch=1, num_epochs=1, step=len(steps), duration_seconds=1.0, means={"epoch/loss": 1.0}))
     bus.emit(RunFinished(status="FINISHED", step=len(steps), duration_seconds=1.0))
     c0 = time.perf_counter()
     bus.close()
@@ -102,19 +104,17 @@ def main() -> None:
                                        "close_s": statistics.median(r["close_s"] for r in runs),
                                        "batch_spans": runs[0]["batch_spans"]}
     floor = rows["no sink"]["us_per_batch"]
-    print(f"{'trace-batches':<14}{'us/batch':>10}{'over bus':>10}{'batch spans':>13}{'close s':>9}")
-    for name, r in rows.items():
-        print(f"{name:<14}{r['us_per_batch']:>10.2f}{r['us_per_batch'] - floor:>10.2f}{int(r['batch_spans']):>13}"
-              f"{r['close_s']:>9.3f}")
+    print(table([("trace-batches", "<14"), ("us/batch", ">10", ".2f"), ("over bus", ">10", ".2f"),
+                 ("batch spans", ">13", "d"), ("close s", ">9", ".3f")],
+                [(name, r["us_per_batch"], r["us_per_batch"] - floor, int(r["batch_spans"]), r["close_s"])
+                 for name, r in rows.items()]))
     result = {"steps": args.steps, "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "modes": rows}
     if args.real:
         real = real_runs(args.real_steps)
         result["real_seconds_per_step"] = real
         print(f"real splade-tiny run, s/step: none {real['none']:.3f}  all {real['all']:.3f}")
-    out = Path(__file__).parent / "results" / "tracing_overhead.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_json(RESULTS / "tracing_overhead.json", result)
     print(f"wrote {out}")
 
 

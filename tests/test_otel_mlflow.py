@@ -12,7 +12,7 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from splade_obs_cli.main import cli
 from tests._otlp_receiver import free_port
 from tests.conftest import TINY_ARGS
 
@@ -85,3 +85,5 @@ def test_trace_is_found_with_the_mlflow_run(mlflow_server, tmp_path, monkeypatch
     assert names.count("train") == 1 and names.count("batch") == 2 and "epoch" in names
     (root,) = [s for s in trace.data.spans if s.name == "train"]
     assert root.attributes["mlflow.run_id"] == run.info.run_id
+    assert root.attributes["mlflow.experiment_id"] == exp.experiment_id
+    assert all("splade.train.loss" in s.attributes for s in trace.data.spans if s.name == "batch")

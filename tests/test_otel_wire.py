@@ -12,8 +12,8 @@ from click.testing import CliRunner
 
 from tests._otlp_receiver import OtlpReceiver, free_port
 from tests.conftest import TINY_ARGS
-from cli.main import cli
-from splade_obs.sinks.otel_sink import OtelSink
+from splade_obs_cli.main import cli
+from splade_obs.sinks.otel import OtelSink
 
 pytestmark = pytest.mark.server
 
@@ -44,6 +44,7 @@ def test_receiver_gets_the_spans_of_a_real_run(tmp_path):
     assert root.attributes["splade.model.name"] == "splade-tiny" and root.attributes["splade.status"] == "FINISHED"
     batches = [s for s in spans if s.name == "batch"]
     assert sorted(b.attributes["splade.step"] for b in batches) == [2, 4]
+    assert all(b.attributes["splade.train.loss"] > 0 for b in batches)     # metrics by the one naming rule
     epochs = {s.span_id for s in spans if s.name == "epoch"}
     assert epochs and all(b.parent_span_id in epochs for b in batches)
     assert {s.trace_id for s in spans} == {root.trace_id}
@@ -74,7 +75,7 @@ def test_dead_collector_costs_the_run_nothing_and_close_is_bounded(tmp_path, mon
     assert up.exit_code == 0 and down.exit_code == 0, down.output
     assert len(closes) == 2
     print(f"run up {t_up:.2f}s, down {t_down:.2f}s; close up {closes[0]:.2f}s, down {closes[1]:.2f}s")
-    assert closes[1] <= 5.0 + 0.5                            # tracing.shutdown_timeout + slack
+    assert closes[1] <= 5.0 + 0.5                            # OtelOptions.shutdown_timeout + slack
     assert t_down <= t_up + 5.0, (t_up, t_down)
     # the run itself finished and its trace is still complete on disk
     local = [json.loads(line) for line in (out / "logs" / "traces.jsonl").read_text().splitlines()]

@@ -1,7 +1,6 @@
-"""OpenTelemetry plumbing for the tracing sink: exporters, provider, batch sampling, bounded shutdown.
+"""Spans -> somewhere: exporters, the private tracer provider, bounded parallel shutdown.
 
-Kept apart from :mod:`splade_obs.sinks.otel_sink` so that the sink reads as "events -> spans" and this
-module as "spans -> somewhere". Everything here is imported late (only when tracing is on).
+:mod:`.sink` turns events into spans; this module decides where they go. Imported only when tracing is on.
 
 Where spans go (``--otel-exporter`` / ``tracing.exporter``):
 
@@ -24,9 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import socket
-import statistics
 import sys
 import threading
 import time
@@ -46,7 +43,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_ON
 
-log = logging.getLogger("splade_obs.tracing")
+log = logging.getLogger("splade_obs.sinks.otel")
 
 ENDPOINT_ENV_VARS = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
 PROTOCOL_ENV_VARS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
@@ -74,77 +71,6 @@ def otlp_protocol(env: Mapping[str, str] = os.environ) -> str:
         if value:
             return value
     return "http/protobuf"
-
-
-# ------------------------------------------------------------------------------------------ sampling
-@dataclass
-class BatchSampler:
-    """Decides per batch, before any span exists, whether the batch gets a span.
-
-    Keeps every ``every``-th step (``every=1``: all, ``every=0``: none), every failed batch and every
-    batch slower than ``slow_factor`` x the typical batch duration. The typical duration is the median
-    of the first ``warmup`` batches, then an exponential moving average whose input is clipped at the slow
-    threshold (one pathological batch does not hide the next). O(1) time and memory per batch.
-    """
-
-    every: int = 50
-    slow_factor: float = 3.0
-    warmup: int = 5
-    alpha: float = 0.1
-    kept: int = 0
-    kept_sampled: int = 0
-    kept_slow: int = 0
-    kept_failed: int = 0
-    sampled_out: int = 0
-    _typical: float | None = None
-    _seed: list[float] = field(default_factory=list)
-
-    @classmethod
-    def from_spec(cls, spec: str, slow_factor: float = 3.0) -> "BatchSampler":
-        """``all`` | ``none`` | ``every:N`` (validated by TrainConfig)."""
-        if spec == "all":
-            return cls(every=1, slow_factor=slow_factor)
-        if spec == "none":
-            return cls(every=0, slow_factor=slow_factor)
-        m = re.fullmatch(r"every:([1-9]\d*)", spec)
-        if not m:
-            raise ValueError(f"trace_batches must be all, none or every:N, got {spec!r}")
-        return cls(every=int(m.group(1)), slow_factor=slow_factor)
-
-    def decide(self, step: int, duration_s: float) -> str | None:
-        """Reason to keep this batch (``"sampled"`` or ``"slow"``), or None to drop it."""
-        slow = self._observe(duration_s)
-        if self.every and step % self.every == 0:
-            self.kept += 1
-            self.kept_sampled += 1
-            return "sampled"
-        if slow:
-            self.kept += 1
-            self.kept_slow += 1
-            return "slow"
-        self.sampled_out += 1
-        return None
-
-    def record_failed(self) -> None:
-        self.kept += 1
-        self.kept_failed += 1
-
-    @property
-    def typical_duration_s(self) -> float | None:
-        return self._typical
-
-    def _observe(self, d: float) -> bool:
-        if d <= 0:
-            return False
-        if self._typical is None:
-            self._seed.append(d)
-            if len(self._seed) >= self.warmup:
-                self._typical = statistics.median(self._seed)
-                self._seed.clear()
-            return False
-        threshold = self.slow_factor * self._typical
-        self._typical += self.alpha * (min(d, threshold) - self._typical)
-        return d > threshold
 
 
 # ------------------------------------------------------------------------------------------ exporters
@@ -221,10 +147,11 @@ class CountingExporter(SpanExporter):
 class MlflowOtlpExporter(SpanExporter):
     """OTLP/HTTP to an MLflow server's ``/v1/traces`` with the experiment and run headers.
 
-    The ids come from the MLflow sink through ``bus.shared`` and may appear after the first spans end, so
-    they are read at export time (on the processor's thread) and the inner exporter is rebuilt when they
-    change. The server links the trace to the run when the request carrying the root span has the run id;
-    the root span ends last, so that request sees the final ids.
+    The ids come from the MLflow sink's :class:`~splade_obs.events.TrackingRunOpened` event (through the
+    ``ids`` callable) and could change after the first spans end, so they are read at export time (on the
+    processor's thread) and the inner exporter is rebuilt when they change. The server links the trace to
+    the run when the request carrying the root span has the run id; the root span ends last, so that
+    request sees the final ids.
     """
 
     def __init__(self, base_url: str, ids: Callable[[], tuple[str | None, str | None]],
@@ -236,6 +163,9 @@ class MlflowOtlpExporter(SpanExporter):
         self._inner: SpanExporter | None = None
         self._inner_ids: tuple[str | None, str | None] = (None, None)
         self._closed = threading.Event()
+        exp_id, run_id = ids()
+        if exp_id is not None:  # known already (the usual case): build now, not on the processor's first export
+            self._inner, self._inner_ids = self._build(exp_id, run_id), (exp_id, run_id)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         deadline = time.monotonic() + self._wait
@@ -317,8 +247,8 @@ def build_exporters(exporter: str, log_dir: Path, rank: int,
 class PresetIdGenerator(RandomIdGenerator):
     """Random ids, except that the first trace id and span id are chosen up front.
 
-    That lets the sink publish the run's trace id and traceparent when it is created, before the root span
-    exists, so sinks that start earlier (MLflow tags) can read them regardless of their order on the bus.
+    That lets the sink announce the run's trace id and traceparent (``TraceOpened``, from ``Sink.open``)
+    before the root span exists, so the other sinks (MLflow tags, ranks > 0) have them before the run starts.
     """
 
     def __init__(self) -> None:
