@@ -20,11 +20,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from splade_obs.config import TrainConfig  # noqa: E402
-from splade_obs.events import EventBus, RecordingSink, StepDone  # noqa: E402
-from splade_obs.train import Trainer, resolve_amp  # noqa: E402
+# the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
+from _common import RESULTS, table, write_json
+from splade_obs.config import TrainConfig
+from splade_obs.device import resolve_amp
+from splade_obs.bus import EventBus, RecordingSink
+from splade_obs.events import StepDone
+from splade_obs.train import Trainer
 
 
 DEVICE = "cuda"
@@ -95,7 +97,7 @@ def head_agreement(dtype: torch.dtype) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="benchmarks/results/gpu_amp.json")
+    ap.add_argument("--out", default=str(RESULTS / "gpu_amp.json"))
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--cpu-dry-run", action="store_true", help="exercise the script on CPU (no CUDA claims)")
@@ -130,16 +132,15 @@ def main() -> None:
                               "max_abs_weight_diff": resume_diff, "resumed_status": resumed["status"]},
               "heads": heads}
     print(json.dumps(info))
-    print(f"{'mode':6} {'dtype':9} {'status':9} {'loss@1-5':>9} {'loss@-5':>9} {'samples/s':>10} {'scale':>9} {'peak MB':>8}")
-    for r in runs + [dict(faulty, mode="fp16*")]:
-        print(f"{r['mode']:6} {r['amp_dtype']:9} {r['status']:9} {r['loss_first5']:9.4f} {r['loss_last5']:9.4f} "
-              f"{r['samples_per_s']:10.1f} {str(r['grad_scale_last']):>9} {r['peak_mem_mb']:8.0f}")
+    print(table([("mode", "6"), ("dtype", "9"), ("status", "9"), ("loss@1-5", ">9", ".4f"), ("loss@-5", ">9", ".4f"),
+                 ("samples/s", ">10", ".1f"), ("scale", ">9"), ("peak MB", ">8", ".0f")],
+                [(r["mode"], r["amp_dtype"], r["status"], r["loss_first5"], r["loss_last5"], r["samples_per_s"],
+                  str(r["grad_scale_last"]), r["peak_mem_mb"]) for r in runs + [dict(faulty, mode="fp16*")]], sep=" "))
     print("fp16* = with batch:4:nan and batch:6:oom injected:", faulty["counters"])
     print("resume fp16:", report["resume_fp16"])
     for h in heads:
         print("fused vs reference head:", h)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_json(Path(args.out), report)
 
 
 if __name__ == "__main__":

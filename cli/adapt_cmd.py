@@ -10,7 +10,6 @@ import click
 from splade_obs.errors import ErrorCategory
 
 from .common import debug_option, handle_errors
-from .evaluate_cmd import pick_device
 
 
 @click.command("adapt")
@@ -45,13 +44,14 @@ def adapt(model_name: str, corpus: Path, output: Path, epochs: int, learning_rat
     loss before, per epoch and after) is printed as JSON.
     """
     from splade_obs.adapt import AdaptSettings, adapt_model
+    from splade_obs.device import device_name
     from splade_obs.logging_setup import setup_logging, teardown_logging
 
     settings = AdaptSettings(epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, max_length=max_length,
                              mask_probability=mask_probability, train_part=train_part, seed=seed)
     setup_logging("INFO")  # the project's console logger (colour, secrets redacted) on stderr
     try:
-        record = adapt_model(model_name, corpus, output, settings, device=pick_device(device))
+        record = adapt_model(model_name, corpus, output, settings, device=device_name(device))
     finally:
         teardown_logging()
     click.echo(json.dumps(record, indent=2))

@@ -9,7 +9,6 @@ import click
 from splade_obs.errors import ErrorCategory
 
 from .common import debug_option, handle_errors
-from .evaluate_cmd import pick_device
 
 
 @click.command("encode")
@@ -32,10 +31,11 @@ def encode(model_name: str, input_path: Path, kind: str, output: Path, max_lengt
            top_k: int | None, quantize_scale: float | None, batch_size: int, device: str, debug: bool) -> None:
     """Encode texts into SPLADE sparse vectors, one JSON line per record, in input order."""
     from splade_obs.encode import encode_file, input_file
+    from splade_obs.device import device_name
     from splade_obs.model import SpladeEncoder
 
     input_file(input_path, kind)  # a wrong path fails before the model loads
-    encoder = SpladeEncoder.from_pretrained(model_name, device=pick_device(device))
+    encoder = SpladeEncoder.from_pretrained(model_name, device=device_name(device))
     stats = encode_file(encoder, input_path, output, kind=kind, max_length=max_length, batch_size=batch_size,
                         top_k=top_k, quantize_scale=quantize_scale)
     click.echo(f"encoded {stats.count} {kind} records in {stats.seconds:.1f}s "

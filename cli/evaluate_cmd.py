@@ -12,15 +12,6 @@ from splade_obs.errors import ErrorCategory
 from .common import debug_option, handle_errors
 
 
-def pick_device(name: str) -> str:
-    """``auto`` means the first CUDA device when there is one, else the CPU."""
-    if name != "auto":
-        return name
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @click.command("evaluate")
 @click.option("--model", "model_name", required=True, help="'splade-tiny', a saved model folder or a hub id.")
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
@@ -49,7 +40,8 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
 
     Prints JSON (nDCG@10, MRR@10, Recall@100, MAP@100, sparsity, timings) on stdout and a table on stderr.
     """
-    from splade_obs.data import load_beir
+    from splade_obs.beir import load_beir
+    from splade_obs.device import device_name
     from splade_obs.evaluate import RetrievalEvaluator, format_metrics_table, write_trec_run
     from splade_obs.model import SpladeEncoder
 
@@ -57,7 +49,7 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
     evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
                                    batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k_docs,
                                    idf_power=idf_power)
-    encoder = SpladeEncoder.from_pretrained(model_name, device=pick_device(device))
+    encoder = SpladeEncoder.from_pretrained(model_name, device=device_name(device))
     metrics = evaluator.evaluate(encoder)
     result = {"model": model_name, "data": str(data_dir), "split": split, "max_query_length": max_query_length,
               "max_doc_length": max_doc_length, "top_k_docs": top_k_docs, "idf_power": idf_power, "metrics": metrics}

@@ -9,7 +9,6 @@ import click
 from splade_obs.errors import ErrorCategory
 
 from .common import debug_option, handle_errors
-from .evaluate_cmd import pick_device
 
 
 @click.command("mine-negatives")
@@ -66,7 +65,8 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
     With --teacher-scores the records also carry the retriever's scores, the input of MarginMSE
     distillation (--method hybrid is the teacher to use when no cross-encoder is at hand).
     """
-    from splade_obs.data import load_beir
+    from splade_obs.beir import load_beir
+    from splade_obs.device import device_name
     from splade_obs.mining import make_stemmer, mine_negatives as mine, write_jsonl
 
     if dense_model and method != "hybrid":
@@ -80,12 +80,12 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
     if method in ("splade", "hybrid"):
         from splade_obs.model import SpladeEncoder
 
-        encoder = SpladeEncoder.from_pretrained(model_name, device=pick_device(device))
+        encoder = SpladeEncoder.from_pretrained(model_name, device=device_name(device))
     dense = None
     if dense_model:
         from splade_obs.mining import load_dense_encoder
 
-        dense = load_dense_encoder(dense_model, device=pick_device(device))
+        dense = load_dense_encoder(dense_model, device=device_name(device))
     result = mine(beir, method=method, encoder=encoder, num_negatives=num_negatives, depth=depth,
                   max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size,
                   teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stem, sample=sample, seed=seed,

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from cli.common import handle_errors
+from .common import handle_errors
 from splade_obs.sysinfo import collect_system_info
 
 

@@ -38,10 +38,11 @@ import torch
 
 from .atomic import atomic_write_json
 from .checkpoint import check_output_dir, staged_dir
-from .data import _iter_jsonl_objects, beir_doc_text, epoch_order
+from .beir import iter_jsonl_objects, beir_doc_text
+from .data import epoch_order
 from .errors import ConfigError, DataError, DependencyError, ModelError, TrainingError
 from .hub import resolve_model, sha256_file
-from .train import build_optimizer, linear_schedule
+from .optim import build_optimizer, linear_schedule
 
 log = logging.getLogger("splade_obs.adapt")
 
@@ -91,7 +92,7 @@ def read_corpus(path: str | Path) -> tuple[list[str], Path]:
         raise DataError("no corpus: expected a BEIR folder with corpus.jsonl or a corpus JSONL file",
                         file_path=str(corpus), hint="pass --corpus BEIR_DIR or --corpus corpus.jsonl")
     texts: list[str] = []
-    for line_no, obj in _iter_jsonl_objects(corpus, str(corpus)):
+    for line_no, obj in iter_jsonl_objects(corpus, str(corpus)):
         for name in ("title", "text"):
             value = obj.get(name)
             if value is not None and not isinstance(value, str):

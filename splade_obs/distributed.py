@@ -54,15 +54,6 @@ class DistContext:
         tdist.all_gather_object(out, obj)
         return out
 
-    def min_int(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64, device=self.device_name)
-        tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
-        return int(t.item())
-
-    def mean(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device_name)
-        tdist.all_reduce(t)
-        return (t / self.world_size).tolist()
 
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj]
@@ -105,8 +96,3 @@ def dist_from_env(cfg: TrainConfig) -> DistContext | None:
         # 60 min: rank 0 evaluates alone at the end while the others wait
         tdist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=60))
     return DistContext(rank=rank, local_rank=local_rank, world_size=world, backend=backend, device_name=device)
-
-
-def env_rank() -> int:
-    """This process's rank under torchrun (0 when not distributed)."""
-    return int(os.environ.get("RANK", "0"))

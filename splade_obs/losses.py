@@ -1,6 +1,7 @@
 """SPLADE training losses: contrastive cross-entropy, FLOPS regularisation with a quadratic warm-up,
 optional distillation from teacher scores (pairwise MarginMSE, listwise KL, or both). The loss returns its
-named parts so the trainer can log them.
+named parts as tensors on the loss's device (no device-to-host copy), so the trainer can sum them over
+steps and fetch them only when it reports.
 
 Checkpoints and the warm-up: the regulariser weights are a pure function of the optimizer step
 (:func:`quadratic_warmup`), so :class:`SpladeLoss` has no state of its own; the trainer saves the global
@@ -32,21 +33,34 @@ def quadratic_warmup(step: int, target: float, warmup_steps: int) -> float:
     return float(target) * frac * frac
 
 
-def sparsity_stats(reps: Tensor) -> dict[str, float]:
-    """Mean non-zero terms per row and the FLOPS value of a batch of representations (no gradient)."""
+def nnz_mean(reps: Tensor) -> Tensor:
+    """Mean number of non-zero terms per representation (a 0-dim float32 tensor, no gradient)."""
     with torch.no_grad():
-        flat = reps.reshape(-1, reps.shape[-1])
-        nnz = (flat != 0).sum(dim=1).float().mean()
-        stats = torch.stack([nnz, flops(flat.float())]).tolist()
-    return {"nnz_mean": stats[0], "flops": stats[1]}
+        return (reps.reshape(-1, reps.shape[-1]) != 0).sum(dim=1).float().mean()
+
+
+def sparsity_stats(reps: Tensor) -> dict[str, Tensor]:
+    """Mean non-zero terms per row and the FLOPS value of a batch of representations, as 0-dim tensors on
+    the batch's device (no gradient, no device-to-host copy)."""
+    with torch.no_grad():
+        return {"nnz_mean": nnz_mean(reps), "flops": flops(reps.reshape(-1, reps.shape[-1]).float())}
 
 
 @dataclass
 class LossOutput:
-    """``total`` to backpropagate; ``parts`` (plain floats) to log: base, query_reg, doc_reg, distill, lambdas."""
+    """``total`` to backpropagate; ``parts`` to log, as detached 0-dim tensors on the loss's device (base,
+    query_reg, doc_reg, distill, ...); the step's regulariser weights as plain floats."""
 
     total: Tensor
-    parts: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, Tensor] = field(default_factory=dict)
+    lambda_q: float = 0.0
+    lambda_d: float = 0.0
+
+    def values(self) -> dict[str, float]:
+        """The parts as floats, in one device-to-host copy (for callers outside the training loop)."""
+        if not self.parts:
+            return {}
+        return dict(zip(self.parts, torch.stack(list(self.parts.values())).tolist()))
 
 
 class SpladeLoss(torch.nn.Module):
@@ -68,6 +82,9 @@ class SpladeLoss(torch.nn.Module):
 
     The unweighted terms are also logged as ``distill_margin_mse`` / ``distill_kl`` when both are on.
     """
+
+    #: every part a :class:`LossOutput` may carry, in the order it carries them
+    PART_NAMES = ("base", "query_reg", "doc_reg", "distill", "distill_margin_mse", "distill_kl")
 
     def __init__(self, lambda_q: float = 5e-4, lambda_d: float = 3e-4, reg_warmup_steps: int = 0,
                  temperature: float = 1.0, distillation: str = "auto", distillation_weight: float = 1.0,
@@ -130,10 +147,8 @@ class SpladeLoss(torch.nn.Module):
             named["distill"] = self.distillation_weight * torch.stack(list(terms.values())).sum()
         total = torch.stack(list(named.values())).sum()
         logged = {**named, **(terms if len(terms) > 1 else {})}
-        values = torch.stack([t.detach() for t in logged.values()]).tolist()  # one device sync, not one per part
-        parts = dict(zip(logged.keys(), values))
-        parts.update(lambda_q=lam_q, lambda_d=lam_d)
-        return LossOutput(total=total, parts=parts)
+        parts = {k: t.detach() for k, t in logged.items()}
+        return LossOutput(total=total, parts=parts, lambda_q=lam_q, lambda_d=lam_d)
 
     def _distillation(self, s_pos: Tensor, s_neg: Tensor | None, teacher: Tensor | None) -> dict[str, Tensor]:
         """The unweighted distillation terms, by name (empty when distillation is off or there is no teacher)."""

@@ -15,9 +15,10 @@ from .checkpoint import find_resume_checkpoint, read_trainer_state
 from .config import TrainConfig
 from .errors import ConfigError
 from .distributed import dist_from_env
-from .events import EventBus, Sink
+from .bus import EventBus, RunIds, Sink
 from .recovery import validate_file_exists
-from .train import Trainer, TrainResult, resolve_amp, resolve_device, dtype_name
+from .device import Runtime, resolve_runtime
+from .train import Trainer, TrainResult
 
 log = logging.getLogger("splade_obs.run")
 
@@ -26,17 +27,22 @@ log = logging.getLogger("splade_obs.run")
 class RunResult:
     result: TrainResult
     bus_stats: dict[str, Any]
-    shared: dict[str, Any]
+    #: the MLflow run id / trace id the sinks announced (None when that sink was off)
+    ids: RunIds
 
     @property
     def status(self) -> str:
         return self.result.status
 
 
-def check_inputs(cfg: TrainConfig) -> None:
-    """Fail fast on bad inputs, before logging files, sinks or the model are set up."""
+def check_inputs(cfg: TrainConfig) -> Runtime | None:
+    """Fail fast on bad inputs, before logging files, sinks or the model are set up.
+
+    Returns the run's :class:`Runtime` (device and AMP, resolved here once), or None under torchrun, where
+    each rank resolves its own device once it knows it.
+    """
     from .checkpoint import list_checkpoints
-    from .train import parse_faults, resolve_amp, resolve_device
+    from .faults import parse_faults
 
     if cfg.data.train_file:
         p = Path(cfg.data.train_file)
@@ -50,13 +56,19 @@ def check_inputs(cfg: TrainConfig) -> None:
                           file_path=str(cfg.output_dir), field="checkpoint.output_dir",
                           hint="continue it with --resume auto, or choose a new --output-dir")
     parse_faults(cfg.recovery.inject_faults)
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # under torchrun each rank picks its own device
-        resolve_amp(cfg.optim.mixed_precision, resolve_device(cfg.optim.device))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun each rank picks its own device
+        return None
+    return resolve_runtime(cfg.optim.device, cfg.optim.mixed_precision)
 
 
-def build_sinks(cfg: TrainConfig, bus: EventBus, *, rank: int, world_size: int,
-                resume_run_id: str | None) -> list[Sink]:
-    """Local sinks always; OpenTelemetry before MLflow so the trace id is known when MLflow tags the run."""
+def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_name: str | None = None,
+                resume_run_id: str | None = None) -> list[Sink]:
+    """The sinks ``cfg`` asks for. The only place that reads sink settings out of the config: each sink
+    gets plain options here and learns everything else from events.
+
+    Local sinks always; OpenTelemetry unless ``tracing.exporter`` is ``none``; MLflow on rank 0 unless
+    ``--no-mlflow`` (its run is opened here, so an unreachable store the user required fails fast).
+    """
     from .sinks.console import LogSink
     from .sinks.errors_file import ErrorsFileSink
     from .sinks.metrics_file import MetricsFileSink
@@ -65,33 +77,47 @@ def build_sinks(cfg: TrainConfig, bus: EventBus, *, rank: int, world_size: int,
     log_dir = cfg.log_dir
     sinks: list[Sink] = [LogSink(), ErrorsFileSink(log_dir), MetricsFileSink(log_dir),
                          ProgressSink(cfg.logging.progress, cfg.logging.progress_interval)]
-    if rank == 0 and cfg.tracking.enabled:
-        from .sinks.mlflow_sink import MlflowSink
-        mlflow_sink = MlflowSink.create(cfg, bus_shared=bus.shared, resume_run_id=resume_run_id)
-    else:
-        mlflow_sink = None
     if cfg.tracing.exporter != "none":  # optional pieces are imported only when used
-        from .sinks.otel_sink import OtelSink
-        otel = OtelSink.create(cfg, bus_shared=bus.shared, log_dir=log_dir, rank=rank, world_size=world_size)
+        from .sinks.otel import OtelOptions, OtelSink
+        tr = cfg.tracing
+        otel = OtelSink.create(OtelOptions(exporter=tr.exporter, trace_batches=tr.trace_batches,
+                                           slow_batch_factor=tr.slow_batch_factor, to_mlflow=tr.to_mlflow,
+                                           shutdown_timeout=tr.shutdown_timeout, service_name=tr.service_name,
+                                           tracking_enabled=cfg.tracking.enabled),
+                               log_dir=log_dir, rank=rank, world_size=world_size)
         if otel is not None:
             sinks.append(otel)
-    if mlflow_sink is not None:
-        sinks.append(mlflow_sink)
+    if rank == 0 and cfg.tracking.enabled:
+        from .sinks.mlflow import MlflowOptions, MlflowSink
+        t = cfg.tracking
+        mlflow_sink = MlflowSink.create(MlflowOptions(tracking_uri=t.tracking_uri, experiment_name=t.experiment_name,
+                                                      run_name=run_name or t.run_name, require=t.require,
+                                                      register_model=t.register_model, log_model=t.log_model,
+                                                      flush_interval=t.flush_interval),
+                                        resume_run_id=resume_run_id)
+        if mlflow_sink is not None:
+            sinks.append(mlflow_sink)
     return sinks
 
 
 def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name: str | None = None,
-                 close_timeout: float = 120.0) -> RunResult:
+                 sinks: list[Sink] | None = None, close_timeout: float = 120.0) -> RunResult:
+    """Train ``cfg``. ``sinks`` replaces the sinks :func:`build_sinks` would make (``extra_sinks`` are added
+    to either); the bus delivers to them in the given order."""
     from .logging_setup import setup_logging, teardown_logging
     from .sysinfo import collect_system_info
-    from .tracking import generate_run_name
+    from .sinks.mlflow.store import generate_run_name
 
-    check_inputs(cfg)
+    runtime = check_inputs(cfg)
     dist = dist_from_env(cfg)
+    if dist is not None:  # this rank's own device, resolved once
+        runtime = resolve_runtime(dist.device_name, cfg.optim.mixed_precision)
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(cfg.logging.log_level, cfg.log_dir, cfg.logging.json_logs, rank=rank, world_size=world_size)
     bus = EventBus(rank=rank)
+    ids = RunIds()
+    bus.add(ids)
     try:
         resume = find_resume_checkpoint(cfg.output_dir, cfg.checkpoint.resume)
         resume_run_id = read_trainer_state(resume).get("mlflow_run_id") if resume else None
@@ -99,14 +125,14 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
         if dist is not None:
             name = dist.broadcast_object(name)
         evaluator = _build_evaluator(cfg) if rank == 0 else None  # a broken --eval-data fails before any sink
-        for s in build_sinks(cfg, bus, rank=rank, world_size=world_size, resume_run_id=resume_run_id):
+        if sinks is None:
+            sinks = build_sinks(cfg, rank=rank, world_size=world_size, run_name=name, resume_run_id=resume_run_id)
+        for s in [*sinks, *extra_sinks]:
             bus.add(s)
-        for s in extra_sinks:
-            bus.add(s)
-        device = resolve_device(cfg.optim.device if dist is None else dist.device_name)
-        info = collect_system_info(dtype_name(resolve_amp(cfg.optim.mixed_precision, device)))
+        bus.open()
+        info = collect_system_info(runtime=runtime)
         trainer = Trainer(cfg, bus, system_info=info, evaluator=evaluator, run_name=name, rank=rank,
-                          world_size=world_size, dist_ctx=dist)
+                          world_size=world_size, dist_ctx=dist, ids=ids, runtime=runtime)
         result = trainer.run()
         if dist is not None:
             dist.finish(result)
@@ -115,13 +141,13 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
         teardown_logging()
         if dist is not None:
             dist.shutdown()
-    return RunResult(result=result, bus_stats=bus.stats(), shared=dict(bus.shared))
+    return RunResult(result=result, bus_stats=bus.stats(), ids=ids)
 
 
 def _build_evaluator(cfg: TrainConfig) -> Any:
     if not cfg.eval.eval_data:
         return None
-    from .data import load_beir
+    from .beir import load_beir
     from .evaluate import RetrievalEvaluator
     beir = load_beir(cfg.eval.eval_data, cfg.eval.eval_split)
     return RetrievalEvaluator(beir, max_query_length=cfg.model.max_query_length,

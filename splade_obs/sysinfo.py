@@ -20,11 +20,14 @@ from .atomic import atomic_write_json
 SYSTEM_INFO_FILE = "system_info.json"
 
 
-def collect_system_info(mixed_precision: str | None = None) -> dict[str, Any]:
+def collect_system_info(mixed_precision: str | None = None, *, runtime: Any = None) -> dict[str, Any]:
     """A flat dict of JSON-safe facts about this process's machine, libraries and working copy.
 
-    ``mixed_precision`` is the effective mode the trainer chose ("no", "fp16", "bf16"), recorded as is.
+    ``mixed_precision`` is recorded as is; a run passes its resolved :class:`~splade_obs.device.Runtime`
+    instead, which records the AMP dtype it chose ("float32", "float16", "bfloat16") and its ``device``.
     """
+    if runtime is not None:
+        mixed_precision = runtime.amp_name
     info: dict[str, Any] = {
         "python_version": platform.python_version(),
         "python_executable": sys.executable,
@@ -43,6 +46,8 @@ def collect_system_info(mixed_precision: str | None = None) -> dict[str, Any]:
         "splade_obs_version": _version("splade-obs"),
         "mixed_precision": mixed_precision,
     })
+    if runtime is not None:
+        info["device"] = str(runtime.device)
     info.update(_git_info(Path.cwd()))
     return info
 

@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cli.main"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "splade_obs_cli.main"]
 COMMON = ["train", "--max-steps", "3", "--max-query-length", "16", "--max-doc-length", "32", "--dropout", "0",
           "--learning-rate", "2e-4", "--seed", "11", "--mixed-precision", "no", "--progress", "lines", "--json-logs", "--trace-batches", "all"]
 
@@ -41,7 +41,7 @@ def test_two_process_gloo_run_matches_single_process(tmp_path):
     proc = subprocess.run([*TORCHRUN, *COMMON, "--batch-size", "2", "--output-dir", str(out2), "--tracking-uri", uri,
                            "--run-name", "ddp"], cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "cli.main", *COMMON, "--batch-size", "4", "--output-dir",
+    single = subprocess.run([sys.executable, "-m", "splade_obs_cli.main", *COMMON, "--batch-size", "4", "--output-dir",
                              str(tmp_path / "single"), "--tracking-uri", uri, "--run-name", "single"],
                             cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
     assert single.returncode == 0, single.stderr[-3000:]

@@ -31,7 +31,7 @@ def test_gpu_amp_check_dry_run_reports_every_mode_faults_resume_and_heads(tmp_pa
     # the injected NaN batch and the injected OOM are each skipped, typed, and the run still finishes
     faulty = report["faulty_fp16"]
     assert faulty["status"] == "FINISHED"
-    assert faulty["counters"]["skipped_batches"] == 2
+    assert faulty["counters"]["train/skipped_batches"] == 2
     assert faulty["counters"]["errors/TRAINING_ERROR"] == 1 and faulty["counters"]["errors/DEVICE_ERROR"] == 1
     # an fp16 run interrupted at step 5 and resumed ends where the straight run ends, with the scale restored:
     # bit for bit on a CPU (on CUDA, nondeterministic kernels leave ~1e-3, see results/gpu_amp_h200.json)

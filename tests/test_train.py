@@ -10,11 +10,14 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli.main import cli
+from splade_obs_cli.main import cli
 from splade_obs.errors import EXIT_CODES, ErrorCategory
-from splade_obs.events import CheckpointSaved, ErrorCaught, RecordingSink, RunFinished, RunStarted, StepDone
+from splade_obs.device import cpu_has_native_bf16, resolve_amp
+from splade_obs.bus import RecordingSink
+from splade_obs.events import CheckpointSaved, EpochDone, ErrorCaught, RunFinished, RunStarted, StepDone
+from splade_obs.faults import parse_faults
+from splade_obs.optim import linear_schedule
 from splade_obs.run import run_training
-from splade_obs.train import cpu_has_native_bf16, linear_schedule, parse_faults, resolve_amp
 
 from .conftest import TINY_ARGS
 
@@ -100,8 +103,17 @@ def test_resume_gives_identical_weights(tiny_cfg, tmp_path):
 
     broken = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b")}, recovery={"inject_faults": ("step:3:interrupt",)},
                       **common)
-    r2 = run_training(broken)
+    rec2 = RecordingSink()
+    r2 = run_training(broken, extra_sinks=[rec2])
     assert r2.status == "KILLED" and r2.result.global_step == 3
+    # the stopped run still reports each of its steps, then its partial epoch, aggregated by the trainer
+    losses = [e.loss for e in rec2.of(StepDone)]
+    assert [e.step for e in rec2.of(StepDone)] == [1, 2, 3]
+    (partial,) = rec2.of(EpochDone)
+    assert not partial.complete and partial.steps_completed == 3 and partial.step == 3
+    assert partial.means["epoch/loss"] == pytest.approx(sum(losses) / 3, rel=1e-12)
+    kinds = [type(e).__name__ for e in rec2.events]
+    assert kinds.index("EpochDone") < kinds.index("RunFinished")
     resumed = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b"), "resume": "auto"}, **common)
     rec = RecordingSink()
     r3 = run_training(resumed, extra_sinks=[rec])
@@ -166,7 +178,8 @@ def test_loss_goes_down_on_demo_data(tiny_cfg, tmp_path):
     rec = RecordingSink()
     res = run_training(cfg, extra_sinks=[rec])
     assert res.status == "FINISHED"
-    from splade_obs.data import PairCollator, load_training_data
+    from splade_obs.collate import PairCollator
+    from splade_obs.data import load_training_data
     from splade_obs.losses import SpladeLoss
     from splade_obs.model import SpladeEncoder
 
@@ -184,7 +197,7 @@ def test_loss_goes_down_on_demo_data(tiny_cfg, tmp_path):
                 q = enc(b.queries["input_ids"], b.queries["attention_mask"])
                 p = enc(b.pos_docs["input_ids"], b.pos_docs["attention_mask"])
                 n = enc(b.neg_docs["input_ids"], b.neg_docs["attention_mask"]).view(b.size, b.num_negatives, -1)
-                total += loss_fn(q, p, n, step=0).parts["base"]
+                total += loss_fn(q, p, n, step=0).values()["base"]
         return total / 7
 
     before, after = val_loss("splade-tiny"), val_loss(res.result.model_path)
@@ -205,7 +218,7 @@ def test_injected_faults_are_skipped_and_counted(tiny_cfg):
     steps = rec.of(StepDone)
     assert [s.step for s in steps] == [1, 2, 3, 4, 5]
     fin = rec.of(RunFinished)[0]
-    assert fin.counters == {"errors/DEVICE_ERROR": 1, "errors/TRAINING_ERROR": 2, "skipped_batches": 3}
+    assert fin.counters == {"errors/DEVICE_ERROR": 1, "errors/TRAINING_ERROR": 2, "train/skipped_batches": 3}
     lines = [json.loads(x) for x in (Path(cfg.log_dir) / "errors.jsonl").read_text().splitlines()]
     assert [x["category"] for x in lines] == ["DEVICE_ERROR", "TRAINING_ERROR", "TRAINING_ERROR"]
 
@@ -279,8 +292,53 @@ def test_amp_resolution():
     assert resolve_amp("auto", cpu) is (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
 
 
+def test_runtime_is_one_value_with_autocast_and_scaler():
+    from splade_obs.device import device_name, resolve_runtime
+    from splade_obs.errors import DeviceError
+
+    fp16 = resolve_runtime("cpu", "fp16")
+    assert (fp16.device, fp16.amp_dtype, fp16.amp_name) == (torch.device("cpu"), torch.float16, "float16")
+    assert fp16.uses_grad_scaler and fp16.grad_scaler().is_enabled() and fp16.eval_amp_dtype is torch.float16
+    with fp16.autocast():
+        assert torch.is_autocast_enabled("cpu")
+    fp32 = resolve_runtime("cpu", "no")
+    assert not fp32.uses_grad_scaler and not fp32.grad_scaler().is_enabled() and fp32.eval_amp_dtype is None
+    with fp32.autocast():
+        assert not torch.is_autocast_enabled("cpu")
+    assert device_name("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            device_name("cuda:1")
+    with pytest.raises(DeviceError, match="unknown device"):
+        resolve_runtime("tpu-ish", "no")
+
+
+def test_device_and_amp_are_resolved_once_per_run(tiny_cfg, monkeypatch):
+    """check_inputs resolves the run's Runtime; system info and the trainer get that same value."""
+    import splade_obs.device as device
+
+    calls = []
+    real = device.resolve_device
+    monkeypatch.setattr(device, "resolve_device", lambda name: calls.append(name) or real(name))
+    rec = RecordingSink()
+    res = run_training(tiny_cfg(optim={"max_steps": 1, "mixed_precision": "no", "device": "cpu"}), extra_sinks=[rec])
+    assert res.status == "FINISHED" and calls == ["cpu"]
+    started = rec.of(RunStarted)[0]
+    assert started.system_info["mixed_precision"] == "float32" and started.system_info["device"] == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_evaluate_command_refuses_a_cuda_device_it_does_not_have(tmp_path):
+    from tests._eval_utils import write_beir
+
+    data = write_beir(tmp_path / "beir")
+    res = CliRunner().invoke(cli, ["evaluate", "--model", "splade-tiny", "--data", str(data), "--device", "cuda"])
+    assert res.exit_code == EXIT_CODES[ErrorCategory.DEVICE_ERROR], res.output
+    assert "error[DEVICE_ERROR]" in res.stderr and "CUDA is not available" in res.stderr
+
+
 def test_bare_mixed_precision_flag_means_auto():
-    from cli.train_cmd import train
+    from splade_obs_cli.train_cmd import train
     ctx = train.make_context("train", ["--mixed-precision", "--no-mlflow"])
     assert ctx.params["mixed_precision"] == "auto"
     ctx = train.make_context("train", ["--mixed-precision", "bf16"])
@@ -299,6 +357,32 @@ def test_fault_spec_parsing():
     from splade_obs.errors import ConfigError
     with pytest.raises(ConfigError):
         parse_faults(("batch:x:oom",))
+    with pytest.raises(ConfigError):
+        parse_faults(("rankx:batch:1:oom",))
+
+
+def test_fault_plan_fires_by_batch_and_step_for_its_rank():
+    import math
+
+    from splade_obs.faults import FaultPlan
+
+    plan = FaultPlan.from_specs(("batch:2:nan", "batch:3:overflow", "rank1:batch:4:oom", "batch:5:data",
+                                 "step:2:interrupt", "step:3:exception", "batch:2:exception"), rank=0)
+    assert plan.before_batch(1) is None
+    assert math.isnan(plan.before_batch(2))            # the first spec for a batch wins
+    assert plan.before_batch(3) == 1e30
+    assert plan.before_batch(4) is None                # rank 1's fault
+    from splade_obs.errors import DataError, TrainingError
+    with pytest.raises(DataError):
+        plan.before_batch(5)
+    plan.after_step(1)
+    with pytest.raises(KeyboardInterrupt):
+        plan.after_step(2)
+    with pytest.raises(TrainingError, match="injected fault after step 3"):
+        plan.after_step(3)
+    with pytest.raises(torch.OutOfMemoryError):
+        FaultPlan.from_specs(("rank1:batch:4:oom",), rank=1).before_batch(4)
+    assert not FaultPlan.from_specs((), rank=0) and FaultPlan.from_specs(("step:1:sigterm",))
 
 
 def test_signal_in_the_middle_of_a_step_still_resumes_exactly(tiny_cfg, tmp_path):
@@ -307,7 +391,7 @@ def test_signal_in_the_middle_of_a_step_still_resumes_exactly(tiny_cfg, tmp_path
     import os
     import signal
 
-    from splade_obs.events import Sink
+    from splade_obs.bus import Sink
 
     class SignalAtStep(Sink):  # fault injection: the signal lands inside the optimizer-step path
         name, scope = "signal", "rank"
@@ -318,7 +402,9 @@ def test_signal_in_the_middle_of_a_step_still_resumes_exactly(tiny_cfg, tmp_path
 
     common = {"optim": {"max_steps": 5, "learning_rate": 3e-4}}
     assert run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "a")}, **common)).status == "FINISHED"
-    r2 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b")}, **common), extra_sinks=[SignalAtStep()])
+    # every step reported as it ends (log_every_steps 1), so the signal lands right after step 3
+    r2 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b")}, logging={"log_every_steps": 1}, **common),
+                      extra_sinks=[SignalAtStep()])
     assert r2.status == "KILLED" and r2.result.global_step == 3
     state = json.loads(Path(r2.result.checkpoint, "trainer_state.json").read_text())
     assert (state["global_step"], state["batch_in_epoch"]) == (3, 3)

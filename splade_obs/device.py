@@ -1,0 +1,102 @@
+"""Which device and which mixed precision a run uses, decided once.
+
+:func:`resolve_runtime` turns the ``--device`` / ``--mixed-precision`` settings into one :class:`Runtime`:
+the device, the autocast dtype, whether a GradScaler is on. ``run.py`` resolves it once per process (each
+torchrun rank for its own device) and hands the same value to the input checks, the system info and the
+trainer; the one-shot commands (evaluate, encode, mine, adapt) use :func:`device_name`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import DeviceError
+
+#: dtype name -> dtype, for the names this package writes ("float32", "float16", "bfloat16")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto``: the first CUDA device when there is one, else the CPU; a CUDA device CUDA cannot give fails."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        raise DeviceError(f"unknown device {name!r}", hint="use auto, cpu, cuda or cuda:N",
+                          original_exception=exc) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} requested but CUDA is not available", hint="use --device cpu")
+    return dev
+
+
+def device_name(name: str) -> str:
+    """:func:`resolve_device` as a string, for the commands that pass a device name on (``auto`` -> ``cuda``)."""
+    return str(resolve_device(name))
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 matmuls clearly faster than fp32 on this CPU (measured once per process, see :mod:`.cpu`)."""
+    from .cpu import cpu_bf16_is_fast
+    return cpu_bf16_is_fast()
+
+
+def resolve_amp(mode: str, device: torch.device) -> torch.dtype:
+    """``auto``: bf16 where the device runs it natively, else fp16 with a GradScaler on CUDA, else fp32."""
+    if mode == "no":
+        return torch.float32
+    if mode == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DeviceError("bf16 requested but this GPU does not support it", hint="use --mixed-precision fp16")
+        return torch.bfloat16
+    if mode == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where a run computes and in which precision: resolved once, shared by everything that needs it."""
+
+    device: torch.device
+    amp_dtype: torch.dtype = torch.float32
+
+    @property
+    def amp_name(self) -> str:
+        """``float32`` | ``float16`` | ``bfloat16``"""
+        return dtype_name(self.amp_dtype)
+
+    @property
+    def uses_grad_scaler(self) -> bool:
+        """fp16 needs loss scaling; bf16 and fp32 do not."""
+        return self.amp_dtype == torch.float16
+
+    @property
+    def eval_amp_dtype(self) -> torch.dtype | None:
+        """The dtype evaluation runs under autocast with (None: full precision)."""
+        return None if self.amp_dtype == torch.float32 else self.amp_dtype
+
+    def autocast(self) -> Any:
+        """A fresh autocast context for one forward (a no-op context in fp32)."""
+        if self.amp_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def grad_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type, enabled=self.uses_grad_scaler)
+
+
+def resolve_runtime(device: str, mixed_precision: str) -> Runtime:
+    """The run's :class:`Runtime` from its settings; raises :class:`DeviceError` for an unusable choice."""
+    dev = resolve_device(device)
+    return Runtime(device=dev, amp_dtype=resolve_amp(mixed_precision, dev))
