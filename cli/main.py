@@ -29,11 +29,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _register() -> None:
-    from . import adapt_cmd, average_cmd, encode_cmd, evaluate_cmd, mine_cmd, runs_cmd, sysinfo_cmd, train_cmd
+    from . import (adapt_cmd, average_cmd, config_cmd, encode_cmd, evaluate_cmd, mine_cmd, runs_cmd, sysinfo_cmd,
+                   train_cmd)
 
     for command in (train_cmd.train, evaluate_cmd.evaluate, encode_cmd.encode, mine_cmd.mine_negatives,
                     runs_cmd.runs, sysinfo_cmd.sysinfo, average_cmd.average,
-                    adapt_cmd.adapt):
+                    adapt_cmd.adapt, config_cmd.config):
         cli.add_command(command)
 
 

@@ -21,4 +21,4 @@ fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
 "$VPY" -m pip install -q --disable-pip-version-check -e "$spec" 2>&1 | grep -v "is ignored" || true
-"$VPY" -c "import torch, splade_obs, cli.main; print('splade-obs', splade_obs.__version__, 'with torch', torch.__version__)"
+"$VPY" -c "import torch, splade_obs, splade_obs_cli.main; print('splade-obs', splade_obs.__version__, 'with torch', torch.__version__)"

@@ -1,135 +1,226 @@
-"""The run's configuration: frozen dataclasses, built once (CLI flags over a YAML/TOML file), validated once.
+"""The run's configuration: frozen dataclasses, the one place where every setting, its type, its default,
+its help text and its command-line flag are written.
 
-``TrainConfig.to_dict()`` gives the nested form, ``flatten()`` the dotted form used for MLflow params.
-Secrets never live here: tracking credentials and OTLP headers are read by MLflow / the OTel SDK from
-their standard environment variables.
+Everything else is generated from the field metadata here: the ``train`` / ``config show`` options
+(``cli/options.py``), the reference page ``docs/config.md`` (``config_schema.render_config_docs``) and the MLflow
+params (:meth:`TrainConfig.params`).
+
+One path builds a config: each source (a YAML/TOML/JSON file, the command-line flags, a mapping in code)
+becomes a nested mapping, later sources override earlier ones key by key, and every given value goes through
+one typed validation (pydantic, lax: the YAML string ``"5e-5"`` is a float, ``"x"`` is not) and the range,
+choice and cross-field checks. A problem is a :class:`~splade_obs.errors.ConfigError` naming the dotted key,
+the source (file or ``command line``) and the expected type.
+
+``TrainConfig.to_dict()`` gives the nested form, ``flatten()`` the dotted form. Secrets never live here:
+tracking credentials and OTLP headers are read by MLflow / the OTel SDK from their standard environment
+variables (and :mod:`splade_obs.redaction` masks anything that slips in).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
+from .config_schema import (COMMAND_LINE, IN_CODE, _config_error, _describe, _section_class, check_value,
+                            config_fields, field_spec, section_names)
 from .errors import ConfigError
 
 DISTILLATION_MODES = ("auto", "margin_mse", "kl", "kl_margin_mse", "none")
 CONTRASTIVE_NEGATIVES = ("all", "in_batch")
-
 AMP_MODES = ("auto", "no", "fp16", "bf16")
-SECRET_KEY_RE = re.compile(r"(token|password|passwd|secret|_key$|^key$|api[_-]?key|authorization|headers?$|"
-                           r"credential)", re.IGNORECASE)
+ON_BAD_RECORD = ("error", "skip")
+PROGRESS_MODES = ("auto", "bar", "lines", "none")
+EXPORTERS = ("file", "otlp", "console", "none")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
+#: mlflow.utils.validation.MAX_PARAM_VAL_LENGTH; longer param values are cut (whole in ``config.yaml``).
+MAX_PARAM_VAL_LENGTH = 6000
+PARAM_TRUNCATION_MARKER = "... [truncated, whole value in config.yaml]"
+
+
+def setting(default: Any = MISSING, help: str = "", *, flag: str | None = None, file_only: bool = False,
+            choices: Iterable[str] | None = None, case_insensitive: bool = False, bare: str | None = None,
+            ge: float | None = None, gt: float | None = None, le: float | None = None,
+            metavar: str | None = None) -> Any:
+    """A config field with the metadata the CLI, the docs and the validation are generated from.
+
+    ``flag``: the option name without ``--`` when it is not the field name with dashes; ``file_only``: no
+    command-line option; ``choices``: the allowed values (``case_insensitive`` normalizes to them);
+    ``bare``: the value of the flag given without a value; ``ge``/``gt``/``le``: numeric bounds.
+    """
+    meta = {"help": help, "flag": flag, "file_only": file_only, "choices": tuple(choices) if choices else None,
+            "case_insensitive": case_insensitive, "bare": bare, "ge": ge, "gt": gt, "le": le, "metavar": metavar}
+    return field(default=default, metadata=meta)
+
+
+# ------------------------------------------------------------------------------------------------ sections
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "splade-tiny"          # "splade-tiny", a local folder, or a hub id
-    max_query_length: int = 32
-    max_doc_length: int = 128
-    head_chunk_size: int = 64           # positions per tile of the memory-saving MLM head on accelerators
-    top_k: int | None = None            # keep only the k largest terms at encode time
-    dropout: float | None = None        # override the backbone's dropout probabilities (None: keep)
+    """The model trained and how its inputs are cut."""
+
+    name: str = setting("splade-tiny", "'splade-tiny' (embedded), a local HF folder, or a hub id of a masked-LM.",
+                        flag="model", metavar="NAME")
+    max_query_length: int = setting(32, "Query tokens kept (longer queries are cut).", ge=1)
+    max_doc_length: int = setting(128, "Document tokens kept (longer documents are cut).", ge=1)
+    head_chunk_size: int = setting(64, "Positions per tile of the memory-saving MLM head on accelerators.",
+                                   file_only=True, ge=1)
+    top_k: int | None = setting(None, "Keep only the K largest terms per vector when the logged MLflow model "
+                                      "encodes (default: all terms).", ge=1)
+    dropout: float | None = setting(None, "Override the backbone's dropout probability (e.g. 0 for deterministic "
+                                          "comparisons; default: keep the model's).", ge=0, le=1)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    train_file: str | None = None       # JSON/JSONL file or BEIR folder; None = bundled demo set
-    train_split: str = "train"          # qrels split when train_file is a BEIR folder
-    val_file: str | None = None
-    on_bad_record: str = "error"        # "error" | "skip"
-    max_reported_problems: int = 20
-    num_negatives: int = 1              # hard negatives used per query (when the data has them)
+    """Training and validation data."""
+
+    train_file: str | None = setting(None, "Training data: JSON array, JSONL, or a BEIR folder. Default: the bundled "
+                                           "demo set.", metavar="PATH")
+    train_split: str = setting("train", "qrels split when --train-file is a BEIR folder.")
+    val_file: str | None = setting(None, "Validation data (same formats); per-epoch validation loss. Optional.",
+                                   metavar="PATH")
+    on_bad_record: str = setting("error", "error: stop before training listing the bad records; skip: drop them "
+                                          "into <log-dir>/bad_records.jsonl.", choices=ON_BAD_RECORD)
+    max_reported_problems: int = setting(20, "Bad records listed in the error before the list is cut.",
+                                         file_only=True, ge=1)
+    num_negatives: int = setting(1, "Hard negatives per query when the data has them.", ge=0)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    epochs: int = 1
-    max_steps: int | None = None        # optimizer steps; overrides epochs when set
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    warmup_steps: int | None = None
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "auto"       # auto | no | fp16 | bf16
-    seed: int = 42
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    """Steps, batches, optimizer and precision."""
+
+    epochs: int = setting(1, "Passes over the training data.", ge=1)
+    max_steps: int | None = setting(None, "Optimizer steps; overrides --epochs.", ge=1)
+    batch_size: int = setting(16, "Queries per micro-batch (per process).", ge=1)
+    gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.", ge=1)
+    learning_rate: float = setting(5e-5, "Peak AdamW learning rate.", gt=0)
+    weight_decay: float = setting(0.01, "AdamW weight decay.", ge=0)
+    warmup_ratio: float = setting(0.1, "Linear LR warm-up share of the steps.", ge=0, le=1)
+    warmup_steps: int | None = setting(None, "Linear LR warm-up steps (overrides --warmup-ratio).", ge=0)
+    max_grad_norm: float = setting(1.0, "Gradients are clipped to this norm.", gt=0)
+    mixed_precision: str = setting("auto", "AMP mode; bare --mixed-precision means auto (bf16 where native, "
+                                           "fp16+GradScaler on older GPUs, fp32 otherwise).",
+                                   choices=AMP_MODES, bare="auto")
+    seed: int = setting(42, "Seed of data order, initialisation and dropout.")
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
 
 
 @dataclass(frozen=True)
 class LossConfig:
-    lambda_q: float = 5e-4
-    lambda_d: float = 3e-4
-    reg_warmup_steps: int | None = None  # quadratic ramp length; None = a third of the run
-    temperature: float = 1.0
-    distillation: str = "auto"          # auto (MarginMSE when data has scores) | none | margin_mse | kl | kl_margin_mse
-    distillation_weight: float = 1.0
-    distillation_temperature: float = 1.0  # tau of the listwise KL term
-    contrastive_weight: float = 1.0     # 0 = pure distillation
-    contrastive_negatives: str = "all"  # all (in-batch + own hard negatives) | in_batch (hard negatives: distillation only)
+    """The SPLADE loss: contrastive term, FLOPS regularizer, teacher distillation."""
+
+    lambda_q: float = setting(5e-4, "FLOPS weight for queries.", ge=0)
+    lambda_d: float = setting(3e-4, "FLOPS weight for documents.", ge=0)
+    reg_warmup_steps: int | None = setting(None, "Quadratic FLOPS warm-up steps (default: a third of the run).", ge=0)
+    temperature: float = setting(1.0, "Temperature dividing the scores of the contrastive cross-entropy.", gt=0)
+    distillation: str = setting("auto", "Teacher-score distillation: auto (MarginMSE when the data has teacher "
+                                        "scores), margin_mse, kl (listwise KL), kl_margin_mse (both) or none.",
+                                choices=DISTILLATION_MODES)
+    distillation_weight: float = setting(1.0, "Weight of the distillation term.", ge=0)
+    distillation_temperature: float = setting(1.0, "Temperature tau of the listwise KL term.", gt=0)
+    contrastive_weight: float = setting(1.0, "Weight of the contrastive cross-entropy (0: pure distillation).", ge=0)
+    contrastive_negatives: str = setting("all", "Negatives of the cross-entropy: all (in-batch and the query's own "
+                                                "hard negatives) or in_batch (hard negatives feed distillation only).",
+                                         choices=CONTRASTIVE_NEGATIVES)
 
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    output_dir: str = "outputs/splade-obs"
-    save_steps: int | None = None
-    keep_last: int = 2
-    resume: str | None = None           # None | "auto" | path
+    """Where the run writes and how it resumes."""
+
+    output_dir: str = setting("outputs/splade-obs", "Checkpoints (checkpoints/), final model (final/), logs (logs/).",
+                              metavar="DIR")
+    save_steps: int | None = setting(None, "Checkpoint every N optimizer steps (always at each epoch end).", ge=1)
+    keep_last: int = setting(2, "Checkpoints kept.", ge=0)
+    resume: str | None = setting(None, "'auto' (latest checkpoint in --output-dir) or a checkpoint folder.")
 
 
 @dataclass(frozen=True)
 class RecoveryConfig:
-    max_skipped_batches: int = 50
-    max_skipped_fraction: float = 0.1
-    max_consecutive_failures: int = 5
-    inject_faults: tuple[str, ...] = ()  # "batch:3:oom", "batch:5:nan", "batch:5:overflow", "batch:7:exception", "step:4:interrupt"
+    """The error budget, and faults injected on purpose."""
+
+    max_skipped_batches: int = setting(50, "Error budget: failed batches skipped before the run stops.", ge=0)
+    max_skipped_fraction: float = setting(0.1, "Error budget: share of failed batches.", ge=0, le=1)
+    max_consecutive_failures: int = setting(5, "Failed batches in a row that stop the run.", ge=1)
+    inject_faults: tuple[str, ...] = setting((), "Fault injection for demos/tests: batch:N:{oom,nan,overflow,"
+                                                 "exception,data}, step:N:{interrupt,sigterm,exception}; prefix "
+                                                 "rankR: for one rank. Repeatable.", flag="inject-fault",
+                                             metavar="SPEC")
 
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    log_dir: str | None = None          # default <output_dir>/logs
-    log_level: str = "INFO"
-    json_logs: bool = False
-    progress: str = "auto"              # auto | bar | lines | none
-    progress_interval: float = 10.0     # seconds between non-TTY progress lines
+    """Log files, log level and the progress display."""
+
+    log_dir: str | None = setting(None, "Default: <output-dir>/logs.", metavar="DIR")
+    log_level: str = setting("INFO", "Level of the console and log files.", choices=LOG_LEVELS, case_insensitive=True)
+    json_logs: bool = setting(False, "Also write <log-dir>/train_splade.jsonl (one JSON object per record).")
+    progress: str = setting("auto", "auto: a bar on a terminal, lines otherwise.", choices=PROGRESS_MODES)
+    progress_interval: float = setting(10.0, "Seconds between progress lines when not on a terminal.",
+                                       file_only=True, gt=0)
+    log_every_steps: int = setting(10, "Optimizer steps between logging points: per-step values stay on the "
+                                       "device and reach every sink (each step its own point) at these points, "
+                                       "and at epoch ends, evaluations, checkpoints and stops.", ge=1)
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    enabled: bool = True
-    tracking_uri: str | None = None     # None = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlruns/mlflow.db
-    experiment_name: str = "splade-obs"
-    run_name: str | None = None
-    require: bool = False
-    register_model: str | None = None
-    log_model: bool = True
-    flush_interval: float = 2.0
+    """MLflow tracking."""
+
+    enabled: bool = setting(True, "Track the run in MLflow (--no-mlflow: do not).", flag="mlflow")
+    tracking_uri: str | None = setting(None, "MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
+                                             "sqlite:///<cwd>/mlruns/mlflow.db).", metavar="URI")
+    experiment_name: str = setting("splade-obs", "MLflow experiment.")
+    run_name: str | None = setting(None, "MLflow run name (default: a generated readable name).")
+    require: bool = setting(False, "Fail at start if the tracking server is unreachable.", flag="require-tracking")
+    register_model: str | None = setting(None, "Register the logged model under this name in the MLflow registry.",
+                                         metavar="NAME")
+    log_model: bool = setting(True, "Log the final model as an MLflow pyfunc model (the HF files are logged "
+                                    "either way).")
+    flush_interval: float = setting(2.0, "Seconds between batched metric uploads.", file_only=True, ge=0)
 
 
 @dataclass(frozen=True)
 class TracingConfig:
-    exporter: str = "file"              # file | otlp | console | none
-    trace_batches: str = "every:50"     # all | none | every:N (failed and slow batches always kept)
-    slow_batch_factor: float = 3.0
-    to_mlflow: bool = False
-    shutdown_timeout: float = 5.0
-    service_name: str | None = None
+    """OpenTelemetry tracing."""
+
+    exporter: str = setting("file", "Span exporter: file = <log-dir>/traces.jsonl; otlp uses OTEL_EXPORTER_OTLP_* "
+                                    "env vars.", flag="otel-exporter", choices=EXPORTERS)
+    trace_batches: str = setting("every:50", "Batch spans kept: all, none or every:N (failed and slow batches "
+                                             "always kept).")
+    slow_batch_factor: float = setting(3.0, "A batch this many times slower than the typical one is kept as slow.",
+                                       file_only=True, gt=0)
+    to_mlflow: bool = setting(False, "Also send spans to the MLflow server's /v1/traces endpoint.",
+                              flag="otel-to-mlflow")
+    shutdown_timeout: float = setting(5.0, "Seconds allowed to flush spans at the end of the run.",
+                                      file_only=True, ge=0)
+    service_name: str | None = setting(None, "OpenTelemetry service.name (default $OTEL_SERVICE_NAME or "
+                                             "splade-obs).", flag="otel-service-name", metavar="NAME")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    eval_data: str | None = None        # BEIR folder evaluated during training
-    eval_split: str = "test"
-    eval_steps: int | None = None
-    eval_max_queries: int | None = None
-    eval_idf_power: float = 0.0         # index-time idf^power weighting of the document vectors (0: off)
-    save_best_metric: str | None = None  # e.g. "ndcg@10"
+    """Retrieval evaluation during and after training."""
+
+    eval_data: str | None = setting(None, "BEIR folder for retrieval evaluation during and after training.",
+                                    metavar="PATH")
+    eval_split: str = setting("test", "qrels split evaluated.")
+    eval_steps: int | None = setting(None, "Evaluate every N optimizer steps (and at the end).", ge=1)
+    eval_max_queries: int | None = setting(None, "Evaluate on a seeded subset of queries.", ge=1)
+    eval_idf_power: float = setting(0.0, "Weight the evaluation index by idf^POWER (as `evaluate --idf-power`; "
+                                         "0: off).", ge=0)
+    save_best_metric: str | None = setting(None, "Keep the best model by this eval metric (e.g. ndcg@10) in "
+                                                 "<output-dir>/best.", metavar="METRIC")
 
 
+# ------------------------------------------------------------------------------------------------ the config
 @dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -159,98 +250,122 @@ class TrainConfig:
     def flatten(self) -> dict[str, Any]:
         return flatten(self.to_dict())
 
+    def params(self) -> dict[str, str]:
+        """The MLflow params of this config, exactly as a run logs them: dotted keys, secret-looking keys and
+        URL credentials redacted, secret environment values masked, values as text (lists as JSON), cut at
+        MLflow's length limit. ``splade-obs config show --format params`` prints this."""
+        from .redaction import redact, secret_values
+
+        secrets = secret_values()
+        return {key: param_value(key, value, secrets) for key, value in flatten(redact(self.to_dict())).items()}
+
     # ------------------------------------------------------------------------------------ build
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+    def from_mapping(cls, values: Mapping[str, Any], source: str = IN_CODE) -> "TrainConfig":
         """Build from a nested mapping ({"optim": {"batch_size": 8}}) or dotted keys ({"optim.batch_size": 8})."""
-        nested: dict[str, dict[str, Any]] = {}
-        for key, value in values.items():
-            if isinstance(value, Mapping):
-                for k2, v2 in value.items():
-                    nested.setdefault(key, {})[k2] = v2
-            elif "." in key:
-                sect, _, name = key.partition(".")
-                nested.setdefault(sect, {})[name] = value
-            else:
-                raise ConfigError(f"unknown top-level key {key!r}", file_path=source, field=key,
-                                  hint="keys are sections (model, data, optim, loss, checkpoint, recovery, "
-                                       "logging, tracking, tracing, eval) or dotted names like optim.batch_size")
-        kwargs: dict[str, Any] = {}
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        for sect, vals in nested.items():
-            if sect not in fields:
-                raise ConfigError(f"unknown section {sect!r}", file_path=source, field=sect,
-                                  hint=f"known sections: {', '.join(fields)}")
-            sect_cls = fields[sect].default_factory  # type: ignore[misc]
-            names = {f.name for f in dataclasses.fields(sect_cls)}  # type: ignore[arg-type]
-            for name in vals:
-                if name not in names:
-                    raise ConfigError(f"unknown key {sect}.{name}", file_path=source, field=f"{sect}.{name}",
-                                      hint=f"known keys in {sect}: {', '.join(sorted(names))}")
-            if "inject_faults" in vals and vals["inject_faults"] is not None:
-                vals = {**vals, "inject_faults": tuple(vals["inject_faults"])}
-            kwargs[sect] = sect_cls(**vals)  # type: ignore[operator]
+        return cls.from_sources((values, source))
+
+    @classmethod
+    def load(cls, config_file: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
+             overrides_source: str = COMMAND_LINE) -> "TrainConfig":
+        """Defaults < ``config_file`` (YAML/TOML/JSON) < ``overrides`` (nested or dotted; the CLI's flags)."""
+        layers: list[tuple[Mapping[str, Any], str]] = []
+        if config_file is not None:
+            layers.append((load_config_file(config_file), str(config_file)))
+        layers.append((overrides or {}, overrides_source))
+        return cls.from_sources(*layers)
+
+    @classmethod
+    def from_sources(cls, *layers: tuple[Mapping[str, Any], str]) -> "TrainConfig":
+        """Merge ``(mapping, source)`` layers (later ones win, key by key), type-check every given value
+        and validate the result; errors name the key, the source it came from and the expected type."""
+        merged: dict[str, dict[str, Any]] = {}
+        origins: dict[str, str] = {}
+        for values, source in layers:
+            for sect, vals in _nested(values, source).items():
+                merged.setdefault(sect, {}).update(vals)
+                origins.update({f"{sect}.{name}": source for name in vals})
+        kwargs = {}
+        for sect, vals in merged.items():
+            typed = {name: check_value(field_spec(f"{sect}.{name}"), v, origins[f"{sect}.{name}"])
+                     for name, v in vals.items()}
+            kwargs[sect] = _section_class(sect)(**typed)
         cfg = cls(**kwargs)
-        cfg.validate(source)
+        default_source = next((s for _, s in layers if s != IN_CODE), IN_CODE) if layers else IN_CODE
+        cfg._validate(origins, default_source)
         return cfg
 
     def replace(self, **sections: Mapping[str, Any]) -> "TrainConfig":
         """Copy with some keys of some sections changed: ``cfg.replace(optim={"batch_size": 4})``."""
-        new = {name: dataclasses.replace(getattr(self, name), **vals) for name, vals in sections.items()}
-        cfg = dataclasses.replace(self, **new)
-        cfg.validate()
-        return cfg
+        return TrainConfig.from_sources((self.to_dict(), IN_CODE), (sections, IN_CODE))
 
-    def validate(self, source: str = "config") -> None:
-        def bad(fld: str, msg: str, hint: str | None = None) -> ConfigError:
-            return ConfigError(f"{fld}: {msg}", file_path=source if source != "config" else None,
-                               field=fld, hint=hint)
+    def validate(self, source: str = IN_CODE) -> None:
+        """Type, choice, bound and cross-field checks of every key; errors name ``source``."""
+        self._validate({}, source)
 
-        o, m, d, l, r = self.optim, self.model, self.data, self.loss, self.recovery
-        if o.mixed_precision not in AMP_MODES:
-            raise bad("optim.mixed_precision", f"must be one of {', '.join(AMP_MODES)}, got {o.mixed_precision!r}")
-        for fld, val in (("optim.batch_size", o.batch_size), ("optim.epochs", o.epochs),
-                         ("optim.gradient_accumulation_steps", o.gradient_accumulation_steps),
-                         ("model.max_query_length", m.max_query_length), ("model.max_doc_length", m.max_doc_length),
-                         ("model.head_chunk_size", m.head_chunk_size)):
-            if not isinstance(val, int) or val < 1:
-                raise bad(fld, f"must be a positive integer, got {val!r}")
+    def _validate(self, origins: Mapping[str, str], default_source: str) -> None:
+        def src(key: str) -> str:
+            return origins.get(key, default_source)
+
+        for spec in config_fields():
+            check_value(spec, getattr(getattr(self, spec.section), spec.name), src(spec.key))
+
+        def bad(key: str, msg: str, hint: str | None = None) -> ConfigError:
+            return _config_error(key, msg, src(key), hint)
+
+        o, d, l = self.optim, self.data, self.loss
         if o.batch_size < 2 and d.num_negatives == 0:
-            raise bad("optim.batch_size", "in-batch negatives need a batch of at least 2")
-        if o.max_steps is not None and o.max_steps < 1:
-            raise bad("optim.max_steps", f"must be >= 1, got {o.max_steps}")
-        if not o.learning_rate > 0:
-            raise bad("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
-        if l.lambda_q < 0 or l.lambda_d < 0:
-            raise bad("loss.lambda_q", "regularizer weights must be >= 0")
-        if l.contrastive_negatives not in CONTRASTIVE_NEGATIVES:
-            raise bad("loss.contrastive_negatives", f"must be all or in_batch, got {l.contrastive_negatives!r}")
-        if l.contrastive_weight < 0 or l.distillation_weight < 0:
-            raise bad("loss.contrastive_weight" if l.contrastive_weight < 0 else "loss.distillation_weight",
-                      "must be >= 0")
-        if l.distillation not in DISTILLATION_MODES:
-            raise bad("loss.distillation", f"must be one of {', '.join(DISTILLATION_MODES)}, got {l.distillation!r}")
-        if not l.distillation_temperature > 0:
-            raise bad("loss.distillation_temperature", f"must be > 0, got {l.distillation_temperature}")
+            raise bad("optim.batch_size", "in-batch negatives need a batch of at least 2",
+                      "raise optim.batch_size or give the data hard negatives (data.num_negatives >= 1)")
         if l.contrastive_weight == 0 and (l.distillation == "none" or l.distillation_weight == 0):
             raise bad("loss.contrastive_weight", "is 0 and distillation is off: nothing would train the model",
                       hint="set loss.distillation to auto, margin_mse, kl or kl_margin_mse (weight > 0) with "
                            "teacher scores in the data")
-        if d.on_bad_record not in ("error", "skip"):
-            raise bad("data.on_bad_record", f"must be 'error' or 'skip', got {d.on_bad_record!r}")
-        if not 0 <= r.max_skipped_fraction <= 1:
-            raise bad("recovery.max_skipped_fraction", "must be within [0, 1]")
-        if self.tracing.exporter not in ("file", "otlp", "console", "none"):
-            raise bad("tracing.exporter", f"must be file, otlp, console or none, got {self.tracing.exporter!r}")
         tb = self.tracing.trace_batches
         if not (tb in ("all", "none") or re.fullmatch(r"every:[1-9]\d*", tb)):
-            raise bad("tracing.trace_batches", f"must be all, none or every:N, got {tb!r}")
-        if self.logging.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-            raise bad("logging.log_level", f"unknown level {self.logging.log_level!r}")
-        if self.eval.eval_steps is not None and self.eval.eval_steps < 1:
-            raise bad("eval.eval_steps", "must be >= 1")
-        if not (isinstance(self.eval.eval_idf_power, (int, float)) and 0 <= self.eval.eval_idf_power < float("inf")):
-            raise bad("eval.eval_idf_power", f"must be a number >= 0, got {self.eval.eval_idf_power!r}")
+            raise bad("tracing.trace_batches", f"must be all, none or every:N, got {tb!r}",
+                      "e.g. every:50 (the default), all or none")
+
+
+def _nested(values: Mapping[str, Any], source: str) -> dict[str, dict[str, Any]]:
+    """``{"optim": {...}}`` and ``{"optim.batch_size": 8}`` alike as ``{section: {key: value}}``; unknown
+    sections and keys are errors naming ``source``."""
+    sections = section_names()
+    out: dict[str, dict[str, Any]] = {}
+    for raw_key, value in values.items():
+        key = str(raw_key)
+        if key in sections:
+            if not isinstance(value, Mapping):
+                raise _config_error(key, f"expected a mapping of keys (a [{key}] table), got {_describe(value)}",
+                                    source, f"write the keys of {key} under it, e.g. {key}.{_first_key(key)}")
+            items = [(str(k), v) for k, v in value.items()]
+            sect = key
+        elif "." in key:
+            sect, _, name = key.partition(".")
+            items = [(name, value)]
+        elif isinstance(value, Mapping):
+            sect, items = key, []
+        else:
+            raise _config_error(key, "unknown top-level key", source,
+                                f"keys are sections ({', '.join(sections)}) or dotted names like optim.batch_size")
+        if sect not in sections:
+            close = difflib.get_close_matches(sect, sections, n=1)
+            raise _config_error(sect, f"unknown section {sect!r}", source,
+                                (f"did you mean {close[0]}? " if close else "") + f"known sections: {', '.join(sections)}")
+        names = [f.name for f in dataclasses.fields(_section_class(sect))]
+        for name, v in items:
+            if name not in names:
+                close = difflib.get_close_matches(name, names, n=1)
+                raise ConfigError(f"unknown key {sect}.{name}", file_path=None if source == IN_CODE else source,
+                                  field=f"{sect}.{name}",
+                                  hint=(f"did you mean {sect}.{close[0]}? " if close else "")
+                                  + f"known keys in {sect}: {', '.join(names)}")
+            out.setdefault(sect, {})[name] = v
+    return out
+
+
+def _first_key(section: str) -> str:
+    return dataclasses.fields(_section_class(section))[0].name
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -264,47 +379,26 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def is_secret_key(key: str) -> bool:
-    last = key.rsplit(".", 1)[-1]
-    return bool(SECRET_KEY_RE.search(last))
+def param_value(key: str, value: Any, secrets: list[str] | None = None) -> str:
+    """One MLflow param value as a run logs it: ``***`` for a secret-looking key, lists/dicts as JSON, other
+    values as ``str()``, secret environment values and URL credentials masked, cut at MLflow's limit.
+    ``secrets`` None reads the environment now."""
+    from .redaction import is_secret_key, safe_text
+
+    if is_secret_key(key):
+        text = "***"
+    else:
+        text = json.dumps(value, default=str) if isinstance(value, (list, tuple, dict)) else str(value)
+        text = safe_text(text, secrets)
+    return truncate_param(text)
 
 
-#: ``scheme://userinfo@`` inside any text; greedy up to the last ``@`` of the authority (passwords may hold ``@``).
-URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s?#]*@")
-
-
-def redact_url_credentials(text: str) -> str:
-    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@``.
-
-    A tracking URI such as ``https://user:pw@host/`` is a config *value* under a harmless key, so the key
-    rule alone would let the password through to params, ``config.yaml`` and traces.
-    """
-    if "://" not in text or "@" not in text:
-        return text
-    return URL_CREDENTIALS_RE.sub(r"\1***@", text)
-
-
-def _redact_value(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return redact(v)
-    if isinstance(v, str):
-        return redact_url_credentials(v)
-    if isinstance(v, (list, tuple)):
-        return type(v)(_redact_value(x) for x in v)
-    return v
-
-
-def redact(d: Mapping[str, Any]) -> dict[str, Any]:
-    """Copy of a (nested) mapping with secret-looking keys replaced by ``"***"`` and URL credentials in
-    any string value (nested mappings and lists included) replaced by ``***``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out[k] = "***" if is_secret_key(str(k)) else _redact_value(v)
-    return out
+def truncate_param(text: str, limit: int = MAX_PARAM_VAL_LENGTH) -> str:
+    return text if len(text) <= limit else text[: limit - len(PARAM_TRUNCATION_MARKER)] + PARAM_TRUNCATION_MARKER
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (.yaml/.yml) or TOML (.toml) file into a mapping; errors name the file."""
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file into a mapping; errors name the file."""
     p = Path(path)
     if not p.exists():
         raise ConfigError("config file not found", file_path=str(p), hint="check the --config path")
@@ -328,5 +422,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
                           line_number=(line + 1) if line is not None else getattr(exc, "lineno", None),
                           original_exception=exc) from exc
     if not isinstance(data, dict):
-        raise ConfigError("config must be a mapping at the top level", file_path=str(p))
+        raise ConfigError("config must be a mapping at the top level", file_path=str(p),
+                          hint="sections as keys, e.g. optim: {batch_size: 8}")
     return data

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli.main import cli
+from splade_obs_cli.main import cli
 from splade_obs.adapt import AdaptSettings, adapt_model, masked_lm_loss, select_trainable
 from splade_obs.errors import EXIT_CODES, ErrorCategory
 from splade_obs.hub import sha256_file

@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from cli.main import cli
+from splade_obs_cli.main import cli
 from splade_obs.errors import EXIT_CODES, ErrorCategory
 
 

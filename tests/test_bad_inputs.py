@@ -217,7 +217,7 @@ def test_huge_line_limit_is_a_setting_and_the_line_is_not_parsed(tmp_path, monke
 def _cli():
     if not TRAIN_CMD.is_file() or "def train" not in TRAIN_CMD.read_text(encoding="utf-8"):
         pytest.skip("cli/train_cmd.py (the lead's train command) has not landed yet")
-    from cli.main import cli
+    from splade_obs_cli.main import cli
 
     return cli
 

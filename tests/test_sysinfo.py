@@ -68,7 +68,7 @@ def test_git_commit_of_the_working_directory(tmp_path: Path, monkeypatch) -> Non
 
 
 def test_sysinfo_command_prints_json_without_env_values(monkeypatch) -> None:
-    from cli.main import cli
+    from splade_obs_cli.main import cli
 
     for k, v in PLANTED.items():
         monkeypatch.setenv(k, v)

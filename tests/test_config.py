@@ -1,0 +1,399 @@
+"""One source of config: the dataclasses' metadata makes the flags, the docs and the validation.
+
+Real parts throughout: files on disk, the click commands through CliRunner, a real training run tracked in a
+real sqlite MLflow store for the params comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from splade_obs.config import PARAM_TRUNCATION_MARKER, TrainConfig, load_config_file
+from splade_obs.config_schema import config_fields, render_config_docs
+from splade_obs.errors import EXIT_CODES, ConfigError, ErrorCategory
+from splade_obs_cli.main import cli
+from splade_obs_cli.train_cmd import train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_EXIT = EXIT_CODES[ErrorCategory.CONFIG_ERROR]
+
+
+def _show(*args: str, fmt: str = "json"):
+    res = CliRunner().invoke(cli, ["config", "show", *args, "--format", fmt])
+    assert res.exit_code == 0, res.output + res.stderr
+    return res
+
+
+def _shown_config(*args: str) -> TrainConfig:
+    return TrainConfig.from_mapping(json.loads(_show(*args).stdout))
+
+
+# ------------------------------------------------------------------------------------------ round trip
+EXPECTED = {
+    "model": {"max_query_length": 16, "dropout": 0.0},
+    "data": {"num_negatives": 0, "on_bad_record": "skip"},
+    "optim": {"batch_size": 4, "max_steps": 3, "learning_rate": 2e-4, "warmup_ratio": 0.25,
+              "mixed_precision": "no"},
+    "loss": {"distillation": "kl", "lambda_q": 0.0},
+    "recovery": {"inject_faults": ("batch:3:oom", "step:5:interrupt")},
+    "logging": {"json_logs": True, "log_level": "DEBUG"},
+    "tracking": {"enabled": False, "run_name": "r1"},
+    "eval": {"eval_idf_power": 0.5},
+}
+
+YAML = """\
+model:
+  max_query_length: 16
+  dropout: 0
+data: {num_negatives: 0, on_bad_record: skip}
+optim:
+  batch_size: 4
+  max_steps: 3
+  learning_rate: 2e-4      # PyYAML reads this as the string "2e-4"
+  warmup_ratio: 0.25
+  mixed_precision: "no"
+loss.distillation: kl      # a dotted key works too
+loss:
+  lambda_q: 0
+recovery:
+  inject_faults: [batch:3:oom, step:5:interrupt]
+logging:
+  json_logs: true
+  log_level: debug
+tracking:
+  enabled: false
+  run_name: r1
+eval:
+  eval_idf_power: 0.5
+"""
+
+TOML = """\
+[model]
+max_query_length = 16
+dropout = 0.0
+[data]
+num_negatives = 0
+on_bad_record = "skip"
+[optim]
+batch_size = 4
+max_steps = 3
+learning_rate = 2e-4
+warmup_ratio = 0.25
+mixed_precision = "no"
+[loss]
+distillation = "kl"
+lambda_q = 0.0
+[recovery]
+inject_faults = ["batch:3:oom", "step:5:interrupt"]
+[logging]
+json_logs = true
+log_level = "DEBUG"
+[tracking]
+enabled = false
+run_name = "r1"
+[eval]
+eval_idf_power = 0.5
+"""
+
+FLAGS = ["--max-query-length", "16", "--dropout", "0", "--num-negatives", "0", "--on-bad-record", "skip",
+         "--batch-size", "4", "--max-steps", "3", "--learning-rate", "2e-4", "--warmup-ratio", "0.25",
+         "--mixed-precision", "no", "--distillation", "kl", "--lambda-q", "0",
+         "--inject-fault", "batch:3:oom", "--inject-fault", "step:5:interrupt",
+         "--json-logs", "--log-level", "debug", "--no-mlflow", "--run-name", "r1", "--eval-idf-power", "0.5"]
+
+
+def test_the_same_config_from_yaml_toml_and_flags_is_equal(tmp_path):
+    (tmp_path / "c.yaml").write_text(YAML)
+    (tmp_path / "c.toml").write_text(TOML)
+    expected = TrainConfig.from_mapping(EXPECTED)
+    from_yaml = TrainConfig.load(tmp_path / "c.yaml")
+    from_toml = TrainConfig.load(tmp_path / "c.toml")
+    from_flags = _shown_config(*FLAGS)
+    assert from_yaml == from_toml == from_flags == expected
+    assert _shown_config("--config", str(tmp_path / "c.yaml")) == expected
+    # typed: ints stay ints, text numbers become floats, lists become tuples, choices are normalized
+    assert type(from_yaml.optim.batch_size) is int and type(from_yaml.optim.learning_rate) is float
+    assert type(from_yaml.model.dropout) is float and from_yaml.recovery.inject_faults == ("batch:3:oom",
+                                                                                           "step:5:interrupt")
+    assert from_yaml.logging.log_level == "DEBUG"
+    # and what `config show` prints loads back as the same config, in YAML and JSON
+    for fmt, suffix in (("yaml", ".yaml"), ("json", ".json")):
+        shown = tmp_path / f"shown{suffix}"
+        shown.write_text(_show("--config", str(tmp_path / "c.toml"), fmt=fmt).stdout)
+        assert TrainConfig.load(shown) == expected
+
+
+def test_yaml_scientific_notation_is_a_float(tmp_path):
+    conf = tmp_path / "lr.yaml"
+    conf.write_text("optim:\n  learning_rate: 5e-5\n  max_steps: 1e3\n")
+    assert load_config_file(conf)["optim"]["learning_rate"] == "5e-5"  # what PyYAML gives
+    cfg = TrainConfig.load(conf)
+    assert cfg.optim.learning_rate == 5e-05 and type(cfg.optim.learning_rate) is float
+    assert cfg.optim.max_steps == 1000 and type(cfg.optim.max_steps) is int
+    params = _params_of(_show("--config", str(conf), fmt="params").stdout)
+    assert params["optim.learning_rate"] == "5e-05" and params["optim.max_steps"] == "1000"
+
+
+def test_flags_override_the_file_only_when_given(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("optim: {batch_size: 4, max_steps: 7, learning_rate: 1e-4}\nlogging: {json_logs: true}\n"
+                    "recovery: {inject_faults: [batch:2:nan]}\ntracking: {enabled: false}\n")
+    kept = _shown_config("--config", str(conf), "--learning-rate", "3e-4")
+    assert (kept.optim.batch_size, kept.optim.max_steps, kept.optim.learning_rate) == (4, 7, 3e-4)
+    assert kept.logging.json_logs and kept.recovery.inject_faults == ("batch:2:nan",) and not kept.tracking.enabled
+    over = _shown_config("--config", str(conf), "--no-json-logs", "--max-steps", "none", "--mlflow",
+                         "--inject-fault", "step:1:exception")
+    assert not over.logging.json_logs and over.optim.max_steps is None and over.tracking.enabled
+    assert over.recovery.inject_faults == ("step:1:exception",) and over.optim.batch_size == 4
+
+
+def test_mapping_api_accepts_nested_dotted_and_paths(tmp_path):
+    cfg = TrainConfig.from_mapping({"optim.batch_size": "8", "checkpoint": {"output_dir": tmp_path / "o"}})
+    assert cfg.optim.batch_size == 8 and cfg.output_dir == tmp_path / "o" and cfg.log_dir == tmp_path / "o" / "logs"
+    assert cfg.replace(optim={"max_steps": 2}).optim.max_steps == 2
+    with pytest.raises(ConfigError) as info:
+        cfg.replace(optim={"warmup_ratio": "x"})
+    assert info.value.context["field"] == "optim.warmup_ratio"
+    assert cfg.flatten()["optim.batch_size"] == 8 and cfg.to_dict()["optim"]["batch_size"] == 8
+
+
+# ------------------------------------------------------------------------------------------ bad configs
+#: name -> (file name, text, dotted key named, words of the expected type / fix)
+BAD = {
+    "int_as_word": ("c.yaml", "optim:\n  batch_size: eight\n", "optim.batch_size", "expected int"),
+    "float_as_word": ("c.yaml", 'optim:\n  warmup_ratio: "x"\n', "optim.warmup_ratio", "expected float"),
+    "fractional_int": ("c.toml", "[optim]\nepochs = 1.5\n", "optim.epochs", "expected int"),
+    "bool_as_word": ("c.yaml", "logging:\n  json_logs: maybe\n", "logging.json_logs", "expected bool"),
+    "bool_for_int": ("c.toml", "[optim]\nbatch_size = true\n", "optim.batch_size", "expected int"),
+    "optional_int": ("c.yaml", "optim:\n  max_steps: many\n", "optim.max_steps", "expected int | null"),
+    "null_for_required": ("c.yaml", "model:\n  name: null\n", "model.name", "expected str"),
+    "bad_choice": ("c.toml", '[optim]\nmixed_precision = "fp8"\n', "optim.mixed_precision",
+                   "one of auto, no, fp16, bf16"),
+    "unknown_key": ("c.yaml", "optim:\n  batch_sz: 4\n", "optim.batch_sz", "did you mean optim.batch_size"),
+    "unknown_section": ("c.toml", "[optimizer]\nbatch_size = 4\n", "optimizer", "known sections: model"),
+    "negative": ("c.yaml", "optim:\n  batch_size: -1\n", "optim.batch_size", "must be >= 1"),
+    "out_of_range": ("c.yaml", "optim:\n  warmup_ratio: 1.5\n", "optim.warmup_ratio", "must be <= 1"),
+    "list_for_scalar": ("c.yaml", "optim:\n  learning_rate: [1e-4, 2e-4]\n", "optim.learning_rate",
+                        "expected float"),
+    "scalar_for_list": ("c.toml", '[recovery]\ninject_faults = "batch:3:oom"\n', "recovery.inject_faults",
+                        "expected list[str]"),
+    "section_not_a_table": ("c.yaml", "optim: 5\n", "optim", "expected a mapping"),
+    "infinite": ("c.yaml", "eval:\n  eval_idf_power: .inf\n", "eval.eval_idf_power", "expected a finite float"),
+    "bad_trace_batches": ("c.json", '{"tracing": {"trace_batches": "every:0"}}', "tracing.trace_batches",
+                          "every:N"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_config_is_a_typed_error_naming_key_file_and_type(name, tmp_path):
+    fname, text, key, says = BAD[name]
+    path = tmp_path / fname
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.load(path)
+    err = info.value
+    assert err.category is ErrorCategory.CONFIG_ERROR and err.context["field"] == key
+    assert err.one_line().startswith(f"error[CONFIG_ERROR]: {path}: ") and key in err.one_line()
+    assert says in err.one_line() + " " + (err.hint_text() or "")
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["train", "--config", str(path), "--output-dir", str(out), "--no-mlflow"])
+    assert res.exit_code == CONFIG_EXIT, res.output + res.stderr
+    first = res.stderr.splitlines()[0]
+    assert first.startswith(f"error[CONFIG_ERROR]: {path}: ") and key in first, first
+    assert says in res.stderr and "Traceback" not in res.stderr + res.stdout
+    assert not out.exists()  # failed before anything was written
+
+
+@pytest.mark.parametrize("flags, key, says", [
+    (["--batch-size", "x"], "optim.batch_size", "expected int (--batch-size)"),
+    (["--learning-rate", "fast"], "optim.learning_rate", "expected float (--learning-rate)"),
+    (["--warmup-ratio", "-0.1"], "optim.warmup_ratio", "must be >= 0"),
+    (["--eval-idf-power", "nan"], "eval.eval_idf_power", "expected a finite float"),
+])
+def test_bad_flag_is_a_config_error_naming_the_command_line(flags, key, says, tmp_path):
+    for command in (["train", "--output-dir", str(tmp_path / "out")], ["config", "show"]):
+        res = CliRunner().invoke(cli, [*command, *flags])
+        assert res.exit_code == CONFIG_EXIT, res.output + res.stderr
+        first = res.stderr.splitlines()[0]
+        assert first.startswith(f"error[CONFIG_ERROR]: command line: {key}: "), first
+        assert says in first and "Traceback" not in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_value_that_fails_names_the_file_and_a_flag_the_command_line(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("optim:\n  warmup_ratio: 0.5\n")
+    res = CliRunner().invoke(cli, ["config", "show", "--config", str(conf), "--warmup-ratio", "2"])
+    assert res.exit_code == CONFIG_EXIT and res.stderr.startswith("error[CONFIG_ERROR]: command line: optim.warmup_ratio")
+    conf.write_text("optim:\n  warmup_ratio: 2\n")
+    res = CliRunner().invoke(cli, ["config", "show", "--config", str(conf), "--batch-size", "8"])
+    assert res.exit_code == CONFIG_EXIT and res.stderr.startswith(f"error[CONFIG_ERROR]: {conf}: optim.warmup_ratio")
+
+
+# ------------------------------------------------------------------------------------------ flags from metadata
+#: Every flag `train` had before the options were generated (flag parameter -> dotted key): all must remain.
+LEGACY_FLAGS = {
+    "train_file": "data.train_file", "train_split": "data.train_split", "val_file": "data.val_file",
+    "on_bad_record": "data.on_bad_record", "num_negatives": "data.num_negatives",
+    "output_dir": "checkpoint.output_dir", "save_steps": "checkpoint.save_steps",
+    "keep_last": "checkpoint.keep_last", "resume": "checkpoint.resume",
+    "model": "model.name", "dropout": "model.dropout", "max_query_length": "model.max_query_length",
+    "max_doc_length": "model.max_doc_length", "epochs": "optim.epochs", "max_steps": "optim.max_steps",
+    "batch_size": "optim.batch_size", "gradient_accumulation_steps": "optim.gradient_accumulation_steps",
+    "learning_rate": "optim.learning_rate", "weight_decay": "optim.weight_decay", "warmup_ratio": "optim.warmup_ratio",
+    "warmup_steps": "optim.warmup_steps", "max_grad_norm": "optim.max_grad_norm",
+    "mixed_precision": "optim.mixed_precision", "seed": "optim.seed", "device": "optim.device",
+    "lambda_q": "loss.lambda_q", "lambda_d": "loss.lambda_d", "reg_warmup_steps": "loss.reg_warmup_steps",
+    "max_skipped_batches": "recovery.max_skipped_batches", "max_skipped_fraction": "recovery.max_skipped_fraction",
+    "max_consecutive_failures": "recovery.max_consecutive_failures", "inject_fault": "recovery.inject_faults",
+    "log_dir": "logging.log_dir", "log_level": "logging.log_level", "json_logs": "logging.json_logs",
+    "progress": "logging.progress", "tracking_uri": "tracking.tracking_uri",
+    "experiment_name": "tracking.experiment_name", "run_name": "tracking.run_name",
+    "require_tracking": "tracking.require", "register_model": "tracking.register_model",
+    "otel_exporter": "tracing.exporter", "trace_batches": "tracing.trace_batches",
+    "otel_to_mlflow": "tracing.to_mlflow", "eval_data": "eval.eval_data", "eval_split": "eval.eval_split",
+    "eval_steps": "eval.eval_steps", "eval_max_queries": "eval.eval_max_queries",
+    "eval_idf_power": "eval.eval_idf_power", "save_best_metric": "eval.save_best_metric",
+}
+
+
+def test_every_field_has_a_flag_or_is_marked_file_only():
+    import click
+
+    options = {p.name: p for p in train.params if isinstance(p, click.Option)}
+    by_param = {s.param: s for s in config_fields() if s.flag}
+    specs = {s.key: s for s in config_fields()}
+    for sect in dataclasses.fields(TrainConfig):
+        for f in dataclasses.fields(sect.default_factory):  # type: ignore[arg-type]
+            spec = specs[f"{sect.name}.{f.name}"]
+            assert f.metadata.get("help"), f"{spec.key} has no help text (declare it with setting())"
+            if f.metadata.get("file_only"):
+                assert spec.flag is None
+                continue
+            opt = options[spec.param]  # a flag of its own
+            assert spec.flag in opt.opts and opt.help == spec.help
+    # nothing but the config flags, --config and --debug
+    assert set(options) == set(by_param) | {"config_file", "debug"}
+    for param, key in LEGACY_FLAGS.items():
+        assert param in by_param and by_param[param].key == key, param
+        assert f"--{param.replace('_', '-')}" in options[param].opts
+    assert "--no-mlflow" in options["mlflow"].secondary_opts
+    assert by_param["mlflow"].key == "tracking.enabled"
+
+
+def test_flag_behaviours_are_kept():
+    ctx = train.make_context("train", ["--mixed-precision", "--no-mlflow"])
+    assert ctx.params["mixed_precision"] == "auto" and ctx.params["mlflow"] is False
+    assert train.make_context("train", ["--mixed-precision", "bf16"]).params["mixed_precision"] == "bf16"
+    assert _shown_config("--log-level", "warning").logging.log_level == "WARNING"
+    shown = _shown_config("--require-tracking", "--otel-to-mlflow", "--inject-fault", "batch:1:nan",
+                          "--inject-fault", "batch:2:oom", "--model", "splade-tiny")
+    assert shown.tracking.require and shown.tracing.to_mlflow
+    assert shown.recovery.inject_faults == ("batch:1:nan", "batch:2:oom")
+    assert _shown_config() == TrainConfig()  # no flag given: exactly the defaults
+
+
+def test_help_shows_defaults_and_help_texts():
+    res = CliRunner().invoke(cli, ["train", "--help"], terminal_width=200)
+    assert res.exit_code == 0
+    text = res.output
+    for spec in config_fields():
+        if spec.flag:
+            assert spec.flag in text, spec.flag
+    assert "[default: splade-tiny]" in text and "[default: 5e-05]" in text and "[default: every:50]" in text
+    assert "bare --mixed-precision means auto" in text and "[auto|no|fp16|bf16]" in text
+    show = CliRunner().invoke(cli, ["config", "show", "--help"], terminal_width=200).output
+    assert "--format [yaml|json|params]" in show and "--learning-rate FLOAT" in show
+
+
+# ------------------------------------------------------------------------------------------ params
+def _params_of(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line)
+
+
+def test_config_show_params_equals_what_the_run_logs(tmp_path):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    flags = ["--max-steps", "2", "--batch-size", "4", "--max-query-length", "16", "--max-doc-length", "32",
+             "--output-dir", str(tmp_path / "out"), "--tracking-uri", uri, "--experiment-name", "cfg",
+             "--otel-exporter", "none", "--progress", "none", "--inject-fault", "batch:99:nan"]
+    res = CliRunner().invoke(cli, ["train", *flags])
+    assert res.exit_code == 0, res.output + res.stderr
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("cfg").experiment_id])
+    assert len(runs) == 1
+    logged = client.get_run(runs[0].info.run_id).data.params
+    keys = {s.key for s in config_fields()}
+    shown = _params_of(_show(*flags, fmt="params").stdout)
+    assert set(shown) == keys
+    assert {k: v for k, v in logged.items() if k in keys} == shown
+    assert shown["recovery.inject_faults"] == '["batch:99:nan"]' and shown["optim.learning_rate"] == "5e-05"
+
+
+def test_params_are_redacted_and_cut_like_mlflow_params(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPLADE_TEST_TOKEN", "s3cr3t-value-123")
+    long_path = "d" * 7000
+    cfg = TrainConfig.from_mapping({"tracking": {"tracking_uri": "https://user:pw@mlflow.example/",
+                                                 "run_name": "run-s3cr3t-value-123"},
+                                    "data": {"train_file": long_path}})
+    params = cfg.params()
+    assert params["tracking.tracking_uri"] == "https://***@mlflow.example/"
+    assert params["tracking.run_name"] == "run-***"
+    assert len(params["data.train_file"]) == 6000 and params["data.train_file"].endswith(PARAM_TRUNCATION_MARKER)
+    assert all(isinstance(v, str) for v in params.values())
+
+
+# ------------------------------------------------------------------------------------------ docs and packaging
+def _gen_docs_module():
+    spec = importlib.util.spec_from_file_location("gen_docs", ROOT / "scripts" / "gen_docs.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generated_config_docs_are_current(tmp_path):
+    text = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    assert text == render_config_docs().rstrip("\n") + "\n", "docs/config.md is stale: python scripts/gen_docs.py"
+    rows = {line.split("`")[1]: line for line in text.splitlines() if line.startswith("| `")}
+    assert list(rows) == [spec.key for spec in config_fields()]  # every key, in order
+    for spec in config_fields():
+        assert (f"`{spec.flag}" if spec.flag else "(file only)") in rows[spec.key]
+        assert f"`{spec.type_name.replace('|', chr(92) + '|')}`" in rows[spec.key]
+    gen = _gen_docs_module()
+    assert gen.stale(ROOT) == []
+    assert gen.stale(tmp_path) == ["docs/config.md", "docs/observability.md"]  # missing pages are reported
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_package_folder_is_installed():
+    """pyproject lists packages explicitly (the CLI folder is mapped to another name): none may be missing."""
+    tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    assert tool["package-dir"] == {"splade_obs_cli": "cli"} and "splade_obs_cli" in listed
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "splade_obs").rglob("*.py")
+             if "__pycache__" not in p.parts}
+    assert found - listed == set(), f"add to [tool.setuptools] packages in pyproject.toml: {sorted(found - listed)}"
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"splade-obs": "splade_obs_cli.main:main"}
+
+
+def test_cli_installs_as_splade_obs_cli_not_cli(tmp_path):
+    code = ("import importlib.util, splade_obs_cli.main as m; "
+            "assert importlib.util.find_spec('cli') is None, 'cli importable'; print(m.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "splade_obs_cli.main", proc.stderr
