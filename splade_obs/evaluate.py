@@ -37,7 +37,7 @@ import scipy.sparse as sp
 from .errors import DataError, EvaluationError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .data import BeirData
+    from .beir import BeirData
 
 log = logging.getLogger("splade_obs.evaluate")
 
@@ -296,9 +296,9 @@ def idf_reweight(doc_vectors: sp.spmatrix | np.ndarray, power: float) -> sp.csr_
 
 # ----------------------------------------------------------------------------------------- sparsity
 def sparsity_metrics(q_csr: sp.spmatrix, d_csr: sp.spmatrix) -> dict[str, float]:
-    """Average non-zeros per query and per document, the FLOPS estimate and the index size.
+    """Average non-zeros per query and per document, the expected retrieval FLOPS and the index size.
 
-    ``flops`` is the expected number of multiply-adds of one query-document score (SPLADE paper, eq. 4
+    ``retrieval_flops`` (not the FLOPS regularizer of training) is the expected number of multiply-adds of one query-document score (SPLADE paper, eq. 4
     in spirit): ``sum_j p_q(j) * p_d(j)``, where ``p_q(j)`` is the fraction of queries and ``p_d(j)`` the
     fraction of documents whose weight for term ``j`` is non-zero. ``index_size_mb`` is the size of the
     posting lists (float32 weight + int32 doc position per entry, plus one int32 pointer per term), in
@@ -313,7 +313,7 @@ def sparsity_metrics(q_csr: sp.spmatrix, d_csr: sp.spmatrix) -> dict[str, float]
     return {
         "query_nnz": float(np.count_nonzero(q.data) / max(nq, 1)),
         "doc_nnz": float(d_nnz / max(nd, 1)),
-        "flops": float(np.dot(q_active, d_active)),
+        "retrieval_flops": float(np.dot(q_active, d_active)),
         "index_size_mb": float((d_nnz * 8 + (d.shape[1] + 1) * 4) / 1e6),
         "num_docs": float(nd),
     }
@@ -345,7 +345,7 @@ class RetrievalEvaluator:
     def __init__(self, beir: "BeirData", *, max_query_length: int = 64, max_doc_length: int = 256,
                  batch_size: int = 32, max_queries: int | None = None, seed: int = 0,
                  top_k_retrieve: int = 100, idf_power: float = 0.0) -> None:
-        from .data import beir_doc_text
+        from .beir import beir_doc_text
 
         self.idf_power = _check_idf_power(idf_power)  # fail before any encoding
         if top_k_retrieve < 100:

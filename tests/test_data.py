@@ -1,4 +1,4 @@
-"""Data readers, validation policies, epoch order and the collator (splade_obs/data.py)."""
+"""Data readers, record validation, BEIR folders, epoch order and the collator (data.py, records.py, beir.py, collate.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,10 @@ import pytest
 import torch
 
 from splade_obs import data as data_mod
-from splade_obs.data import (
-    Example,
-    PairCollator,
-    beir_doc_text,
-    demo_path,
-    epoch_order,
-    file_digest,
-    load_beir,
-    load_training_data,
-)
+from splade_obs.beir import beir_doc_text, load_beir
+from splade_obs.collate import PairCollator
+from splade_obs.data import demo_path, epoch_order, file_digest, load_training_data
+from splade_obs.records import Example
 from splade_obs.errors import DataError, ErrorCategory
 
 SCIFACT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "scifact"

@@ -220,7 +220,7 @@ def test_sparsity_metrics() -> None:
     assert s["query_nnz"] == pytest.approx(1.5)
     assert s["doc_nnz"] == pytest.approx(5 / 3)
     # term 0: p_q=1/2, p_d=1/3; term 2: p_q=1, p_d=2/3
-    assert s["flops"] == pytest.approx(0.5 / 3 + 2 / 3)
+    assert s["retrieval_flops"] == pytest.approx(0.5 / 3 + 2 / 3)
     assert s["num_docs"] == 3
     assert s["index_size_mb"] == pytest.approx((5 * 8 + 5 * 4) / 1e6)
 
@@ -241,7 +241,7 @@ def encoder():
 
 
 def test_evaluator_restores_training_mode_and_subsets_queries(tmp_path, encoder) -> None:
-    from splade_obs.data import load_beir
+    from splade_obs.beir import load_beir
 
     beir = load_beir(write_beir(tmp_path / "beir"), "test")
     evaluator = RetrievalEvaluator(beir, max_query_length=16, max_doc_length=32, batch_size=4, max_queries=2,
@@ -253,7 +253,7 @@ def test_evaluator_restores_training_mode_and_subsets_queries(tmp_path, encoder)
     again = RetrievalEvaluator(beir, max_query_length=16, max_doc_length=32, max_queries=2, seed=3)
     assert again.query_ids == evaluator.query_ids  # same seed -> same subset
     assert metrics["num_docs"] == 10
-    for key in ("encode_docs_s", "encode_queries_s", "search_s", "query_nnz", "doc_nnz", "flops"):
+    for key in ("encode_docs_s", "encode_queries_s", "search_s", "query_nnz", "doc_nnz", "retrieval_flops"):
         assert metrics[key] > 0
     # The run holds the real index scores: recompute one from the vectors.
     q = encoder.encode([beir.queries[evaluator.query_ids[0]]], max_length=16)
@@ -264,7 +264,7 @@ def test_evaluator_restores_training_mode_and_subsets_queries(tmp_path, encoder)
 
 
 def test_evaluator_with_idf_power_scores_with_the_weighted_index(tmp_path, encoder) -> None:
-    from splade_obs.data import load_beir
+    from splade_obs.beir import load_beir
 
     beir = load_beir(write_beir(tmp_path / "beir"), "test")
     evaluator = RetrievalEvaluator(beir, max_query_length=16, max_doc_length=32, idf_power=0.5)
@@ -285,7 +285,7 @@ def test_evaluator_with_idf_power_scores_with_the_weighted_index(tmp_path, encod
 
 
 def test_evaluate_cli_on_a_small_beir_folder(tmp_path) -> None:
-    from cli.main import cli
+    from splade_obs_cli.main import cli
 
     data = write_beir(tmp_path / "beir")
     out, trec = tmp_path / "m" / "metrics.json", tmp_path / "run.trec"
@@ -298,7 +298,7 @@ def test_evaluate_cli_on_a_small_beir_folder(tmp_path) -> None:
     metrics = payload["metrics"]
     for key in ("ndcg@10", "mrr@10", "recall@100", "map@100"):
         assert 0.0 <= metrics[key] <= 1.0
-    for key in ("query_nnz", "doc_nnz", "flops", "index_size_mb", "num_docs", "encode_docs_s"):
+    for key in ("query_nnz", "doc_nnz", "retrieval_flops", "index_size_mb", "num_docs", "encode_docs_s"):
         assert key in metrics
     assert metrics["num_queries"] == 4
     assert metrics["mrr@10"] > 0.5, "a real model finds the obvious matches of this toy corpus"
@@ -315,8 +315,8 @@ def test_evaluate_cli_on_a_small_beir_folder(tmp_path) -> None:
 
 
 def test_evaluate_cli_idf_power_scores_like_the_weighted_evaluator(tmp_path, encoder) -> None:
-    from cli.main import cli
-    from splade_obs.data import load_beir
+    from splade_obs_cli.main import cli
+    from splade_obs.beir import load_beir
 
     data = write_beir(tmp_path / "beir")
     trec = tmp_path / "run.trec"
@@ -336,7 +336,7 @@ def test_evaluate_cli_idf_power_scores_like_the_weighted_evaluator(tmp_path, enc
 
 
 def test_evaluate_cli_typed_errors(tmp_path) -> None:
-    from cli.main import cli
+    from splade_obs_cli.main import cli
 
     runner = CliRunner()
     missing = runner.invoke(cli, ["evaluate", "--model", "splade-tiny", "--data", str(tmp_path / "nope")])
