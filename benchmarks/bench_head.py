@@ -22,8 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+# the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
+from _common import RESULTS, table, write_json
+
 VARIANTS = ("reference", "fused")
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_head.json"
 WORDS = ("sparse lexical retrieval expands each query and document into weighted vocabulary terms learned "
          "by a masked language model whose logits are pooled with a max over tokens").split()
 
@@ -122,7 +124,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=RESULTS / "bench_head.json")
     args = parser.parse_args()
     if args.variant:
         print(json.dumps(run_variant(args)))
@@ -137,18 +139,16 @@ def main() -> None:
     ref, fused = rows
     print(f"SPLADE head on splade-tiny, batch {args.batch_size} x {args.length} tokens, device {args.device}, "
           f"amp {args.amp}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, {args.iters} timed iters")
-    print(f"{'metric':<30}{'reference':>14}{'fused':>14}{'fused/ref':>11}")
-    for key, label in (("docs_per_s_forward", "forward docs/s"), ("samples_per_s_train", "fwd+bwd samples/s"),
-                       ("peak_mb_forward", "peak MB forward"), ("peak_mb_train", "peak MB fwd+bwd")):
-        ratio = fused[key] / ref[key] if ref[key] else float("nan")
-        print(f"{label:<30}{ref[key]:>14.2f}{fused[key]:>14.2f}{ratio:>10.2f}x")
+    lines = [(label, ref[key], fused[key], f"{fused[key] / ref[key] if ref[key] else float('nan'):.2f}x")
+             for key, label in (("docs_per_s_forward", "forward docs/s"), ("samples_per_s_train", "fwd+bwd samples/s"),
+                                ("peak_mb_forward", "peak MB forward"), ("peak_mb_train", "peak MB fwd+bwd"))]
+    print(table([("metric", "<30"), ("reference", ">14", ".2f"), ("fused", ">14", ".2f"), ("fused/ref", ">11")], lines))
     print(f"memory: {ref['memory_measure']}; output checksums {ref['output_checksum']:.4f} vs "
           f"{fused['output_checksum']:.4f}")
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
+    write_json(args.output, {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "variant"},
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "machine": platform.processor() or platform.machine(),
-        "results": rows}, indent=2))
+        "results": rows})
     print(f"wrote {args.output}")
 
 

@@ -19,15 +19,13 @@ rounding.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from datetime import datetime
 from pathlib import Path
 
-from _common import machine  # benchmarks/ is on sys.path when run as a script
-
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_head_tiles.json"
+# the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
+from _common import RESULTS, machine, table, write_json
 
 
 def token_chunk_tiles(hidden, weight, bias, mask, chunk: int):
@@ -49,7 +47,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="16,64,128,256,512", help="document lengths in tokens")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=RESULTS / "bench_head_tiles.json")
     args = parser.parse_args()
 
     import torch
@@ -98,15 +96,13 @@ def main() -> None:
     names = list(variants)
     print(f"fused head forward on CPU, ms per document (median of {args.repeats}), batch {args.batch_size}, "
           f"splade-tiny projection ({weight.shape[0]} x {weight.shape[1]})")
-    print(f"{'length':>7}" + "".join(f"{n:>34}" for n in names))
-    for row in rows:
-        print(f"{row['length']:>7}" + "".join(
-            f"{row['ms_per_doc'][n]:>25.2f} ({row['speedup_vs_baseline'][n]:.2f}x)" for n in names))
+    print(table([("length", ">7"), *((n, ">34") for n in names)],
+                ([row["length"], *(f"{row['ms_per_doc'][n]:.2f} ({row['speedup_vs_baseline'][n]:.2f}x)" for n in names)]
+                 for row in rows)))
     result = {"benchmark": "bench_head_tiles", "date": datetime.now().isoformat(timespec="seconds"),
               "machine": machine(), "baseline": baseline, "default_tile_elements": default_tile,
               "batch_size": args.batch_size, "repeats": args.repeats, "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(f"wrote {args.output}")
 
 

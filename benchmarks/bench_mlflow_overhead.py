@@ -14,23 +14,23 @@ Prints a side-by-side table and writes benchmarks/results/mlflow_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
+from _common import RESULTS, table, write_json
 
-RESULTS = Path(__file__).resolve().parent / "results" / "mlflow_overhead.json"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # this script's own: tokenizers without their thread pool
+RESULTS_FILE = RESULTS / "mlflow_overhead.json"
 
 
 def one_run(mlflow_on: bool, args: argparse.Namespace) -> dict[str, Any]:
     from splade_obs.config import TrainConfig
-    from splade_obs.events import RecordingSink, StepDone
+    from splade_obs.bus import RecordingSink
+    from splade_obs.events import StepDone
     from splade_obs.run import run_training
 
     with tempfile.TemporaryDirectory(prefix="bench-mlflow-") as tmp:
@@ -82,13 +82,12 @@ def main() -> None:
     rows = [("step mean (ms)", "step_mean_s", 1000), ("step median (ms)", "step_median_s", 1000),
             ("step max (ms)", "step_max_s", 1000), ("samples/s", "samples_per_second", 1),
             ("run wall time (s)", "wall_seconds", 1)]
-    print(f"\n{'metric':<20}{'MLflow off':>14}{'MLflow on':>14}{'overhead':>12}")
-    for label, key, scale in rows:
-        delta = (on[key] / off[key] - 1) * 100 if off[key] else float("nan")
-        print(f"{label:<20}{off[key] * scale:>14.2f}{on[key] * scale:>14.2f}{delta:>+11.1f}%")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"settings": vars(args), "off": off, "on": on, "runs": runs}, indent=2))
-    print(f"\nwrote {RESULTS}")
+    print("\n" + table([("metric", "<20"), ("MLflow off", ">14", ".2f"), ("MLflow on", ">14", ".2f"), ("overhead", ">12")],
+                       [(label, off[key] * scale, on[key] * scale,
+                         f"{(on[key] / off[key] - 1) * 100 if off[key] else float('nan'):+.1f}%")
+                        for label, key, scale in rows]))
+    write_json(RESULTS_FILE, {"settings": vars(args), "off": off, "on": on, "runs": runs})
+    print(f"\nwrote {RESULTS_FILE}")
 
 
 if __name__ == "__main__":

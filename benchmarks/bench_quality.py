@@ -40,22 +40,15 @@ import datetime as dt
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "scifact"
-DEFAULT_CONFIG = ROOT / "benchmarks" / "configs" / "scifact_distill.toml"
-RESULTS = ROOT / "benchmarks" / "results"
-KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
+# the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
+from _common import CONFIGS, DEFAULT_DATA, KEYS, RESULTS, machine, require_beir, run_cli, table, write_json
+
+DEFAULT_CONFIG = CONFIGS / "scifact_distill.toml"
 QUERY_LENGTH = 64
-
-
-# ------------------------------------------------------------------------------------------- machine
-from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -71,10 +64,9 @@ def ensure_triples(triples: Path, data: Path, max_doc_length: int, distill: bool
     if triples.is_file():
         return triples
     triples.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "cli.main", "mine-negatives", "--model", "splade-tiny", "--data", str(data),
-           "--split", "train", "--max-doc-length", str(max_doc_length), "--output", str(triples),
-           *(TEACHER_MINING if distill else HARD_NEGATIVE_MINING)]
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    run_cli("mine-negatives", "--model", "splade-tiny", "--data", str(data), "--split", "train",
+            "--max-doc-length", str(max_doc_length), "--output", str(triples),
+            *(TEACHER_MINING if distill else HARD_NEGATIVE_MINING))
     return triples
 
 
@@ -118,7 +110,8 @@ def planned_steps(cfg) -> int:
 def collator_picks(cfg, steps: int, k: int):  # noqa: ANN201
     """(example, positive index, negative indices) in our epoch order with our collator's choices, enough for
     ``steps`` batches (whole epochs)."""
-    from splade_obs.data import PairCollator, epoch_order, load_training_data
+    from splade_obs.collate import PairCollator
+    from splade_obs.data import epoch_order, load_training_data
 
     examples = load_training_data(cfg.data.train_file).examples
     collator = PairCollator(None, cfg.model.max_query_length, cfg.model.max_doc_length, num_negatives=k,
@@ -204,7 +197,8 @@ def throughput(step_ends: list[float], batch_size: int, skip: int) -> float:
 # ------------------------------------------------------------------------------------------- trainers
 def train_ours(cfg, skip: int = 3) -> dict[str, Any]:
     """Run this project's trainer; steps' end times come from its own StepDone events."""
-    from splade_obs.events import RecordingSink, StepDone
+    from splade_obs.bus import RecordingSink
+    from splade_obs.events import StepDone
     from splade_obs.run import run_training
 
     rec = RecordingSink()
@@ -235,7 +229,7 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
     from transformers import TrainerCallback
 
     from splade_obs.hub import resolve_model
-    from splade_obs.train import resolve_amp, resolve_device
+    from splade_obs.device import resolve_amp, resolve_device
 
     class StepClock(TrainerCallback):
         def __init__(self) -> None:
@@ -284,7 +278,7 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
 # ------------------------------------------------------------------------------------------- rows
 def bm25_rows(beir) -> list[dict]:
     """BM25 without stemming, and with Snowball stemming when PyStemmer is installed."""
-    from splade_obs.data import beir_doc_text
+    from splade_obs.beir import beir_doc_text
     from splade_obs.evaluate import compute_metrics, ndcg_per_query
     from splade_obs.mining import bm25_search
 
@@ -319,7 +313,7 @@ def splade_row(label: str, model: str, beir, max_doc_length: int, batch_size: in
                                    batch_size=batch_size)
     metrics = evaluator.evaluate(encoder)
     return {"system": label, "kind": kind, "model": model, **{k: metrics[k] for k in KEYS},
-            "query_nnz": metrics["query_nnz"], "doc_nnz": metrics["doc_nnz"], "flops": metrics["flops"],
+            "query_nnz": metrics["query_nnz"], "doc_nnz": metrics["doc_nnz"], "retrieval_flops": metrics["retrieval_flops"],
             "seconds": time.perf_counter() - start,
             "ndcg@10_per_query": ndcg_per_query(evaluator.run(), evaluator.qrels)}
 
@@ -377,18 +371,15 @@ def metrics_row(label: str, path: Path) -> dict:
     doc = json.loads(Path(path).read_text())
     m = {**doc, **doc.get("metrics", {})}
     return {"system": label, "kind": "metrics file", "model": m.get("model", str(path)), **{k: m[k] for k in KEYS},
-            "query_nnz": m["query_nnz"], "doc_nnz": m["doc_nnz"], "flops": m["flops"], "metrics_file": str(path),
+            "query_nnz": m["query_nnz"], "doc_nnz": m["doc_nnz"], "retrieval_flops": m["retrieval_flops"], "metrics_file": str(path),
             **({"measured": m["measured"]} if "measured" in m else {})}
 
 
-def table(rows: list[dict]) -> str:
-    width = max(len(r["system"]) for r in rows) + 2
-    head = f"{'system':<{width}}" + "".join(f"{k:>12}" for k in KEYS) + f"{'q nnz':>8}{'doc nnz':>9}"
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        nnz = f"{r['query_nnz']:>8.1f}{r['doc_nnz']:>9.1f}" if "doc_nnz" in r else f"{'-':>8}{'-':>9}"
-        lines.append(f"{r['system']:<{width}}" + "".join(f"{r[k]:>12.4f}" for k in KEYS) + nnz)
-    return "\n".join(lines)
+def rows_table(rows: list[dict]) -> str:
+    columns = [("system", f"<{max(len(r['system']) for r in rows) + 2}"), *((k, ">12", ".4f") for k in KEYS),
+               ("q nnz", ">8", ".1f"), ("doc nnz", ">9", ".1f")]
+    nnz = lambda r: [r["query_nnz"], r["doc_nnz"]] if "doc_nnz" in r else ["-", "-"]  # noqa: E731
+    return table(columns, ([r["system"], *(r[k] for k in KEYS), *nnz(r)] for r in rows), rule=True)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -413,10 +404,8 @@ def main() -> None:
     ap.add_argument("--require-target", action="store_true",
                     help="exit 1 unless a trained row's nDCG@10 is above every BM25 row's")
     args = ap.parse_args()
-    if not (args.data / "corpus.jsonl").is_file():
-        raise SystemExit(f"SciFact not found at {args.data}")
-    sys.path.insert(0, str(ROOT))
-    from splade_obs.data import load_beir
+    require_beir(args.data)
+    from splade_obs.beir import load_beir
 
     load_start = os.getloadavg()
     training: list[dict] = []
@@ -451,7 +440,7 @@ def main() -> None:
     num_queries = sum(1 for rels in beir.qrels.values() if any(r > 0 for r in rels.values()))
     print(f"SciFact {args.split} ({len(beir.corpus)} docs, {num_queries} queries), query length {QUERY_LENGTH}, "
           f"document length {args.max_doc_length}")
-    print(table(rows))
+    print(rows_table(rows))
     print("\n".join(target_lines(target)))
     if trainers:
         print("sentence-transformers - splade-obs trainer, nDCG@10 per query: "
@@ -463,8 +452,7 @@ def main() -> None:
         result["train_config"] = json.loads(json.dumps(cfg.to_dict(), default=str))
         result["triples"] = str(args.triples)
         result["triples_sha256"] = hashlib.sha256(Path(args.triples).read_bytes()).hexdigest()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.output, result)
     print(f"written {args.output}")
     if args.require_target and not target["met"]:
         raise SystemExit(1)

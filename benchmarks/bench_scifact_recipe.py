@@ -77,20 +77,14 @@ import hashlib
 import json
 import random
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "scifact"
-RESULTS = ROOT / "benchmarks" / "results"
-KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
+# the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
+from _common import DEFAULT_DATA, KEYS, RESULTS, machine, require_beir, run_cli, table, write_json
+
 COMMON = {"batch_size": 16, "max_query_length": 64, "max_doc_length": 256}
-
-from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
 HYBRID = ["--method", "hybrid", "--teacher-scores", "--sample", "--num-negatives", "8", "--depth", "30",
           "--bm25-weight", "0.5"]
 DISTILL = {"learning_rate": 1e-4, "num_negatives": 2, "loss": {"distillation": "margin_mse", "contrastive_weight": 0.0}}
@@ -135,8 +129,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def cli(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "cli.main", *args], check=True, cwd=ROOT)
+cli = run_cli  # every step is a CLI command, as a user would run it (the tests swap in an in-process runner)
 
 
 def dev_split(data: Path, folder: Path, num_dev: int, seed: int) -> Path:
@@ -299,10 +292,9 @@ def read_trec_run(path: Path) -> dict[str, dict[str, float]]:
 
 def baselines(data: Path, split: str) -> list[dict[str, Any]]:
     """BM25 with and without stemming, zero-shot splade-tiny, and the hybrid teacher (BM25 + splade-tiny)."""
-    sys.path.insert(0, str(ROOT))
     import numpy as np
 
-    from splade_obs.data import beir_doc_text, load_beir
+    from splade_obs.beir import beir_doc_text, load_beir
     from splade_obs.evaluate import compute_metrics, ndcg_per_query
     from splade_obs.mining import RetrieverScores, make_stemmer
     from splade_obs.model import SpladeEncoder
@@ -347,8 +339,7 @@ def baselines(data: Path, split: str) -> list[dict[str, Any]]:
 def significance(row: dict[str, Any], baselines_rows: list[dict[str, Any]], eval_data: Path,
                  split: str) -> dict[str, dict[str, float]]:
     """The recipe's per-query nDCG@10 against each baseline's: mean difference, 95% CI, paired p-value."""
-    sys.path.insert(0, str(ROOT))
-    from splade_obs.data import load_beir
+    from splade_obs.beir import load_beir
     from splade_obs.evaluate import ndcg_per_query, paired_comparison
 
     qrels = load_beir(eval_data, split).qrels
@@ -360,12 +351,10 @@ def significance(row: dict[str, Any], baselines_rows: list[dict[str, Any]], eval
     return out
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    width = max(len(r["system"]) for r in rows) + 2
-    head = f"{'system':<{width}}{'split':>6}" + "".join(f"{k:>12}" for k in KEYS)
-    lines = [head, "-" * len(head)]
-    lines += [f"{r['system']:<{width}}{r['split']:>6}" + "".join(f"{r[k]:>12.4f}" for k in KEYS) for r in rows]
-    return "\n".join(lines)
+def rows_table(rows: list[dict[str, Any]]) -> str:
+    columns = [("system", f"<{max(len(r['system']) for r in rows) + 2}"), ("split", ">6"),
+               *((k, ">12", ".4f") for k in KEYS)]
+    return table(columns, ([r["system"], r["split"], *(r[k] for k in KEYS)] for r in rows), rule=True)
 
 
 def main() -> None:
@@ -383,8 +372,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output", type=Path, default=RESULTS / "scifact_recipe.json")
     args = ap.parse_args()
-    if not (args.data / "corpus.jsonl").is_file():
-        raise SystemExit(f"SciFact not found at {args.data} (see ../shared/data/scifact/SOURCE.md)")
+    require_beir(args.data)
     result: dict[str, Any] = json.loads(args.output.read_text()) if args.output.is_file() else {}
     if (result.get("dev_queries"), result.get("seed")) != (args.dev_queries, args.seed):
         result.pop("dev", None)  # dev rows of another split are not comparable
@@ -393,9 +381,8 @@ def main() -> None:
                    "machine": machine(), "data": str(args.data), "dev_queries": args.dev_queries,
                    "seed": args.seed, "common": COMMON})
 
-    def save() -> None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    def save() -> None:  # after every recipe: a crash keeps what the earlier ones measured
+        write_json(args.output, result)
 
     if args.stage in ("dev", "all"):
         folder = dev_split(args.data, args.workdir / "scifact-dev", args.dev_queries, args.seed)
@@ -408,7 +395,7 @@ def main() -> None:
             save()
         rows = result["dev"]["baselines"] + [{"system": f"recipe {n}", **r} for n, r in result["dev"]["recipes"].items()]
         print(f"SciFact dev ({args.dev_queries} train queries held out, seed {args.seed}); recipes trained on the rest")
-        print(table(rows))
+        print(rows_table(rows))
     if args.stage in ("test", "all"):
         dev_rows = result["dev"]["recipes"]
         if args.recipe and args.stage == "test":
@@ -431,7 +418,7 @@ def main() -> None:
         save()
         rows = result["test"]["baselines"] + [{"system": f"recipe {name} (trained on all of train)", **row}]
         print(f"SciFact test ({name} chosen by {result['test']['chosen_by']})")
-        print(table(rows))
+        print(rows_table(rows))
         print("nDCG@10 of the recipe minus each baseline, per query (paired randomisation test, 95% bootstrap CI):")
         for system, cmp in result["test"]["vs_baselines"].items():
             print(f"  vs {system}: {cmp['mean_diff']:+.4f} [{cmp['ci95_low']:+.4f}, {cmp['ci95_high']:+.4f}] "

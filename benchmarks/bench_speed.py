@@ -31,14 +31,13 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "scifact"
-RESULTS = ROOT / "benchmarks" / "results"
+# the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
+from _common import CONFIGS, DEFAULT_DATA, RESULTS, machine, require_beir, table, write_json
 
 
 def load_subset(data: Path, quick: bool):
     """The BEIR test split; with ``quick`` a fixed 500-document corpus holding the 50 sampled queries' positives."""
-    from splade_obs.data import load_beir
+    from splade_obs.beir import load_beir
 
     beir = load_beir(data, "test")
     if quick:
@@ -83,7 +82,7 @@ def run_st(data: Path, quick: bool, batch_size: int) -> dict:
     from sentence_transformers.sparse_encoder import SparseEncoder
     from sentence_transformers.sparse_encoder.evaluation import SparseInformationRetrievalEvaluator
 
-    from splade_obs.data import beir_doc_text
+    from splade_obs.beir import beir_doc_text
     from splade_obs.hub import resolve_model
 
     beir = load_subset(data, quick)
@@ -109,7 +108,6 @@ def train_side(trainer: str, data: Path, triples: Path, config: Path, steps: int
     """``steps`` optimizer steps of one trainer on the mined SciFact triples; samples/s after ``skip`` steps."""
     import tempfile
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_quality as bq
 
     bq.ensure_triples(triples, data, 256, bq.is_distill(config))
@@ -144,9 +142,6 @@ def child(side: str, args: argparse.Namespace) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-
-
 # (label, side key, value key, format, True when larger is better)
 ROWS = [("evaluation wall time (s)", "eval", "eval_s", ".1f", False),
         ("evaluation CPU time (s)", "eval", "cpu_s", ".1f", False),
@@ -157,9 +152,9 @@ ROWS = [("evaluation wall time (s)", "eval", "eval_s", ".1f", False),
         ("training peak RSS (MB)", "train", "peak_rss_mb", ".0f", False)]
 
 
-def table(results: dict) -> str:
+def side_by_side(results: dict) -> str:
     """Side by side; 'advantage' > 1 means splade-obs is better (faster, more samples/s, less memory)."""
-    lines = [f"{'':<27}{'splade-obs':>12}{'sentence-tf':>14}{'advantage':>11}", "-" * 64]
+    lines = []
     for label, part, key, fmt, higher in ROWS:
         if part not in results:
             continue
@@ -169,8 +164,8 @@ def table(results: dict) -> str:
         else:
             ratio = (ours / st if higher else st / ours) if ours and st else float("nan")
             adv = f"{ratio:.2f}x"
-        lines.append(f"{label:<27}{ours:>12{fmt}}{st:>14{fmt}}{adv:>11}")
-    return "\n".join(lines)
+        lines.append([label, format(ours, fmt), format(st, fmt), adv])
+    return table([("", "<27"), ("splade-obs", ">12"), ("sentence-tf", ">14"), ("advantage", ">11")], lines, rule=True)
 
 
 def main() -> None:
@@ -179,7 +174,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="500 docs / 50 queries, 8 training steps: checks the script")
     ap.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
     ap.add_argument("--part", action="append", choices=["eval", "train"], help="default: both")
-    ap.add_argument("--config", type=Path, default=ROOT / "benchmarks" / "configs" / "scifact_finetune.toml",
+    ap.add_argument("--config", type=Path, default=CONFIGS / "scifact_finetune.toml",
                     help="training config (batch size, lengths, precision) for both trainers")
     ap.add_argument("--triples", type=Path, default=Path("/tmp/splade-obs-bench/scifact_train_triples.jsonl"))
     ap.add_argument("--train-steps", type=int, default=30)
@@ -197,8 +192,7 @@ def main() -> None:
             out = (run_ours if args.side == "ours" else run_st)(args.data, args.quick, args.batch_size)
         print(json.dumps(out))
         return
-    if not (args.data / "corpus.jsonl").is_file():
-        raise SystemExit(f"SciFact not found at {args.data}")
+    require_beir(args.data)
     parts = args.part or ["eval", "train"]
     name = "bench_speed_quick.json" if args.quick else "bench_speed.json"
     out_path = RESULTS / name
@@ -230,13 +224,12 @@ def main() -> None:
               f"lengths {t['splade_obs']['max_query_length']}/{t['splade_obs']['max_doc_length']}, "
               f"{t['splade_obs']['precision']} precision, samples/s after the first {t['skip_steps']} steps "
               f"(measured {t['date']})")
-    print(table(results))
+    print(side_by_side(results))
     for part, r in results.items():
         print(f"{part}: 1-minute load average at start/end: splade-obs {r['splade_obs']['load_avg_1m']}, "
               f"sentence-transformers {r['sentence_transformers']['load_avg_1m']}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({"benchmark": "speed", "date": now, "machine": machine(), "quick": args.quick,
-                                    "parts": results}, indent=2) + "\n")
+    write_json(out_path, {"benchmark": "speed", "date": now, "machine": machine(), "quick": args.quick,
+                          "parts": results})
     print(f"written {out_path}")
 
 

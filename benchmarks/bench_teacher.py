@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "scifact"
-RESULTS = ROOT / "benchmarks" / "results"
-
-from _common import machine  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
+# the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
+from _common import DEFAULT_DATA, RESULTS, machine, require_beir, table, write_json
 
 
 def score_rows(retrievers: dict[str, Any], rows: range, doc_ids: list[str], qids: list[str], qrels: dict,
@@ -59,10 +55,8 @@ def main() -> None:
     ap.add_argument("--splits", default="train,test")
     ap.add_argument("--output", type=Path, default=RESULTS / "scifact_teacher.json")
     args = ap.parse_args()
-    if not (args.data / "corpus.jsonl").is_file():
-        raise SystemExit(f"SciFact not found at {args.data} (BEIR folder: corpus.jsonl, queries.jsonl, qrels/)")
-    sys.path.insert(0, str(ROOT))
-    from splade_obs.data import beir_doc_text, load_beir
+    require_beir(args.data)
+    from splade_obs.beir import beir_doc_text, load_beir
     from splade_obs.mining import RetrieverScores, _training_queries, load_dense_encoder, make_stemmer
     from splade_obs.model import SpladeEncoder
 
@@ -105,20 +99,20 @@ def main() -> None:
     if "train" in splits:  # the rule: the fusion best on the labelled train queries
         fused = [n for n in names if n.startswith("hybrid + ")]
         chosen = max(fused, key=lambda n: splits["train"]["rows"][n]["ndcg@10"])
-    header = f"{'teacher':<62}" + "".join(f"{s + ' nDCG@10':>16}{s + ' R@100':>14}" for s in splits)
-    print(header)
-    for name in names:
-        mark = " *" if name == chosen else ""
-        print(f"{name + mark:<62}" + "".join(f"{splits[s]['rows'][name]['ndcg@10']:>16.4f}"
-                                            f"{splits[s]['rows'][name]['recall@100']:>14.4f}" for s in splits))
+    columns = [("teacher", "<62")]
+    for s in splits:
+        columns += [(s + " nDCG@10", ">16", ".4f"), (s + " R@100", ">14", ".4f")]
+    print(table(columns, ([name + (" *" if name == chosen else ""),
+                           *(v for s in splits for v in (splits[s]["rows"][name]["ndcg@10"],
+                                                         splits[s]["rows"][name]["recall@100"]))]
+                          for name in names)))
     if chosen:
         print(f"* best on the {splits['train']['queries']} labelled train queries")
     out = {"benchmark": "scifact_teacher", "date": dt.datetime.now().isoformat(timespec="seconds"),
            "machine": machine(), "data": str(args.data), "model": args.model, "dense_model": args.dense_model,
            "bm25_weight": args.bm25_weight, "dense_weights": weights,
            "encode_seconds": encode_seconds, "chosen_on_train": chosen, "splits": splits}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.output, out, indent=1)
     print(f"written {args.output}")
 
 

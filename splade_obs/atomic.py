@@ -1,29 +1,42 @@
 """Atomic file writes: a reader (or a crash) never sees a half-written file.
 
-The text goes to a temporary file in the *same* directory (so ``os.replace`` is a rename on one
+The content goes to a temporary file in the *same* directory (so ``os.replace`` is a rename on one
 file system), is flushed and fsynced, then renamed over the target. On POSIX and Windows
 ``os.replace`` is atomic, so the target is always either the old or the new content.
+:func:`atomic_writer` streams (large outputs written line by line: ``encode``, ``mine-negatives``);
+:func:`atomic_write_text` and :func:`atomic_write_json` write a whole string through it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
-    """Write ``text`` to ``path`` atomically; creates the parent directory. Returns the path."""
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike[str], mode: str = "w", encoding: str = "utf-8") -> Iterator[IO[Any]]:
+    """A file object whose content replaces ``path`` only when the ``with`` block ends normally.
+
+    It writes ``.NAME.XXXX.tmp`` beside ``path`` (the parent directory is created); at the end of the block
+    the file is flushed, fsynced and renamed over ``path``. Any exception in the block (or a failed flush)
+    removes the temporary file and leaves ``path`` as it was, old content or absent. The new file keeps the
+    permissions of the file it replaces, or gets 0644 like a normal new file. ``mode`` is ``"w"`` (text, in
+    ``encoding``) or ``"wb"``.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_writer mode must be 'w' or 'wb', got {mode!r}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     try:
-        os.chmod(tmp, _mode_for(target))  # mkstemp makes 0600; keep the file readable like a normal one
-        with os.fdopen(fd, "w", encoding=encoding) as fh:
-            fh.write(text)
+        with os.fdopen(fd, mode, encoding=None if mode == "wb" else encoding) as fh:
+            os.chmod(tmp, _mode_for(target))  # mkstemp makes 0600; keep the file readable like a normal one
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
@@ -34,7 +47,13 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
             pass
         raise
     fsync_dir(target.parent)
-    return target
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
+    """Write ``text`` to ``path`` atomically; creates the parent directory. Returns the path."""
+    with atomic_writer(path, "w", encoding=encoding) as fh:
+        fh.write(text)
+    return Path(path)
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None = 2) -> Path:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any, Iterator
 import numpy as np
 import scipy.sparse as sp
 
+from .atomic import atomic_writer
 from .errors import DataError
 from .recovery import validate_file_exists
 
@@ -54,7 +54,7 @@ def input_file(path: str | Path, kind: str) -> Path:
 
 def iter_records(path: Path, kind: str) -> Iterator[tuple[str, str]]:
     """Yield ``(id, text)`` per JSONL line; a malformed line is a DataError naming ``file:line``."""
-    from .data import beir_doc_text
+    from .beir import beir_doc_text
 
     with open(path, encoding="utf-8-sig") as f:
         for line_no, line in enumerate(f, 1):
@@ -122,26 +122,18 @@ def encode_file(encoder: Any, input_path: str | Path, output: str | Path, *, kin
     src = input_file(input_path, kind)
     length = max_length or DEFAULT_MAX_LENGTH[kind]
     terms = vocabulary(encoder.tokenizer, encoder.vocab_size)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
     start = time.perf_counter()
     count = nnz = 0
-    try:
-        with open(partial, "w", encoding="utf-8") as f:
-            for ids, texts in _blocks(iter_records(src, kind), block_size):
-                matrix = encoder.encode(texts, max_length=length, batch_size=batch_size, top_k=top_k,
-                                        amp_dtype=amp_dtype)
-                nnz += write_vectors(f, ids, matrix, terms, quantize_scale)
-                count += len(ids)
+    with atomic_writer(output) as f:  # a failure anywhere leaves no output (or the previous one) behind
+        for ids, texts in _blocks(iter_records(src, kind), block_size):
+            matrix = encoder.encode(texts, max_length=length, batch_size=batch_size, top_k=top_k,
+                                    amp_dtype=amp_dtype)
+            nnz += write_vectors(f, ids, matrix, terms, quantize_scale)
+            count += len(ids)
         if count == 0:
             raise DataError("no records to encode — expected JSONL lines with an id and a text",
                             file_path=str(src))
-        os.replace(partial, out)
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return EncodeStats(count, nnz / count, time.perf_counter() - start, str(out))
+    return EncodeStats(count, nnz / count, time.perf_counter() - start, str(Path(output)))
 
 
 def _blocks(records: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[str], list[str]]]:

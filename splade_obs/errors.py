@@ -29,7 +29,7 @@ class ErrorCategory(str, enum.Enum):
         return self.value
 
 
-#: CLI exit code per category (documented in the README). 2 is click's usage error, 130 is Ctrl-C.
+#: CLI exit code per category (documented in docs/errors.md). 2 is click's usage error, 130 is Ctrl-C.
 EXIT_CODES: dict[ErrorCategory, int] = {
     ErrorCategory.UNKNOWN_ERROR: 1,
     ErrorCategory.DATA_ERROR: 3,

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import time
@@ -48,10 +47,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .atomic import atomic_writer
 from .errors import DataError, DependencyError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .data import BeirData
+    from .beir import BeirData
 
 log = logging.getLogger("splade_obs.mining")
 
@@ -243,7 +243,7 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
     ``dense_candidates=False`` keeps it out of the negative pool: the negatives are drawn from the BM25 + SPLADE
     fusion's top ``depth``, and only their scores are the fusion with the dense model.
     """
-    from .data import beir_doc_text
+    from .beir import beir_doc_text
 
     if method not in METHODS:
         raise DataError(f"mining method {method!r} is not known — expected one of {', '.join(METHODS)}")
@@ -350,15 +350,7 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
 
 def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
     """Write records as JSONL; the file appears under its name only once complete."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")
-    try:
-        with open(partial, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-        os.replace(partial, out)
-    finally:
-        if partial.exists():
-            partial.unlink()
-    return out
+    with atomic_writer(path) as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return Path(path)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
-from .errors import ApplicationError, ErrorCategory, FileSystemError, TrainingError, classify
+from .errors import ErrorCategory, FileSystemError, TrainingError, classify
 
 log = logging.getLogger("splade_obs.recovery")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -42,17 +42,6 @@ def _notify(info: dict[str, Any]) -> None:
             cb(info)
         except Exception:  # noqa: BLE001 - a listener never breaks a retry
             log.debug("retry listener failed", exc_info=True)
-
-
-def backoff_delays(max_attempts: int, delay: float, backoff_factor: float, max_delay: float,
-                   jitter: bool, rng: random.Random | None = None) -> list[float]:
-    """The waits between attempts: full jitter draws uniformly in [0, min(max_delay, delay*factor^i)]."""
-    rng = rng or random.Random()
-    out = []
-    for i in range(max_attempts - 1):
-        cap = min(max_delay, delay * (backoff_factor ** i))
-        out.append(rng.uniform(0.0, cap) if jitter else cap)
-    return out
 
 
 def retry(max_attempts: int = 3, delay: float = 1.0, backoff_factor: float = 2.0, max_delay: float = 30.0,
@@ -198,6 +187,3 @@ class ErrorBudget:
         self.skipped, self.consecutive, self.seen = d["skipped"], d["consecutive"], d["seen"]
         self.by_category = Counter(d.get("by_category", {}))
 
-
-def is_application_error(exc: BaseException) -> bool:
-    return isinstance(exc, ApplicationError)

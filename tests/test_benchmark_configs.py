@@ -24,7 +24,7 @@ def _tiny_recipe_module(monkeypatch, in_process: bool = True):
     """The recipe script with short texts and small batches, for real CLI runs on a tiny BEIR folder.
 
     ``in_process``: the script's CLI calls go to the same click commands in this interpreter (``CliRunner``)
-    instead of a new ``python -m cli.main`` each: same commands and arguments, without the ~7 s of torch and
+    instead of a new ``python -m splade_obs_cli.main`` each: same commands and arguments, without the ~7 s of torch and
     transformers imports per call that made these tests minutes long on a 2-core CPU. One test keeps the
     script's own subprocess calls."""
     module = _recipe_module()
@@ -34,7 +34,7 @@ def _tiny_recipe_module(monkeypatch, in_process: bool = True):
     if in_process:
         from click.testing import CliRunner
 
-        from cli.main import cli as main
+        from splade_obs_cli.main import cli as main
 
         def run(*args: str) -> None:  # the script's cli(): a failing command raises, as check=True does
             result = CliRunner().invoke(main, list(args), catch_exceptions=False)
@@ -120,7 +120,7 @@ def test_recipe_rounds_mine_with_and_train_on_from_the_previous_round(tmp_path, 
     assert [r["scores"] for r in teachers[0]] != [r["scores"] for r in teachers[1]]
     assert 0.0 <= row["ndcg@10"] <= 1.0 and row["split"] == "train"
     # the TREC run it wrote reads back into the same ranking: its per-query nDCG@10 averages to the row's
-    from splade_obs.data import load_beir
+    from splade_obs.beir import load_beir
     from splade_obs.evaluate import ndcg_per_query
 
     per_query = ndcg_per_query(module.read_trec_run(Path(row["trec_run"])), load_beir(data, "train").qrels)
@@ -206,7 +206,7 @@ def test_an_adapt_recipe_adapts_once_mines_with_splade_tiny_and_trains_the_adapt
 def test_an_idf_recipe_scores_with_the_weighted_index_and_keeps_the_plain_score(tmp_path, monkeypatch) -> None:
     """``"idf_power"``: the recipe's model is scored through ``evaluate --idf-power``, the row keeps the same
     model's plain scores (``without_idf``), and the significance test adds the paired view between the two."""
-    from splade_obs.data import load_beir
+    from splade_obs.beir import load_beir
     from splade_obs.evaluate import ndcg_per_query
     from splade_obs.hub import resolve_model
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from splade_obs_cli.main import cli
 from splade_obs.errors import EXIT_CODES, ErrorCategory
 
 from tests._eval_utils import DOCS, QUERIES, read_jsonl, write_beir
@@ -23,7 +23,7 @@ def beir_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(beir_dir):
     """The encoder's own vectors for the corpus (length 32), to check the JSONL against."""
-    from splade_obs.data import beir_doc_text
+    from splade_obs.beir import beir_doc_text
     from splade_obs.model import SpladeEncoder
 
     enc = SpladeEncoder.from_pretrained("splade-tiny")
@@ -51,7 +51,7 @@ def test_corpus_to_sparse_jsonl_matches_the_encoder(beir_dir, reference, tmp_pat
         weights = list(row["vector"].values())
         assert weights == sorted(weights, reverse=True)  # heaviest first
     assert "encoded 10 corpus records" in result.stderr
-    assert not list(tmp_path.glob("*.partial"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl"]  # no temporary file left behind
 
 
 def test_top_k_keeps_the_heaviest_terms(beir_dir, reference, tmp_path) -> None:
@@ -101,7 +101,7 @@ def test_bad_input_line_is_a_data_error_with_its_place(tmp_path) -> None:
     result = _run(["--input", str(src), "--kind", "queries", "--output", str(out)])
     assert result.exit_code == EXIT_CODES[ErrorCategory.DATA_ERROR], result.output
     assert f"{src}:2" in result.stderr and '"text"' in result.stderr
-    assert not out.exists() and not list(tmp_path.glob("*.partial"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no output, no temporary file
 
     missing = _run(["--input", str(tmp_path / "none.jsonl"), "--kind", "queries", "--output", str(out)])
     assert missing.exit_code == EXIT_CODES[ErrorCategory.FILE_SYSTEM_ERROR]

@@ -13,8 +13,7 @@ import torch
 
 from splade_obs import errors as E
 from splade_obs.errors import EXIT_CODES, ApplicationError, ErrorCategory, classify
-from splade_obs.recovery import (ErrorBudget, backoff_delays, catch_and_log_exceptions, retry, retry_listener,
-                                 validate_file_exists)
+from splade_obs.recovery import ErrorBudget, catch_and_log_exceptions, retry, retry_listener, validate_file_exists
 
 CLASSES = {
     ErrorCategory.DATA_ERROR: E.DataError, ErrorCategory.MODEL_ERROR: E.ModelError,
@@ -177,11 +176,23 @@ def test_retry_does_not_retry_non_retryable():
     assert info.value.category is ErrorCategory.UNKNOWN_ERROR
 
 
-def test_backoff_delays_distribution():
-    d = backoff_delays(6, 1.0, 2.0, 8.0, jitter=False)
-    assert d == [1.0, 2.0, 4.0, 8.0, 8.0]
-    j = backoff_delays(6, 1.0, 2.0, 8.0, jitter=True, rng=random.Random(0))
-    assert all(0 <= a <= b for a, b in zip(j, d)) and len(set(j)) == 5
+def test_retry_waits_are_capped_by_max_delay_and_jitter_draws_below_the_cap():
+    def waits(jitter: bool) -> list[float]:
+        clock = FakeClock()
+
+        @retry(max_attempts=6, delay=1.0, backoff_factor=2.0, max_delay=8.0, jitter=jitter, sleep=clock.sleep,
+               rng=random.Random(0))
+        def down():
+            raise ConnectionError("down")
+
+        with pytest.raises(ApplicationError):
+            down()
+        return clock.sleeps
+
+    caps = waits(jitter=False)
+    assert caps == [1.0, 2.0, 4.0, 8.0, 8.0]
+    jittered = waits(jitter=True)
+    assert all(0 <= a <= b for a, b in zip(jittered, caps)) and len(set(jittered)) == 5
 
 
 def test_catch_and_log_exceptions_logs_category_and_reraises_typed(caplog):

@@ -8,8 +8,9 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
-from splade_obs.data import beir_doc_text, load_beir, load_training_data
+from splade_obs_cli.main import cli
+from splade_obs.beir import beir_doc_text, load_beir
+from splade_obs.data import load_training_data
 from splade_obs.errors import EXIT_CODES, DataError, DependencyError, ErrorCategory
 from splade_obs.mining import mine_negatives
 from tests._eval_utils import DOCS, QRELS, read_jsonl, write_beir
@@ -229,7 +230,8 @@ def test_distillation_from_mined_teacher_scores_end_to_end(tmp_path, tiny_cfg) -
     loaded = load_training_data(out)
     assert all(ex.scores is not None and len(ex.scores) == 1 + len(ex.negatives) for ex in loaded.examples)
 
-    from splade_obs.events import RecordingSink, StepDone
+    from splade_obs.bus import RecordingSink
+    from splade_obs.events import StepDone
     from splade_obs.run import run_training
 
     rec = RecordingSink()
