@@ -19,7 +19,8 @@ from typing import Any, Iterator
 from ...events import ModelLoaded, RunFinished
 from ...redaction import redact
 from . import pyfunc
-from .transport import FAILED, UNSENT_FILE, Transport, safe
+from ...redaction import safe_text
+from .transport import FAILED, UNSENT_FILE, Transport
 
 log = logging.getLogger("splade_obs.sinks.mlflow")
 
@@ -72,13 +73,13 @@ class Artifacts:
     def config(self, config: dict[str, Any]) -> None:
         import yaml
 
-        text = safe(yaml.safe_dump(redact(config), sort_keys=False, default_flow_style=False))
+        text = safe_text(yaml.safe_dump(redact(config), sort_keys=False, default_flow_style=False))
         self.t.attempt("log_config", self.t.client.log_text, self.t.run_id, text, "config.yaml")
 
     def json(self, obj: Any, name: str) -> None:
         if obj:
             self.t.attempt(f"log_{name}", self.t.client.log_text, self.t.run_id,
-                           safe(json.dumps(obj, indent=2, default=str)), name)
+                           safe_text(json.dumps(obj, indent=2, default=str)), name)
 
     def metrics_file(self, log_dir: Path, own_record: dict[str, Any]) -> None:
         """The metrics-file sink's ``training_metrics.json``, or (no such sink on the bus) ``own_record``."""
@@ -169,7 +170,7 @@ class Artifacts:
         digest = str(record["digest"] or "unknown")
         short = digest.split(":", 1)[-1][:MAX_DATASET_DIGEST_SIZE]  # "sha256:ab.." -> "ab.."
         ds = Dataset(name=record["name"], digest=short, source_type="local",
-                     source=json.dumps({"uri": safe(str(record["source"]))}), profile=profile)
+                     source=json.dumps({"uri": safe_text(str(record["source"]))}), profile=profile)
         self.t.attempt("log_inputs", self.t.client.log_inputs, self.t.run_id,
                        datasets=[DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 

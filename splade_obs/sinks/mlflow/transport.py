@@ -38,15 +38,6 @@ UNSENT_FILE = "mlflow_unsent.jsonl"
 FAILED = object()
 
 
-def safe(text: str, secrets: list[str] | None = None) -> str:
-    """Text as it may be stored in MLflow: secret env values and URL credentials masked.
-
-    Tags, params, the note and text artifacts are built partly from event text (error messages, paths,
-    config values), which can carry a token or a ``user:password@`` URL.
-    """
-    return safe_text(text, secret_values() if secrets is None else secrets)
-
-
 def truncate(text: str, limit: int) -> str:
     marker = "... [truncated, whole value in config.yaml]"
     return text if len(text) <= limit else text[: limit - len(marker)] + marker
@@ -149,7 +140,7 @@ class Transport:
         from mlflow.entities import RunTag
 
         secrets = secret_values()
-        items = [RunTag(k, truncate(safe(str(v), secrets), MAX_TAG_VAL_LENGTH))
+        items = [RunTag(k, truncate(safe_text(str(v), secrets), MAX_TAG_VAL_LENGTH))
                  for k, v in tags.items() if v is not None]
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
             self.attempt("set_tags", self.client.log_batch, self.run_id, tags=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
@@ -162,7 +153,7 @@ class Transport:
         fresh, changed = [], {}
         secrets = secret_values()
         for key, value in params.items():
-            text = "***" if is_secret_key(key) else truncate(safe(str(value), secrets), MAX_PARAM_VAL_LENGTH)
+            text = "***" if is_secret_key(key) else truncate(safe_text(str(value), secrets), MAX_PARAM_VAL_LENGTH)
             old = self.existing_params.get(key)
             if old is None:
                 fresh.append(Param(key, text))

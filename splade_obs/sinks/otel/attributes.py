@@ -15,7 +15,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from splade_obs.events import CheckpointSaved, EpochDone, EvaluationDone, Event, RunFinished, StepDone
-from splade_obs.redaction import redact_text, redact_url_credentials, secret_values
+from splade_obs.redaction import safe_text, secret_values
 
 #: Longest string attribute value; longer text is cut.
 MAX_STR = 1000
@@ -45,15 +45,6 @@ def metric_attributes(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def clean(text: str, secrets: list[str] | None) -> str:
-    """Event text as it may leave the process: secret env values and URL credentials masked.
-
-    ``secrets`` None means "read the environment now" (as the logging filter does, so a secret set after
-    the sink was built is still caught); an explicit list skips that scan.
-    """
-    return redact_url_credentials(redact_text(text, secret_values() if secrets is None else secrets))
-
-
 def attrs(values: Mapping[str, Any], redact: bool = True) -> dict[str, Any]:
     """OTel attribute values must be str/bool/int/float: drop None, stringify the rest.
 
@@ -72,13 +63,13 @@ def attrs(values: Mapping[str, Any], redact: bool = True) -> dict[str, Any]:
         if redact:
             if secrets is None:
                 secrets = secret_values()
-            text = clean(text, secrets)
+            text = safe_text(text, secrets)
         out[k] = text[:MAX_STR]
     return out
 
 
 def error_status(description: str) -> Status:
-    return Status(StatusCode.ERROR, clean(description, None)[:200])
+    return Status(StatusCode.ERROR, safe_text(description, None)[:200])
 
 
 def traceparent(ctx: trace.SpanContext) -> str:
