@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import traceback
 from typing import Any, Callable, TypeVar
@@ -51,6 +52,11 @@ def handle_errors(default: ErrorCategory = ErrorCategory.UNKNOWN_ERROR) -> Calla
             except (KeyboardInterrupt, RunInterrupted):
                 click.echo("interrupted", err=True)
                 sys.exit(EXIT_INTERRUPTED)
+            except BrokenPipeError:
+                # the reader went away (`splade-obs config show | head`): not an error of ours; stop quietly
+                # (stdout is pointed at devnull so the interpreter's final flush cannot raise again)
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                sys.exit(1)
             except Exception as exc:  # noqa: BLE001 - the CLI boundary
                 err = classify(exc, default)
                 logging.getLogger("splade_obs.cli").debug("command failed", exc_info=True)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import shlex
 import subprocess
 import sys
 import tomllib
@@ -397,3 +398,13 @@ def test_cli_installs_as_splade_obs_cli_not_cli(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0 and proc.stdout.strip() == "splade_obs_cli.main", proc.stderr
+
+
+def test_config_show_into_a_closed_pipe_prints_no_error():
+    """`splade-obs config show | head -1`: the reader leaves early; that is not an error to report."""
+    cmd = f"{shlex.quote(sys.executable)} -m splade_obs_cli.main config show --format params"
+    # `true` exits without reading: by the time the CLI (a fraction of a second to start) writes, the pipe is closed
+    proc = subprocess.run(f"{cmd} | true; echo $? ${{PIPESTATUS[0]}}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stderr == "", proc.stderr
+    assert proc.stdout.split() == ["0", "1"]
