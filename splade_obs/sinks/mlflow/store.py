@@ -1,7 +1,10 @@
 """Where the tracking store is and whether it answers; readable run names; the source commit.
 
 Shared by the MLflow sink and ``splade-obs runs``. Importing this module does not import mlflow (a second
-and a half on a small machine); only the health check of an unusual store does, lazily.
+and a half on a small machine); only the health check of a sqlite or an unusual store does, lazily.
+
+A sqlite store is created, migrated and repaired only under a file lock beside it (``mlflow.db.lock``):
+``check_store`` calls :func:`prepare_sqlite_store` (``sqlite_store.py``).
 """
 
 from __future__ import annotations
@@ -44,7 +47,10 @@ def default_tracking_uri(cwd: Path | None = None) -> str:
     if env:
         return env
     root = Path(cwd or Path.cwd()).resolve() / "mlruns"
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # a read-only working directory: check_store reports it, and the run goes on untracked
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
@@ -67,7 +73,7 @@ def sqlite_path(uri: str) -> Path | None:
     """The database file of a ``sqlite:///`` URI (None for in-memory or other schemes)."""
     if scheme(uri) != "sqlite":
         return None
-    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    path = uri.split(":///", 1)[1].split("?", 1)[0] if ":///" in uri else ""
     return Path(path) if path and path != ":memory:" else None
 
 
@@ -97,7 +103,9 @@ def check_store(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
     """Raise :class:`TrackingUnavailableError` unless the store answers within ``timeout`` seconds.
 
     http(s): a GET of ``/health`` (any HTTP answer, even 401/404, proves the server is there).
-    sqlite/file: the folder can be created and written. Other stores: a one-row search in a thread.
+    sqlite: the folder can be created and written, then :func:`prepare_sqlite_store` (created, migrated or
+    repaired under its lock). file: the folder can be created and written. Other stores: a one-row search
+    in a thread.
     """
     kind = scheme(uri)
     safe = strip_credentials(uri)
@@ -106,7 +114,10 @@ def check_store(uri: str, timeout: float = HEALTH_TIMEOUT_S) -> None:
     elif kind == "sqlite":
         db = sqlite_path(uri)
         if db is not None:
-            _check_writable(db.parent, safe)
+            _check_writable(db.parent, safe, hint="run from a writable directory, or pass --tracking-uri / set "
+                                                  "MLFLOW_TRACKING_URI to a store you can write; without "
+                                                  "--require-tracking the run goes on with local files only")
+            prepare_sqlite_store(uri)
     elif kind == "file":
         _check_writable(Path(urllib.parse.urlparse(uri).path or uri), safe)
     elif kind != "databricks":
@@ -129,15 +140,23 @@ def _reason(exc: BaseException) -> str:
     return str(getattr(exc, "reason", None) or exc)
 
 
-def _check_writable(folder: Path, uri: str) -> None:
+def _check_writable(folder: Path, uri: str, hint: str | None = None) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-probe-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as exc:
+        kw = {"hint": hint} if hint else {}
         raise TrackingUnavailableError(f"tracking store {uri} is not writable: {exc.strerror or exc}",
-                                       original_exception=exc, tracking_uri=uri, retryable=False) from exc
+                                       original_exception=exc, tracking_uri=uri, retryable=False, **kw) from exc
+
+
+def prepare_sqlite_store(uri: str, timeout: float | None = None) -> None:
+    """Create, migrate or repair the sqlite store of ``uri`` under its lock ``<db>.lock`` (see
+    :mod:`.sqlite_store`); a no-op for other stores."""
+    from . import sqlite_store
+    sqlite_store.prepare_sqlite_store(uri, sqlite_store.STORE_LOCK_TIMEOUT_S if timeout is None else timeout)
 
 
 def _search_one(uri: str) -> None:
