@@ -5,15 +5,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .checkpoint import find_resume_checkpoint, read_trainer_state
 from .config import TrainConfig
-from .errors import ConfigError
+from .errors import ConfigError, RunInterrupted
 from .distributed import dist_from_env
 from .bus import EventBus, RunIds, Sink
 from .recovery import validate_file_exists
@@ -82,8 +85,7 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
         tr = cfg.tracing
         otel = OtelSink.create(OtelOptions(exporter=tr.exporter, trace_batches=tr.trace_batches,
                                            slow_batch_factor=tr.slow_batch_factor, to_mlflow=tr.to_mlflow,
-                                           shutdown_timeout=tr.shutdown_timeout, service_name=tr.service_name,
-                                           tracking_enabled=cfg.tracking.enabled),
+                                           shutdown_timeout=tr.shutdown_timeout, service_name=tr.service_name),
                                log_dir=log_dir, rank=rank, world_size=world_size)
         if otel is not None:
             sinks.append(otel)
@@ -93,7 +95,8 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
         mlflow_sink = MlflowSink.create(MlflowOptions(tracking_uri=t.tracking_uri, experiment_name=t.experiment_name,
                                                       run_name=run_name or t.run_name, require=t.require,
                                                       register_model=t.register_model, log_model=t.log_model,
-                                                      flush_interval=t.flush_interval),
+                                                      flush_interval=t.flush_interval,
+                                                      shutdown_timeout=t.shutdown_timeout),
                                         resume_run_id=resume_run_id)
         if mlflow_sink is not None:
             sinks.append(mlflow_sink)
@@ -120,8 +123,9 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
     bus.add(ids)
     try:
         resume = find_resume_checkpoint(cfg.output_dir, cfg.checkpoint.resume)
-        resume_run_id = read_trainer_state(resume).get("mlflow_run_id") if resume else None
-        name = run_name or cfg.tracking.run_name or generate_run_name()
+        resume_state = read_trainer_state(resume) if resume else {}
+        resume_run_id = resume_state.get("mlflow_run_id")
+        name = resume_state.get("run_name") or run_name or cfg.tracking.run_name or generate_run_name()  # resume: same
         if dist is not None:
             name = dist.broadcast_object(name)
         evaluator = _build_evaluator(cfg) if rank == 0 else None  # a broken --eval-data fails before any sink
@@ -137,11 +141,43 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
         if dist is not None:
             dist.finish(result)
     finally:
-        bus.close(timeout=close_timeout)
-        teardown_logging()
-        if dist is not None:
-            dist.shutdown()
+        try:
+            with shutdown_signals(bus.sinks):
+                bus.close(timeout=close_timeout)
+        finally:
+            teardown_logging()
+            if dist is not None:
+                dist.shutdown()
     return RunResult(result=result, bus_stats=bus.stats(), ids=ids)
+
+
+@contextlib.contextmanager
+def shutdown_signals(sinks: Iterable[Sink]) -> Iterator[None]:
+    """While the sinks close: the first SIGTERM / Ctrl-C tells each sink that can (``interrupt()``) to stop
+    waiting on the network (the MLflow sink then writes its unsent file at once and returns), and the close
+    goes on with the local files; a second one stops at once (``RunInterrupted``). The run's status stands.
+
+    The trainer's own stop signals end with the training loop; without this, a signal during the close
+    would kill the process before the sinks wrote what they hold."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    targets = [s for s in sinks if callable(getattr(s, "interrupt", None))]
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if received:
+            raise RunInterrupted(signum)
+        received.append(signum)
+        for s in targets:
+            s.interrupt()  # type: ignore[attr-defined]
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _build_evaluator(cfg: TrainConfig) -> Any:

@@ -229,6 +229,15 @@ def test_disabled_tracking_creates_nothing(tmp_path):
     assert not (tmp_path / "m.db").exists()
 
 
+def _until(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
 def test_outage_keeps_points_and_sends_them_later_once(tmp_path):
     """Injected connection errors: points wait in the buffer and are sent once the store answers again."""
     cfg = make_cfg(tmp_path)
@@ -236,10 +245,11 @@ def test_outage_keeps_points_and_sends_them_later_once(tmp_path):
     t = sink.transport
     t.breaker.first_wait = 0.05
     real = t.client.log_batch
-    outage = {"on": True}
+    outage = {"on": True, "refused": 0}
 
     def flaky(*a, **kw):  # fault injection: the store refuses connections while outage["on"]
         if outage["on"] and kw.get("metrics"):
+            outage["refused"] += 1
             raise ConnectionRefusedError(111, "Connection refused")
         return real(*a, **kw)
 
@@ -249,16 +259,18 @@ def test_outage_keeps_points_and_sends_them_later_once(tmp_path):
     sink.handle(evs[0])
     for s in (1, 2):
         sink.handle(step_event(s))
+    assert _until(lambda: outage["refused"] >= 2)          # retried with backoff, not given up
     assert len(t.unsent()) == 2 * per_step and t.sent_points == 0
     outage["on"] = False
-    time.sleep(0.1)
     sink.handle(step_event(4))
+    assert t.wait_idle(10)
     assert t.unsent() == [] and t.sent_points == 3 * per_step
     sink.close(timeout=10)
     assert metric_steps(_client(cfg), sink.run_id, "train/loss") == [1, 2, 4]
+    assert not (cfg.log_dir / transport.UNSENT_FILE).exists()   # everything arrived: no unsent file
 
 
-def test_full_buffer_drops_oldest_and_close_records_what_was_not_sent(tmp_path, monkeypatch):
+def test_full_buffer_spills_oldest_to_the_unsent_file_and_close_keeps_the_rest(tmp_path, monkeypatch):
     monkeypatch.setattr(transport, "PENDING_LIMIT", 50)
     cfg = make_cfg(tmp_path)
     sink = create_sink(cfg)
@@ -273,17 +285,89 @@ def test_full_buffer_drops_oldest_and_close_records_what_was_not_sent(tmp_path, 
     for s in range(1, 11):
         sink.handle(step_event(s))
     total = 10 * len(step_event(1).metrics())
-    assert len(t.unsent()) == 50 and t.dropped_points == total - 50
+    assert len(t.unsent()) <= 50 and t.spilled_points == total - len(t.unsent()) and t.dropped_points == 0
     t0 = time.monotonic()
     sink.close(timeout=3)
     assert time.monotonic() - t0 < 5
     lines = (cfg.log_dir / transport.UNSENT_FILE).read_text().splitlines()
     header, points = json.loads(lines[0]), [json.loads(x) for x in lines[1:]]
-    assert header["unsent"] == 50 and header["dropped"] == total - 50 and header["run_id"] == sink.run_id
+    assert header["unsent"] == total and header["dropped"] == 0 and header["run_id"] == sink.run_id
+    assert header["status"] == "KILLED" and header["terminated"] is False and isinstance(header["end_time"], int)
     queued = [(s, k, v) for s in range(1, 11) for k, v in step_event(s).metrics().items()]
-    assert [(p["step"], p["key"]) for p in points] == [(s, k) for s, k, _ in queued[-50:]]  # the newest are kept
-    assert {p["step"] for p in points if p["key"] == "train/loss"} == {8, 9, 10}
+    assert [(p["step"], p["key"]) for p in points] == [(s, k) for s, k, _ in queued]  # all of them, in order
     assert points[-1]["value"] == pytest.approx(queued[-1][2]) and isinstance(points[-1]["timestamp"], int)
+
+
+def test_points_go_out_within_the_flush_interval_without_further_events(tmp_path):
+    cfg = make_cfg(tmp_path, flush_interval=0.3)
+    sink = create_sink(cfg)
+    t = sink.transport
+    sink.handle(run_events(cfg)[0])
+    assert _until(lambda: not t._ops, 10)  # the run's params and tags went out
+    time.sleep(0.5)                          # the sender is idle now
+    sink.handle(step_event(1))
+    assert _until(lambda: t.sent_points == len(step_event(1).metrics()), 3)
+    sink.close(timeout=10)
+
+
+def test_unsent_file_sections_compaction_and_sent_lines(tmp_path):
+    """The file format: another process's section is kept byte for byte; ``sent_lines`` drop the points that
+    arrived later; compaction leaves the header and the unsent points, renumbered, each once."""
+    from splade_obs.sinks.mlflow.unsent import Point, UnsentFile
+
+    path = tmp_path / transport.UNSENT_FILE
+    earlier = '{"run_id": "old", "tracking_uri": "x"}\n{"key": "a", "value": 1, "step": 1, "timestamp": 5}\n'
+    path.write_text(earlier)
+    f = UnsentFile(path)
+    pts = [Point(i, "train/loss", float(i), i, 1000 + i) for i in range(6)]
+    assert f.append({"run_id": "new", "tracking_uri": "y"}, pts[:4])
+    assert [p.line for p in pts[:4]] == [0, 1, 2, 3]
+    f.mark_sent([1, 2])
+    lines = path.read_text().splitlines()
+    assert lines[:2] == earlier.splitlines() and json.loads(lines[-1]) == {"run_id": "new", "sent_lines": [1, 2]}
+    n = f.compact({"run_id": "new", "tracking_uri": "y", "status": "FINISHED"}, [pts[3], pts[4], pts[5]],
+                  keep_section=False)
+    assert n == 4 and [p.line for p in pts[3:]] == [1, 2, 3]
+    lines = path.read_text().splitlines()
+    assert lines[:2] == earlier.splitlines()
+    assert json.loads(lines[2])["status"] == "FINISHED" and json.loads(lines[2])["unsent"] == 4
+    assert [json.loads(x)["step"] for x in lines[3:]] == [0, 3, 4, 5]
+    f2 = UnsentFile(tmp_path / "only.jsonl")
+    f2.append({"run_id": "r"}, [Point(0, "k", float("nan"), 1, 2)])
+    assert json.loads((tmp_path / "only.jsonl").read_text().splitlines()[1])["value"] == "nan"
+    f2.mark_sent([0])
+    assert f2.compact({"run_id": "r"}, [], keep_section=False) == 0 and not (tmp_path / "only.jsonl").exists()
+
+
+def test_failures_are_sorted_into_transient_and_refused():
+    import requests
+    from mlflow.exceptions import MlflowException, RestException
+
+    from splade_obs.sinks.mlflow.failures import describe, is_transient
+
+    def wrapped(inner):  # how MLflow's REST client reports a failed request
+        try:
+            try:
+                raise inner
+            except Exception as e:
+                raise MlflowException(f"API request to http://user:pw@h/api failed with exception {e}")
+        except MlflowException as outer:
+            return outer
+
+    retry_503 = wrapped(requests.exceptions.RetryError("Max retries exceeded (Caused by ResponseError('too "
+                                                        "many 503 error responses'))"))
+    assert is_transient(retry_503) and describe(retry_503) == "HTTP 503"
+    refused = wrapped(requests.exceptions.ConnectionError("[Errno 111] Connection refused"))
+    assert is_transient(refused) and describe(refused) == "connection refused"
+    assert is_transient(ConnectionRefusedError(111, "Connection refused"))
+    assert is_transient(wrapped(requests.exceptions.ReadTimeout("Read timed out. (read timeout=10)")))
+    missing = MlflowException("API request to endpoint /api/2.0/mlflow/runs/log-batch failed with error code 404 "
+                              "!= 200. Response body: 'not found'", error_code="ENDPOINT_NOT_FOUND")
+    assert not is_transient(missing) and describe(missing).startswith("HTTP 404")
+    bad = RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad metric"})
+    assert not is_transient(bad) and describe(bad) == "HTTP 400 INVALID_PARAMETER_VALUE"
+    assert is_transient(RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "later"}))
+    assert not is_transient(ValueError("not a number"))
 
 
 def test_params_fall_back_to_the_flattened_config_and_options_default_the_store(tmp_path, monkeypatch):

@@ -224,7 +224,7 @@ def test_mlflow_run_links_whatever_the_sink_order(tmp_path, order):
     with OtlpReceiver() as rx:
         fake = FakeTracking(uri=rx.endpoint, at_open=order != "announced after RunStarted")
         where = {"before": [fake]} if order == "tracking sink first" else {"after": [fake]}
-        sink, mem, bus, ids = make_sink(tmp_path, **where)
+        sink, mem, bus, ids = make_sink(tmp_path, to_mlflow=True, **where)
         _short_run(bus, middle=fake.announce if not fake.at_open else lambda: None)
         bus.close()
         received = rx.snapshot()
@@ -239,20 +239,19 @@ def test_mlflow_run_links_whatever_the_sink_order(tmp_path, order):
         assert sorted(s.name for s in received) == ["data.load", "train"]
 
 
-@pytest.mark.parametrize("uri, to_mlflow, tracking_enabled, expected", [
-    ("server", False, True, True),                       # tracking to an MLflow server: spans follow
-    ("server", False, False, False),
-    ("server", True, True, True),
-    ("sqlite:///mlruns.db", True, True, False),          # --otel-to-mlflow without a server: a warning
-    ("sqlite:///mlruns.db", False, True, False),
+@pytest.mark.parametrize("uri, to_mlflow, expected", [
+    ("server", False, False),                            # tracking to an MLflow server alone: spans stay local
+    ("server", True, True),                              # --otel-to-mlflow: spans go to the server too
+    ("sqlite:///mlruns.db", True, False),                # --otel-to-mlflow without a server: a warning
+    ("sqlite:///mlruns.db", False, False),
 ])
-def test_mlflow_exporter_policy(tmp_path, caplog, uri, to_mlflow, tracking_enabled, expected):
+def test_mlflow_exporter_policy(tmp_path, caplog, uri, to_mlflow, expected):
+    """Spans go to the MLflow server only with --otel-to-mlflow, as ``splade-obs train --help`` says."""
     from tests._otlp_receiver import free_port
 
     uri = f"http://127.0.0.1:{free_port()}" if uri == "server" else uri   # never reached: spans are not ended
     with caplog.at_level(logging.WARNING, logger="splade_obs.sinks.otel"):
-        sink, mem, bus, ids = make_sink(tmp_path, before=[FakeTracking(uri=uri)], to_mlflow=to_mlflow,
-                                        tracking_enabled=tracking_enabled)
+        sink, mem, bus, ids = make_sink(tmp_path, before=[FakeTracking(uri=uri)], to_mlflow=to_mlflow)
         bus.emit(RunStarted(run_name="r", config=CONFIG, system_info={}, total_steps=1, num_epochs=1,
                             steps_per_epoch=1))
     mlflow = [exp for name, _, exp in sink.pipeline.processors if name == "mlflow"]

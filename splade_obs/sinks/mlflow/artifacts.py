@@ -4,6 +4,9 @@
 non-empty ``*.log`` / ``*.jsonl`` files of the log folder under ``logs/``, the loss/sparsity plot under
 ``plots/``, the model in HF format (``model/hf``) and as an MLflow pyfunc model (``splade_model``),
 optionally registered, and the markdown note shown on the run page.
+
+Every upload is queued on the transport (``Transport.submit``): it happens on the sender thread, after the
+metric points due, retried while the store is away; nothing here waits on the network.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from ...events import ModelLoaded, RunFinished
 from ...redaction import redact
 from . import pyfunc
 from ...redaction import safe_text
-from .transport import FAILED, UNSENT_FILE, Transport
+from .transport import UNSENT_FILE, Transport
 
 log = logging.getLogger("splade_obs.sinks.mlflow")
 
@@ -63,7 +66,8 @@ def _quiet_pyfunc_save() -> Iterator[None]:
 
 
 class Artifacts:
-    """Logs the run's files and model through a :class:`Transport` (each call bounded, failures logged)."""
+    """Queues the run's files and model on a :class:`Transport` (sent in order, retried while the store is
+    away, a refusal logged once)."""
 
     def __init__(self, transport: Transport) -> None:
         self.t = transport
@@ -74,38 +78,40 @@ class Artifacts:
         import yaml
 
         text = safe_text(yaml.safe_dump(redact(config), sort_keys=False, default_flow_style=False))
-        self.t.attempt("log_config", self.t.client.log_text, self.t.run_id, text, "config.yaml")
+        self.t.submit("log_config", self.t.client.log_text, self.t.run_id, text, "config.yaml", kind="artifact")
 
     def json(self, obj: Any, name: str) -> None:
         if obj:
-            self.t.attempt(f"log_{name}", self.t.client.log_text, self.t.run_id,
-                           safe_text(json.dumps(obj, indent=2, default=str)), name)
+            self.t.submit(f"log_{name}", self.t.client.log_text, self.t.run_id,
+                          safe_text(json.dumps(obj, indent=2, default=str)), name, kind="artifact")
 
     def metrics_file(self, log_dir: Path, own_record: dict[str, Any]) -> None:
         """The metrics-file sink's ``training_metrics.json``, or (no such sink on the bus) ``own_record``."""
         path = log_dir / "training_metrics.json"
         if path.is_file():
-            self.t.attempt("log_metrics_file", self.t.client.log_artifact, self.t.run_id, str(path))
+            self.t.submit("log_metrics_file", self.t.client.log_artifact, self.t.run_id, str(path), kind="artifact")
         else:
             self.json(own_record, "training_metrics.json")
 
     def log_files(self, log_dir: Path) -> None:
         """Non-empty ``*.log`` / ``*.jsonl`` files of the log folder (errors, bad records, traces, logs), each
-        uploaded again only when it grew."""
+        queued again only when it grew."""
         for path in _log_files(log_dir):
             size = path.stat().st_size
             if self._uploaded_logs.get(str(path)) == size:
                 continue
-            if self.t.attempt("log_file", self.t.client.log_artifact, self.t.run_id, str(path), "logs") is not FAILED:
-                self._uploaded_logs[str(path)] = size
+            self._uploaded_logs[str(path)] = size
+            self.t.submit("log_file", self.t.client.log_artifact, self.t.run_id, str(path), "logs", kind="artifact")
 
     def plot(self, history: History) -> None:
-        if not history.points:
-            return
+        if history.points:
+            points = [dict(h) for h in history.points]
+            self.t.submit("log_plot", lambda: self._plot_now(points), kind="artifact")
+
+    def _plot_now(self, points: list[dict[str, float]]) -> None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
 
-        points = history.points
         steps = [h["step"] for h in points]
         fig = Figure(figsize=(9, 6))
         FigureCanvasAgg(fig)
@@ -122,15 +128,20 @@ class Artifacts:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "loss_sparsity.png"
             fig.savefig(out, dpi=90)
-            self.t.attempt("log_plot", self.t.client.log_artifact, self.t.run_id, str(out), "plots")
+            self.t.client.log_artifact(self.t.run_id, str(out), "plots")
 
     # ----------------------------------------------------------------------------------------- model
     def hf_model(self, model_path: str) -> None:
-        self.t.attempt("log_model_hf", self.t.client.log_artifacts, self.t.run_id, model_path, "model/hf")
+        self.t.submit("log_model_hf", self.t.client.log_artifacts, self.t.run_id, model_path, "model/hf",
+                      kind="artifact")
 
     def pyfunc_model(self, model_path: str, *, max_length: int, top_k: int | None,
                      register_as: str | None = None) -> None:
         """The HF folder wrapped as an MLflow pyfunc model ``splade_model``; registered as ``register_as``."""
+        self.t.submit("log_pyfunc", lambda: self._pyfunc_now(model_path, max_length=max_length, top_k=top_k,
+                                                             register_as=register_as), kind="artifact")
+
+    def _pyfunc_now(self, model_path: str, *, max_length: int, top_k: int | None, register_as: str | None) -> None:
         import mlflow.pyfunc
 
         with tempfile.TemporaryDirectory() as tmp, _quiet_pyfunc_save():
@@ -140,7 +151,7 @@ class Artifacts:
                 path=str(local), python_model=cls(max_length=max_length, top_k=top_k),
                 artifacts={"hf": model_path}, pip_requirements=pyfunc.pip_requirements(),
                 metadata={"splade_obs.run_id": self.t.run_id, "task": "sparse-encoding"})
-            self.t.call("log_pyfunc", self.t.client.log_artifacts, self.t.run_id, str(local), "splade_model")
+            self.t.client.log_artifacts(self.t.run_id, str(local), "splade_model")
         if register_as:
             self.register(register_as)
 
@@ -152,9 +163,9 @@ class Artifacts:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        run = self.t.call("get_run", self.t.client.get_run, self.t.run_id)
-        version = self.t.call("create_model_version", self.t.client.create_model_version, name,
-                              f"{run.info.artifact_uri}/splade_model", run_id=self.t.run_id)
+        run = self.t.client.get_run(self.t.run_id)
+        version = self.t.client.create_model_version(name, f"{run.info.artifact_uri}/splade_model",
+                                                     run_id=self.t.run_id)
         self.t.set_tags({"splade.registered_model": f"{name}/{version.version}"})
         log.info("MLflow: registered model %s version %s", name, version.version)
 
@@ -171,8 +182,8 @@ class Artifacts:
         short = digest.split(":", 1)[-1][:MAX_DATASET_DIGEST_SIZE]  # "sha256:ab.." -> "ab.."
         ds = Dataset(name=record["name"], digest=short, source_type="local",
                      source=json.dumps({"uri": safe_text(str(record["source"]))}), profile=profile)
-        self.t.attempt("log_inputs", self.t.client.log_inputs, self.t.run_id,
-                       datasets=[DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+        self.t.submit("log_inputs", self.t.client.log_inputs, self.t.run_id,
+                      datasets=[DatasetInput(ds, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 def _log_files(log_dir: Path) -> list[Path]:

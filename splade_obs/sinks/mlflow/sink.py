@@ -1,7 +1,9 @@
 """MlflowSink: every run fully tracked in MLflow, from events only, without the step loop waiting on the network.
 
-The bus runs this sink on its own worker thread with a bounded queue; the :class:`Transport` buffers metric
-points and sends them in batches, with bounded retries and a circuit breaker (see ``transport.py``).
+The bus runs this sink on its own worker thread with a bounded queue. Hooks never wait on the network: the
+:class:`Transport` buffers metric points and queues every other call, and its sender thread delivers them
+with retries and a circuit breaker; points that cannot be sent go to ``<log_dir>/mlflow_unsent.jsonl``
+(see ``transport.py``). The end of the run is bounded by ``MlflowOptions.shutdown_timeout``.
 
 What a run gets (see ``docs/observability.md``):
 
@@ -41,7 +43,7 @@ from ...events import (CheckpointSaved, DataLoaded, EpochDone, ErrorCaught, Even
 from . import store
 from .artifacts import CONTEXTS, Artifacts, History, note
 from .store import TrackingUnavailableError
-from .transport import FAILED, Transport
+from .transport import DEFAULT_SHUTDOWN_TIMEOUT, SYNC_COMMAND, UNSENT_FILE, Transport
 
 log = logging.getLogger("splade_obs.sinks.mlflow")
 
@@ -56,7 +58,10 @@ class MlflowOptions:
     require: bool = False               # an unreachable store raises TrackingUnavailableError
     register_model: str | None = None   # registered-model name for the pyfunc model
     log_model: bool = True              # log the pyfunc model (the HF folder is logged either way)
-    flush_interval: float = 2.0         # seconds between metric batches
+    flush_interval: float = 2.0         # seconds between metric batches (and between unsent-file writes)
+    #: seconds the end of the run may spend on the store (final points, status, artifacts), counted from
+    #: RunFinished; what is left then stays in <log_dir>/mlflow_unsent.jsonl
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -116,7 +121,8 @@ class MlflowSink(Sink):
 
     def __init__(self, options: MlflowOptions, tracking_uri: str) -> None:
         self.options = options
-        self.transport = Transport(tracking_uri, flush_interval=options.flush_interval)
+        self.transport = Transport(tracking_uri, flush_interval=options.flush_interval,
+                                   shutdown_timeout=options.shutdown_timeout)
         self.artifacts = Artifacts(self.transport)
         self.experiment_id = ""
         self.resumed = False
@@ -133,9 +139,10 @@ class MlflowSink(Sink):
         self._trace_id: str | None = None
         self._log_dir: Path | None = None
         self._degraded_sinks: list[str] = []
-        self._finished = threading.Event()
-        self._finishing = False
-        self._status: str | None = None
+        self._run_finished: RunFinished | None = None
+        self._finish_deadline: float | None = None
+        self._hurry = threading.Event()
+        self._closed = False
 
     @property
     def run_id(self) -> str:
@@ -224,9 +231,15 @@ class MlflowSink(Sink):
         self._last_step = e.start_step
         if e.log_dir:
             self._log_dir = Path(e.log_dir)
-        current = t.attempt("get_run", t.client.get_run, t.run_id, attempts=2)
-        if e.run_name and current is not FAILED and current.info.run_name != e.run_name and not self.resumed:
-            t.attempt("update_run", t.client.update_run, t.run_id, name=e.run_name)
+            t.set_log_dir(self._log_dir)
+        if e.run_name and not self.resumed:
+            run_id, name = t.run_id, e.run_name
+
+            def rename() -> None:
+                if t.client.get_run(run_id).info.run_name != name:
+                    t.client.update_run(run_id, name=name)
+
+            t.submit("update_run", rename)
         params = dict(e.params) or {k: _param_value(v) for k, v in _flatten(e.config or {}).items()}
         self._log_params(params)
         if e.config:
@@ -287,17 +300,16 @@ class MlflowSink(Sink):
         self._last_step = max(self._last_step, e.step)
         if self._log_metrics(e, e.step):
             self._history.add(e.step, loss=e.loss, query_nnz=e.query_nnz, doc_nnz=e.doc_nnz)
-        self.transport.maybe_flush()
 
     def on_epoch_done(self, e: EpochDone) -> None:
         if not e.complete:
             return  # the part of an epoch a stopped run got through: in the local metrics file only
         if self._log_metrics(e, e.step):
-            self.transport.flush()
+            self.transport.request_flush()
 
     def on_evaluation_done(self, e: EvaluationDone) -> None:
         if self._log_metrics(e, e.step):
-            self.transport.flush()
+            self.transport.request_flush()
 
     def on_error_caught(self, e: ErrorCaught) -> None:
         self._error_counts[e.category] = max(self._error_counts[e.category] + 1, e.counts.get(e.category, 0))
@@ -305,7 +317,7 @@ class MlflowSink(Sink):
             self._skipped_batches = max(self._skipped_batches + 1, e.skipped_batches)
         self._log_metrics(e, e.step if e.step is not None else self._last_step)
         if e.fatal:
-            self.transport.flush()
+            self.transport.request_flush()
 
     def on_checkpoint_saved(self, e: CheckpointSaved) -> None:
         self.transport.set_tags({"splade.last_checkpoint_step": e.step, "splade.last_checkpoint_path": e.path,
@@ -316,33 +328,27 @@ class MlflowSink(Sink):
         self._degraded_sinks.append(e.sink)
 
     def on_run_finished(self, e: RunFinished) -> None:
-        """Flush, then the finishing touches (each may fail alone), then the final status."""
-        self._finishing = True
-        try:
-            self._finish(e)
-        finally:
-            self._finished.set()
-
-    # ------------------------------------------------------------------------------------- finishing
-    def _finish(self, e: RunFinished) -> None:
+        """Queue the end of the run: the final points, tags and status, then the artifacts; write the unsent
+        file first (a kill during the network calls leaves it complete). Returns at once."""
+        if self._run_finished is not None or self._closed:
+            return
+        self._run_finished = e
+        self._finish_deadline = time.monotonic() + self.options.shutdown_timeout
         t = self.transport
         self._log_metrics(e, max(e.step, self._last_step), always=True)  # the run's final counts always land
-        t.flush(attempts=2)
-        if not t.breaker.is_open():
-            started = self._run_started
-            tags = {"splade.status": e.status, "splade.final_step": e.step, "otel.trace_id": self._trace_id,
-                    "mlflow.note.content": note(e, datasets=self._datasets, model=self._model,
-                                                total_steps=started.total_steps if started else 0,
-                                                trace_id=self._trace_id)}
-            if self._degraded_sinks:
-                tags["splade.degraded_sinks"] = ",".join(self._degraded_sinks)
-            t.set_tags(tags)
-            self._log_finish_artifacts(e)
+        t.request_flush()
+        started = self._run_started
+        tags = {"splade.status": e.status, "splade.final_step": e.step, "otel.trace_id": self._trace_id,
+                "mlflow.note.content": note(e, datasets=self._datasets, model=self._model,
+                                            total_steps=started.total_steps if started else 0,
+                                            trace_id=self._trace_id)}
+        if self._degraded_sinks:
+            tags["splade.degraded_sinks"] = ",".join(self._degraded_sinks)
+        t.set_tags(tags)
         status = e.status if e.status in ("FINISHED", "FAILED", "KILLED") else "FAILED"
-        if t.attempt("set_terminated", t.client.set_terminated, t.run_id, status=status, attempts=2) is FAILED:
-            log.warning("MLflow run %s could not be marked %s (store unreachable)", t.run_id, status)
-            return
-        self._status = status
+        t.terminate(status, e.time_ns // 1_000_000)
+        self._log_finish_artifacts(e)
+        t.write_ahead()
 
     def _log_finish_artifacts(self, e: RunFinished) -> None:
         a, log_dir = self.artifacts, self._log_dir
@@ -362,39 +368,63 @@ class MlflowSink(Sink):
                     model_path, max_length=int(model_cfg.get("max_doc_length") or 128), top_k=model_cfg.get("top_k"),
                     register_as=self.options.register_model)))
         for what, fn in steps:
-            if self.transport.breaker.is_open():
-                log.warning("MLflow: skipping %s (tracking store not answering)", what)
-                continue
             try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 - one missing artifact must not block the final status
+                fn()  # queues the upload
+            except Exception as exc:  # noqa: BLE001 - one missing artifact must not block the rest
                 log.warning("MLflow: could not log %s: %s: %s", what, type(exc).__name__, exc)
 
     # -------------------------------------------------------------------------------------- shutdown
+    def interrupt(self) -> None:
+        """Stop waiting on the store now (a stop signal during shutdown): :meth:`close` writes the unsent
+        file and returns without further network waits. Safe to call from a signal handler."""
+        self._hurry.set()
+
     def close(self, timeout: float = 5.0) -> None:
-        """Flush and settle the run within ``timeout`` seconds, whatever the store does.
+        """Deliver what is queued within ``options.shutdown_timeout`` seconds of ``RunFinished`` (and within
+        ``timeout``), whatever the store does, then write the unsent file and stop.
 
-        The work runs on a daemon thread joined with the timeout, so a hung HTTP call cannot hold the
-        process. Points still unsent at the end go to ``<log_dir>/mlflow_unsent.jsonl``.
+        A call hung in the network is abandoned (the sender is a daemon thread). Points not sent are in
+        ``<log_dir>/mlflow_unsent.jsonl``; one warning names them and the command that sends them later.
         """
-        deadline = time.monotonic() + max(0.1, timeout)
-        worker = threading.Thread(target=self._close_work, args=(deadline,), name="mlflow-close", daemon=True)
-        worker.start()
-        worker.join(max(0.0, deadline - time.monotonic()))
-        if worker.is_alive():
-            log.warning("MLflow sink: close did not finish within %.1fs", timeout)
-        self.transport.write_unsent(self._log_dir)
-
-    def _close_work(self, deadline: float) -> None:
-        t = self.transport
-        if self._finishing and not self._finished.wait(max(0.0, deadline - time.monotonic())):
-            return  # on_run_finished is still working (on the bus thread)
-        if t.breaker.is_open():
-            t.breaker.close_for_last_try()  # one last try at the end
-        if not t.flush(deadline=deadline, attempts=1):
+        if self._closed:
             return
-        if not self._finished.is_set():
+        self._closed = True
+        t, now = self.transport, time.monotonic()
+        if self._run_finished is None:
             # the run ended without RunFinished (crash, hard interrupt): do not leave it RUNNING
-            t.attempt("set_terminated", t.client.set_terminated, t.run_id, status="KILLED", attempts=1)
-        elif self._status is not None and self._log_dir is not None and time.monotonic() < deadline:
+            self._finish_deadline = now + self.options.shutdown_timeout
+            t.terminate("KILLED", int(time.time() * 1000))
+            t.write_ahead()
+        if self._log_dir is not None:
             self.artifacts.log_files(self._log_dir)  # logs and traces written after RunFinished (other sinks' close)
+        deadline = min(self._finish_deadline or now, now + max(0.0, timeout))
+        complete = t.drain(deadline, self._hurry)
+        unsent = t.shutdown()
+        self._report(complete, unsent)
+
+    def _report(self, complete: bool, unsent: int) -> None:
+        t = self.transport
+        cut = ("the stop signal" if self._hurry.is_set() else
+               f"{self.options.shutdown_timeout:g}s (tracking.shutdown_timeout)")
+        lost_end = t.status is not None and not t.terminated
+        if self._log_dir is None:
+            if t.dropped_points or lost_end:
+                log.warning("MLflow: %d metric points did not reach %s and there is no log folder to keep them",
+                            t.dropped_points, t.safe_uri)
+            return
+        if unsent or lost_end:
+            what = [f"{unsent} metric points"] if unsent else []
+            if lost_end:
+                what.append(f"the final status {t.status}")
+            log.warning("MLflow: %s did not reach %s%s; kept in %s: send them with `%s %s`",
+                        " and ".join(what), t.safe_uri, "" if complete else f" (gave up after {cut})",
+                        self._log_dir / UNSENT_FILE, SYNC_COMMAND, self._log_dir)
+        elif not complete:
+            log.warning("MLflow: gave up on the last uploads to %s after %s (metrics and status are complete)",
+                        t.safe_uri, cut)
+        if t.dropped_points:
+            log.warning("MLflow: %d metric points could not be written anywhere (see the warnings above)",
+                        t.dropped_points)
+        if t.terminated and t.safe_uri.startswith(("http://", "https://")) and self.experiment_id:
+            log.info("MLflow run: %s/#/experiments/%s/runs/%s", t.safe_uri.rstrip("/"), self.experiment_id,
+                     t.run_id)

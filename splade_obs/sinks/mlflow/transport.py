@@ -1,11 +1,22 @@
-"""Client calls to the tracking store, kept bounded whatever the store does.
+"""Client calls to the tracking store, and every metric point on its way there: nothing lost, nothing waits.
 
-* every call goes through :func:`splade_obs.recovery.retry` (bounded attempts, backoff with jitter) and
-  is re-raised typed; only connection trouble and MLflow "try again" codes are retried;
-* a circuit breaker stops calling a store that just failed, for a cool-down that doubles (2 s .. 60 s);
-* metric points wait in a bounded buffer (oldest dropped and counted when it is full) and are sent with
-  ``log_batch`` (<= 1000 points a call) every ``flush_interval`` seconds or 1000 points;
-* what is still unsent at the end goes to ``<log_dir>/mlflow_unsent.jsonl`` with one warning.
+* **One sender thread.** Metric points wait in a bounded buffer and are sent with ``log_batch`` (<= 1000
+  a call) every ``flush_interval`` seconds or 1000 points; tags, params, artifacts and the final status are
+  queued operations sent by the same thread, after the points that are due. No sink hook waits on the
+  network (only opening the run, before training, does).
+* **Retried, never dropped.** Transient failures (connection refused or reset, timeouts, HTTP 5xx, 408,
+  429) are retried with backoff: the circuit breaker's cool-down doubles from 2 s to 60 s, and the points
+  stay buffered. A batch the store refuses for good (another 4xx) is logged once and its points are kept
+  in the unsent file. A full buffer spills its oldest points to the unsent file.
+* **Write-ahead unsent file** ``<log_dir>/mlflow_unsent.jsonl`` (``unsent.py``): the points pending for
+  longer than one journal interval (``max(flush_interval, 0.5 s)``) are appended to it, points appended
+  there that reach the store later get a ``sent_lines`` line, so a SIGKILL loses at most about one
+  interval. When the run finishes the file is compacted (atomic rewrite: header with the final status, then
+  only unsent points) before any final network call, and again at close; removed when everything arrived.
+* **Quiet** (``failures.py``): one warning when the store stops answering, one when it answers again, a
+  reminder with counts now and then; a refusal is logged once per kind of call.
+* **Bounded end.** :meth:`Transport.drain` sends what it can until a deadline; :meth:`Transport.shutdown`
+  then stops the threads (a call hung in the network is abandoned) and writes the final unsent file.
 
 Everything sent (tags, params) is masked first: secret environment values and URL credentials.
 """
@@ -13,29 +24,34 @@ Everything sent (tags, params) is masked first: secret environment values and UR
 from __future__ import annotations
 
 import collections
-import json
+import itertools
 import logging
-import math
 import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ...errors import ApplicationError, classify
+from ...errors import ApplicationError
 from ...recovery import retry
 from ...redaction import is_secret_key, safe_text, secret_values
+from .failures import Breaker, Health, describe, is_transient, quiet_run_url_print
+from .sender import FINISH_MAX_WAIT_S, MAX_METRICS_PER_BATCH, SenderThreads, _Op
 from .store import strip_credentials
+from .unsent import UNSENT_FILE, UNSENT_FORMAT, Point, UnsentFile
+
+__all__ = ["FINISH_MAX_WAIT_S", "MAX_METRICS_PER_BATCH", "UNSENT_FILE", "UNSENT_FORMAT", "Transport",
+           "describe", "is_transient"]
 
 log = logging.getLogger("splade_obs.sinks.mlflow")
 
-MAX_METRICS_PER_BATCH = 1000          # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 MAX_PARAMS_TAGS_PER_BATCH = 100       # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 MAX_PARAM_VAL_LENGTH = 6000           # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VAL_LENGTH = 8000
-PENDING_LIMIT = 200_000               # metric points kept while the store is down (~40 MB worst case)
-UNSENT_FILE = "mlflow_unsent.jsonl"
-#: What :meth:`Transport.attempt` returns when the call failed or was skipped (many client calls return None).
-FAILED = object()
+PENDING_LIMIT = 200_000               # metric points kept in memory while the store is down (~40 MB worst case)
+SPILL_FRACTION = 0.05                 # of PENDING_LIMIT written to the unsent file at once when the buffer is full
+DEFAULT_SHUTDOWN_TIMEOUT = 10.0       # tracking.shutdown_timeout
+MIN_JOURNAL_INTERVAL_S = 0.5          # the unsent file's write-ahead interval when flush_interval is smaller
+SYNC_COMMAND = "splade-obs runs sync"
 
 
 def truncate(text: str, limit: int) -> str:
@@ -43,207 +59,294 @@ def truncate(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(marker)] + marker
 
 
-def is_transient(exc: BaseException) -> bool:
-    """Connection trouble anywhere in the cause chain, or an MLflow 'try again' error code."""
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if classify(cur).retryable:
-            return True
-        if getattr(cur, "error_code", None) in ("TEMPORARILY_UNAVAILABLE", "RESOURCE_EXHAUSTED",
-                                                 "REQUEST_LIMIT_EXCEEDED"):
-            return True
-        cur = cur.__cause__ or cur.__context__
-    return False
-
-
-class Breaker:
-    """Stops calling a store that just failed, for a cool-down that doubles up to ``max_wait``."""
-
-    def __init__(self, first_wait: float = 2.0, max_wait: float = 60.0) -> None:
-        self.first_wait, self.max_wait = first_wait, max_wait
-        self.wait = 0.0
-        self.open_until = 0.0
-
-    def is_open(self) -> bool:
-        return time.monotonic() < self.open_until
-
-    def failed(self) -> None:
-        self.wait = min(self.max_wait, self.wait * 2 if self.wait else self.first_wait)
-        self.open_until = time.monotonic() + self.wait
-
-    def ok(self) -> None:
-        self.wait, self.open_until = 0.0, 0.0
-
-    def close_for_last_try(self) -> None:
-        self.open_until = 0.0
-
-
-class Transport:
+class Transport(SenderThreads):
     """One run's connection to the store: ``MlflowClient`` with an explicit run id (no fluent globals)."""
 
-    def __init__(self, tracking_uri: str, *, flush_interval: float = 2.0) -> None:
+    def __init__(self, tracking_uri: str, *, flush_interval: float = 2.0,
+                 shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT) -> None:
         from mlflow import MlflowClient
 
+        quiet_run_url_print(tracking_uri)
         self.tracking_uri = tracking_uri
         self.safe_uri = strip_credentials(tracking_uri)
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         self.run_id = ""
         self.flush_interval = max(0.0, float(flush_interval))
+        self.journal_interval = max(MIN_JOURNAL_INTERVAL_S, self.flush_interval)
+        self.shutdown_timeout = max(0.0, float(shutdown_timeout))
         self.flush_every = MAX_METRICS_PER_BATCH
         self.breaker = Breaker()
-        self.dropped_points = 0
-        self.sent_points = 0
         #: params already in the run (resume): unchanged ones are not sent again, changed ones become a tag
         self.existing_params: dict[str, str] = {}
-        self._pending: collections.deque[Any] = collections.deque()
-        self._pending_lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._last_flush = time.monotonic()
+        self.produced_points = 0
+        self.sent_points = 0
+        self.rejected_points = 0       # refused for good by the store (4xx): kept in the unsent file
+        self.spilled_points = 0        # written to the unsent file because the buffer was full
+        self.dropped_points = 0        # lost: no log folder to write them to, or the file could not be written
+        self.refused_ops: list[str] = []
+        #: the run's end as the sink knows it: written to the unsent file's header for a later sync
+        self.status: str | None = None
+        self.end_time: int | None = None
+        self.terminated = False
+        self.unsent_file: UnsentFile | None = None
+        self._lock = threading.Condition(threading.RLock())
+        self._pending: collections.deque[Point] = collections.deque()
+        self._orphans: list[Point] = []   # refused or spilled before any log folder was known
+        self._ops: collections.deque[_Op] = collections.deque()
+        self._inflight: list[Point] = []
+        self._seq = 0
+        self._journaled_upto = 0             # every pending point below this seq is in the unsent file
+        self._flush_requested = False
+        self._finishing = False
+        self._busy = False
+        self._closed = False
+        self._last_send = time.monotonic()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.health = Health(self.safe_uri)
+        self._noise_held = False
+        self._spill_noted = False
+        self._marks: collections.deque[tuple[float, int]] = collections.deque()  # (time, next seq) per tick
 
     # ------------------------------------------------------------------------------------ client calls
     def call(self, op: str, fn: Callable[..., Any], *args: Any, attempts: int = 3, **kw: Any) -> Any:
-        """One client call with bounded retries on transient faults; feeds the circuit breaker."""
+        """One synchronous client call with bounded retries on transient faults (opening the run only)."""
 
         def once() -> Any:
             try:
                 return fn(*args, **kw)
             except Exception as exc:  # noqa: BLE001 - re-raised typed, retryable only when transient
-                first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
-                raise ApplicationError(f"MLflow {op} failed: {first}", original_exception=exc,
+                raise ApplicationError(f"MLflow {op} failed: {describe(exc)}", original_exception=exc,
                                        retryable=is_transient(exc), operation=f"mlflow.{op}") from exc
 
-        try:
-            result = retry(max_attempts=attempts, delay=0.5, backoff_factor=2.0, max_delay=2.0,
-                           operation=f"mlflow.{op}")(once)()
-        except ApplicationError as err:
-            if err.retryable:
-                self.breaker.failed()
-            raise
-        self.breaker.ok()
-        return result
+        return retry(max_attempts=attempts, delay=0.5, backoff_factor=2.0, max_delay=2.0,
+                     operation=f"mlflow.{op}")(once)()
 
-    def attempt(self, op: str, fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
-        """:meth:`call` that logs and returns :data:`FAILED` instead of raising: a hook never fails the bus
-        over one tracking call (five in a row would degrade the sink and lose the rest of the run)."""
-        if self.breaker.is_open():
-            log.warning("MLflow %s skipped: the tracking store is not answering", op)
-            return FAILED
-        try:
-            return self.call(op, fn, *args, **kw)
-        except ApplicationError as err:
-            log.warning("%s", err.message)
-            return FAILED
+    def submit(self, name: str, fn: Callable[..., Any], *args: Any, kind: str = "call", payload: Any = None,
+               on_done: Callable[[Any], None] | None = None, **kw: Any) -> None:
+        """Queue one client call for the sender thread; retried while the store is away, never blocking."""
+        op = _Op(name, (lambda: fn(*args, **kw)) if (args or kw) else fn, kind, payload, on_done)
+        with self._lock:
+            if self._closed:
+                return
+            self._ops.append(op)
+            self._start_threads()
+            self._lock.notify_all()
 
     def set_tags(self, tags: dict[str, Any]) -> None:
         from mlflow.entities import RunTag
 
         secrets = secret_values()
-        items = [RunTag(k, truncate(safe_text(str(v), secrets), MAX_TAG_VAL_LENGTH))
-                 for k, v in tags.items() if v is not None]
+        values = {k: truncate(safe_text(str(v), secrets), MAX_TAG_VAL_LENGTH) for k, v in tags.items() if v is not None}
+        items = list(values.items())
         for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
-            self.attempt("set_tags", self.client.log_batch, self.run_id, tags=items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+            chunk = dict(items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+            self.submit("set_tags", self._log_batch, tags=[RunTag(k, v) for k, v in chunk.items()], kind="tags",
+                        payload=chunk)
 
     def log_params(self, params: dict[str, str]) -> dict[str, str]:
-        """Log the params not in the run yet (<= 100 a call, long values truncated); returns the ones whose
+        """Queue the params not in the run yet (<= 100 a call, long values truncated); returns the ones whose
         value differs from the run's (a resumed run: params are immutable, the caller records them as a tag)."""
         from mlflow.entities import Param
 
-        fresh, changed = [], {}
+        fresh, changed = {}, {}
         secrets = secret_values()
         for key, value in params.items():
             text = "***" if is_secret_key(key) else truncate(safe_text(str(value), secrets), MAX_PARAM_VAL_LENGTH)
             old = self.existing_params.get(key)
             if old is None:
-                fresh.append(Param(key, text))
+                fresh[key] = text
             elif old != text:
                 changed[key] = text
-        for i in range(0, len(fresh), MAX_PARAMS_TAGS_PER_BATCH):
-            chunk = fresh[i:i + MAX_PARAMS_TAGS_PER_BATCH]
-            if self.attempt("log_params", self.client.log_batch, self.run_id, params=chunk) is not FAILED:
-                self.existing_params.update({p.key: p.value for p in chunk})
+        self.existing_params.update(fresh)
+        items = list(fresh.items())
+        for i in range(0, len(items), MAX_PARAMS_TAGS_PER_BATCH):
+            chunk = dict(items[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+            self.submit("log_params", self._log_batch, params=[Param(k, v) for k, v in chunk.items()],
+                        kind="params", payload=chunk)
         return changed
+
+    def terminate(self, status: str, end_time_ms: int) -> None:
+        """Queue the final status (after every point due); the unsent file's header carries it meanwhile."""
+        with self._lock:
+            self.status, self.end_time = status, int(end_time_ms)
+
+        def done(_: Any) -> None:
+            self.terminated = True
+
+        self.submit("set_terminated", self.client.set_terminated, self.run_id, status=status,
+                    end_time=int(end_time_ms), kind="terminate", payload={"status": status}, on_done=done)
+
+    def _log_batch(self, **kw: Any) -> Any:
+        return self.client.log_batch(self.run_id, **kw)
 
     # ----------------------------------------------------------------------------------------- metrics
     def add(self, key: str, value: Any, step: int, time_ns: int) -> None:
-        """Queue one point; the oldest point is dropped (and counted) when the buffer is full."""
-        from mlflow.entities import Metric
-
+        """Queue one point; when the buffer is full its oldest points go to the unsent file first."""
         try:
             v = float(value)
         except (TypeError, ValueError):
             return
-        with self._pending_lock:
-            if len(self._pending) >= PENDING_LIMIT:
-                self._pending.popleft()
+        with self._lock:
+            if self._closed:
                 self.dropped_points += 1
-            self._pending.append(Metric(key, v, time_ns // 1_000_000, int(step)))
+                return
+            if len(self._pending) >= PENDING_LIMIT:
+                self._spill(max(1, int(PENDING_LIMIT * SPILL_FRACTION)))
+            self._pending.append(Point(self._seq, key, v, int(step), time_ns // 1_000_000))
+            self._seq += 1
+            self.produced_points += 1
+            self._start_threads()
+            n = len(self._pending)
+            if n == 1 or n % self.flush_every == 0 or self.flush_interval == 0:
+                self._lock.notify_all()  # the sender sleeps until it has something to do
 
-    def maybe_flush(self) -> None:
-        due = time.monotonic() - self._last_flush >= self.flush_interval or len(self._pending) >= self.flush_every
-        if due and not self.breaker.is_open():
-            self.flush()
-
-    def flush(self, deadline: float | None = None, attempts: int = 3) -> bool:
-        """Send pending points in batches of <= 1000; True when nothing is left. Failed points stay queued."""
-        if not self._send_lock.acquire(timeout=max(0.0, (deadline or time.monotonic() + 60) - time.monotonic())):
-            return False
-        try:
-            self._last_flush = time.monotonic()
-            while self._pending:
-                if deadline is not None and time.monotonic() >= deadline:
-                    return False
-                with self._pending_lock:
-                    batch = [self._pending[i] for i in range(min(MAX_METRICS_PER_BATCH, len(self._pending)))]
-                try:
-                    self.call("log_batch", self.client.log_batch, self.run_id, metrics=batch, attempts=attempts)
-                except ApplicationError as err:
-                    if not err.retryable:
-                        log.warning("%s; dropping %d points of this batch", err.message, len(batch))
-                        self._pop(len(batch), dropped=True)
-                        continue
-                    log.warning("MLflow unreachable, %d metric points kept for the next flush (%s)",
-                                len(self._pending), err.message)
-                    return False
-                self._pop(len(batch))
-            return True
-        finally:
-            self._send_lock.release()
-
-    def _pop(self, n: int, dropped: bool = False) -> None:
-        with self._pending_lock:
-            for _ in range(min(n, len(self._pending))):
-                self._pending.popleft()
-        if dropped:
-            self.dropped_points += n
-        else:
-            self.sent_points += n
+    def request_flush(self) -> None:
+        """Send the pending points now (without waiting for the flush interval); returns at once."""
+        with self._lock:
+            if self._pending:
+                self._flush_requested = True
+                self._lock.notify_all()
 
     def unsent(self) -> list[Any]:
-        with self._pending_lock:
-            return list(self._pending)
+        """The points still in memory (not sent, not yet moved to the unsent file), oldest first."""
+        with self._lock:
+            return [p.metric() for p in self._pending]
 
-    def write_unsent(self, log_dir: Path | None) -> None:
-        """Everything still pending goes to ``<log_dir>/mlflow_unsent.jsonl``; one warning names the counts."""
-        pending = self.unsent()
-        if not pending and not self.dropped_points:
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until everything queued was sent (or refused); False when ``timeout`` came first."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            self.request_flush()
+            while self._pending or self._ops or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._lock.wait(min(left, 0.1))
+            return True
+
+    # ------------------------------------------------------------------------------- the unsent file
+    def set_log_dir(self, log_dir: Path) -> None:
+        with self._lock:
+            if self.unsent_file is None:
+                self.unsent_file = UnsentFile(Path(log_dir) / UNSENT_FILE)
+                if self._orphans:
+                    self._to_file(self._orphans)
+                    self._orphans = []
+
+    def header(self) -> dict[str, Any]:
+        """The first line of this process's section of the unsent file (``unsent`` is set when written)."""
+        tags: dict[str, str] = {}
+        params: dict[str, str] = {}
+        pending_calls = []
+        for op in self._ops:
+            if op.kind == "tags":
+                tags.update(op.payload)
+            elif op.kind == "params":
+                params.update(op.payload)
+            elif op.kind != "terminate":
+                pending_calls.append(op.name)
+        return {"run_id": self.run_id, "tracking_uri": self.safe_uri, "format": UNSENT_FORMAT,
+                "written_at": int(time.time() * 1000), "status": self.status, "end_time": self.end_time,
+                "terminated": self.terminated, "unsent": 0, "sent": self.sent_points,
+                "rejected": self.rejected_points, "spilled": self.spilled_points, "dropped": self.dropped_points,
+                "tags": tags, "params": params, "calls_not_made": pending_calls}
+
+    def _to_file(self, points: list[Point], leaving: bool = False) -> None:
+        """Write the points not in the file yet (lock held). ``leaving``: they leave memory (spilled or
+        refused), so points that cannot be written are lost, and counted as dropped."""
+        todo = [p for p in points if p.line is None]
+        if not todo:
             return
-        if log_dir is None:  # no RunStarted came: no log folder to write to
-            log.warning("MLflow sink: %d metric points not sent to %s, %d dropped from the full buffer",
-                        len(pending), self.safe_uri, self.dropped_points)
+        if self.unsent_file is None:
+            if not leaving:
+                return  # still in memory; written once the log folder is known
+            room = max(0, PENDING_LIMIT - len(self._orphans))
+            self._orphans.extend(todo[:room])
+            self.dropped_points += len(todo) - len(todo[:room])
             return
-        path = log_dir / UNSENT_FILE
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"run_id": self.run_id, "tracking_uri": self.safe_uri, "unsent": len(pending),
-                                     "dropped": self.dropped_points, "sent": self.sent_points}) + "\n")
-                for m in pending:
-                    fh.write(json.dumps({"key": m.key, "value": m.value if math.isfinite(m.value) else str(m.value),
-                                         "step": m.step, "timestamp": m.timestamp}) + "\n")
-        except OSError as exc:
-            log.warning("MLflow sink: could not write %s: %s", path, exc)
-            return
-        log.warning("MLflow sink: %d metric points not sent to %s (kept in %s), %d dropped from the full buffer",
-                    len(pending), self.safe_uri, path, self.dropped_points)
+        if not self.unsent_file.append(self.header(), todo) and leaving:
+            self.dropped_points += len(todo)
+
+    def _spill(self, n: int) -> None:
+        """The oldest ``n`` points leave memory for the unsent file (the buffer is full)."""
+        out = [self._pending.popleft() for _ in range(min(n, len(self._pending)))]
+        self.spilled_points += len(out)
+        self._to_file(out, leaving=True)
+        if out and not self._spill_noted:
+            self._spill_noted = True
+            log.warning("MLflow sink: the metric buffer is full (%d points); the oldest go to %s until the "
+                        "store answers", PENDING_LIMIT, self._file_name())
+
+    def journal_tick(self, now: float | None = None) -> None:
+        """Write-ahead: the points pending for longer than one journal interval go to the unsent file."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self._closed or self.unsent_file is None:
+                return
+            self._marks.append((now, self._seq))
+            upto = None
+            while self._marks and self._marks[0][0] <= now - self.journal_interval:
+                upto = self._marks.popleft()[1]
+            if upto is None or not self._pending or upto <= self._journaled_upto:
+                return
+            first = self._pending[0].seq
+            lo, hi = max(0, self._journaled_upto - first), max(0, upto - first)
+            if hi > lo:
+                self._to_file(list(itertools.islice(self._pending, lo, hi)))
+            self._journaled_upto = upto
+
+    def write_ahead(self) -> None:
+        """Everything not sent yet, with the run's final status, goes to the unsent file now (before the
+        final network calls): a kill during them leaves a complete file."""
+        with self._lock:
+            if self._closed or self.unsent_file is None:
+                return
+            self.unsent_file.compact(self.header(), list(self._pending) + self._inflight_extra(), keep_section=True)
+            self._journaled_upto = self._seq
+
+    def _inflight_extra(self) -> list[Point]:
+        """Points of the batch on the wire that already left the buffer (spilled meanwhile)."""
+        ids = {id(p) for p in self._pending}
+        return [p for p in self._inflight if id(p) not in ids and p.line is not None]
+
+    def _file_name(self) -> str:
+        return str(self.unsent_file.path) if self.unsent_file else f"<log-dir>/{UNSENT_FILE}"
+
+    # ------------------------------------------------------------------------------------------ closing
+    def drain(self, deadline: float, hurry: threading.Event | None = None) -> bool:
+        """Send everything queued (points first, then the calls) until ``deadline``; True when all went.
+        A store that failed gets one try at once, then retries at most a second apart."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._finishing = True
+            self.breaker.close_for_last_try()
+            self._flush_requested = bool(self._pending)
+            self._lock.notify_all()
+            while self._pending or self._ops or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0 or (hurry is not None and hurry.is_set()):
+                    return False
+                if not self._threads:
+                    self._start_threads()
+                self._lock.wait(min(left, 0.05))
+            return True
+
+    def shutdown(self) -> int:
+        """Stop the threads (a call still on the wire is abandoned) and write the final unsent file.
+        Returns the number of points in it (this process's section)."""
+        with self._lock:
+            if self._closed:
+                return 0
+            self._closed = True
+            self._stop_threads()
+            unsent = 0
+            lost_end = self.status is not None and not self.terminated
+            if self.unsent_file is not None:
+                live = list(self._pending) + self._inflight_extra()
+                leftovers = bool(self._ops and any(op.kind in ("tags", "params", "terminate") for op in self._ops))
+                unsent = self.unsent_file.compact(self.header(), live, keep_section=lost_end or leftovers)
+            elif self._pending or self._orphans:
+                self.dropped_points += len(self._pending) + len(self._orphans)
+        return unsent

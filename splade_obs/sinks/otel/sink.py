@@ -68,11 +68,9 @@ class OtelOptions:
     exporter: str = "file"              # file | otlp | console | none
     trace_batches: str = "every:50"     # all | none | every:N (failed and slow batches always kept)
     slow_batch_factor: float = 3.0
-    to_mlflow: bool = False             # also OTLP to the MLflow server of the tracking run
+    to_mlflow: bool = False             # also OTLP to the MLflow server of the tracking run (--otel-to-mlflow)
     shutdown_timeout: float = 5.0
     service_name: str | None = None
-    #: MLflow tracking is on: spans go to the tracking server's /v1/traces when it is an http(s) server.
-    tracking_enabled: bool = True
 
 
 def _section(config: Mapping[str, Any], name: str) -> Mapping[str, Any]:
@@ -154,13 +152,11 @@ class OtelSink(Sink):
             self._maybe_add_mlflow()
 
     def _maybe_add_mlflow(self) -> None:
-        """OTLP to the MLflow server when asked (--otel-to-mlflow) or when tracking goes to an MLflow server."""
-        if self.rank != 0 or self._mlflow_exporter:
+        """OTLP to the MLflow server of the tracking run, only when asked (--otel-to-mlflow), as its help says."""
+        if self.rank != 0 or self._mlflow_exporter or not self.options.to_mlflow:
             return  # the MLflow sink (and its run) live on rank 0 only
         uri = self.tracking_uri or ""
         is_server = uri.startswith(("http://", "https://"))
-        if not (self.options.to_mlflow or (is_server and self.options.tracking_enabled)):
-            return
         if not is_server:
             log.warning("--otel-to-mlflow needs an MLflow run on a server tracking URI (http[s]://...); %s, so "
                         "spans are not sent to MLflow", f"the tracking store is {uri.split(':', 1)[0]}" if uri
