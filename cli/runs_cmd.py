@@ -34,8 +34,14 @@ def _client(tracking_uri: str | None) -> Any:
 
     uri = tracking_uri or _default_uri()
     store.lower_http_retries_for(uri)
-    store.check_store(uri)
-    return MlflowClient(tracking_uri=uri)
+    store.check_store(uri)  # a sqlite store: created, migrated or repaired under its lock, or a precise error
+    try:
+        return MlflowClient(tracking_uri=uri)
+    except Exception as exc:  # noqa: BLE001 - one line naming the store instead of MLflow's traceback
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
+        raise store.TrackingUnavailableError(
+            f"cannot open the MLflow store {store.strip_credentials(uri)}: {first}", original_exception=exc,
+            hint="check --tracking-uri / MLFLOW_TRACKING_URI and that the store answers") from exc
 
 
 def _default_uri() -> str:
@@ -140,3 +146,25 @@ def compare(run_ids: tuple[str, ...], tracking_uri: str | None, all_params: bool
 def _row(key: str, values: list[Any]) -> list[Any]:
     differs = len({_fmt(v) for v in values}) > 1
     return [("* " if differs else "  ") + key, *values]
+
+
+@runs.command("sync")
+@click.argument("log_dir", metavar="LOG_DIR", type=click.Path(path_type=Path))
+@click.option("--tracking-uri", default=None, metavar="URI",
+              help="MLflow store to send to [default: the one recorded in the file]; credentials come from "
+                   "MLFLOW_TRACKING_USERNAME/PASSWORD/TOKEN, never from the file.")
+@click.option("--dry-run", is_flag=True, default=False,
+              help="Only count: read the file and the run, send nothing, set no status, keep the file.")
+@handle_errors(ErrorCategory.DEPENDENCY_ERROR)
+def sync(log_dir: Path, tracking_uri: str | None, dry_run: bool) -> None:
+    """Replay LOG_DIR/mlflow_unsent.jsonl (points MLflow could not take during a run) into its run.
+
+    Only points the run does not hold yet are sent, with their original steps and timestamps, so syncing
+    twice adds nothing. A run left RUNNING gets its final status and end time. The file is then renamed
+    mlflow_unsent.synced-<time>.jsonl. One line per run: points sent, points already present, status.
+    """
+    from splade_obs.sinks.mlflow.sync import sync_unsent
+
+    report = sync_unsent(log_dir, tracking_uri=tracking_uri, dry_run=dry_run)
+    for line in report.lines():
+        click.echo(line)
