@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from . import checkpoint as ckpt_io
+from .atomic import writing
 from .config import TrainConfig
 from .errors import ConfigError, RunInterrupted
 from .events import CheckpointSaved, now_ns
@@ -63,10 +65,15 @@ class Checkpointer:
             return None
         t0, start = time.monotonic(), now_ns()
         dest, tmp = self.cfg.output_dir / name, self.cfg.output_dir / f".tmp-{name}-{os.getpid()}"
-        self.parts["encoder"].save_pretrained(tmp)
-        if metrics is not None:
-            (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
-        ckpt_io.replace_dir(tmp, dest)
+        try:
+            with writing(dest):  # a full disk names the folder and the space left, typed FILE_SYSTEM_ERROR
+                self.parts["encoder"].save_pretrained(tmp)
+                if metrics is not None:
+                    (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+                ckpt_io.replace_dir(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # no half-written .tmp folder left behind
+            raise
         self.emit(CheckpointSaved(step=step, epoch=epoch, path=str(dest), reason=name,
                                   duration_seconds=time.monotonic() - t0, start_ns=start))
         return str(dest)

@@ -4,7 +4,7 @@ the batches of each epoch."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -24,18 +24,21 @@ class RunData:
     val_span: tuple[int, int] = (0, 0)
     val_error: ApplicationError | None = None   # the validation set could not be used: train without it
     resume: Path | None = None                  # checkpoint to resume from
+    #: newer checkpoints ``--resume auto`` passed over as unusable (corrupt or partial), with the reason
+    skipped_checkpoints: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def load_run_data(cfg: TrainConfig, rank: int = 0) -> RunData:
     """Read and check the training (and validation) data; find the checkpoint to resume from."""
-    resume = ckpt_io.find_resume_checkpoint(cfg.output_dir, cfg.checkpoint.resume)
+    skipped: list[tuple[Path, str]] = []
+    resume = ckpt_io.find_resume_checkpoint(cfg.output_dir, cfg.checkpoint.resume, skipped=skipped)
     bad_path = cfg.log_dir / "bad_records.jsonl" if rank == 0 else None  # one copy, this run's only
     if bad_path is not None and bad_path.exists():
         bad_path.unlink()
     t = now_ns()
     train = load_training_data(cfg.data.train_file, split=cfg.data.train_split, on_bad_record=cfg.data.on_bad_record,
                                bad_records_path=bad_path, max_reported=cfg.data.max_reported_problems)
-    out = RunData(train=train, train_span=(t, now_ns()), resume=resume)
+    out = RunData(train=train, train_span=(t, now_ns()), resume=resume, skipped_checkpoints=skipped)
     if len(train.examples) < 2:
         raise DataError(f"need at least 2 training examples, found {len(train.examples)}", file_path=train.source)
     unscored = sum(1 for ex in train.examples if ex.scores is None) if cfg.loss.contrastive_weight == 0 else 0

@@ -170,6 +170,14 @@ class EpochMeans:
     def means(self) -> dict[str, float]:
         return {"epoch/" + k.split("/", 1)[1]: v / self.steps for k, v in self.sums.items()} if self.steps else {}
 
+    def state_dict(self) -> dict[str, Any]:
+        """The exact running sums (JSON keeps a float's every bit), so a resumed epoch continues them."""
+        return {"steps": self.steps, "sums": dict(self.sums)}
+
+    @classmethod
+    def from_state(cls, d: dict[str, Any]) -> "EpochMeans":
+        return cls(steps=int(d.get("steps", 0)), sums={str(k): float(v) for k, v in (d.get("sums") or {}).items()})
+
 
 class StepStats:
     """The run's buffer of optimizer steps not yet reported, and the current epoch's means."""
@@ -191,8 +199,9 @@ class StepStats:
     def pending(self) -> int:
         return len(self._rows)
 
-    def start_epoch(self) -> None:
-        self.epoch = EpochMeans()
+    def start_epoch(self, state: dict[str, Any] | None = None) -> None:
+        """A new epoch's means, or (``state``: :meth:`EpochMeans.state_dict`) an epoch resumed part-way."""
+        self.epoch = EpochMeans.from_state(state) if state else EpochMeans()
 
     def push(self, acc: StepAccumulator, *, step: int, epoch: int, batch_index: int, lr: float,
              grad_norm: torch.Tensor, grad_scale: torch.Tensor | None, t_optimizer: float, end_ns: int) -> None:

@@ -66,7 +66,8 @@ class _Epoch:
     t0: float
     start_ns: int
     skipped_at_start: int
-    closed: bool = False
+    closed: bool = False     # its EpochDone (complete or partial) was emitted
+    complete: bool = False   # its complete EpochDone was emitted
 
 
 class Trainer:
@@ -90,6 +91,10 @@ class Trainer:
         self.final_metrics: dict[str, float] = {}
         self._boundary: dict[str, Any] = {}  # the last consistent point: where a stop checkpoint resumes
         self._epoch: _Epoch | None = None
+        self._resume_epoch: dict[str, Any] | None = None  # the checkpoint's statistics of the epoch it stopped in
+        #: what the last optimizer step still has to do after it ("save", "eval"): a stop can come first, and a
+        #: checkpoint records it, so the resumed run does it before it goes on
+        self._after_pending: set[str] = set()
 
     def emit(self, event: Any) -> None:
         self.bus.emit(event)
@@ -145,6 +150,9 @@ class Trainer:
             self.emit(Message(level="WARNING", text=f"validation disabled: {data.val_error.one_line()}",
                               fields={"category": data.val_error.category.value}))
         self._emit_run_started(t0_ns, data.resume)
+        for skipped, reason in data.skipped_checkpoints:
+            self.emit(Message(level="WARNING", text=f"checkpoint {skipped} is unusable ({reason}); resuming from "
+                              f"{data.resume}", fields={"checkpoint": str(skipped), "resume": str(data.resume)}))
         for split, loaded, (start, end) in (("train", data.train, data.train_span), ("validation", data.val, data.val_span)):
             if loaded is not None:
                 self.emit(DataLoaded(split=split, source=loaded.source, num_examples=len(loaded.examples),
@@ -209,19 +217,34 @@ class Trainer:
             self.reg_warmup_steps = self.loss_fn.reg_warmup_steps = state.get("reg_warmup_steps", self.reg_warmup_steps)
             self.budget.load_state_dict(state["budget"])
             self.best_metric = state.get("best_metric")
+            # every number of the run so far: the open epoch's exact sums, the final metrics, the guard's warnings
+            self.final_metrics = {k: float(v) for k, v in (state.get("final_metrics") or {}).items()}
+            self.stats.guard.warned = set(state.get("collapse_warned") or ())
+            self._resume_epoch = state.get("epoch_stats")
+            self._after_pending = set(state.get("after_step_pending") or ())
+            if self._resume_epoch is None and self.start_batch > 0:
+                self.emit(Message(level="WARNING", text=f"checkpoint {resume.name} holds no epoch statistics (written "
+                                  f"by an older version): epoch {self.start_epoch}'s means cover only the steps "
+                                  f"after step {self.global_step}"))
         self._boundary = {"epoch": self.start_epoch, "batch_in_epoch": self.start_batch, "rng": ckpt_io.capture_rng()}
 
     # ---------------------------------------------------------------------------------- loop
     def _train_loop(self, train: LoadedData, val: LoadedData | None) -> None:
         o, examples = self.cfg.optim, train.examples
+        # a resumed epoch that has not ended yet ends in this run, even with no step left to take
+        saved = self._resume_epoch
+        open_epoch = bool(saved) and saved.get("epoch") == self.start_epoch and not saved.get("complete")
         for epoch in range(self.start_epoch, self.num_epochs + 1):
-            if self.global_step >= self.total_steps:
+            if self.global_step >= self.total_steps and not (open_epoch and epoch == self.start_epoch):
                 break
             batches, negatives = epoch_batches(examples, epoch, batch_size=o.batch_size, seed=o.seed, rank=self.rank,
                                                world_size=self.world_size, negatives_for=self.collator.negatives_for)
             self._begin_epoch(epoch, len(batches))
+            if self._after_pending:  # the checkpoint came before its step's own checkpoint or evaluation
+                self._after_step(epoch, self.start_batch - 1, replay=True)
             acc = self.stats.accumulator()
-            for bi in range(self.start_batch if epoch == self.start_epoch else 0, len(batches)):
+            first = self.start_batch if epoch == self.start_epoch else 0
+            for bi in range(first if self.global_step < self.total_steps else len(batches), len(batches)):
                 where = Where(self.global_step, epoch, bi, (epoch - 1) * len(batches) + bi + 1, now_ns())
                 closes_step = acc.count + 1 == o.gradient_accumulation_steps or bi == len(batches) - 1
                 if not self._micro_batch([examples[i] for i in batches[bi]], negatives[bi], where, acc, closes_step):
@@ -234,6 +257,7 @@ class Trainer:
                 stepped = self._optimizer_step(acc, epoch, bi)
                 acc = self.stats.accumulator()
                 self._boundary = {"epoch": epoch, "batch_in_epoch": bi + 1, "rng": ckpt_io.capture_rng()}
+                self._after_pending = {"save", "eval"} if stepped else set()
                 if stepped and self._report_due():
                     self._report()
                 self.stops.check()
@@ -320,13 +344,19 @@ class Trainer:
                         grad_scale=scale, t_optimizer=time.perf_counter() - t0, end_ns=now_ns())
         return True
 
-    def _after_step(self, epoch: int, bi: int) -> None:
-        self.faults.after_step(self.global_step)
-        if _every(self.global_step, self.cfg.checkpoint.save_steps):
-            self._save_checkpoint("save_steps", epoch, bi + 1)
-        if self.evaluator is not None and _every(self.global_step, self.cfg.eval.eval_steps) \
-                and self.global_step < self.total_steps:
-            self._evaluate(epoch)
+    def _after_step(self, epoch: int, bi: int, replay: bool = False) -> None:
+        """The step's checkpoint and evaluation when due; ``replay``: what a stop left undone, on resume."""
+        if not replay:
+            self.faults.after_step(self.global_step)
+        if "save" in self._after_pending:
+            self._after_pending.discard("save")  # the checkpoint records only what is still to do after it
+            if _every(self.global_step, self.cfg.checkpoint.save_steps):
+                self._save_checkpoint("save_steps", epoch, bi + 1)
+        if "eval" in self._after_pending:
+            if self.evaluator is not None and _every(self.global_step, self.cfg.eval.eval_steps) \
+                    and self.global_step < self.total_steps:
+                self._evaluate(epoch)
+            self._after_pending.discard("eval")
 
     # ---------------------------------------------------------------------------------- reporting
     def _report_due(self) -> bool:
@@ -340,8 +370,14 @@ class Trainer:
             self.emit(event)
 
     def _begin_epoch(self, epoch: int, num_batches: int) -> None:
-        self._epoch = _Epoch(epoch, num_batches, time.monotonic(), now_ns(), self.budget.skipped)
-        self.stats.start_epoch()
+        saved, self._resume_epoch = self._resume_epoch, None
+        if saved is not None and saved.get("epoch") == epoch:  # resumed part-way: the epoch goes on where it was
+            self._epoch = _Epoch(epoch, num_batches, time.monotonic() - float(saved.get("elapsed_seconds", 0.0)),
+                                 now_ns(), int(saved.get("skipped_at_start", self.budget.skipped)))
+            self.stats.start_epoch(saved)
+        else:
+            self._epoch = _Epoch(epoch, num_batches, time.monotonic(), now_ns(), self.budget.skipped)
+            self.stats.start_epoch()
         self.emit(EpochStarted(epoch=epoch, num_epochs=self.num_epochs, steps_in_epoch=self.steps_per_epoch))
 
     def _end_epoch(self, val: LoadedData | None) -> None:
@@ -370,7 +406,7 @@ class Trainer:
             ep.closed = True
 
     def _emit_epoch_done(self, ep: _Epoch, val_loss: float | None, complete: bool) -> EpochDone:
-        ep.closed = True
+        ep.closed, ep.complete = True, complete
         done = EpochDone(epoch=ep.number, num_epochs=self.num_epochs, step=self.global_step,
                          duration_seconds=time.monotonic() - ep.t0, means=self.stats.epoch.means(), val_loss=val_loss,
                          skipped_batches=self.budget.skipped - ep.skipped_at_start,
@@ -433,8 +469,20 @@ class Trainer:
                  "lambda_q": self.cfg.loss.lambda_q, "lambda_d": self.cfg.loss.lambda_d,
                  "budget": self.budget.state_dict(), "best_metric": self.best_metric,
                  "mlflow_run_id": self.ids.mlflow_run_id, "world_size": self.world_size,
-                 "seed": self.cfg.optim.seed, "model": self.cfg.model.name, "saved_at_ns": now_ns()}
+                 "seed": self.cfg.optim.seed, "model": self.cfg.model.name, "saved_at_ns": now_ns(),
+                 "run_name": self.run_name, "reason": reason, "final_metrics": dict(self.final_metrics),
+                 "collapse_warned": sorted(self.stats.guard.warned), "epoch_stats": self._epoch_state(),
+                 "after_step_pending": sorted(self._after_pending)}
         self.checkpoints.save(reason, step=self.global_step, epoch=epoch, rng=self._boundary["rng"], trainer_state=state)
+
+    def _epoch_state(self) -> dict[str, Any] | None:
+        """The open epoch's statistics as reported so far (every checkpoint is written right after a logging
+        point, so no step is pending): restored on resume, so its ``EpochDone`` equals an uninterrupted run's."""
+        ep = self._epoch
+        if ep is None:
+            return None
+        return {"epoch": ep.number, **self.stats.epoch.state_dict(), "skipped_at_start": ep.skipped_at_start,
+                "elapsed_seconds": time.monotonic() - ep.t0, "complete": ep.complete}
 
     def _save_on_stop(self) -> None:
         if not self._boundary:

@@ -252,6 +252,68 @@ def test_killed_run_records_partial_epoch_and_resume_continues(tmp_path: Path) -
     assert resumed["duration_seconds"] >= doc["duration_seconds"] and len(resumed["resumed_at"]) == 1
 
 
+def test_metrics_file_after_sigkill_and_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """The file is written at each checkpoint and every ``interval`` seconds (last_step current); a run killed
+    with SIGKILL (no RunFinished, no close) after step 7 and resumed from its checkpoint at step 6 ends with the
+    file an uninterrupted run writes: what came after the checkpoint (an error, an evaluation, last_step) is cut
+    back and made again once; a checkpoint or evaluation made again is recorded once."""
+    from splade_obs.errors import DataError
+    from splade_obs.events import CheckpointSaved, ErrorCaught, EvaluationDone
+
+    from tests._logging_utils import step
+
+    def error(n: int) -> ErrorCaught:
+        return ErrorCaught.from_error(DataError("bad record", file_path="train.jsonl"), step=n, epoch=2,
+                                      skipped_batch=True)
+
+    def run_events(first: int) -> list:
+        """Epoch 2 of a 2x4-step run from step ``first`` + 1: a checkpoint at 6, an error and an evaluation at 7."""
+        evs: list = []
+        for n in range(first + 1, 9):
+            evs.append(step(n, 2, 8))
+            if n == 6:
+                evs.append(CheckpointSaved(step=6, epoch=2, path="ckpt-6", reason="save_steps", duration_seconds=0.1))
+            if n == 7:
+                evs += [error(7), EvaluationDone(step=7, epoch=2, split="test", scores={"ndcg@10": 0.4},
+                                                 duration_seconds=0.5)]
+        evs += [epoch_events(2, 2, 4)[-3], CheckpointSaved(step=8, epoch=2, path="ckpt-8", reason="epoch_end",
+                                                           duration_seconds=0.1)]
+        return evs
+
+    start = [run_started(tmp_path, 8, 2), *epoch_events(1, 2, 4, skip_batch=True)]
+    straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+    bus = EventBus([MetricsFileSink(straight_dir)])
+    for ev in [*start, *run_events(4), RunFinished(status="FINISHED", step=8, duration_seconds=3.0)]:
+        bus.emit(ev)
+    bus.close()
+
+    sink = MetricsFileSink(killed_dir, interval=0.0)  # fed directly: the process dies after step 7, no close
+    for ev in [*start, *run_events(4)[:6]]:
+        sink.handle(ev)
+    killed = json.loads((killed_dir / "training_metrics.json").read_text())
+    assert killed["last_step"] == 7 and killed["status"] == "RUNNING"
+    assert killed["errors_by_category"] == {"DATA_ERROR": 2} and len(killed["eval"]) == 2
+    assert [(c["step"], c.get("errors_by_category")) for c in killed["checkpoints"]] == [
+        (4, {"DATA_ERROR": 1}), (6, {"DATA_ERROR": 1})]
+
+    bus = EventBus([MetricsFileSink(killed_dir)])
+    replayed = CheckpointSaved(step=6, epoch=2, path="ckpt-6", reason="save_steps", duration_seconds=0.1)
+    for ev in [run_started(killed_dir, 8, 2, resumed=True, start_step=6), replayed, *run_events(6),
+               RunFinished(status="FINISHED", step=8, duration_seconds=2.0)]:
+        bus.emit(ev)
+    bus.close()
+
+    def comparable(path: Path) -> dict:
+        doc = json.loads((path / "training_metrics.json").read_text())
+        for key in ("start_time", "end_time", "duration_seconds", "resumed_at", "log_dir"):
+            doc.pop(key, None)
+        return doc
+
+    resumed = json.loads((killed_dir / "training_metrics.json").read_text())
+    assert resumed["resumed_at"][0]["step"] == 6
+    assert comparable(killed_dir) == comparable(straight_dir)
+
+
 # ------------------------------------------------------------------------------------------ errors file
 def test_errors_file(tmp_path: Path) -> None:
     clean = tmp_path / "clean"

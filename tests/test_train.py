@@ -98,7 +98,8 @@ def test_resume_gives_identical_weights(tiny_cfg, tmp_path):
     """A run killed after step 3 and resumed ends with the same weights as an uninterrupted run."""
     common = {"optim": {"max_steps": 6, "learning_rate": 3e-4}}
     straight = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "a")}, **common)
-    r1 = run_training(straight)
+    rec1 = RecordingSink()
+    r1 = run_training(straight, extra_sinks=[rec1])
     assert r1.status == "FINISHED"
 
     broken = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b")}, recovery={"inject_faults": ("step:3:interrupt",)},
@@ -120,7 +121,15 @@ def test_resume_gives_identical_weights(tiny_cfg, tmp_path):
     assert r3.status == "FINISHED"
     started = rec.of(RunStarted)[0]
     assert started.resumed and started.start_step == 3
+    assert started.run_name == rec2.of(RunStarted)[0].run_name  # the resumed run keeps its name
     assert [e.step for e in rec.of(StepDone)] == [4, 5, 6]
+    # the epoch's means cover all six steps, bit for bit as in the uninterrupted run (sums restored exactly)
+    (done,), (done1,) = rec.of(EpochDone), rec1.of(EpochDone)
+    timing = ("seconds", "per_second")
+    assert done.complete and done.steps_completed == 6 == done1.steps_completed
+    assert {k: v for k, v in done.means.items() if not k.endswith(timing)} == \
+        {k: v for k, v in done1.means.items() if not k.endswith(timing)}
+    assert [e.loss for e in rec.of(StepDone)] == [e.loss for e in rec1.of(StepDone)][3:]
 
     wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
     assert wa.keys() == wb.keys()
@@ -153,6 +162,29 @@ def test_fp16_resume_restores_the_grad_scaler(tiny_cfg, tmp_path):
     resumed = rec_b.of(StepDone)
     assert [e.step for e in resumed] == [5, 6]
     assert [e.grad_scale for e in resumed] == [32768.0, 32768.0]
+    wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_stop_at_the_last_step_then_resume_ends_the_epoch(tiny_cfg, tmp_path):
+    """A stop after the last step, before its own checkpoint: the resumed run has no step left to take but
+    still makes that checkpoint and ends the epoch, with the uninterrupted run's means."""
+    optim = {"max_steps": 3, "learning_rate": 3e-4}
+    rec1 = RecordingSink()
+    assert run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "a"), "save_steps": 3}, optim=optim),
+                        extra_sinks=[rec1]).status == "FINISHED"
+    r2 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b"), "save_steps": 3},
+                               recovery={"inject_faults": ("step:3:interrupt",)}, optim=optim))
+    assert r2.status == "KILLED" and r2.result.global_step == 3
+    rec = RecordingSink()
+    r3 = run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b"), "save_steps": 3, "resume": "auto"},
+                               optim=optim), extra_sinks=[rec])
+    assert r3.status == "FINISHED" and not rec.of(StepDone)
+    assert [(e.step, e.reason) for e in rec.of(CheckpointSaved)] == [(3, "save_steps"), (3, "epoch_end"),
+                                                                      (3, "final")]
+    (done,), (done1,) = rec.of(EpochDone), rec1.of(EpochDone)
+    assert done.complete and done.steps_completed == 3
+    assert done.means["epoch/loss"] == done1.means["epoch/loss"]
     wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

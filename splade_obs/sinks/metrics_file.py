@@ -14,14 +14,22 @@ Every number is an event's canonical metric under the key :func:`file_key` gives
 (``train_loss``, ``val_loss``, ``learning_rate``, ``epoch_duration_seconds``) by one table, every other name
 without its section. The sink aggregates nothing itself: epoch means come in ``EpochDone``.
      "eval": [{"step": .., "epoch": .., "split": .., "metrics": {..}, "duration_seconds": .., "is_best": ..}],
-     "checkpoints": [{"step": .., "epoch": .., "path": .., "reason": ..}],
+     "checkpoints": [{"step": .., "epoch": .., "path": .., "reason": ..,
+                      "errors_by_category": {..} (only once errors were caught)}],
      "errors_by_category": {"DATA_ERROR": 2}, "final_metrics": {..}, "counters": {..}, "error": null}
 
-The file is rewritten atomically (temp file + fsync + rename) at run start, after each epoch, after each
-evaluation, on a fatal error and at run end, so a crash at any moment leaves the previous valid version.
-A run stopped mid-epoch records that epoch with ``"complete": false`` (the trainer's partial ``EpochDone``). On resume the existing file is
-loaded and continued. The sink also writes ``RunStarted.system_info`` to ``system_info.json`` next to it
-at run start (``write_system_info=False`` turns that off).
+The file is rewritten atomically (temp file + fsync + rename) at run start, at each checkpoint, at least every
+``interval`` seconds while steps come in (``last_step`` is the last step reported), after each epoch, after
+each evaluation, on a fatal error and at run end, so a crash at any moment leaves the previous valid version.
+A run stopped mid-epoch records that epoch with ``"complete": false`` (the trainer's partial ``EpochDone``).
+
+On resume (``RunStarted.resumed``) the existing file is loaded and cut back to the checkpoint the run resumes
+from (``start_step``): what came after it (a partial epoch, epochs, evaluations and checkpoints past that
+step, errors counted since that checkpoint) is dropped, because the resumed run produces it again; the
+trainer restores the epoch's exact sums from the checkpoint, so after ``kill -9`` and ``--resume auto`` the
+finished file equals an uninterrupted run's apart from times, durations and ``resumed_at``. The sink also
+writes ``RunStarted.system_info`` to ``system_info.json`` next to it at run start (``write_system_info=False``
+turns that off).
 """
 
 from __future__ import annotations
@@ -57,14 +65,29 @@ def _file_metrics(metrics: dict[str, float]) -> dict[str, float]:
     return {file_key(k): v for k, v in metrics.items()}
 
 
+def _put(entries: list[dict[str, Any]], entry: dict[str, Any], key: tuple[str, ...]) -> None:
+    """Append ``entry``, or replace the one with the same ``key`` values: a resumed run that redoes the
+    checkpoint or evaluation a stop left behind records it once."""
+    for i, old in enumerate(entries):
+        if isinstance(old, dict) and all(old.get(k) == entry[k] for k in key):
+            entries[i] = entry
+            return
+    entries.append(entry)
+
+
 class MetricsFileSink(Sink):
     name = "metrics_file"
     scope = "run"
     threaded = True
 
-    def __init__(self, log_dir: str | Path | None = None, write_system_info: bool = True) -> None:
+    def __init__(self, log_dir: str | Path | None = None, write_system_info: bool = True,
+                 interval: float | None = None) -> None:
+        """``interval``: most seconds between rewrites while steps come in; None: the run's
+        ``logging.metrics_file_interval`` (from ``RunStarted.config``), else 30."""
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.write_system_info = write_system_info
+        self.interval = interval
+        self._last_write = 0.0
         self.doc: dict[str, Any] = {}
         self._start_mono = 0.0
         self._prior_duration = 0.0
@@ -79,13 +102,18 @@ class MetricsFileSink(Sink):
     def on_run_started(self, e: RunStarted) -> None:
         if self.log_dir is None:
             self.log_dir = Path(e.log_dir or Path(e.output_dir or ".") / "logs")
+        if self.interval is None:
+            logging_section = (e.config or {}).get("logging")
+            configured = logging_section.get("metrics_file_interval") if isinstance(logging_section, dict) else None
+            self.interval = float(configured) if isinstance(configured, (int, float)) else 30.0
         self._start_mono = time.monotonic()
         self._finished = False
-        previous = self._load_previous() if e.resumed else None
+        previous = self._load_previous(e.start_step) if e.resumed else None
         if previous is not None:
             self.doc = previous
             self._prior_duration = float(previous.get("duration_seconds") or 0.0)
             self.doc.setdefault("resumed_at", []).append({"time": iso_utc(e.time_ns / 1e9), "step": e.start_step})
+            self.doc["error"] = None
         else:
             self._prior_duration = 0.0
             self.doc = {"start_time": iso_utc(e.time_ns / 1e9), "end_time": None, "duration_seconds": 0.0,
@@ -100,6 +128,8 @@ class MetricsFileSink(Sink):
 
     def on_step_done(self, e: StepDone) -> None:
         self.doc["last_step"] = e.step
+        if time.monotonic() - self._last_write >= (self.interval or 0.0):
+            self._write()
 
     def on_error_caught(self, e: ErrorCaught) -> None:
         errs = self.doc.setdefault("errors_by_category", {})
@@ -124,14 +154,20 @@ class MetricsFileSink(Sink):
 
     def on_evaluation_done(self, e: EvaluationDone) -> None:
         metrics = _file_metrics({k: v for k, v in e.metrics().items() if k != "eval/duration_seconds"})
-        self.doc.setdefault("eval", []).append({"step": e.step, "epoch": e.epoch, "split": e.split,
-                                                "metrics": metrics, "duration_seconds": e.duration_seconds,
-                                                "is_best": e.is_best})
+        _put(self.doc.setdefault("eval", []), {"step": e.step, "epoch": e.epoch, "split": e.split,
+                                               "metrics": metrics, "duration_seconds": e.duration_seconds,
+                                               "is_best": e.is_best}, ("step", "split"))
         self._write()
 
     def on_checkpoint_saved(self, e: CheckpointSaved) -> None:
-        self.doc.setdefault("checkpoints", []).append({"step": e.step, "epoch": e.epoch, "path": e.path,
-                                                       "reason": e.reason})
+        """Recorded and written at once: the file holds every checkpoint a resume can start from, and the
+        error counts at it (what a resume from there goes back to)."""
+        entry: dict[str, Any] = {"step": e.step, "epoch": e.epoch, "path": e.path, "reason": e.reason}
+        if self.doc.get("errors_by_category"):
+            entry["errors_by_category"] = dict(self.doc["errors_by_category"])
+        _put(self.doc.setdefault("checkpoints", []), entry, ("step", "reason"))
+        self.doc["last_step"] = max(int(self.doc.get("last_step") or 0), e.step)
+        self._write()
 
     def on_run_finished(self, e: RunFinished) -> None:
         self.doc.update({"status": e.status, "end_time": iso_utc(e.time_ns / 1e9),
@@ -148,7 +184,8 @@ class MetricsFileSink(Sink):
             self._write()
 
     # helpers ------------------------------------------------------------------------------------------
-    def _load_previous(self) -> dict[str, Any] | None:
+    def _load_previous(self, start_step: int) -> dict[str, Any] | None:
+        """The previous file, cut back to the checkpoint at ``start_step``: what the resumed run redoes goes."""
         assert self.path is not None
         try:
             doc = json.loads(self.path.read_text(encoding="utf-8"))
@@ -156,14 +193,23 @@ class MetricsFileSink(Sink):
             return None
         if not isinstance(doc, dict) or not isinstance(doc.get("metrics_by_epoch"), dict):
             return None
-        # epochs the resumed run will redo are dropped; they come back when that epoch finishes
+
+        def before(entry: Any) -> bool:
+            return isinstance(entry, dict) and int(entry.get("step") or 0) <= start_step
+
+        # a partial epoch, and epochs that ended after the checkpoint, come back when the resumed run ends them
         doc["metrics_by_epoch"] = {k: v for k, v in doc["metrics_by_epoch"].items()
-                                   if isinstance(v, dict) and v.get("complete", True)}
+                                   if before(v) and v.get("complete", True)}
+        doc["eval"] = [v for v in doc.get("eval") or [] if before(v)]
+        doc["checkpoints"] = [v for v in doc.get("checkpoints") or [] if before(v)]
+        if doc["checkpoints"]:  # errors caught after the checkpoint happen again in the resumed run
+            doc["errors_by_category"] = dict(doc["checkpoints"][-1].get("errors_by_category") or {})
         return doc
 
     def _write(self) -> None:
         if self.path is None or not self.doc:
             return
-        self.doc["duration_seconds"] = round(self._prior_duration + time.monotonic() - self._start_mono, 3)
+        self._last_write = time.monotonic()
+        self.doc["duration_seconds"] = round(self._prior_duration + self._last_write - self._start_mono, 3)
         with self._lock:
             atomic_write_json(self.path, redact_obj(self.doc))
