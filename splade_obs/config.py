@@ -37,6 +37,9 @@ ON_BAD_RECORD = ("error", "skip")
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 EXPORTERS = ("file", "otlp", "console", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: The ``--device`` forms accepted (``cuda:N``: the GPU of index N), here and by the one-shot commands.
+DEVICE_FORMS = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DEVICE_RE = re.compile(r"auto|cpu|cuda(?::\d+)?|mps")
 
 
 #: mlflow.utils.validation.MAX_PARAM_VAL_LENGTH; longer param values are cut (whole in ``config.yaml``).
@@ -47,15 +50,17 @@ PARAM_TRUNCATION_MARKER = "... [truncated, whole value in config.yaml]"
 def setting(default: Any = MISSING, help: str = "", *, flag: str | None = None, file_only: bool = False,
             choices: Iterable[str] | None = None, case_insensitive: bool = False, bare: str | None = None,
             ge: float | None = None, gt: float | None = None, le: float | None = None,
-            metavar: str | None = None) -> Any:
+            lt: float | None = None, metavar: str | None = None) -> Any:
     """A config field with the metadata the CLI, the docs and the validation are generated from.
 
     ``flag``: the option name without ``--`` when it is not the field name with dashes; ``file_only``: no
     command-line option; ``choices``: the allowed values (``case_insensitive`` normalizes to them);
-    ``bare``: the value of the flag given without a value; ``ge``/``gt``/``le``: numeric bounds.
+    ``bare``: the value of the flag given without a value; ``ge``/``gt``/``le``/``lt``: numeric bounds (every
+    float is also finite: inf and nan are refused).
     """
     meta = {"help": help, "flag": flag, "file_only": file_only, "choices": tuple(choices) if choices else None,
-            "case_insensitive": case_insensitive, "bare": bare, "ge": ge, "gt": gt, "le": le, "metavar": metavar}
+            "case_insensitive": case_insensitive, "bare": bare, "ge": ge, "gt": gt, "le": le, "lt": lt,
+            "metavar": metavar}
     return field(default=default, metadata=meta)
 
 
@@ -73,7 +78,7 @@ class ModelConfig:
     top_k: int | None = setting(None, "Keep only the K largest terms per vector when the logged MLflow model "
                                       "encodes (default: all terms).", ge=1)
     dropout: float | None = setting(None, "Override the backbone's dropout probability (e.g. 0 for deterministic "
-                                          "comparisons; default: keep the model's).", ge=0, le=1)
+                                          "comparisons; default: keep the model's).", ge=0, lt=1)
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,8 @@ class OptimConfig:
     mixed_precision: str = setting("auto", "AMP mode; bare --mixed-precision means auto (bf16 where native, "
                                            "fp16+GradScaler on older GPUs, fp32 otherwise).",
                                    choices=AMP_MODES, bare="auto")
-    seed: int = setting(42, "Seed of data order, initialisation and dropout.")
-    device: str = setting("auto", "auto, cpu, cuda or cuda:N.")
+    seed: int = setting(42, "Seed of data order, initialisation and dropout.", ge=0, le=2**32 - 1)
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.")
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,9 @@ class LoggingConfig:
     log_every_steps: int = setting(10, "Optimizer steps between logging points: per-step values stay on the "
                                        "device and reach every sink (each step its own point) at these points, "
                                        "and at epoch ends, evaluations, checkpoints and stops.", ge=1)
+    metrics_file_interval: float = setting(30.0, "Most seconds between rewrites of <log-dir>/training_metrics.json "
+                                                 "while training (also rewritten at each checkpoint, epoch end and "
+                                                 "evaluation).", file_only=True, gt=0)
 
 
 @dataclass(frozen=True)
@@ -185,6 +193,10 @@ class TrackingConfig:
     log_model: bool = setting(True, "Log the final model as an MLflow pyfunc model (the HF files are logged "
                                     "either way).")
     flush_interval: float = setting(2.0, "Seconds between batched metric uploads.", file_only=True, ge=0)
+    shutdown_timeout: float = setting(10.0, "Seconds the end of the run may spend on the tracking store (last "
+                                            "points, status, artifacts), whatever the store does; what is left "
+                                            "stays in <log-dir>/mlflow_unsent.jsonl for `splade-obs runs sync`.",
+                                      file_only=True, ge=0)
 
 
 @dataclass(frozen=True)
@@ -196,7 +208,7 @@ class TracingConfig:
     trace_batches: str = setting("every:50", "Batch spans kept: all, none or every:N (failed and slow batches "
                                              "always kept).")
     slow_batch_factor: float = setting(3.0, "A batch this many times slower than the typical one is kept as slow.",
-                                       file_only=True, gt=0)
+                                       file_only=True, ge=1)
     to_mlflow: bool = setting(False, "Also send spans to the MLflow server's /v1/traces endpoint.",
                               flag="otel-to-mlflow")
     shutdown_timeout: float = setting(5.0, "Seconds allowed to flush spans at the end of the run.",
@@ -321,6 +333,10 @@ class TrainConfig:
             raise bad("loss.contrastive_weight", "is 0 and distillation is off: nothing would train the model",
                       hint="set loss.distillation to auto, margin_mse, kl or kl_margin_mse (weight > 0) with "
                            "teacher scores in the data")
+        if not DEVICE_RE.fullmatch(o.device):
+            flag = " (--device)" if src("optim.device") == COMMAND_LINE else ""
+            raise bad("optim.device", f"must be one of {', '.join(DEVICE_FORMS)}, got {o.device!r}{flag}",
+                      "e.g. auto (the default: the first GPU when there is one, else the CPU), cpu or cuda:0")
         tb = self.tracing.trace_batches
         if not (tb in ("all", "none") or re.fullmatch(r"every:[1-9]\d*", tb)):
             raise bad("tracing.trace_batches", f"must be all, none or every:N, got {tb!r}",

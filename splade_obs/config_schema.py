@@ -41,6 +41,7 @@ class FieldSpec:
     ge: float | None
     gt: float | None
     le: float | None
+    lt: float | None
     metavar: str | None
 
     @property
@@ -115,7 +116,8 @@ def config_fields() -> tuple[FieldSpec, ...]:
                 specs.append(FieldSpec(section=sect.name, name=f.name, type=hints[f.name], default=f.default,
                                        help=m.get("help", ""), flag=flag, choices=m.get("choices"),
                                        case_insensitive=bool(m.get("case_insensitive")), bare=m.get("bare"),
-                                       ge=m.get("ge"), gt=m.get("gt"), le=m.get("le"), metavar=m.get("metavar")))
+                                       ge=m.get("ge"), gt=m.get("gt"), le=m.get("le"), lt=m.get("lt"),
+                                       metavar=m.get("metavar")))
         flags = [s.flag for s in specs if s.flag]
         dup = {f for f in flags if flags.count(f) > 1}
         if dup:  # pragma: no cover - a programming error caught by the tests
@@ -246,6 +248,7 @@ def check_value(spec: FieldSpec, value: Any, source: str | None = IN_CODE) -> An
     """``value`` converted to the key's type and checked against its choices and bounds; ConfigError if not."""
     from pydantic import ValidationError
 
+    flag = f" ({spec.flag})" if source == COMMAND_LINE and spec.flag else ""
     try:
         out = _adapter(spec).validate_python(value)
     except ValidationError as exc:
@@ -253,7 +256,6 @@ def check_value(spec: FieldSpec, value: Any, source: str | None = IN_CODE) -> An
         loc = exc.errors()[0].get("loc") if exc.errors() else None
         if loc and isinstance(loc[0], int) and isinstance(value, (list, tuple)):
             where = f" (item {loc[0]}: {_describe(value[loc[0]])})"
-        flag = f" ({spec.flag})" if source == COMMAND_LINE and spec.flag else ""
         finite = "a finite " if _non_finite(value) else ""
         raise _config_error(spec.key, f"expected {finite}{spec.type_name}{flag}, got {_describe(value)}{where}",
                             source, _type_hint(spec)) from None
@@ -261,18 +263,33 @@ def check_value(spec: FieldSpec, value: Any, source: str | None = IN_CODE) -> An
         if spec.case_insensitive and isinstance(out, str):
             out = next((c for c in spec.choices if c.lower() == out.lower()), out)
         if out not in spec.choices:
-            raise _config_error(spec.key, f"must be one of {', '.join(spec.choices)}, got {out!r}", source,
+            raise _config_error(spec.key, f"must be one of {', '.join(spec.choices)}, got {out!r}{flag}", source,
                                 _type_hint(spec))
     if out is not None and isinstance(out, (int, float)) and not isinstance(out, bool):
-        for bound, ok, words in ((spec.ge, lambda b: out >= b, ">="), (spec.gt, lambda b: out > b, ">"),
-                                 (spec.le, lambda b: out <= b, "<=")):
-            if bound is not None and not ok(bound):
-                extra = ""
-                if spec.ge is not None and spec.le is not None:
-                    extra = f" (within [{_num(spec.ge)}, {_num(spec.le)}])"
-                raise _config_error(spec.key, f"must be {words} {_num(bound)}{extra}, got {out!r}", source,
+        for bound, words in _bounds(spec):
+            if not _BOUND_OK[words](out, bound):
+                extra = f" (within {_interval(spec)})" if _interval(spec) else ""
+                raise _config_error(spec.key, f"must be {words} {_num(bound)}{extra}, got {out!r}{flag}", source,
                                     _type_hint(spec))
     return out
+
+
+_BOUND_OK = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b,
+             "<": lambda v, b: v < b}
+
+
+def _bounds(spec: FieldSpec) -> list[tuple[float, str]]:
+    """The key's numeric bounds as ``(bound, ">=")`` pairs, lower bounds first."""
+    return [(b, w) for b, w in ((spec.ge, ">="), (spec.gt, ">"), (spec.le, "<="), (spec.lt, "<")) if b is not None]
+
+
+def _interval(spec: FieldSpec) -> str | None:
+    """``[0, 1)`` when the key has a lower and an upper bound, else None."""
+    lo = ("[", spec.ge) if spec.ge is not None else ("(", spec.gt) if spec.gt is not None else None
+    hi = ("]", spec.le) if spec.le is not None else (")", spec.lt) if spec.lt is not None else None
+    if lo is None or hi is None:
+        return None
+    return f"{lo[0]}{_num(lo[1])}, {_num(hi[1])}{hi[0]}"
 
 
 def _non_finite(value: Any) -> bool:
@@ -369,7 +386,7 @@ def render_config_docs() -> str:
                 help_text += " One of: " + ", ".join(f"`{c}`" for c in spec.choices) + "."
             if spec.case_insensitive:
                 help_text += " Case-insensitive."
-            bounds = [f"{w} {_num(b)}" for b, w in ((spec.ge, ">="), (spec.gt, ">"), (spec.le, "<=")) if b is not None]
+            bounds = [f"{w} {_num(b)}" for b, w in _bounds(spec)]
             if bounds:
                 help_text += " Must be " + " and ".join(bounds) + "."
             lines.append(f"| `{spec.key}` | `{_md(spec.type_name)}` | `{_md(_render_default(spec.default))}` | "

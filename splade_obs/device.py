@@ -14,29 +14,48 @@ from typing import Any
 
 import torch
 
-from .errors import DeviceError
+from .config import DEVICE_FORMS, DEVICE_RE
+from .errors import ConfigError, DeviceError
 
 #: dtype name -> dtype, for the names this package writes ("float32", "float16", "bfloat16")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def check_device_name(name: str, flag: str = "--device") -> str:
+    """``name`` when it is one of the accepted forms (auto, cpu, cuda, cuda:N, mps), else a
+    :class:`ConfigError` naming ``flag``: a misspelt device is a usage mistake, not a device failure.
+    (``train`` checks ``optim.device`` the same way in the config validation.)"""
+    if not isinstance(name, str) or not DEVICE_RE.fullmatch(name):
+        raise ConfigError(f"{flag}: must be one of {', '.join(DEVICE_FORMS)}, got {name!r}", field=flag,
+                          hint="e.g. auto (the default: the first GPU when there is one, else the CPU), cpu or cuda:0")
+    return name
+
+
 def resolve_device(name: str) -> torch.device:
-    """``auto``: the first CUDA device when there is one, else the CPU; a CUDA device CUDA cannot give fails."""
+    """``auto``: the first CUDA device when there is one, else the CPU. A well-formed device this machine
+    cannot give (CUDA or MPS missing, a GPU index past the last GPU) is a :class:`DeviceError`; a string
+    torch does not know is one too here (the CLI refuses it earlier, as a ConfigError)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
-        raise DeviceError(f"unknown device {name!r}", hint="use auto, cpu, cuda or cuda:N",
+        raise DeviceError(f"unknown device {name!r}", hint=f"use {', '.join(DEVICE_FORMS)}",
                           original_exception=exc) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"device {name!r} requested but CUDA is not available", hint="use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) are "
+                          "visible", hint="use --device cuda:0, or check CUDA_VISIBLE_DEVICES")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceError(f"device {name!r} requested but MPS is not available", hint="use --device cpu")
     return dev
 
 
-def device_name(name: str) -> str:
-    """:func:`resolve_device` as a string, for the commands that pass a device name on (``auto`` -> ``cuda``)."""
-    return str(resolve_device(name))
+def device_name(name: str, flag: str = "--device") -> str:
+    """:func:`resolve_device` as a string, for the commands that pass a device name on (``auto`` -> ``cuda``);
+    a malformed ``name`` is a :class:`ConfigError` naming ``flag``."""
+    return str(resolve_device(check_device_name(name, flag)))
 
 
 def cpu_has_native_bf16() -> bool:

@@ -9,8 +9,12 @@ from __future__ import annotations
 import enum
 import errno
 import json
+import os
+import re
+import shutil
 import socket
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Iterator, Mapping
 
 
 class ErrorCategory(str, enum.Enum):
@@ -274,14 +278,14 @@ def classify(exc: BaseException, default: ErrorCategory = ErrorCategory.UNKNOWN_
         if fname is not None:
             ctx.setdefault("file_path", str(fname))
         return FileSystemError(exc.strerror or message, original_exception=exc, context=ctx)
+    if is_storage_failure(exc):
+        return storage_error(exc, context.pop("file_path", None) or _os_filename(exc), **context)
     if isinstance(exc, ImportError):
         return DependencyError(message, original_exception=exc, context=context)
     if _is_connection_error(exc):
         return ApplicationError(message, default, original_exception=exc, context=context, retryable=True)
     if isinstance(exc, OSError) and type(exc) is OSError and _looks_like_hf_missing(message):
         return ModelError(message, original_exception=exc, context=context)
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EROFS, errno.EIO):
-        return FileSystemError(message, original_exception=exc, context=context)
     return ERROR_CLASSES[default](message, default, original_exception=exc, context=context)
 
 
@@ -291,3 +295,112 @@ def _looks_like_hf_missing(message: str) -> bool:
                "not a valid model identifier", "Incorrect path_or_model_id", "We couldn't connect",
                "no file named", "Unrecognized model")
     return any(m in message for m in markers)
+
+
+# ------------------------------------------------------------------------------------------------ failed writes
+#: errno of a write the storage refused, and how the error line says it.
+STORAGE_ERRNOS: dict[int, str] = {
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for the file system",
+    errno.EROFS: "read-only file system",
+    errno.EIO: "input/output error",
+}
+#: Rust's ``std::io::Error`` as safetensors prints it: ``Error while serializing: I/O error: No space left on
+#: device (os error 28)``; the number is the platform's errno.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _chain(exc: BaseException | None) -> Iterator[BaseException]:
+    """``exc``, then what it was raised from or while handling, outwards in."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def storage_errno(exc: BaseException) -> int | None:
+    """The errno of a write the storage refused (:data:`STORAGE_ERRNOS`) wherever the libraries put it: an
+    ``OSError`` in the exception chain (Python writes; torch.save to a file object chains the OSError), or
+    the ``(os error N)`` that safetensors' ``SafetensorError`` message carries (it has no errno attribute)."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            return e.errno
+        if type(e).__name__ == "SafetensorError":
+            m = _RUST_OS_ERROR.search(str(e))
+            if m and int(m.group(1)) in STORAGE_ERRNOS:
+                return int(m.group(1))
+    return None
+
+
+def is_torch_write_failure(exc: BaseException) -> bool:
+    """torch.save to a path writes through its C++ zip writer (``inline_container.cc``), which reports a failed
+    write only as a ``RuntimeError`` message, without errno: ``[enforce fail at inline_container.cc:672] .
+    unexpected pos 576 vs 534`` (the file is shorter than what was written: the disk filled up) or
+    ``PytorchStreamWriter failed writing file data/0: file write failed``."""
+    for e in _chain(exc):
+        if isinstance(e, RuntimeError):
+            text = str(e)
+            if "PytorchStreamWriter failed writing" in text or ("inline_container.cc" in text
+                                                                and "unexpected pos" in text):
+                return True
+    return False
+
+
+def is_storage_failure(exc: BaseException) -> bool:
+    """A write the storage refused (full disk, quota, read-only, I/O error), however torch or safetensors
+    wrapped it."""
+    return storage_errno(exc) is not None or is_torch_write_failure(exc)
+
+
+def free_space(path: str | os.PathLike[str]) -> int | None:
+    """Bytes free to an unprivileged writer on the file system of ``path`` (its nearest existing folder)."""
+    p = Path(path)
+    for candidate in (p, *p.parents):
+        try:
+            return shutil.disk_usage(candidate).free
+        except OSError:
+            continue
+    return None
+
+
+def format_bytes(n: int) -> str:
+    """``512 B``, ``1.5 KiB``, ``18.0 MiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover
+
+
+def storage_error(exc: BaseException, path: str | os.PathLike[str] | None = None,
+                  **context: Any) -> FileSystemError:
+    """A failed write as a :class:`FileSystemError` naming the path being written and the space left on its
+    file system (``context``: ``file_path``, ``free_bytes``, ``errno``)."""
+    code = storage_errno(exc)
+    ctx = dict(context)
+    free = free_space(path) if path is not None else None
+    if code is not None:
+        words = STORAGE_ERRNOS[code]
+        ctx["errno"] = errno.errorcode.get(code, code)
+    else:  # torch's writer says only that fewer bytes landed than it wrote
+        words = "the disk is full" if free is not None and free < 2**20 else \
+            "write failed, the disk may be full"
+    if path is not None:
+        ctx["file_path"] = str(path)
+    if free is not None:
+        ctx["free_bytes"] = free
+        words += f" ({format_bytes(free)} free on that file system)"
+    hint = None
+    if code in (None, errno.ENOSPC, errno.EDQUOT):
+        hint = "free space on that disk (or raise the quota), or write somewhere else"
+    return FileSystemError(f"cannot write: {words}", original_exception=exc, context=ctx, hint=hint)
+
+
+def _os_filename(exc: BaseException) -> str | None:
+    for e in _chain(exc):
+        if isinstance(e, OSError) and getattr(e, "filename", None) is not None:
+            return str(e.filename)
+    return None

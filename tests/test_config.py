@@ -191,6 +191,11 @@ BAD = {
     "infinite": ("c.yaml", "eval:\n  eval_idf_power: .inf\n", "eval.eval_idf_power", "expected a finite float"),
     "bad_trace_batches": ("c.json", '{"tracing": {"trace_batches": "every:0"}}', "tracing.trace_batches",
                           "every:N"),
+    "bad_device": ("c.yaml", "optim:\n  device: tpu:7\n", "optim.device", "one of auto, cpu, cuda, cuda:N, mps"),
+    "dropout_one": ("c.toml", "[model]\ndropout = 1.0\n", "model.dropout", "must be < 1 (within [0, 1))"),
+    "nan_rate": ("c.yaml", "optim:\n  learning_rate: .nan\n", "optim.learning_rate", "expected a finite float"),
+    "negative_count": ("c.json", '{"recovery": {"max_skipped_batches": -3}}', "recovery.max_skipped_batches",
+                       "must be >= 0"),
 }
 
 
@@ -220,6 +225,22 @@ def test_bad_config_is_a_typed_error_naming_key_file_and_type(name, tmp_path):
     (["--learning-rate", "fast"], "optim.learning_rate", "expected float (--learning-rate)"),
     (["--warmup-ratio", "-0.1"], "optim.warmup_ratio", "must be >= 0"),
     (["--eval-idf-power", "nan"], "eval.eval_idf_power", "expected a finite float"),
+    # non-finite and out-of-range numbers name the flag (issue 30)
+    (["--learning-rate", "inf"], "optim.learning_rate", "expected a finite float (--learning-rate)"),
+    (["--learning-rate", "-inf"], "optim.learning_rate", "expected a finite float (--learning-rate)"),
+    (["--weight-decay", "nan"], "optim.weight_decay", "expected a finite float (--weight-decay)"),
+    (["--dropout", "2"], "model.dropout", "must be < 1 (within [0, 1)), got 2.0 (--dropout)"),
+    (["--dropout", "1"], "model.dropout", "must be < 1 (within [0, 1)), got 1.0 (--dropout)"),
+    (["--dropout", "-0.1"], "model.dropout", "must be >= 0 (within [0, 1)), got -0.1 (--dropout)"),
+    (["--warmup-ratio", "2"], "optim.warmup_ratio", "must be <= 1 (within [0, 1]), got 2.0 (--warmup-ratio)"),
+    (["--num-negatives", "-1"], "data.num_negatives", "must be >= 0, got -1 (--num-negatives)"),
+    (["--keep-last", "-1"], "checkpoint.keep_last", "must be >= 0, got -1 (--keep-last)"),
+    (["--max-skipped-fraction", "1.5"], "recovery.max_skipped_fraction", "must be <= 1 (within [0, 1]), got 1.5"),
+    (["--seed", "-1"], "optim.seed", "must be >= 0"),
+    # a malformed --device is a usage mistake (CONFIG_ERROR naming the flag and the accepted forms)
+    (["--device", "tpu:7"], "optim.device", "must be one of auto, cpu, cuda, cuda:N, mps, got 'tpu:7' (--device)"),
+    (["--device", "cuda:x"], "optim.device", "got 'cuda:x' (--device)"),
+    (["--device", "gpu"], "optim.device", "got 'gpu' (--device)"),
 ])
 def test_bad_flag_is_a_config_error_naming_the_command_line(flags, key, says, tmp_path):
     for command in (["train", "--output-dir", str(tmp_path / "out")], ["config", "show"]):
@@ -239,6 +260,38 @@ def test_a_file_value_that_fails_names_the_file_and_a_flag_the_command_line(tmp_
     conf.write_text("optim:\n  warmup_ratio: 2\n")
     res = CliRunner().invoke(cli, ["config", "show", "--config", str(conf), "--batch-size", "8"])
     assert res.exit_code == CONFIG_EXIT and res.stderr.startswith(f"error[CONFIG_ERROR]: {conf}: optim.warmup_ratio")
+
+
+def test_every_numeric_key_is_bounded_and_finite():
+    """No number goes unchecked: every int/float key has a lower bound (counts >= 0 or 1, rates > 0,
+    probabilities within [0, 1] or [0, 1)), and no float key takes inf or nan."""
+    numeric = [s for s in config_fields() if s.base in (int, float)]
+    assert len(numeric) > 20
+    unbounded = [s.key for s in numeric if s.ge is None and s.gt is None]
+    assert not unbounded, f"numeric keys without a lower bound: {unbounded}"
+    for key, interval in (("model.dropout", (0, None, None, 1)), ("optim.warmup_ratio", (0, None, 1, None)),
+                          ("recovery.max_skipped_fraction", (0, None, 1, None))):
+        spec = next(s for s in numeric if s.key == key)
+        assert (spec.ge, spec.gt, spec.le, spec.lt) == interval, key
+    for spec in numeric:
+        if spec.base is float:
+            for bad in ("inf", "-inf", "nan", float("inf"), float("nan")):
+                with pytest.raises(ConfigError, match="finite"):
+                    TrainConfig.from_mapping({spec.key: bad})
+
+
+@pytest.mark.parametrize("device, ok", [("auto", True), ("cpu", True), ("cuda", True), ("cuda:0", True),
+                                        ("cuda:12", True), ("mps", True), ("tpu:7", False), ("cuda:x", False),
+                                        ("gpu", False), ("CPU", False), ("cuda:", False), ("cuda:-1", False),
+                                        ("", False)])
+def test_device_forms_are_checked_in_the_config(device, ok):
+    """The form is checked with the config (a ConfigError before anything starts); whether the machine has
+    that device is decided when the run starts (a DeviceError, exit 8)."""
+    if ok:
+        assert TrainConfig.from_mapping({"optim.device": device}).optim.device == device
+    else:
+        with pytest.raises(ConfigError, match=r"optim\.device: must be one of auto, cpu, cuda, cuda:N, mps"):
+            TrainConfig.from_mapping({"optim.device": device})
 
 
 # ------------------------------------------------------------------------------------------ flags from metadata
