@@ -71,6 +71,10 @@ class Sink:
     def close(self, timeout: float = 5.0) -> None:
         """Flush and release; must return within ``timeout`` seconds."""
 
+    def persist(self) -> None:
+        """Make what this sink has received durable on local disk now (``EventBus.barrier``: the trainer is
+        about to write a checkpoint). Quick and local; no network."""
+
     # hooks -------------------------------------------------------------------------------------------
     def on_run_started(self, e: RunStarted) -> None:
         """The run begins: config, params, plan (steps, epochs), system info, resume point."""
@@ -208,6 +212,18 @@ class _Runner:
                             self.sink.name, self.failures)
                 self.bus._on_degraded(self, exc)
 
+    def wait_idle(self, deadline: float) -> bool:
+        """True once the worker has handled every event queued so far (at once for an inline sink)."""
+        if self._queue is None or self._stopped or self.degraded:
+            return True
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(min(left, 0.05))
+        return True
+
     # shutdown --------------------------------------------------------------------------------------
     def stop_worker(self, deadline: float) -> None:
         """Let the worker drain its queue and exit (bounded by ``deadline``)."""
@@ -326,6 +342,30 @@ class EventBus:
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {r.sink.name: r.stats() for r in self._runners}
+
+    def barrier(self, timeout: float = 10.0) -> bool:
+        """Deliver every event emitted so far, then let each sink make it durable (``Sink.persist``), within
+        ``timeout`` seconds. The trainer calls it before writing a checkpoint, so a process killed after the
+        checkpoint has lost no fact that resuming from it will not produce again. False (with a warning) when
+        a sink did not get there in time."""
+        if self._closed:
+            return False
+        deadline = time.monotonic() + timeout
+        self._drain_pending()
+        ok = True
+        for runner in list(self._runners):
+            if not runner.wait_idle(deadline):
+                ok = False
+                log.warning("sink %s did not catch up within %.1fs before a checkpoint", runner.sink.name, timeout)
+                continue
+            if runner.degraded:
+                continue
+            try:
+                runner.sink.persist()
+            except Exception as exc:  # noqa: BLE001 - a sink that cannot persist must not stop the checkpoint
+                log.warning("sink %s failed to persist: %s: %s", runner.sink.name, type(exc).__name__, exc)
+                ok = False
+        return ok
 
     def close(self, timeout: float = 10.0) -> None:
         """Drain threaded sinks and close all sinks, within ``timeout`` seconds overall."""

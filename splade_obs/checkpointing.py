@@ -23,8 +23,11 @@ from .events import CheckpointSaved, now_ns
 class Checkpointer:
     """Writes checkpoints and the ``best`` / ``final`` model folders (rank 0) and reports each one."""
 
-    def __init__(self, cfg: TrainConfig, emit: Callable[[Any], None], *, rank: int = 0, dist: Any = None) -> None:
+    def __init__(self, cfg: TrainConfig, emit: Callable[[Any], None], *, rank: int = 0, dist: Any = None,
+                 barrier: Callable[[], Any] | None = None) -> None:
         self.cfg, self.emit, self.rank, self.dist = cfg, emit, rank, dist
+        #: called before a checkpoint is written: every fact reported so far is then durable in the sinks
+        self.barrier = barrier
         self.last: str | None = None
         self.parts: dict[str, Any] = {}
 
@@ -52,6 +55,8 @@ class Checkpointer:
         rank_rngs = self.dist.gather_objects(rng) if self.dist is not None and reason != "interrupt" else None
         if self.rank != 0:
             return
+        if self.barrier is not None:
+            self.barrier()
         t0, start = time.monotonic(), now_ns()
         path = ckpt_io.save_checkpoint(self.cfg.output_dir, **self.parts, trainer_state=trainer_state, rng_state=rng,
                                        keep_last=self.cfg.checkpoint.keep_last, rank_rng_states=rank_rngs)

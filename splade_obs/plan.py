@@ -102,3 +102,35 @@ def epoch_batches(examples: list[Example], epoch: int, *, batch_size: int, seed:
         shares.append(batches)
     ks = [min(negatives_for([examples[i] for i in share[b]]) for share in shares) for b in range(len(shares[rank]))]
     return shares[rank], ks
+
+
+@dataclass
+class TrainResult:
+    """What ``Trainer.run`` returns (``run_training`` wraps it in a ``RunResult``)."""
+
+    status: str
+    global_step: int
+    model_path: str | None
+    output_dir: str
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    error: ApplicationError | None = None
+    checkpoint: str | None = None
+
+
+@dataclass
+class EpochClock:
+    """The epoch in progress: its number and size, when it began, the skipped batches before it."""
+
+    number: int
+    num_batches: int
+    t0: float
+    start_ns: int
+    skipped_at_start: int
+    closed: bool = False     # its EpochDone (complete or partial) was emitted
+    complete: bool = False   # its complete EpochDone was emitted
+
+
+def every(step: int, n: int | None) -> bool:
+    """``step`` is a multiple of ``n`` (never, when ``n`` is unset)."""
+    return bool(n) and step % n == 0

@@ -21,7 +21,8 @@ from .distributed import dist_from_env
 from .bus import EventBus, RunIds, Sink
 from .recovery import validate_file_exists
 from .device import Runtime, resolve_runtime
-from .train import Trainer, TrainResult
+from .plan import TrainResult
+from .train import Trainer
 
 log = logging.getLogger("splade_obs.run")
 
@@ -95,7 +96,7 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
         mlflow_sink = MlflowSink.create(MlflowOptions(tracking_uri=t.tracking_uri, experiment_name=t.experiment_name,
                                                       run_name=run_name or t.run_name, require=t.require,
                                                       register_model=t.register_model, log_model=t.log_model,
-                                                      flush_interval=t.flush_interval,
+                                                      flush_interval=t.flush_interval, log_dir=str(cfg.log_dir),
                                                       shutdown_timeout=t.shutdown_timeout),
                                         resume_run_id=resume_run_id)
         if mlflow_sink is not None:

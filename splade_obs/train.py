@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from .config import TrainConfig
 from .collate import PairCollator
 from .data import LoadedData
 from .device import Runtime, resolve_runtime
-from .errors import ApplicationError, ErrorCategory, RunInterrupted, TrainingError, classify, is_out_of_memory
+from .errors import ErrorCategory, RunInterrupted, TrainingError, classify, is_out_of_memory
 from .bus import EventBus, RunIds
 from .events import (DataLoaded, EpochDone, EpochStarted, EvaluationDone, Message, ModelLoaded, RetryAttempt,
                      RunFinished, RunStarted, now_ns)
@@ -42,32 +41,9 @@ from .losses import SpladeLoss
 from .model import SpladeEncoder
 from .objective import PairForward, all_docs, batch_loss, encode_batch, validation_loss
 from .optim import build_optimizer, build_scheduler
-from .plan import RunData, epoch_batches, load_run_data, make_plan
+from .plan import EpochClock, RunData, TrainResult, epoch_batches, every, load_run_data, make_plan
 from .recovery import retry_listener
 from .step_stats import StepAccumulator, StepStats, check_finite
-
-
-@dataclass
-class TrainResult:
-    status: str
-    global_step: int
-    model_path: str | None
-    output_dir: str
-    final_metrics: dict[str, float] = field(default_factory=dict)
-    counters: dict[str, int] = field(default_factory=dict)
-    error: ApplicationError | None = None
-    checkpoint: str | None = None
-
-
-@dataclass
-class _Epoch:
-    number: int
-    num_batches: int
-    t0: float
-    start_ns: int
-    skipped_at_start: int
-    closed: bool = False     # its EpochDone (complete or partial) was emitted
-    complete: bool = False   # its complete EpochDone was emitted
 
 
 class Trainer:
@@ -82,7 +58,7 @@ class Trainer:
         self.faults = FaultPlan.from_specs(cfg.recovery.inject_faults, rank)
         self.policy = BatchPolicy(cfg.recovery, emit=self.emit, dist=dist_ctx, rank=rank, on_skip=self._drop_gradients)
         self.budget = self.policy.budget
-        self.checkpoints = Checkpointer(cfg, self.emit, rank=rank, dist=dist_ctx)
+        self.checkpoints = Checkpointer(cfg, self.emit, rank=rank, dist=dist_ctx, barrier=bus.barrier)
         self.stops = StopSignals()
         self.log_every = cfg.logging.log_every_steps
         self.global_step = 0
@@ -90,7 +66,7 @@ class Trainer:
         self.best_metric: float | None = None
         self.final_metrics: dict[str, float] = {}
         self._boundary: dict[str, Any] = {}  # the last consistent point: where a stop checkpoint resumes
-        self._epoch: _Epoch | None = None
+        self._epoch: EpochClock | None = None
         self._resume_epoch: dict[str, Any] | None = None  # the checkpoint's statistics of the epoch it stopped in
         #: what the last optimizer step still has to do after it ("save", "eval"): a stop can come first, and a
         #: checkpoint records it, so the resumed run does it before it goes on
@@ -350,10 +326,10 @@ class Trainer:
             self.faults.after_step(self.global_step)
         if "save" in self._after_pending:
             self._after_pending.discard("save")  # the checkpoint records only what is still to do after it
-            if _every(self.global_step, self.cfg.checkpoint.save_steps):
+            if every(self.global_step, self.cfg.checkpoint.save_steps):
                 self._save_checkpoint("save_steps", epoch, bi + 1)
         if "eval" in self._after_pending:
-            if self.evaluator is not None and _every(self.global_step, self.cfg.eval.eval_steps) \
+            if self.evaluator is not None and every(self.global_step, self.cfg.eval.eval_steps) \
                     and self.global_step < self.total_steps:
                 self._evaluate(epoch)
             self._after_pending.discard("eval")
@@ -362,8 +338,8 @@ class Trainer:
     def _report_due(self) -> bool:
         """A logging point: the same answer on every rank (the flush runs a collective under torchrun)."""
         s, c = self.global_step, self.cfg
-        return (s % self.log_every == 0 or s >= self.total_steps or _every(s, c.checkpoint.save_steps)
-                or (c.eval.eval_data is not None and _every(s, c.eval.eval_steps)))
+        return (s % self.log_every == 0 or s >= self.total_steps or every(s, c.checkpoint.save_steps)
+                or (c.eval.eval_data is not None and every(s, c.eval.eval_steps)))
 
     def _report(self, reduce: bool = True) -> None:
         for event in self.stats.flush(reduce=reduce):
@@ -372,11 +348,11 @@ class Trainer:
     def _begin_epoch(self, epoch: int, num_batches: int) -> None:
         saved, self._resume_epoch = self._resume_epoch, None
         if saved is not None and saved.get("epoch") == epoch:  # resumed part-way: the epoch goes on where it was
-            self._epoch = _Epoch(epoch, num_batches, time.monotonic() - float(saved.get("elapsed_seconds", 0.0)),
+            self._epoch = EpochClock(epoch, num_batches, time.monotonic() - float(saved.get("elapsed_seconds", 0.0)),
                                  now_ns(), int(saved.get("skipped_at_start", self.budget.skipped)))
             self.stats.start_epoch(saved)
         else:
-            self._epoch = _Epoch(epoch, num_batches, time.monotonic(), now_ns(), self.budget.skipped)
+            self._epoch = EpochClock(epoch, num_batches, time.monotonic(), now_ns(), self.budget.skipped)
             self.stats.start_epoch()
         self.emit(EpochStarted(epoch=epoch, num_epochs=self.num_epochs, steps_in_epoch=self.steps_per_epoch))
 
@@ -405,7 +381,7 @@ class Trainer:
                 self._emit_epoch_done(ep, None, complete=False)
             ep.closed = True
 
-    def _emit_epoch_done(self, ep: _Epoch, val_loss: float | None, complete: bool) -> EpochDone:
+    def _emit_epoch_done(self, ep: EpochClock, val_loss: float | None, complete: bool) -> EpochDone:
         ep.closed, ep.complete = True, complete
         done = EpochDone(epoch=ep.number, num_epochs=self.num_epochs, step=self.global_step,
                          duration_seconds=time.monotonic() - ep.t0, means=self.stats.epoch.means(), val_loss=val_loss,
@@ -492,7 +468,3 @@ class Trainer:
                 self._save_checkpoint("interrupt", self._boundary["epoch"], self._boundary["batch_in_epoch"])
             except Exception as exc:  # noqa: BLE001 - report, the stop goes on
                 self.policy.report(classify(exc, ErrorCategory.FILE_SYSTEM_ERROR, phase="checkpoint on stop"))
-
-
-def _every(step: int, n: int | None) -> bool:
-    return bool(n) and step % n == 0

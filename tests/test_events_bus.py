@@ -368,3 +368,33 @@ def test_every_metric_an_event_reports_is_declared() -> None:
             assert metric_def(name) is not None, name
     assert metric_def("train/no_such") is not None  # a loss part family...
     assert metric_def("nope/loss") is None           # ...but no undeclared section
+
+
+def test_barrier_delivers_everything_emitted_so_far_then_lets_each_sink_persist() -> None:
+    """Before a checkpoint the trainer calls bus.barrier(): a threaded sink has handled every earlier event
+    (however slow) and made it durable (persist) by the time barrier() returns."""
+    class SlowDurable(Sink):
+        name, scope, threaded = "slow", "rank", True
+
+        def __init__(self) -> None:
+            self.seen: list[int] = []
+            self.durable: list[int] = []
+
+        def on_step_done(self, e: StepDone) -> None:
+            time.sleep(0.05)
+            self.seen.append(e.step)
+
+        def persist(self) -> None:
+            self.durable = list(self.seen)
+
+    sink = SlowDurable()
+    bus = EventBus([sink])
+    for n in range(1, 6):
+        bus.emit(step(n))
+    assert bus.barrier(timeout=10) is True
+    assert sink.durable == [1, 2, 3, 4, 5]
+    for n in range(6, 46):
+        bus.emit(step(n))
+    assert bus.barrier(timeout=0.2) is False   # 40 slow events cannot be handled in 0.2 s: bounded, reported
+    assert bus.barrier(timeout=10) is True and sink.durable == list(range(1, 46))
+    bus.close()

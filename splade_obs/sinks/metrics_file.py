@@ -178,6 +178,11 @@ class MetricsFileSink(Sink):
         self._finished = True
         self._write()
 
+    def persist(self) -> None:
+        """Before a checkpoint: the file as of the last step reported."""
+        if self.doc:
+            self._write()
+
     def close(self, timeout: float = 5.0) -> None:
         """A run that never sent RunFinished (hard crash) still leaves its last state on disk."""
         if self.doc and not self._finished:

@@ -40,7 +40,7 @@ from ...errors import ApplicationError
 from ...bus import EventBus, Sink
 from ...events import (CheckpointSaved, DataLoaded, EpochDone, ErrorCaught, Event, EvaluationDone, ModelLoaded,
                        RunFinished, RunStarted, SinkDegraded, StepDone, TraceOpened, TrackingRunOpened)
-from . import store
+from . import store, unsent
 from .artifacts import CONTEXTS, Artifacts, History, note
 from .store import TrackingUnavailableError
 from .transport import DEFAULT_SHUTDOWN_TIMEOUT, SYNC_COMMAND, UNSENT_FILE, Transport
@@ -62,6 +62,8 @@ class MlflowOptions:
     #: seconds the end of the run may spend on the store (final points, status, artifacts), counted from
     #: RunFinished; what is left then stays in <log_dir>/mlflow_unsent.jsonl
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT
+    #: the run's log folder: a resume replays the unsent file the interrupted process left there
+    log_dir: str | None = None
 
 
 def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -153,6 +155,8 @@ class MlflowSink(Sink):
         run = t.call("get_run", t.client.get_run, resume_run_id, attempts=2) if resume_run_id else None
         if run is not None and run.info.lifecycle_stage == "active":
             t.run_id, self.experiment_id, self.resumed = run.info.run_id, run.info.experiment_id, True
+            if unsent.replay_before_resume(self.options.log_dir, t.tracking_uri, t.run_id):
+                run = t.call("get_run", t.client.get_run, t.run_id, attempts=2)  # the replayed points count too
             t.call("update_run", t.client.update_run, t.run_id, status="RUNNING")
             t.existing_params = dict(run.data.params)
             self._min_step = self._last_logged_step(run)
@@ -378,6 +382,11 @@ class MlflowSink(Sink):
         """Stop waiting on the store now (a stop signal during shutdown): :meth:`close` writes the unsent
         file and returns without further network waits. Safe to call from a signal handler."""
         self._hurry.set()
+
+    def persist(self) -> None:
+        """Before a checkpoint: every point not in the store yet goes to the unsent file, which a resume from
+        that checkpoint replays (the resumed run does not produce those steps again)."""
+        self.transport.journal_all()
 
     def close(self, timeout: float = 5.0) -> None:
         """Deliver what is queued within ``options.shutdown_timeout`` seconds of ``RunFinished`` (and within

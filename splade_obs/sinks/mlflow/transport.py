@@ -288,13 +288,24 @@ class Transport(SenderThreads):
             upto = None
             while self._marks and self._marks[0][0] <= now - self.journal_interval:
                 upto = self._marks.popleft()[1]
-            if upto is None or not self._pending or upto <= self._journaled_upto:
-                return
-            first = self._pending[0].seq
-            lo, hi = max(0, self._journaled_upto - first), max(0, upto - first)
-            if hi > lo:
-                self._to_file(list(itertools.islice(self._pending, lo, hi)))
-            self._journaled_upto = upto
+            self._journal_upto(upto)
+
+    def journal_all(self) -> None:
+        """Write-ahead now: every point neither sent nor journaled yet goes to the unsent file (the trainer is
+        about to write a checkpoint: a kill after it must not lose a step the resume will not make again)."""
+        with self._lock:
+            if not self._closed and self.unsent_file is not None:
+                self._journal_upto(self._seq)
+
+    def _journal_upto(self, upto: int | None) -> None:
+        """Journal the pending points numbered below ``upto`` that are not journaled yet (lock held)."""
+        if upto is None or not self._pending or upto <= self._journaled_upto:
+            return
+        first = self._pending[0].seq
+        lo, hi = max(0, self._journaled_upto - first), max(0, upto - first)
+        if hi > lo:
+            self._to_file(list(itertools.islice(self._pending, lo, hi)))
+        self._journaled_upto = upto
 
     def write_ahead(self) -> None:
         """Everything not sent yet, with the run's final status, goes to the unsent file now (before the

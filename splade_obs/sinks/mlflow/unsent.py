@@ -167,3 +167,24 @@ class UnsentFile:
             return len(texts)
         self.start, self.lines = len(prefix), len(texts)
         return len(texts)
+
+
+def replay_before_resume(log_dir: str | Path | None, tracking_uri: str, run_id: str) -> int:
+    """A resumed run first takes back what the interrupted process left in ``<log_dir>/mlflow_unsent.jsonl``
+    (``splade-obs runs sync``, done for the user): the points of the steps up to the checkpoint it resumes from
+    are not produced again. Returns the points sent; a failure is one warning (the file stays for a sync)."""
+    path = Path(log_dir) / UNSENT_FILE if log_dir else None
+    if path is None or not path.is_file():
+        return 0
+    from ...errors import ApplicationError
+    from .sync import sync_unsent
+
+    try:
+        report = sync_unsent(path, tracking_uri=tracking_uri)
+    except ApplicationError as err:
+        log.warning("MLflow: could not replay %s into the resumed run (%s); `splade-obs runs sync %s` will",
+                    path, err.message, path.parent)
+        return 0
+    sent = sum(r.sent for r in report.runs if r.run_id == run_id)
+    log.info("MLflow: replayed %d points the interrupted run left in %s", sent, path)
+    return sent
