@@ -122,6 +122,19 @@ def assert_nothing_lost(events: list[Any], backend_uri: str, run_id: str, log_di
     return stored, kept
 
 
+def assert_sync_completes(out: "Outcome", backend_uri: str) -> None:
+    """`splade-obs runs sync` (its library) makes the store complete, and a second sync sends nothing."""
+    from splade_obs.sinks.mlflow.sync import sync_unsent
+
+    first = sync_unsent(out.cfg.log_dir, tracking_uri=backend_uri)
+    assert sum(r.sent for r in first.runs) > 0 and first.moved_to is not None
+    stored, kept = assert_nothing_lost(out.events, backend_uri, out.sink.run_id, out.cfg.log_dir)
+    assert kept == [] and sorted(stored) == sorted(produced(out.events))   # every point in the store, once
+    again = sync_unsent(first.moved_to, tracking_uri=backend_uri)          # replaying the same file again
+    assert sum(r.sent for r in again.runs) == 0
+    assert sorted(in_store(backend_uri, out.sink.run_id, {k for k, _ in produced(out.events)})) == sorted(stored)
+
+
 # ------------------------------------------------------------------------------------------ scenarios
 @dataclasses.dataclass
 class Outcome:
@@ -206,6 +219,7 @@ def test_a_server_failing_to_the_end_leaves_the_rest_in_the_unsent_file(server, 
     assert len(end) == 1 and f"splade-obs runs sync {out.cfg.log_dir}" in end[0] and str(len(kept)) in end[0]
     console = capfd.readouterr()
     assert SECRET not in console.out + console.err
+    assert_sync_completes(out, server[1])
 
 
 def test_a_batch_refused_for_good_is_kept_not_dropped(server, tmp_path, caplog):
@@ -219,6 +233,7 @@ def test_a_batch_refused_for_good_is_kept_not_dropped(server, tmp_path, caplog):
     assert header["rejected"] == len(kept) and header["terminated"] is True
     refused = [r.getMessage() for r in caplog.records if "refused log_batch" in r.getMessage()]
     assert len(refused) == 1 and "HTTP 404" in refused[0]
+    assert_sync_completes(out, server[1])
 
 
 def test_a_hang_at_the_end_keeps_the_shutdown_bound(server, tmp_path):
@@ -228,6 +243,7 @@ def test_a_hang_at_the_end_keeps_the_shutdown_bound(server, tmp_path):
     assert ("run/duration_seconds", 40) in kept                       # the last points wait on disk
     (header,) = read_unsent(out.cfg.log_dir / UNSENT_FILE)[0]
     assert header["status"] == "FINISHED" and header["terminated"] is False
+    assert_sync_completes(out, server[1])
 
 
 def test_the_default_shutdown_bound_is_documented_and_at_most_ten_seconds():
