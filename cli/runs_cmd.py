@@ -1,4 +1,5 @@
-"""``splade-obs runs list`` / ``splade-obs runs compare``: tables of tracked runs from any MLflow store."""
+"""``splade-obs runs list`` / ``compare`` / ``sync``: tables of tracked runs from any MLflow store, and the replay of
+points a tracking outage left in a log folder."""
 
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ def _duration(run: Any) -> str:
 
 @click.group("runs")
 def runs() -> None:
-    """List and compare tracked training runs (any MLflow tracking URI)."""
+    """List and compare tracked training runs (any MLflow tracking URI); sync what an outage left unsent."""
 
 
 @runs.command("list")
