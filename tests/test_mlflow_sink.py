@@ -370,9 +370,9 @@ def test_failures_are_sorted_into_transient_and_refused():
     assert not is_transient(ValueError("not a number"))
 
 
-def test_params_fall_back_to_the_flattened_config_and_options_default_the_store(tmp_path, monkeypatch):
-    """Without ``RunStarted.params`` the sink flattens ``RunStarted.config``; ``tracking_uri=None`` is the
-    default store of the working directory."""
+def test_params_come_from_the_event_and_options_default_the_store(tmp_path, monkeypatch):
+    """The params are ``RunStarted.params`` as they are (masked again on the way out, for safety);
+    ``tracking_uri=None`` is the default store of the working directory."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     sink = MlflowSink.create(MlflowOptions(experiment_name="defaults", flush_interval=0.0))
@@ -381,8 +381,10 @@ def test_params_fall_back_to_the_flattened_config_and_options_default_the_store(
     assert ids.tracking_uri == f"sqlite:///{tmp_path.resolve()}/mlruns/mlflow.db"
     config = {"model": {"name": "splade-tiny", "max_doc_length": 32}, "optim": {"lr": 1e-3, "faults": ["a", "b"]},
               "tracking": {"api_token": "abcdef123"}}
-    bus.emit(RunStarted(run_name="fallback", config=config, system_info={}, total_steps=1, num_epochs=1,
-                        steps_per_epoch=1, log_dir=str(tmp_path / "logs")))
+    params = {"model.name": "splade-tiny", "model.max_doc_length": "32", "optim.lr": "0.001",
+              "optim.faults": '["a", "b"]', "tracking.api_token": "abcdef123"}   # unmasked: the sink masks it
+    bus.emit(RunStarted(run_name="fallback", config=config, params=params, system_info={}, total_steps=1,
+                        num_epochs=1, steps_per_epoch=1, log_dir=str(tmp_path / "logs")))
     bus.emit(RunFinished(status="FINISHED", step=0, duration_seconds=0.1))
     bus.close(timeout=60)
     from mlflow import MlflowClient

@@ -191,7 +191,7 @@ def test_mlflow_params_and_config_artifact_have_no_url_credentials(tmp_path):
     raw["tracking"]["tracking_uri"] = CRED_URI                 # what RunStarted.config would hold unredacted
     raw["data"]["train_file"] = f"https://bob:{URL_PASSWORD}@data.invalid/train.jsonl"
     params = {k: str(v) for k, v in flatten(raw).items()}      # what unredacted RunStarted.params would hold
-    for given in (params, {}):                                 # the event's params; the fallback from the config
+    for given in (params,):                                    # the event's params, unredacted
         sink = MlflowSink.create(MlflowOptions(tracking_uri=cfg.tracking.tracking_uri, experiment_name="p",
                                                flush_interval=0.0))
         assert sink is not None

@@ -66,22 +66,6 @@ class MlflowOptions:
     log_dir: str | None = None
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _param_value(value: Any) -> str:
-    if isinstance(value, (list, tuple, dict)):
-        return json.dumps(value, default=str)
-    return str(value)
-
-
 def _section(config: Mapping[str, Any] | None, name: str) -> Mapping[str, Any]:
     value = (config or {}).get(name)
     return value if isinstance(value, Mapping) else {}
@@ -244,8 +228,7 @@ class MlflowSink(Sink):
                     t.client.update_run(run_id, name=name)
 
             t.submit("update_run", rename)
-        params = dict(e.params) or {k: _param_value(v) for k, v in _flatten(e.config or {}).items()}
-        self._log_params(params)
+        self._log_params(dict(e.params))  # as `splade-obs config show --format params` prints them
         if e.config:
             self.artifacts.config(e.config)
         self.artifacts.json(e.system_info, "system_info.json")
