@@ -349,21 +349,24 @@ def _covered_steps(backend_uri: str, run_id: str, log_dir: Path, key: str) -> li
     return sorted(stored + kept)
 
 
-def test_sigterm_twice_with_the_server_hung_leaves_a_complete_unsent_file(server, tmp_path):
-    """``splade-obs train``: the server hangs, SIGTERM stops training cleanly (KILLED), a second SIGTERM
-    arrives while the shutdown waits on the hung server: the process ends at once, and every train/loss
-    point is in the store or in the unsent file, whose header has the status to set."""
-    url, backend = server
+def _sigterm_while_the_end_hangs(server, tmp_path: Path, *, steps: int, reached: str, status: str,
+                                 stop_first: bool) -> tuple[subprocess.Popen, bytes, bytes, float, Path]:
+    """``splade-obs train`` through the proxy until ``reached`` is in its log; then the server hangs (and, with
+    ``stop_first``, a first SIGTERM stops training); once the write-ahead header says ``status``, one SIGTERM
+    during the shutdown that waits on the hung server. Returns the process, its output, the seconds from that
+    signal to its end, and the log folder."""
+    url, _ = server
     with FaultProxy(url) as proxy:
         log_dir = tmp_path / "out" / "logs"
-        proc = subprocess.Popen(_train_cmd(tmp_path, with_credentials(proxy.url), 400, 60.0),
+        proc = subprocess.Popen(_train_cmd(tmp_path, with_credentials(proxy.url), steps, 60.0),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            _wait_for(lambda: "Step 1/" in _log_text(log_dir), 180, "step 1", proc)
+            _wait_for(lambda: reached in _log_text(log_dir), 180, reached, proc)
             proxy.set_mode("hang")
-            proc.send_signal(signal.SIGTERM)
+            if stop_first:
+                proc.send_signal(signal.SIGTERM)
             unsent = log_dir / UNSENT_FILE
-            _wait_for(lambda: (_header(unsent) or {}).get("status") == "KILLED", 120, "the write-ahead", proc)
+            _wait_for(lambda: (_header(unsent) or {}).get("status") == status, 120, "the write-ahead", proc)
             time.sleep(1.0)                                   # the shutdown now waits on the hung server
             t0 = time.monotonic()
             proc.send_signal(signal.SIGTERM)
@@ -373,6 +376,15 @@ def test_sigterm_twice_with_the_server_hung_leaves_a_complete_unsent_file(server
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+    return proc, stdout, stderr, ended_after, log_dir
+
+
+def test_sigterm_twice_with_the_server_hung_leaves_a_complete_unsent_file(server, tmp_path):
+    """``splade-obs train``: the server hangs, SIGTERM stops training cleanly (KILLED), a second SIGTERM
+    arrives while the shutdown waits on the hung server: the process ends at once, and every train/loss
+    point is in the store or in the unsent file, whose header has the status to set."""
+    proc, stdout, stderr, ended_after, log_dir = _sigterm_while_the_end_hangs(
+        server, tmp_path, steps=400, reached="Step 1/", status="KILLED", stop_first=True)
     assert ended_after < 10, ended_after
     assert proc.returncode == 130, (proc.returncode, stderr[-2000:])   # KILLED, as after one SIGTERM
     text = (stdout + stderr).decode(errors="replace")
@@ -382,39 +394,22 @@ def test_sigterm_twice_with_the_server_hung_leaves_a_complete_unsent_file(server
     assert header["status"] == "KILLED" and header["terminated"] is False
     last_step = json.loads((log_dir / "training_metrics.json").read_text())["last_step"]
     assert last_step >= 1
-    assert _covered_steps(backend, header["run_id"], log_dir, "train/loss") == list(range(1, last_step + 1))
+    assert _covered_steps(server[1], header["run_id"], log_dir, "train/loss") == list(range(1, last_step + 1))
 
 
 def test_sigterm_during_a_hung_shutdown_of_a_finished_run(server, tmp_path):
     """The run finished; the server hangs from its last step; SIGTERM during the (60 s) shutdown wait ends it
     within seconds, exit 0 (the run's status stands), the unsent file complete; no credential printed."""
-    url, backend = server
-    with FaultProxy(url) as proxy:
-        log_dir = tmp_path / "out" / "logs"
-        proc = subprocess.Popen(_train_cmd(tmp_path, with_credentials(proxy.url), 6, 60.0),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            _wait_for(lambda: "Step 6/6" in _log_text(log_dir), 180, "the last step", proc)
-            proxy.set_mode("hang")
-            unsent = log_dir / UNSENT_FILE
-            _wait_for(lambda: (_header(unsent) or {}).get("status") == "FINISHED", 120, "the write-ahead", proc)
-            time.sleep(1.0)
-            t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            stdout, stderr = proc.communicate(timeout=30)
-            ended_after = time.monotonic() - t0
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+    proc, stdout, stderr, ended_after, log_dir = _sigterm_while_the_end_hangs(
+        server, tmp_path, steps=6, reached="Step 6/6", status="FINISHED", stop_first=False)
     assert ended_after < 10, ended_after
     assert proc.returncode == 0, stderr[-2000:]
     text = (stdout + stderr).decode(errors="replace")
     assert SECRET not in text and "runs sync" in text
     (header,) = read_unsent(log_dir / UNSENT_FILE)[0]
     assert header["status"] == "FINISHED" and header["terminated"] is False
-    assert _covered_steps(backend, header["run_id"], log_dir, "train/loss") == list(range(1, 7))
-    assert _covered_steps(backend, header["run_id"], log_dir, "run/duration_seconds") == [6]
+    assert _covered_steps(server[1], header["run_id"], log_dir, "train/loss") == list(range(1, 7))
+    assert _covered_steps(server[1], header["run_id"], log_dir, "run/duration_seconds") == [6]
 
 
 def test_a_healthy_cli_run_prints_no_credentials_and_leaves_no_unsent_file(server, tmp_path):
