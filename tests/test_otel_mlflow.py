@@ -1,8 +1,11 @@
-"""Spans to a real ``mlflow server``: ``splade-obs train --otel-to-mlflow`` sends the run's trace to
-``/v1/traces`` with the x-mlflow-* headers, and ``mlflow.search_traces(run_id=...)`` finds it."""
+"""Spans to a real ``mlflow server``: ``splade-obs train --otel-to-mlflow`` (the default when the run is tracked)
+sends the run's trace to ``/v1/traces`` with the x-mlflow-* headers, then finishes it through the REST API (run
+link ``mlflow.sourceRun``, trace name = run name, previews); ``mlflow.search_traces(run_id=...)`` finds it.
+(The default sqlite store, no server: ``test_otel_mlflow_store.py``.)"""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +15,7 @@ import urllib.request
 import pytest
 from click.testing import CliRunner
 
+from splade_obs.sinks.otel import mlflow_trace_id
 from splade_obs_cli.main import cli
 from tests._otlp_receiver import free_port
 from tests.conftest import TINY_ARGS
@@ -87,3 +91,11 @@ def test_trace_is_found_with_the_mlflow_run(mlflow_server, tmp_path, monkeypatch
     assert root.attributes["mlflow.run_id"] == run.info.run_id
     assert root.attributes["mlflow.experiment_id"] == exp.experiment_id
     assert all("splade.train.loss" in s.attributes for s in trace.data.spans if s.name == "batch")
+    # finished through the REST API: listed with the run's name in the experiment's trace list
+    info = client.get_trace(trace.info.trace_id).info
+    assert info.trace_id == mlflow_trace_id(otel_trace_id)
+    assert info.trace_metadata["mlflow.sourceRun"] == run.info.run_id
+    assert info.tags["mlflow.traceName"] == run.info.run_name
+    assert json.loads(info.request_preview)["run_name"] == run.info.run_name
+    assert json.loads(info.response_preview)["status"] == "FINISHED"
+    assert info.state.value == "OK" and info.execution_duration > 0

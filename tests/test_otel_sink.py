@@ -38,6 +38,7 @@ def make_sink(tmp_path: Path, exporter: str = "none", *, rank: int = 0, world_si
     """An opened bus with ``before`` sinks, the otel sink (memory exporter injected), ``after`` sinks, RunIds."""
     mem = InMemorySpanExporter()
     bus = EventBus(rank=rank)
+    options.setdefault("to_mlflow", False)  # MLflow export is on by default; these tests ask for it when they test it
     sink = OtelSink.create(OtelOptions(exporter=exporter, **options), log_dir=tmp_path / "logs", rank=rank,
                            world_size=world_size, span_exporter=mem)
     assert sink is not None
@@ -216,12 +217,13 @@ def _short_run(bus: EventBus, middle=lambda: None) -> None:
 
 
 @pytest.mark.parametrize("order", ["tracking sink first", "tracking sink last", "announced after RunStarted"])
-def test_mlflow_run_links_whatever_the_sink_order(tmp_path, order):
+def test_mlflow_run_links_whatever_the_sink_order(tmp_path, caplog, order):
     """The MLflow run announced by TrackingRunOpened reaches the root attributes and the MLflow OTLP exporter
-    (its /v1/traces with x-mlflow-* headers: here a local OTLP receiver stands in for the server)."""
+    (its /v1/traces with x-mlflow-* headers: here a local OTLP receiver stands in for the server). The receiver
+    has no REST API, so finishing the trace there (run link, name) fails: one warning, the spans are delivered."""
     from tests._otlp_receiver import OtlpReceiver
 
-    with OtlpReceiver() as rx:
+    with OtlpReceiver() as rx, caplog.at_level(logging.WARNING, logger="splade_obs.sinks.otel"):
         fake = FakeTracking(uri=rx.endpoint, at_open=order != "announced after RunStarted")
         where = {"before": [fake]} if order == "tracking sink first" else {"after": [fake]}
         sink, mem, bus, ids = make_sink(tmp_path, to_mlflow=True, **where)
@@ -231,35 +233,50 @@ def test_mlflow_run_links_whatever_the_sink_order(tmp_path, order):
     (root,) = by_name(mem.get_finished_spans(), "train")
     assert dict(root.attributes)["mlflow.run_id"] == "abc123"
     assert dict(root.attributes)["mlflow.experiment_id"] == "7"
+    assert dict(root.attributes)["mlflow.traceTag.mlflow.traceName"] == "r"     # the trace's name at ingest
     assert [n for n, _, _ in sink.pipeline.processors] == ["injected", "mlflow"]
     assert [s.name for s in received].count("train") == 1
     assert rx.requests and all(h["x-mlflow-experiment-id"] == "7" and h["x-mlflow-run-id"] == "abc123"
                                for h in rx.requests)
     if fake.at_open:                                     # known before the first span: the whole trace went
         assert sorted(s.name for s in received) == ["data.load", "train"]
+    finishing = [r for r in caplog.records if "run link and name could not be set" in r.getMessage()]
+    assert len(finishing) == 1
+    assert sink.stats["dropped"]["mlflow"] == (0 if fake.at_open else 1)   # data.load ended before the run was known
 
 
 @pytest.mark.parametrize("uri, to_mlflow, expected", [
-    ("server", False, False),                            # tracking to an MLflow server alone: spans stay local
-    ("server", True, True),                              # --otel-to-mlflow: spans go to the server too
-    ("sqlite:///mlruns.db", True, False),                # --otel-to-mlflow without a server: a warning
-    ("sqlite:///mlruns.db", False, False),
+    ("server", False, None),                             # --no-otel-to-mlflow: spans stay local
+    ("server", True, "server"),                          # default: OTLP to the server, then the run link via REST
+    ("sqlite", True, "database"),                        # default: the store API of the sqlite store
+    ("sqlite", False, None),
+    ("file", True, None),                                # a file store takes no spans: an info line, no warning
+    (None, True, None),                                  # no MLflow run (--no-mlflow): nothing, not a word
 ])
 def test_mlflow_exporter_policy(tmp_path, caplog, uri, to_mlflow, expected):
-    """Spans go to the MLflow server only with --otel-to-mlflow, as ``splade-obs train --help`` says."""
+    """The run's trace goes to MLflow whenever the run is tracked there, unless --no-otel-to-mlflow."""
     from tests._otlp_receiver import free_port
+    from splade_obs.sinks.otel import MlflowServerFinalizer, MlflowStoreExporter
 
-    uri = f"http://127.0.0.1:{free_port()}" if uri == "server" else uri   # never reached: spans are not ended
-    with caplog.at_level(logging.WARNING, logger="splade_obs.sinks.otel"):
-        sink, mem, bus, ids = make_sink(tmp_path, before=[FakeTracking(uri=uri)], to_mlflow=to_mlflow)
+    uris = {"server": f"http://127.0.0.1:{free_port()}", "sqlite": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "file": (tmp_path / "mlruns").as_uri()}   # never reached: no span is ended
+    before = [FakeTracking(uri=uris[uri])] if uri else []
+    with caplog.at_level(logging.INFO, logger="splade_obs.sinks.otel"):
+        sink, mem, bus, ids = make_sink(tmp_path, before=before, to_mlflow=to_mlflow)
         bus.emit(RunStarted(run_name="r", config=CONFIG, system_info={}, total_steps=1, num_epochs=1,
                             steps_per_epoch=1))
-    mlflow = [exp for name, _, exp in sink.pipeline.processors if name == "mlflow"]
-    assert bool(mlflow) is expected
-    if expected:
+    mlflow = [exp.inner for name, _, exp in sink.pipeline.processors if name == "mlflow"]
+    kinds = {MlflowServerFinalizer: "server", MlflowStoreExporter: "database"}
+    assert [kinds[type(e)] for e in mlflow] == ([expected] if expected else [])
+    if expected == "server":
         assert isinstance(mlflow[0].inner, MlflowOtlpExporter) and mlflow[0].inner._ids() == ("7", "abc123")
-    warned = [r for r in caplog.records if "--otel-to-mlflow" in r.getMessage()]
-    assert bool(warned) is (to_mlflow and not uri.startswith("http"))
+    if expected:
+        assert mlflow[0]._ids() == ("7", "abc123") and mlflow[0].uri == uris[uri]
+    root_attrs = sink._root.attributes
+    assert (root_attrs.get("mlflow.traceTag.mlflow.traceName") == "r") is to_mlflow
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    said = [r for r in caplog.records if "not sent to MLflow" in r.getMessage()]
+    assert len(said) == (1 if uri == "file" and to_mlflow else 0)
     sink.pipeline.shutdown(1.0)
 
 

@@ -47,6 +47,7 @@ from splade_obs.events import (CheckpointSaved, DataLoaded, EpochDone, EpochStar
 from splade_obs.redaction import is_secret_key
 
 from . import exporters as ex
+from . import mlflow_export as mx
 from .attributes import attrs, error_status, interval, metric_attributes, traceparent
 from .sampling import BatchSampler
 
@@ -68,7 +69,9 @@ class OtelOptions:
     exporter: str = "file"              # file | otlp | console | none
     trace_batches: str = "every:50"     # all | none | every:N (failed and slow batches always kept)
     slow_batch_factor: float = 3.0
-    to_mlflow: bool = False             # also OTLP to the MLflow server of the tracking run (--otel-to-mlflow)
+    #: the run's trace also in MLflow when the run is tracked there (--no-otel-to-mlflow: not): OTLP to a
+    #: server's /v1/traces, MLflow's store API for a database store (see :mod:`.mlflow_export`)
+    to_mlflow: bool = True
     shutdown_timeout: float = 5.0
     service_name: str | None = None
 
@@ -152,21 +155,29 @@ class OtelSink(Sink):
             self._maybe_add_mlflow()
 
     def _maybe_add_mlflow(self) -> None:
-        """OTLP to the MLflow server of the tracking run, only when asked (--otel-to-mlflow), as its help says."""
-        if self.rank != 0 or self._mlflow_exporter or not self.options.to_mlflow:
-            return  # the MLflow sink (and its run) live on rank 0 only
-        uri = self.tracking_uri or ""
-        is_server = uri.startswith(("http://", "https://"))
-        if not is_server:
-            log.warning("--otel-to-mlflow needs an MLflow run on a server tracking URI (http[s]://...); %s, so "
-                        "spans are not sent to MLflow", f"the tracking store is {uri.split(':', 1)[0]}" if uri
-                        else "no MLflow run was opened")
+        """The run's trace to MLflow, once the tracking run is known (rank 0 only: the MLflow run lives there).
+
+        A server (``http[s]://``) gets OTLP on ``/v1/traces``, then the trace's run link and name through its REST
+        API (:class:`~.mlflow_export.MlflowServerFinalizer`); a database store (the default sqlite one) gets the
+        spans and the same finishing touch through MLflow's store API in this process
+        (:class:`~.mlflow_export.MlflowStoreExporter`); other stores (a file store) keep the trace local, with
+        one info line.
+        """
+        if self.rank != 0 or self._mlflow_exporter or not self.options.to_mlflow or not self.tracking_uri:
             return
         self._mlflow_exporter = True
-        timeout = max(1.0, min(ex.DEFAULT_OTLP_TIMEOUT_S, self.options.shutdown_timeout))
-        exporter = ex.MlflowOtlpExporter(uri, lambda: (self.mlflow_experiment_id, self.mlflow_run_id),
-                                         timeout=timeout)
-        self.pipeline.add("mlflow", exporter)
+        uri = self.tracking_uri
+        kind = mx.store_kind(uri)
+        ids = lambda: (self.mlflow_experiment_id, self.mlflow_run_id)  # noqa: E731 - read on the export thread
+        if kind == "server":
+            timeout = max(1.0, min(ex.DEFAULT_OTLP_TIMEOUT_S, self.options.shutdown_timeout))
+            otlp = ex.MlflowOtlpExporter(uri, ids, timeout=timeout)
+            self.pipeline.add("mlflow", mx.MlflowServerFinalizer(otlp, uri, ids))
+        elif kind == "database":
+            self.pipeline.add("mlflow", mx.MlflowStoreExporter(uri, ids))
+        else:
+            log.info("the run's trace is not sent to MLflow: the tracking store %s does not take traces "
+                     "(it stays in traces.jsonl)", uri.split(":", 1)[0] if ":" in uri else uri)
 
     # -------------------------------------------------------------------------------------- dispatch
     def handle(self, event: Event) -> None:
@@ -216,6 +227,8 @@ class OtelSink(Sink):
         for key in ("device", "torch_version", "cuda_device_name", "hostname"):
             if key in e.system_info:
                 values[f"splade.system.{key}"] = e.system_info[key]
+        if self.options.to_mlflow and e.run_name:  # the trace's name in MLflow (read from the root at ingest)
+            values[mx.TRACE_NAME_ATTRIBUTE] = e.run_name
         self._start_root(self._pending_start(e.time_ns), values, parent)
         self._maybe_add_mlflow()
         self._replay()
@@ -414,7 +427,9 @@ class OtelSink(Sink):
         self.stats = {"spans_ended": self.spans_ended, "batches_kept": s.kept, "batches_sampled_out": s.sampled_out,
                       "exporters": counts, "dropped": lost, "clean_shutdown": clean}
         dropped = ", ".join(f"{k}={v}" for k, v in lost.items()) or "none"
-        level = logging.WARNING if any(lost.values()) else logging.INFO
+        # an exporter that already warned about its own failure (the MLflow store) is not warned about twice
+        warned = {name for name, _, c in self.pipeline.processors if getattr(c.inner, "warned", False)}
+        level = logging.WARNING if any(v for k, v in lost.items() if k not in warned) else logging.INFO
         log.log(level, "tracing: %d spans (%d batch spans kept: %d sampled, %d slow, %d failed; %d batches not "
                 "traced); dropped per exporter: %s", self.spans_ended, s.kept, s.kept_sampled, s.kept_slow,
                 s.kept_failed, s.sampled_out, dropped)
