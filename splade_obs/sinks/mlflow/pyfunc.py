@@ -1,8 +1,13 @@
-"""The pyfunc wrapper that makes a trained SPLADE model loadable with ``mlflow.pyfunc.load_model``.
+"""Legacy: the pickled pyfunc wrapper of the models that earlier versions of splade-obs logged as the run
+artifact ``splade_model`` (``runs:/<run_id>/splade_model``).
+
+New runs log their models as MLflow 3 LoggedModels from code (``model_code.py``, ``logged_model.py``), which
+load without splade_obs. This class stays only so that ``mlflow.pyfunc.load_model`` can still unpickle the
+models already logged: their pickle names ``splade_obs.sinks.mlflow.pyfunc.SpladePyfuncModel``.
 
 Importing this module does not import mlflow: ``SpladePyfuncModel`` (a subclass of
 ``mlflow.pyfunc.PythonModel``) is built on first access through the module ``__getattr__``. Its
-``__module__`` is this module, so the pickle MLflow writes (cloudpickle, by reference) finds it again here.
+``__module__`` is this module, so the pickle MLflow wrote (cloudpickle, by reference) finds it again here.
 """
 
 from __future__ import annotations
@@ -69,17 +74,3 @@ def __getattr__(name: str) -> Any:
             _pyfunc_class = _build_pyfunc_class()
         return _pyfunc_class
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def pip_requirements() -> list[str]:
-    """Pinned requirements written into the logged model (skips MLflow's slow requirement inference)."""
-    from importlib import metadata
-
-    reqs = []
-    for dist in ("torch", "transformers", "mlflow", "scipy", "numpy"):
-        try:
-            version = metadata.version(dist).split("+", 1)[0]
-        except metadata.PackageNotFoundError:
-            continue
-        reqs.append(f"{dist}=={version}")
-    return reqs
