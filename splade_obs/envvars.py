@@ -7,7 +7,8 @@ agree on these names. tests/test_docker.py compares the trainer service's enviro
 
 Almost all of them are read by the standard tools, not by splade-obs: MLflow reads the ``MLFLOW_*``
 names, boto3 (used by MLflow for s3:// artifacts) the ``AWS_*`` ones and the OpenTelemetry SDK the
-``OTEL_*`` ones. splade-obs itself reads only ``SPLADE_OBS_CACHE``.
+``OTEL_*`` ones. splade-obs itself reads ``SPLADE_OBS_CACHE``, and
+``MLFLOW_TAGS`` / ``MLFLOW_RUN_NAME`` (conventions of other MLflow integrations that MLflow's client does not read).
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ TRACKING_ENV_VARS: tuple[str, ...] = (
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",        # bearer token, instead of username/password
     "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_RUN_ID",                # continue that run
+    "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING",
+    "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL",
+    "MLFLOW_SYSTEM_METRICS_SAMPLES_BEFORE_LOGGING",
+    "MLFLOW_SYSTEM_METRICS_NODE_ID",
     "MLFLOW_DISABLE_TELEMETRY",
 )
 
@@ -43,6 +50,8 @@ TRACING_ENV_VARS: tuple[str, ...] = (
 # Read by splade-obs itself.
 OWN_ENV_VARS: tuple[str, ...] = (
     "SPLADE_OBS_CACHE",             # model cache folder (default ~/.cache/splade-obs)
+    "MLFLOW_TAGS",                  # JSON object of extra run tags (the Hugging Face MLflow callback's convention)
+    "MLFLOW_RUN_NAME",              # run name when --run-name is not given
 )
 
 TRAINER_ENV_VARS: tuple[str, ...] = (
