@@ -185,13 +185,16 @@ class TrackingConfig:
     enabled: bool = setting(True, "Track the run in MLflow (--no-mlflow: do not).", flag="mlflow")
     tracking_uri: str | None = setting(None, "MLflow tracking URI (default $MLFLOW_TRACKING_URI or "
                                              "sqlite:///<cwd>/mlruns/mlflow.db).", metavar="URI")
-    experiment_name: str = setting("splade-obs", "MLflow experiment.")
-    run_name: str | None = setting(None, "MLflow run name (default: a generated readable name).")
+    experiment_name: str | None = setting(None, "MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else the "
+                                                "experiment of id $MLFLOW_EXPERIMENT_ID, else splade-obs).")
+    run_name: str | None = setting(None, "MLflow run name (default $MLFLOW_RUN_NAME or a generated readable name).")
     require: bool = setting(False, "Fail at start if the tracking server is unreachable.", flag="require-tracking")
-    register_model: str | None = setting(None, "Register the logged model under this name in the MLflow registry.",
-                                         metavar="NAME")
-    log_model: bool = setting(True, "Log the final model as an MLflow pyfunc model (the HF files are logged "
-                                    "either way).")
+    register_model: str | None = setting(None, "Register the best logged model (else the final one) under this "
+                                               "name in the MLflow registry.", metavar="NAME")
+    log_model: bool = setting(True, "Log the final model (and, with --save-best-metric, the best one) as MLflow "
+                                    "LoggedModels (the HF files are logged either way).")
+    system_metrics: bool | None = setting(None, "CPU, memory, disk, network and GPU use in the run's System metrics "
+                                                "tab (default $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING, else on).")
     flush_interval: float = setting(2.0, "Seconds between batched metric uploads.", file_only=True, ge=0)
     shutdown_timeout: float = setting(10.0, "Seconds the end of the run may spend on the tracking store (last "
                                             "points, status, artifacts), whatever the store does; what is left "
@@ -209,8 +212,10 @@ class TracingConfig:
                                              "always kept).")
     slow_batch_factor: float = setting(3.0, "A batch this many times slower than the typical one is kept as slow.",
                                        file_only=True, ge=1)
-    to_mlflow: bool = setting(False, "Also send spans to the MLflow server's /v1/traces endpoint.",
-                              flag="otel-to-mlflow")
+    to_mlflow: bool = setting(True, "Also put the run's trace in MLflow when the run is tracked there (its "
+                                    "Traces tab): an MLflow server gets the spans on /v1/traces, a database store "
+                                    "(the default sqlite one) through MLflow's store API "
+                                    "(--no-otel-to-mlflow: not).", flag="otel-to-mlflow")
     shutdown_timeout: float = setting(5.0, "Seconds allowed to flush spans at the end of the run.",
                                       file_only=True, ge=0)
     service_name: str | None = setting(None, "OpenTelemetry service.name (default $OTEL_SERVICE_NAME or "
@@ -265,11 +270,13 @@ class TrainConfig:
     def params(self) -> dict[str, str]:
         """The MLflow params of this config, exactly as a run logs them: dotted keys, secret-looking keys and
         URL credentials redacted, secret environment values masked, values as text (lists as JSON), cut at
-        MLflow's length limit. ``splade-obs config show --format params`` prints this."""
+        MLflow's length limit. Settings left unset (``None``) are left out: the run page lists what was set.
+        ``splade-obs config show --format params`` prints this."""
         from .redaction import redact, secret_values
 
         secrets = secret_values()
-        return {key: param_value(key, value, secrets) for key, value in flatten(redact(self.to_dict())).items()}
+        return {key: param_value(key, value, secrets) for key, value in flatten(redact(self.to_dict())).items()
+                if value is not None}
 
     # ------------------------------------------------------------------------------------ build
     @classmethod

@@ -369,6 +369,8 @@ class RetrievalEvaluator:
         self.query_texts = [beir.queries[q] for q in qids]
         self.qrels = {q: dict(beir.qrels[q]) for q in qids}
         self._run: Run = {}
+        self.source = beir.folder        # what the run records as its evaluation dataset
+        self.digest = beir.digest
 
     def evaluate(self, encoder: Any, *, amp_dtype: Any = None) -> dict[str, float]:
         """Metrics + sparsity + timings (``encode_docs_s``, ``encode_queries_s``, ``search_s``)."""

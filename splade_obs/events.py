@@ -174,7 +174,11 @@ class StepDone(Event):
         MetricDef("train/forward_seconds", "s", "forward and loss time of the step"),
         MetricDef("train/backward_seconds", "s", "backward time of the step"),
         MetricDef("train/optimizer_seconds", "s", "unscale, clip and optimizer time of the step"),
+        MetricDef("train/epoch", "", "epochs done at the end of the step (step / steps per epoch, fractional): "
+                  "an x axis for step charts; not averaged into epoch/*"),
     )
+    #: step metrics that are positions, not quantities: no epoch/ mean of them
+    NOT_AVERAGED: ClassVar[frozenset[str]] = frozenset({"train/epoch"})
     step: int                           # global optimizer step, 1-based
     epoch: int
     batch_index: int                    # index of the last micro-batch of this step within the epoch
@@ -196,6 +200,7 @@ class StepDone(Event):
     timings: dict[str, float] = field(default_factory=dict)   # seconds: forward, backward, optimizer
     grad_scale: float | None = None
     total_steps: int = 0
+    epoch_progress: float | None = None  # step / steps per epoch (None: not known)
 
     def metrics(self) -> dict[str, float]:
         m = {"train/loss": self.loss}
@@ -208,6 +213,8 @@ class StepDone(Event):
         if self.grad_scale is not None:
             m["train/grad_scale"] = self.grad_scale
         m.update({metric_name(f"train/{k}_seconds"): v for k, v in self.timings.items()})
+        if self.epoch_progress is not None:
+            m["train/epoch"] = self.epoch_progress
         return m
 
 
@@ -216,6 +223,8 @@ class ErrorCaught(Event):
     kind: ClassVar[str] = "error_caught"
     METRICS: ClassVar[tuple[MetricDef, ...]] = (
         MetricDef("errors/{CATEGORY}", "", "errors caught so far in this category (DATA_ERROR, ...)"),
+        MetricDef("errors/total", "", "errors caught so far, all categories (also logged as 0 by a clean run's "
+                  "RunFinished)"),
         MetricDef("train/skipped_batches", "", "batches skipped so far by the batch-error policy"),
     )
     category: str                       # ErrorCategory name
@@ -244,7 +253,8 @@ class ErrorCaught(Event):
         )
 
     def metrics(self) -> dict[str, float]:
-        m = {metric_name(f"errors/{self.category}"): float(self.counts.get(self.category, 1))}
+        m = {metric_name(f"errors/{self.category}"): float(self.counts.get(self.category, 1)),
+             "errors/total": float(max(sum(self.counts.values()), 1))}
         if self.skipped_batch:
             m["train/skipped_batches"] = float(self.skipped_batches)
         return m
@@ -372,8 +382,14 @@ class RunFinished(Event):
     #: final counts by canonical name: errors/<CATEGORY>, train/skipped_batches
     counters: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def errors_total(self) -> int:
+        """Errors caught in the run, all categories (0 for a clean run)."""
+        return sum(v for k, v in self.counters.items() if k.startswith("errors/") and k != "errors/total")
+
     def metrics(self) -> dict[str, float]:
         m = {k: float(v) for k, v in self.counters.items()}
+        m["errors/total"] = float(self.errors_total)
         m["run/duration_seconds"] = self.duration_seconds
         return m
 

@@ -71,7 +71,10 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
     gets plain options here and learns everything else from events.
 
     Local sinks always; OpenTelemetry unless ``tracing.exporter`` is ``none``; MLflow on rank 0 unless
-    ``--no-mlflow`` (its run is opened here, so an unreachable store the user required fails fast).
+    ``--no-mlflow`` (its run is opened here, so an unreachable store the user required fails fast), with its
+    options resolved from the flags, then MLflow's environment variables (``sinks/mlflow/env.py``). Under a
+    multi-node torchrun the first process of every other node samples its machine's system metrics into
+    rank 0's run (:func:`_node_system_metrics`).
     """
     from .sinks.console import LogSink
     from .sinks.errors_file import ErrorsFileSink
@@ -90,18 +93,48 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
                                log_dir=log_dir, rank=rank, world_size=world_size)
         if otel is not None:
             sinks.append(otel)
+    mlflow_sink, failure = None, None
     if rank == 0 and cfg.tracking.enabled:
-        from .sinks.mlflow import MlflowOptions, MlflowSink
-        t = cfg.tracking
-        mlflow_sink = MlflowSink.create(MlflowOptions(tracking_uri=t.tracking_uri, experiment_name=t.experiment_name,
-                                                      run_name=run_name or t.run_name, require=t.require,
-                                                      register_model=t.register_model, log_model=t.log_model,
-                                                      flush_interval=t.flush_interval, log_dir=str(cfg.log_dir),
-                                                      shutdown_timeout=t.shutdown_timeout),
-                                        resume_run_id=resume_run_id)
+        from .sinks.mlflow import MlflowSink
+        from .sinks.mlflow.env import resolve_options
+        try:
+            mlflow_sink = MlflowSink.create(resolve_options(cfg.tracking, run_name=run_name, log_dir=str(cfg.log_dir)),
+                                            resume_run_id=resume_run_id)
+        except Exception as exc:  # raised after the other nodes heard there is no run (they must not wait)
+            failure = exc
         if mlflow_sink is not None:
             sinks.append(mlflow_sink)
+    node_sink = _node_system_metrics(cfg, rank, world_size, mlflow_sink)
+    if failure is not None:
+        raise failure
+    if node_sink is not None:
+        sinks.append(node_sink)
     return sinks
+
+
+def _node_system_metrics(cfg: TrainConfig, rank: int, world_size: int, mlflow_sink: Any) -> Sink | None:
+    """Under a multi-node torchrun (``GROUP_WORLD_SIZE`` > 1), rank 0 sends its MLflow run to every rank (a
+    collective: every rank calls this at the same point), and the first process (``LOCAL_RANK`` 0) of each other
+    node returns a sink sampling its machine into that run as ``system/node_<GROUP_RANK>/...``. None elsewhere."""
+    if world_size <= 1 or int(os.environ.get("GROUP_WORLD_SIZE", "1") or 1) <= 1 or not cfg.tracking.enabled:
+        return None
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return None
+    box = [(mlflow_sink.run_id, mlflow_sink.transport.tracking_uri) if mlflow_sink is not None else None]
+    tdist.broadcast_object_list(box, src=0)
+    if rank == 0 or box[0] is None or os.environ.get("LOCAL_RANK", "0") != "0":
+        return None
+    from .sinks.mlflow.env import resolve_system_metrics
+    from .sinks.mlflow.system_metrics import NodeSystemMetricsSink
+
+    options, _ = resolve_system_metrics(cfg.tracking.system_metrics)
+    if options is None:
+        return None
+    run_id, uri = box[0]
+    return NodeSystemMetricsSink(run_id, uri, options, shutdown_timeout=cfg.tracking.shutdown_timeout,
+                                 flush_interval=cfg.tracking.flush_interval)
 
 
 def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name: str | None = None,
@@ -110,6 +143,7 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
     to either); the bus delivers to them in the given order."""
     from .logging_setup import setup_logging, teardown_logging
     from .sysinfo import collect_system_info
+    from .sinks.mlflow.env import resolve_run_name
     from .sinks.mlflow.store import generate_run_name
 
     runtime = check_inputs(cfg)
@@ -126,7 +160,8 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
         resume = find_resume_checkpoint(cfg.output_dir, cfg.checkpoint.resume)
         resume_state = read_trainer_state(resume) if resume else {}
         resume_run_id = resume_state.get("mlflow_run_id")
-        name = resume_state.get("run_name") or run_name or cfg.tracking.run_name or generate_run_name()  # resume: same
+        name = (resume_state.get("run_name") or run_name or resolve_run_name(cfg.tracking.run_name)  # resume: same
+                or generate_run_name())  # --run-name, else $MLFLOW_RUN_NAME, else generated
         if dist is not None:
             name = dist.broadcast_object(name)
         evaluator = _build_evaluator(cfg) if rank == 0 else None  # a broken --eval-data fails before any sink

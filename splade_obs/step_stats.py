@@ -165,7 +165,8 @@ class EpochMeans:
     def add(self, step_metrics: dict[str, float]) -> None:
         self.steps += 1
         for k, v in step_metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            if k not in StepDone.NOT_AVERAGED:
+                self.sums[k] = self.sums.get(k, 0.0) + v
 
     def means(self) -> dict[str, float]:
         return {"epoch/" + k.split("/", 1)[1]: v / self.steps for k, v in self.sums.items()} if self.steps else {}
@@ -182,7 +183,9 @@ class EpochMeans:
 class StepStats:
     """The run's buffer of optimizer steps not yet reported, and the current epoch's means."""
 
-    def __init__(self, device: torch.device, *, total_steps: int, vocab_size: int, world_size: int = 1) -> None:
+    def __init__(self, device: torch.device, *, total_steps: int, vocab_size: int, world_size: int = 1,
+                 steps_per_epoch: int = 0) -> None:
+        self.steps_per_epoch = steps_per_epoch
         self.dtype = torch.float32 if device.type == "mps" else torch.float64  # exact sums of float32 values
         self.device = device
         self.total_steps = total_steps
@@ -256,4 +259,5 @@ class StepStats:
             tokens_per_second=f.tokens / duration, query_nnz=mean["query_nnz"], doc_nnz=mean["doc_nnz"],
             retrieval_flops=mean["retrieval_flops"], lambda_q=f.lambda_q, lambda_d=f.lambda_d,
             start_ns=f.start_ns, end_ns=f.end_ns, time_ns=f.end_ns, timings=f.timings,
-            grad_scale=row[_GRAD_SCALE] if f.scaled else None, total_steps=self.total_steps)
+            grad_scale=row[_GRAD_SCALE] if f.scaled else None, total_steps=self.total_steps,
+            epoch_progress=f.step / self.steps_per_epoch if self.steps_per_epoch else None)

@@ -134,6 +134,10 @@ class Trainer:
                 self.emit(DataLoaded(split=split, source=loaded.source, num_examples=len(loaded.examples),
                                      digest=loaded.digest, num_skipped=loaded.num_skipped, start_ns=start, end_ns=end,
                                      fmt=loaded.fmt))
+        ev = self.evaluator
+        if ev is not None and self.rank == 0 and getattr(ev, "digest", None):
+            self.emit(DataLoaded(split="eval", source=str(ev.source), num_examples=len(ev.query_ids),
+                                 digest=ev.digest, fmt="beir"))
         return data
 
     def _emit_run_started(self, t0_ns: int, resume: Path | None) -> None:
@@ -182,7 +186,7 @@ class Trainer:
         self.collator = PairCollator(self.encoder.tokenizer, cfg.model.max_query_length, cfg.model.max_doc_length,
                                      num_negatives=cfg.data.num_negatives, seed=o.seed)
         self.stats = StepStats(self.device, total_steps=self.total_steps, vocab_size=self.encoder.vocab_size,
-                               world_size=self.world_size)
+                               world_size=self.world_size, steps_per_epoch=self.steps_per_epoch)
         self.start_epoch, self.start_batch = 1, 0
         torch.manual_seed(o.seed + self.rank)
         if resume:

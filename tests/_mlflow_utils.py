@@ -167,7 +167,8 @@ def mlflow_server(tmp_path: Path, wait_s: float = 60.0) -> Iterator[tuple[str, s
     art = tmp_path / "server-artifacts"
     art.mkdir(exist_ok=True)
     mlflow_bin = Path(sys.executable).parent / "mlflow"
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    # no GenAI job workers (8 processes of ~240 MB each that no test needs)
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     logf = open(tmp_path / "server.log", "wb")
     proc = subprocess.Popen(
         [str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

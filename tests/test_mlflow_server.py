@@ -5,6 +5,7 @@ point is either on the server or in the sink's local unsent record."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import pytest
@@ -32,7 +33,7 @@ def _wait_for_step(client, run_id: str, key: str, step: int, timeout: float = 60
     raise AssertionError(f"{key} step {step} never reached the server")
 
 
-def test_http_run_arrives_and_a_killed_server_blocks_nothing(tmp_path, bounded_http_env):
+def test_http_run_arrives_and_a_killed_server_blocks_nothing(tmp_path, bounded_http_env, caplog):
     from mlflow import MlflowClient
 
     with mlflow_server(tmp_path) as (url, proc, backend_db):
@@ -44,7 +45,11 @@ def test_http_run_arrives_and_a_killed_server_blocks_nothing(tmp_path, bounded_h
         assert ids.tracking_uri == url and ids.mlflow_run_id == sink.run_id
         for e in run_events(cfg):
             bus.emit(e)
-        bus.close(timeout=60)
+        with caplog.at_level(logging.INFO, logger="splade_obs.sinks.mlflow"):
+            bus.close(timeout=60)
+        # the run's page on the server, on its runs view ("Model training"), is the last word of the run
+        page = f"{url}/#/experiments/{ids.mlflow_experiment_id}/runs/{sink.run_id}?workflowType=machine_learning"
+        assert f"MLflow run: {page}" in caplog.messages
         http = MlflowClient(tracking_uri=url)
         run = http.get_run(sink.run_id)
         assert run.info.status == "FINISHED"
@@ -52,6 +57,16 @@ def test_http_run_arrives_and_a_killed_server_blocks_nothing(tmp_path, bounded_h
         assert metric_steps(http, sink.run_id, "train/loss") == [1, 2, 4, 5, 6]
         assert run.data.metrics["eval/ndcg_at_10"] == pytest.approx(0.31)
         assert "config.yaml" in {f.path for f in http.list_artifacts(sink.run_id)}
+        # errors in sight and one point per fact, on a server too (the synthetic run skipped one batch)
+        assert run.data.metrics["errors/total"] == 1 and run.data.tags["splade.health"] == "degraded"
+        assert run.data.tags["mlflow.note.content"].splitlines()[0].endswith("1 errors (DATA_ERROR: 1) · 1 skipped batches")
+        assert "None" not in run.data.params.values() and not {"device", "amp_dtype"} & set(run.data.tags)
+        assert http.get_experiment(ids.mlflow_experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+        # `runs compare` by the 8-character prefix it prints, against the server
+        from click.testing import CliRunner
+        from splade_obs_cli.main import cli
+        shown = CliRunner().invoke(cli, ["runs", "compare", sink.run_id[:8], "--tracking-uri", url, "--all-params"])
+        assert shown.exit_code == 0 and f"({sink.run_id[:8]})" in shown.output and "optim.batch_size" in shown.output
 
         # 2. the server dies mid-run
         cfg = make_cfg(tmp_path / "b", uri=url)

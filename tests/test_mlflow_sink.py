@@ -60,7 +60,9 @@ def test_params_hold_the_whole_flattened_config(finished_run):
     cfg, run_id, _, run = finished_run
     params = run.data.params
     flat = cfg.flatten()
-    assert set(flat) <= set(params)                       # every dotted key, nothing silently dropped
+    set_keys = {k for k, v in flat.items() if v is not None}
+    assert set_keys <= set(params)                        # every dotted key that is set, nothing silently dropped
+    assert not {k for k, v in flat.items() if v is None} & set(params)   # unset settings are left out
     assert params["optim.batch_size"] == str(cfg.optim.batch_size)
     assert params["loss.lambda_q"] == str(cfg.loss.lambda_q)
     assert params["data.train_digest"] == "sha256:" + "1" * 40
@@ -104,7 +106,8 @@ def test_tags_note_and_status(finished_run):
     assert run.info.status == "FINISHED" and run.info.run_name == "synthetic-run-0001"
     assert tags["mlflow.runName"] == "synthetic-run-0001"
     assert tags["mlflow.source.git.commit"] == "a" * 40
-    assert tags["host"] == "test-host" and tags["device"] == "cpu" and tags["amp_dtype"] == "float32"
+    assert tags["host"] == "test-host" and tags["splade.device"] == "cpu" and tags["splade.amp_dtype"] == "float32"
+    assert "device" not in tags and "amp_dtype" not in tags  # one tag per fact
     assert tags["splade.world_size"] == "1"
     assert tags["splade.data.train.digest"] == "sha256:" + "1" * 40
     assert tags["otel.trace_id"] == TRACE_ID
@@ -113,7 +116,9 @@ def test_tags_note_and_status(finished_run):
     note = tags["mlflow.note.content"]
     assert "FINISHED" in note and "/data/train.jsonl" in note and "splade-tiny" in note
     assert "eval/ndcg_at_10: 0.31" in note and f"`{TRACE_ID}`" in note
-    assert "train/skipped_batches: 1" in note and "errors/DATA_ERROR: 1" in note
+    first = note.splitlines()[0]   # errors first: the run page shows them without "Show more"
+    assert "1 errors (DATA_ERROR: 1)" in first and "1 skipped batches" in first
+    assert tags["splade.health"] == "degraded" and tags["splade.errors.total"] == "1"
     # the run was announced on the bus, with the URI the sink uses (no credentials)
     assert ids.mlflow_run_id == run_id and ids.mlflow_experiment_id == run.info.experiment_id
     assert ids.tracking_uri == cfg.tracking.tracking_uri and ids.tracking_uri.startswith("sqlite:///")
@@ -392,7 +397,7 @@ def test_params_come_from_the_event_and_options_default_the_store(tmp_path, monk
     assert run.data.params == {"model.name": "splade-tiny", "model.max_doc_length": "32", "optim.lr": "0.001",
                                "optim.faults": '["a", "b"]', "tracking.api_token": "***"}
     assert run.data.tags["splade.model"] == "splade-tiny" and run.info.run_name == "fallback"
-    assert run.data.metrics == {"run/duration_seconds": pytest.approx(0.1)}
+    assert run.data.metrics == {"run/duration_seconds": pytest.approx(0.1), "errors/total": 0.0}
 
 
 def _imported_modules(path: Path, package: str) -> set[str]:
@@ -476,7 +481,7 @@ def test_runs_list_and_compare(finished_run, tmp_path):
     uri = cfg.tracking.tracking_uri
     out = runner.invoke(cli, ["runs", "list", "--tracking-uri", uri, "--experiment-name", "t"])
     assert out.exit_code == 0, out.output
-    assert run_id in out.output and second in out.output and "FINISHED" in out.output
+    assert run_id[:8] in out.output and second[:8] in out.output and "FINISHED" in out.output
     out = runner.invoke(cli, ["runs", "compare", run_id, second, "--tracking-uri", uri])
     assert out.exit_code == 0, out.output
     row = next(line for line in out.output.splitlines() if "optim.batch_size" in line)
@@ -484,7 +489,7 @@ def test_runs_list_and_compare(finished_run, tmp_path):
     assert any("epoch/loss" in line for line in out.output.splitlines())
     assert not any("final/" in line for line in out.output.splitlines())
     bad = runner.invoke(cli, ["runs", "compare", "0" * 32, "--tracking-uri", uri])
-    assert bad.exit_code == 9 and "error[FILE_SYSTEM_ERROR]" in bad.output
+    assert bad.exit_code == 11 and "error[CONFIG_ERROR]" in bad.output
 
 
 # ----------------------------------------------------------------------------------- real training
@@ -520,16 +525,16 @@ def test_train_cli_tracks_everything_and_resume_appends(tmp_path):
     for key in ("train/lr", "train/grad_norm", "train/query_nnz", "train/doc_nnz", "train/retrieval_flops",
                 "train/samples_per_second", "epoch/loss", "run/duration_seconds"):
         assert key in run.data.metrics, key
-    assert run.data.tags["device"] == "cpu" and "mlflow.note.content" in run.data.tags
+    assert run.data.tags["splade.device"] == "cpu" and "mlflow.note.content" in run.data.tags
     assert {d.tags[0].value for d in run.inputs.dataset_inputs} == {"training"}
     paths = artifact_paths(client, rid)
     assert {"config.yaml", "system_info.json", "training_metrics.json", "logs/train_splade.log",
-            "logs/train_splade.jsonl", "model/hf/config.json", "splade_model/MLmodel"} <= paths
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/m.db")
-    try:
-        model = mlflow.pyfunc.load_model(f"runs:/{rid}/splade_model")
-    finally:
-        mlflow.set_tracking_uri(None)
+            "logs/train_splade.jsonl", "model/hf/config.json"} <= paths
+    assert not any(p.startswith("splade_model/") for p in paths)        # the model is a LoggedModel now
+    (logged,) = client.search_logged_models([run.info.experiment_id])
+    assert logged.name == "splade_model" and logged.source_run_id == rid
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(logged.model_id, 4)]
+    model = mlflow.pyfunc.load_model(logged.artifact_location)          # its files: no tracking URI needed
     weights = model.predict(["a query about proteins"])
     assert len(weights) == 1 and weights[0] and all(w > 0 for w in weights[0].values())
 
@@ -539,6 +544,7 @@ def test_train_cli_tracks_everything_and_resume_appends(tmp_path):
     steps = metric_steps(client, rid, "train/loss")
     assert run.info.run_id == rid and run.info.status == "FINISHED"
     assert steps == [1, 2, 3, 4, 5, 6]
+    assert sorted(o.step for o in run.outputs.model_outputs) == [4, 6]   # each process logs its final model
 
 
 @pytest.mark.slow
@@ -562,5 +568,6 @@ def test_train_cli_register_model_creates_one_version_of_this_run(tmp_path):
     versions = MlflowClient(f"sqlite:///{tmp_path}/m.db").search_model_versions("name='splade-e2e'")
     assert [(v.name, v.run_id) for v in versions] == [("splade-e2e", run.info.run_id)]
     assert metric_steps(client, run.info.run_id, "train/loss") == [1]
-    assert versions[0].source.endswith("/splade_model")
+    (logged,) = client.search_logged_models([run.info.experiment_id])     # no evaluation, no best: the final
+    assert versions[0].source == logged.artifact_location and versions[0].tags["splade.model_kind"] == "final"
     assert run.data.tags["splade.registered_model"] == f"splade-e2e/{versions[0].version}"

@@ -335,27 +335,35 @@ def test_typed_errors(tmp_path, uri):
 # -------------------------------------------------------------------------------- end to end (server)
 def _produced(events: list[Any]) -> set[tuple[str, int, int, Any]]:
     """Every point the MLflow sink is given for these events (its rules: a partial epoch is left to the
-    local file; an error without a step and the final counts go at the last step seen)."""
+    local file; an error without a step and the final counts go at the last step seen; the checkpoints of one
+    step are one point, their summed time, at the last one's time)."""
     from splade_obs.events import (CheckpointSaved, EpochDone, ErrorCaught, EvaluationDone, RunFinished,
                                    StepDone)
 
     out: set[tuple[str, int, int, Any]] = set()
     last = 0
+    checkpoints: dict[int, tuple[float, int]] = {}
     for e in events:
         if isinstance(e, StepDone):
             last = max(last, e.step)
         if isinstance(e, EpochDone) and not e.complete:
             continue
+        if isinstance(e, CheckpointSaved):
+            seconds, _ = checkpoints.get(e.step, (0.0, 0))
+            checkpoints[e.step] = (seconds + e.duration_seconds, e.time_ns)
+            continue
         if isinstance(e, RunFinished):
             step = max(e.step, last)
         elif isinstance(e, ErrorCaught):
             step = e.step if e.step is not None else last
-        elif isinstance(e, (StepDone, EpochDone, EvaluationDone, CheckpointSaved)):
+        elif isinstance(e, (StepDone, EpochDone, EvaluationDone)):
             step = e.step
         else:
             continue
         for k, v in e.metrics().items():
             out.add((k, int(step), e.time_ns // 1_000_000, value_key(float(v))))
+    for step, (seconds, time_ns) in checkpoints.items():
+        out.add(("checkpoint/duration_seconds", step, time_ns // 1_000_000, value_key(seconds)))
     return out
 
 
@@ -393,7 +401,8 @@ def test_503_from_mid_run_then_sync_completes_the_store(tmp_path, tiny_cfg, monk
                 if e.step == 3:
                     proxy.set_mode("status", code=503)
 
-        cfg = tiny_cfg(optim={"max_steps": 6}, tracking={"enabled": True, "tracking_uri": proxy.url},
+        cfg = tiny_cfg(optim={"max_steps": 6},
+                       tracking={"enabled": True, "tracking_uri": proxy.url, "system_metrics": False},
                        logging={"progress": "none", "log_every_steps": 1})
         rec = RecordingSink()
         t0 = time.monotonic()

@@ -49,6 +49,8 @@ def _mlflow_view(uri: str, run_id: str) -> dict:
     run = client.get_run(run_id)
     metrics = {}
     for key in run.data.metrics:
+        if key.startswith("system/"):
+            continue  # samples of the machine, different in every run
         hist = sorted(client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
         timed = key.endswith(TIMED)
         metrics[key] = [(m.step, None if timed else round(m.value, 6)) for m in hist]

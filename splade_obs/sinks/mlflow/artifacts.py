@@ -1,9 +1,9 @@
-"""What the MLflow run keeps besides metrics: files, the model, the dataset inputs and the note.
+"""What the MLflow run keeps besides metrics: files, the models, the dataset inputs and the note.
 
 ``config.yaml`` (the whole config, secrets masked), ``system_info.json``, ``training_metrics.json``, the
 non-empty ``*.log`` / ``*.jsonl`` files of the log folder under ``logs/``, the loss/sparsity plot under
-``plots/``, the model in HF format (``model/hf``) and as an MLflow pyfunc model (``splade_model``),
-optionally registered, and the markdown note shown on the run page.
+``plots/``, the final model in HF format (``model/hf``), the final and best models as MLflow 3 LoggedModels
+(``logged_model.py``), optionally registered, and the markdown note shown on the run page.
 
 Every upload is queued on the transport (``Transport.submit``): it happens on the sender thread, after the
 metric points due, retried while the store is away; nothing here waits on the network.
@@ -11,18 +11,14 @@ metric points due, retried while the store is away; nothing here waits on the ne
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ...events import ModelLoaded, RunFinished
-from ...redaction import redact
-from . import pyfunc
-from ...redaction import safe_text
+from ...redaction import redact, safe_text
+from .logged_model import LoggedModelUpload, ModelSpec, Registration
 from .transport import UNSENT_FILE, Transport
 
 log = logging.getLogger("splade_obs.sinks.mlflow")
@@ -48,21 +44,6 @@ class History:
         if len(self.points) >= self.limit:
             self.stride *= 2
             self.points = [h for h in self.points if int(h["step"]) % self.stride == 0]
-
-
-@contextlib.contextmanager
-def _quiet_pyfunc_save() -> Iterator[None]:
-    """Silence two advisory notes MLflow prints on every pyfunc save (type hints, cloudpickle): they are
-    about choices made on purpose here (inputs of several shapes, a class importable from splade_obs)."""
-    pyfunc_log = logging.getLogger("mlflow.pyfunc")
-    level = pyfunc_log.level
-    pyfunc_log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*type hints.*", category=UserWarning)
-            yield
-    finally:
-        pyfunc_log.setLevel(level)
 
 
 class Artifacts:
@@ -135,39 +116,19 @@ class Artifacts:
         self.t.submit("log_model_hf", self.t.client.log_artifacts, self.t.run_id, model_path, "model/hf",
                       kind="artifact")
 
-    def pyfunc_model(self, model_path: str, *, max_length: int, top_k: int | None,
-                     register_as: str | None = None) -> None:
-        """The HF folder wrapped as an MLflow pyfunc model ``splade_model``; registered as ``register_as``."""
-        self.t.submit("log_pyfunc", lambda: self._pyfunc_now(model_path, max_length=max_length, top_k=top_k,
-                                                             register_as=register_as), kind="artifact")
+    def logged_models(self, specs: list[ModelSpec], *, register_as: str | None = None) -> None:
+        """Each spec as a LoggedModel (one queued call each, in order), then, with ``register_as``, the
+        registration of the best of them (the best model, else the final one; see ``Registration``)."""
+        t = self.t
+        uploads = [LoggedModelUpload(t.client, t.run_id, spec) for spec in specs]
+        for up in uploads:
+            t.submit(f"log_model_{up.spec.kind}", up, kind="artifact")
+        if register_as and uploads:
+            def registered(version: Any) -> None:
+                t.set_tags({"splade.registered_model": f"{register_as}/{version.version}"})
 
-    def _pyfunc_now(self, model_path: str, *, max_length: int, top_k: int | None, register_as: str | None) -> None:
-        import mlflow.pyfunc
-
-        with tempfile.TemporaryDirectory() as tmp, _quiet_pyfunc_save():
-            cls = pyfunc.SpladePyfuncModel  # built on first access: MLflow checks its hints then
-            local = Path(tmp) / "splade_model"
-            mlflow.pyfunc.save_model(
-                path=str(local), python_model=cls(max_length=max_length, top_k=top_k),
-                artifacts={"hf": model_path}, pip_requirements=pyfunc.pip_requirements(),
-                metadata={"splade_obs.run_id": self.t.run_id, "task": "sparse-encoding"})
-            self.t.client.log_artifacts(self.t.run_id, str(local), "splade_model")
-        if register_as:
-            self.register(register_as)
-
-    def register(self, name: str) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.t.client.create_registered_model(name)
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        run = self.t.client.get_run(self.t.run_id)
-        version = self.t.client.create_model_version(name, f"{run.info.artifact_uri}/splade_model",
-                                                     run_id=self.t.run_id)
-        self.t.set_tags({"splade.registered_model": f"{name}/{version.version}"})
-        log.info("MLflow: registered model %s version %s", name, version.version)
+            t.submit("register_model", Registration(t.client, t.run_id, register_as, uploads, registered,
+                                                    tracking_uri=t.tracking_uri), kind="artifact")
 
     # -------------------------------------------------------------------------------------- datasets
     def dataset(self, record: dict[str, Any]) -> None:
@@ -192,25 +153,3 @@ def _log_files(log_dir: Path) -> list[Path]:
     return sorted(p for p in log_dir.iterdir()
                   if p.is_file() and p.suffix in LOG_FILE_SUFFIXES and p.stat().st_size > 0 and p.name != UNSENT_FILE)
 
-
-def note(e: RunFinished, *, datasets: list[dict[str, Any]], model: ModelLoaded | None, total_steps: int,
-         trace_id: str | None) -> str:
-    """The markdown summary shown on the run page: data, model, result, errors, failure, trace."""
-    lines = [f"### splade-obs run — {e.status}", ""]
-    for d in datasets:
-        n = f"{d['num_examples']} examples" if d.get("num_examples") is not None else "examples: ?"
-        lines.append(f"- **Data ({d['split']})**: `{d['source']}` — {n}, digest `{str(d['digest'])[:12]}`")
-    if model is not None:
-        lines.append(f"- **Model**: `{model.name}` — {model.num_parameters / 1e6:.1f}M parameters on "
-                     f"{model.device}, AMP {model.amp_dtype}")
-    lines.append(f"- **Result**: step {e.step}/{total_steps or '?'} in {e.duration_seconds:.1f}s")
-    for k, v in sorted(e.final_metrics.items()):
-        lines.append(f"  - {k}: {v:.4g}")
-    errors = {k: v for k, v in e.counters.items() if v}
-    if errors:
-        lines.append("- **Errors**: " + ", ".join(f"{k}: {v}" for k, v in sorted(errors.items())))
-    if e.error:
-        lines.append(f"- **Failure**: `{e.error.get('category')}` — {str(e.error.get('message'))[:500]}")
-    if trace_id:
-        lines.append(f"- **Trace**: `{trace_id}`")
-    return "\n".join(lines)

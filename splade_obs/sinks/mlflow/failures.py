@@ -17,11 +17,15 @@ import re
 import socket
 import threading
 import time
-from typing import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 from ...errors import ApplicationError, classify
 from ...redaction import safe_text
 from .store import strip_credentials
+
+if TYPE_CHECKING:
+    from .transport import Transport
 
 log = logging.getLogger("splade_obs.sinks.mlflow")
 
@@ -192,3 +196,29 @@ def quiet_run_url_print(tracking_uri: str) -> None:
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     else:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
+
+def report_shutdown(t: Transport, *, log_dir: Path | None, complete: bool, unsent: int, cut: str) -> None:
+    """The end-of-run warnings of the MLflow sink: what did not reach the store, where it is kept and the command
+    that sends it later (``cut``: why the shutdown stopped waiting, for the message)."""
+    from .transport import SYNC_COMMAND, UNSENT_FILE
+
+    lost_end = t.status is not None and not t.terminated
+    if log_dir is None:
+        if t.dropped_points or lost_end:
+            log.warning("MLflow: %d metric points did not reach %s and there is no log folder to keep them",
+                        t.dropped_points, t.safe_uri)
+        return
+    if unsent or lost_end:
+        what = [f"{unsent} metric points"] if unsent else []
+        if lost_end:
+            what.append(f"the final status {t.status}")
+        log.warning("MLflow: %s did not reach %s%s; kept in %s: send them with `%s %s`",
+                    " and ".join(what), t.safe_uri, "" if complete else f" (gave up after {cut})",
+                    log_dir / UNSENT_FILE, SYNC_COMMAND, log_dir)
+    elif not complete:
+        log.warning("MLflow: gave up on the last uploads to %s after %s (metrics and status are complete)",
+                    t.safe_uri, cut)
+    if t.dropped_points:
+        log.warning("MLflow: %d metric points could not be written anywhere (see the warnings above)",
+                    t.dropped_points)

@@ -12,8 +12,11 @@ What a run gets (see ``docs/observability.md``):
 * metrics: for every event, each ``(name, value)`` of ``event.metrics()`` under ``name`` as is, at the
   event's step (``ErrorCaught`` without a step: the last step seen). A partial epoch (``EpochDone`` with
   ``complete=False``) is left to the local metrics file. The last point of a metric is its final value;
-* tags, dataset inputs, artifacts (config, system info, metrics file, logs, plot, model in HF format and
-  as an MLflow pyfunc model ``splade_model``, optionally registered), a markdown note, the final status.
+* tags (``splade.health``, ``splade.errors.total``, ``splade.error.*`` among them), dataset inputs (training,
+  validation, evaluation), artifacts (config, system info, metrics file, logs, plot, model in HF format), the
+  final and best models as MLflow 3 LoggedModels (``splade_model``, ``best_model``; ``logged_model.py``),
+  optionally registered, system metrics (``system_metrics.py``), a markdown note that puts errors first
+  (``note.py``), the final status; the console's last line is the run page's address (``ui.py``).
 
 The sink never reads the training config object: delivery options come in :class:`MlflowOptions`, all the
 rest from events. ``open(bus)`` announces the run with :class:`TrackingRunOpened`; the trace id arrives as
@@ -26,7 +29,6 @@ checkpoint step and the last step already in the run are logged, so no point is 
 from __future__ import annotations
 
 import collections
-import getpass
 import json
 import logging
 import socket
@@ -36,14 +38,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from ...errors import ApplicationError
+from ...errors import ConfigError
+from ...redaction import safe_text
 from ...bus import EventBus, Sink
 from ...events import (CheckpointSaved, DataLoaded, EpochDone, ErrorCaught, Event, EvaluationDone, ModelLoaded,
                        RunFinished, RunStarted, SinkDegraded, StepDone, TraceOpened, TrackingRunOpened)
-from . import store, unsent
-from .artifacts import CONTEXTS, Artifacts, History, note
+from . import env, store, unsent
+from .artifacts import CONTEXTS, Artifacts, History
+from . import ui
+from .failures import report_shutdown
+from .note import health, note
 from .store import TrackingUnavailableError
-from .transport import DEFAULT_SHUTDOWN_TIMEOUT, SYNC_COMMAND, UNSENT_FILE, Transport
+from .transport import DEFAULT_SHUTDOWN_TIMEOUT, Transport
 
 log = logging.getLogger("splade_obs.sinks.mlflow")
 
@@ -53,11 +59,16 @@ class MlflowOptions:
     """How to deliver: where the store is and what to log. Everything about the run comes from events."""
 
     tracking_uri: str | None = None     # None: store.default_tracking_uri()
-    experiment_name: str = "splade-obs"
+    experiment_name: str | None = "splade-obs"  # None: the experiment of experiment_id
+    experiment_id: str | None = None    # an existing experiment (MLFLOW_EXPERIMENT_ID); with a name, they must agree
     run_name: str | None = None         # None: a generated name (RunStarted.run_name renames a new run)
+    run_id: str | None = None           # continue this existing run (MLFLOW_RUN_ID); a checkpoint's run wins
+    tags: Mapping[str, str] | None = None  # extra tags of the run (MLFLOW_TAGS)
+    system_metrics: env.SystemMetricsOptions | None = None  # None: no system metrics (`train` turns them on)
+    env_sources: tuple[str, ...] = ()   # the MLflow variables that set any of these (tag splade.mlflow_env)
     require: bool = False               # an unreachable store raises TrackingUnavailableError
-    register_model: str | None = None   # registered-model name for the pyfunc model
-    log_model: bool = True              # log the pyfunc model (the HF folder is logged either way)
+    register_model: str | None = None   # registered-model name (the best model, else the final one)
+    log_model: bool = True              # log the final (and best) model as LoggedModels (HF folder: either way)
     flush_interval: float = 2.0         # seconds between metric batches (and between unsent-file writes)
     #: seconds the end of the run may spend on the store (final points, status, artifacts), counted from
     #: RunFinished; what is left then stays in <log_dir>/mlflow_unsent.jsonl
@@ -93,7 +104,12 @@ class MlflowSink(Sink):
             store.lower_http_retries_for(uri)
             store.check_store(uri)
             sink = cls(options, uri)
-            sink._open_run(resume_run_id)
+            if resume_run_id and options.run_id and options.run_id != resume_run_id:
+                log.info("MLflow: continuing the checkpoint's run %s, not %s's %s", resume_run_id, env.RUN_ID,
+                         options.run_id)
+            sink._open_run(resume_run_id or options.run_id, explicit=not resume_run_id and bool(options.run_id))
+        except ConfigError:
+            raise  # a variable or setting names something the store does not have: the user must fix it
         except Exception as exc:  # noqa: BLE001 - any failure to open the run means "no MLflow for this run"
             first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             err = exc if isinstance(exc, TrackingUnavailableError) else TrackingUnavailableError(
@@ -117,6 +133,7 @@ class MlflowSink(Sink):
         self._history = History()
         self._error_counts: collections.Counter[str] = collections.Counter()
         self._skipped_batches = 0
+        self._checkpoint_time: tuple[int, float, CheckpointSaved] | None = None  # (step, seconds summed, last)
         self._datasets: list[dict[str, Any]] = []
         self._logged_datasets: set[tuple[str, str, str]] = set()
         self._changed_params: dict[str, str] = {}
@@ -129,14 +146,18 @@ class MlflowSink(Sink):
         self._finish_deadline: float | None = None
         self._hurry = threading.Event()
         self._closed = False
+        self._system: Any = None            # the system-metrics monitor (system_metrics.py), from open()
+        self._system_step: int | None = None  # a continued run: its next system/ step
 
     @property
     def run_id(self) -> str:
         return self.transport.run_id
 
-    def _open_run(self, resume_run_id: str | None) -> None:
+    def _open_run(self, resume_run_id: str | None, *, explicit: bool = False) -> None:
+        """Continue ``resume_run_id`` (``explicit``: given by MLFLOW_RUN_ID, so it must exist) or create a run."""
         t = self.transport
-        run = t.call("get_run", t.client.get_run, resume_run_id, attempts=2) if resume_run_id else None
+        run = (env.run_to_continue(t, resume_run_id) if explicit else
+               env.find_run(t, resume_run_id) if resume_run_id else None)
         if run is not None and run.info.lifecycle_stage == "active":
             t.run_id, self.experiment_id, self.resumed = run.info.run_id, run.info.experiment_id, True
             if unsent.replay_before_resume(self.options.log_dir, t.tracking_uri, t.run_id):
@@ -145,7 +166,8 @@ class MlflowSink(Sink):
             t.existing_params = dict(run.data.params)
             self._min_step = self._last_logged_step(run)
             resumes = int(run.data.tags.get("splade.resume_count", "0") or 0) + 1
-            t.set_tags({"splade.resume_count": str(resumes)})
+            t.set_tags({"splade.resume_count": str(resumes), **env.identity_tags(self.options)})
+            self._system_step = env.first_system_step(run)
         else:
             if resume_run_id:
                 log.warning("MLflow run %s to resume was not found at %s; starting a new run",
@@ -166,40 +188,20 @@ class MlflowSink(Sink):
         return max((m.step for m in latest if m.key == "train/loss"), default=0)
 
     def _experiment_id(self) -> str:
-        t, name = self.transport, self.options.experiment_name
-        exp = t.call("get_experiment_by_name", t.client.get_experiment_by_name, name)
-        if exp is not None:
-            if exp.lifecycle_stage != "active":
-                t.call("restore_experiment", t.client.restore_experiment, exp.experiment_id)
-            return exp.experiment_id
-        location = store.artifact_location_for(t.tracking_uri, name)
-        try:
-            return t.call("create_experiment", t.client.create_experiment, name, artifact_location=location,
-                          attempts=1)
-        except ApplicationError:
-            exp = t.client.get_experiment_by_name(name)  # created meanwhile by another process
-            if exp is None:
-                raise
-            return exp.experiment_id
+        """The new run's experiment: ``options.experiment_name`` (created when missing) or ``experiment_id``."""
+        return env.experiment_id_for(self.transport, self.options)
 
     def _start_tags(self, previous_run_id: str | None) -> dict[str, str]:
-        tags = {"mlflow.source.name": "splade-obs train", "mlflow.source.type": "LOCAL",
-                "host": socket.gethostname(), "splade.tracking_uri": self.transport.safe_uri}
-        try:
-            tags["mlflow.user"] = getpass.getuser()
-        except Exception:  # noqa: BLE001 - no user name in some containers
-            pass
-        commit = store.git_commit()
-        if commit:
-            tags["mlflow.source.git.commit"] = commit
-        if previous_run_id:
-            tags["splade.resumed_from_missing_run"] = previous_run_id
-        return tags
+        return env.start_tags(self.transport.safe_uri, self.options, previous_run_id)
 
     def open(self, bus: EventBus) -> None:
         """Announce the run to the other sinks (span attributes, the OTLP exporter, ``RunIds``)."""
         bus.emit(TrackingRunOpened(run_id=self.run_id, experiment_id=self.experiment_id,
                                    tracking_uri=self.transport.safe_uri, resumed=self.resumed))
+        if self.options.system_metrics is not None and self._system is None:  # the System metrics tab
+            from .system_metrics import start_monitor
+            self._system = start_monitor(self.run_id, self.transport, self.options.system_metrics,
+                                         resume_logging=self.resumed, first_step=self._system_step)
 
     # --------------------------------------------------------------------------------------- metrics
     def _log_metrics(self, e: Event, step: int, *, always: bool = False) -> bool:
@@ -228,7 +230,9 @@ class MlflowSink(Sink):
                     t.client.update_run(run_id, name=name)
 
             t.submit("update_run", rename)
-        self._log_params(dict(e.params))  # as `splade-obs config show --format params` prints them
+        # as `splade-obs config show --format params` prints them; a resume that sets what the run left unset
+        # (unset settings are not params) records it as changed too
+        self._log_params(dict(e.params), new_are_changes=self.resumed)
         if e.config:
             self.artifacts.config(e.config)
         self.artifacts.json(e.system_info, "system_info.json")
@@ -244,7 +248,7 @@ class MlflowSink(Sink):
             "splade.output_dir": e.output_dir, "splade.status": "RUNNING",
         }
         if info.get("mixed_precision"):
-            tags["splade.amp_dtype"] = info["mixed_precision"]
+            tags["splade.amp_dtype"] = info["mixed_precision"]  # ModelLoaded confirms it (same tag)
         if info.get("git_commit"):
             tags["mlflow.source.git.commit"] = info["git_commit"]
             tags["splade.git_dirty"] = info.get("git_dirty")
@@ -254,9 +258,12 @@ class MlflowSink(Sink):
             tags["otel.trace_id"] = self._trace_id
         return tags
 
-    def _log_params(self, params: dict[str, Any]) -> None:
+    def _log_params(self, params: dict[str, Any], *, new_are_changes: bool = False) -> None:
         """Params not in the run yet; on resume, changed values are recorded as a tag (params are immutable)."""
+        before = set(self.transport.existing_params)
         changed = self.transport.log_params({k: str(v) for k, v in params.items()})
+        if new_are_changes and before:
+            changed.update({k: self.transport.existing_params[k] for k in params if k not in before})
         if changed:
             self._changed_params.update(changed)
             self.transport.set_tags({"splade.resume.changed_params": json.dumps(self._changed_params)})
@@ -280,11 +287,13 @@ class MlflowSink(Sink):
 
     def on_model_loaded(self, e: ModelLoaded) -> None:
         self._model = e
-        self.transport.set_tags({"device": e.device, "amp_dtype": e.amp_dtype, "splade.model_path": e.path})
+        self.transport.set_tags({"splade.device": e.device, "splade.amp_dtype": e.amp_dtype, "splade.model_path": e.path})
         self._log_params({"model.num_parameters": e.num_parameters})
 
     def on_step_done(self, e: StepDone) -> None:
         self._last_step = max(self._last_step, e.step)
+        if self._checkpoint_time is not None and e.step > self._checkpoint_time[0]:
+            self._log_checkpoint_time()
         if self._log_metrics(e, e.step):
             self._history.add(e.step, loss=e.loss, query_nnz=e.query_nnz, doc_nnz=e.doc_nnz)
 
@@ -295,12 +304,19 @@ class MlflowSink(Sink):
             self.transport.request_flush()
 
     def on_evaluation_done(self, e: EvaluationDone) -> None:
-        if self._log_metrics(e, e.step):
+        """Log the scores; keep the last (and last best) evaluation with its points for the LoggedModels."""
+        from .logged_model import eval_points
+        logged = self._log_metrics(e, e.step)
+        if logged:
             self.transport.request_flush()
+        self._last_eval = (e, eval_points(e) if logged else [])  # []: a resumed step, already in the run
+        self._best_eval = self._last_eval if e.is_best else getattr(self, "_best_eval", None)
 
     def on_error_caught(self, e: ErrorCaught) -> None:
         self._error_counts[e.category] = max(self._error_counts[e.category] + 1, e.counts.get(e.category, 0))
         if e.skipped_batch:
+            if not self._skipped_batches:
+                self.transport.set_tags({"splade.health": "degraded"})  # visible in the runs table while it runs
             self._skipped_batches = max(self._skipped_batches + 1, e.skipped_batches)
         self._log_metrics(e, e.step if e.step is not None else self._last_step)
         if e.fatal:
@@ -309,7 +325,25 @@ class MlflowSink(Sink):
     def on_checkpoint_saved(self, e: CheckpointSaved) -> None:
         self.transport.set_tags({"splade.last_checkpoint_step": e.step, "splade.last_checkpoint_path": e.path,
                                  "splade.last_checkpoint_reason": e.reason})
-        self._log_metrics(e, e.step)
+        # one checkpoint/* point per step: the checkpoints and models written at one step are summed
+        if self._checkpoint_time is not None and self._checkpoint_time[0] != e.step:
+            self._log_checkpoint_time()
+        step, seconds, _ = self._checkpoint_time or (e.step, 0.0, e)
+        self._checkpoint_time = (step, seconds + e.duration_seconds, e)
+        if e.reason == "best":
+            self._on_best_checkpoint(e)
+
+    def _log_checkpoint_time(self) -> None:
+        if self._checkpoint_time is None:
+            return
+        step, seconds, e = self._checkpoint_time
+        self._checkpoint_time = None
+        if not (self._min_step and step <= self._min_step):
+            self.transport.add("checkpoint/duration_seconds", seconds, step, e.time_ns)
+
+    def _on_best_checkpoint(self, e: CheckpointSaved) -> None:
+        """Nothing sent now: the last best (``<output_dir>/best``) is logged once at the end (see logged_model.py)."""
+        self._best_checkpoint = e
 
     def on_sink_degraded(self, e: SinkDegraded) -> None:
         self._degraded_sinks.append(e.sink)
@@ -322,13 +356,20 @@ class MlflowSink(Sink):
         self._run_finished = e
         self._finish_deadline = time.monotonic() + self.options.shutdown_timeout
         t = self.transport
+        self._log_checkpoint_time()
         self._log_metrics(e, max(e.step, self._last_step), always=True)  # the run's final counts always land
         t.request_flush()
         started = self._run_started
         tags = {"splade.status": e.status, "splade.final_step": e.step, "otel.trace_id": self._trace_id,
+                "splade.errors.total": e.errors_total, "splade.health": health(e, self._skipped_batches, self._degraded_sinks),
                 "mlflow.note.content": note(e, datasets=self._datasets, model=self._model,
                                             total_steps=started.total_steps if started else 0,
-                                            trace_id=self._trace_id)}
+                                            trace_id=self._trace_id, skipped_batches=self._skipped_batches,
+                                            trace_link=ui.trace_link(self.experiment_id, self._trace_id)
+                                            if self._trace_id else None)}
+        if e.error:
+            tags["splade.error.category"] = e.error.get("category")
+            tags["splade.error.message"] = safe_text(str(e.error.get("message") or ""))[:500]
         if self._degraded_sinks:
             tags["splade.degraded_sinks"] = ",".join(self._degraded_sinks)
         t.set_tags(tags)
@@ -349,11 +390,13 @@ class MlflowSink(Sink):
         model_path = e.model_path
         if model_path and Path(model_path).is_dir():
             steps.append(("HF model", lambda: a.hf_model(model_path)))
-            if self.options.log_model:
-                model_cfg = _section(self._run_started.config if self._run_started else None, "model")
-                steps.append(("pyfunc model", lambda: a.pyfunc_model(
-                    model_path, max_length=int(model_cfg.get("max_doc_length") or 128), top_k=model_cfg.get("top_k"),
-                    register_as=self.options.register_model)))
+        if self.options.log_model:  # LoggedModels: the final model, the best one (--save-best-metric), registration
+            from .logged_model import run_model_specs
+            specs = {"final_path": model_path, "final_step": e.step, "params": dict(self.transport.existing_params),
+                     "config": self._run_started.config if self._run_started else None, **{
+                         k: getattr(self, f"_{k}", None) for k in ("last_eval", "best_eval", "best_checkpoint")}}
+            steps.append(("logged models", lambda: a.logged_models(run_model_specs(**specs),
+                                                                   register_as=self.options.register_model)))
         for what, fn in steps:
             try:
                 fn()  # queues the upload
@@ -381,6 +424,8 @@ class MlflowSink(Sink):
         if self._closed:
             return
         self._closed = True
+        if self._system is not None:  # its last sample is queued before the drain below
+            self._system.stop(min(2.0, max(0.0, timeout)))
         t, now = self.transport, time.monotonic()
         if self._run_finished is None:
             # the run ended without RunFinished (crash, hard interrupt): do not leave it RUNNING
@@ -392,31 +437,8 @@ class MlflowSink(Sink):
         deadline = min(self._finish_deadline or now, now + max(0.0, timeout))
         complete = t.drain(deadline, self._hurry)
         unsent = t.shutdown()
-        self._report(complete, unsent)
-
-    def _report(self, complete: bool, unsent: int) -> None:
-        t = self.transport
         cut = ("the stop signal" if self._hurry.is_set() else
                f"{self.options.shutdown_timeout:g}s (tracking.shutdown_timeout)")
-        lost_end = t.status is not None and not t.terminated
-        if self._log_dir is None:
-            if t.dropped_points or lost_end:
-                log.warning("MLflow: %d metric points did not reach %s and there is no log folder to keep them",
-                            t.dropped_points, t.safe_uri)
-            return
-        if unsent or lost_end:
-            what = [f"{unsent} metric points"] if unsent else []
-            if lost_end:
-                what.append(f"the final status {t.status}")
-            log.warning("MLflow: %s did not reach %s%s; kept in %s: send them with `%s %s`",
-                        " and ".join(what), t.safe_uri, "" if complete else f" (gave up after {cut})",
-                        self._log_dir / UNSENT_FILE, SYNC_COMMAND, self._log_dir)
-        elif not complete:
-            log.warning("MLflow: gave up on the last uploads to %s after %s (metrics and status are complete)",
-                        t.safe_uri, cut)
-        if t.dropped_points:
-            log.warning("MLflow: %d metric points could not be written anywhere (see the warnings above)",
-                        t.dropped_points)
-        if t.terminated and t.safe_uri.startswith(("http://", "https://")) and self.experiment_id:
-            log.info("MLflow run: %s/#/experiments/%s/runs/%s", t.safe_uri.rstrip("/"), self.experiment_id,
-                     t.run_id)
+        report_shutdown(t, log_dir=self._log_dir, complete=complete, unsent=unsent, cut=cut)
+        if t.run_id and self.experiment_id:  # where to look: the run page (and, for a local store, how to serve it)
+            log.info("%s", ui.ui_hint(t.safe_uri, self.experiment_id, t.run_id))
