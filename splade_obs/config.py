@@ -208,8 +208,8 @@ class TracingConfig:
 
     exporter: str = setting("file", "Span exporter: file = <log-dir>/traces.jsonl; otlp uses OTEL_EXPORTER_OTLP_* "
                                     "env vars.", flag="otel-exporter", choices=EXPORTERS)
-    trace_batches: str = setting("every:50", "Batch spans kept: all, none or every:N (failed and slow batches "
-                                             "always kept).")
+    trace_batches: str = setting("every:50", "Batch spans kept: all, none or every:N (the first batch, then steps "
+                                             "N, 2N, ...; failed and slow batches always kept).")
     slow_batch_factor: float = setting(3.0, "A batch this many times slower than the typical one is kept as slow.",
                                        file_only=True, ge=1)
     to_mlflow: bool = setting(True, "Also put the run's trace in MLflow when the run is tracked there (its "
@@ -220,6 +220,12 @@ class TracingConfig:
                                       file_only=True, ge=0)
     service_name: str | None = setting(None, "OpenTelemetry service.name (default $OTEL_SERVICE_NAME or "
                                              "splade-obs).", flag="otel-service-name", metavar="NAME")
+    metrics: bool = setting(True, "OpenTelemetry metrics: <log-dir>/metrics.jsonl, OTLP as for spans, Prometheus with "
+                                  "--prometheus-port (--no-otel-metrics: none).", flag="otel-metrics")
+    prometheus_port: int | None = setting(None, "Serve the run's metrics to Prometheus on this port.", ge=1, le=65535)
+    prometheus_host: str = setting("127.0.0.1", "Address of the Prometheus endpoint (0.0.0.0: all interfaces).")
+    prometheus_linger: float = setting(0.0, "Seconds the Prometheus endpoint serves the final values after the run.",
+                                       ge=0)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,7 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
     log_dir = cfg.log_dir
     sinks: list[Sink] = [LogSink(), ErrorsFileSink(log_dir), MetricsFileSink(log_dir),
                          ProgressSink(cfg.logging.progress, cfg.logging.progress_interval)]
+    metrics = _metrics_sink(cfg, rank) if rank == 0 and cfg.tracing.metrics else None  # a busy port fails here
     if cfg.tracing.exporter != "none":  # optional pieces are imported only when used
         from .sinks.otel import OtelOptions, OtelSink
         tr = cfg.tracing
@@ -93,6 +94,8 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
                                log_dir=log_dir, rank=rank, world_size=world_size)
         if otel is not None:
             sinks.append(otel)
+    if metrics is not None:  # before MLflow: its close writes the final export that MLflow uploads with the logs
+        sinks.append(metrics)
     mlflow_sink, failure = None, None
     if rank == 0 and cfg.tracking.enabled:
         from .sinks.mlflow import MlflowSink
@@ -106,10 +109,22 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
             sinks.append(mlflow_sink)
     node_sink = _node_system_metrics(cfg, rank, world_size, mlflow_sink)
     if failure is not None:
+        if metrics is not None:
+            metrics.close(0.0)  # frees the Prometheus port
         raise failure
     if node_sink is not None:
         sinks.append(node_sink)
     return sinks
+
+
+def _metrics_sink(cfg: TrainConfig, rank: int) -> Sink | None:
+    """OpenTelemetry metrics (rank 0): ``metrics.jsonl``, OTLP as for spans, Prometheus with ``--prometheus-port``."""
+    from .sinks.otel.metrics import MetricsOptions, OtelMetricsSink
+    tr = cfg.tracing
+    return OtelMetricsSink.create(MetricsOptions(
+        exporter=tr.exporter, prometheus_port=tr.prometheus_port, prometheus_host=tr.prometheus_host,
+        prometheus_linger=tr.prometheus_linger, shutdown_timeout=tr.shutdown_timeout, service_name=tr.service_name),
+        log_dir=cfg.log_dir, rank=rank)
 
 
 def _node_system_metrics(cfg: TrainConfig, rank: int, world_size: int, mlflow_sink: Any) -> Sink | None:
@@ -224,4 +239,5 @@ def _build_evaluator(cfg: TrainConfig) -> Any:
     beir = load_beir(cfg.eval.eval_data, cfg.eval.eval_split)
     return RetrievalEvaluator(beir, max_query_length=cfg.model.max_query_length,
                               max_doc_length=cfg.model.max_doc_length, max_queries=cfg.eval.eval_max_queries,
-                              seed=cfg.optim.seed, idf_power=cfg.eval.eval_idf_power)
+                              seed=cfg.optim.seed, idf_power=cfg.eval.eval_idf_power,
+                              progress=cfg.logging.progress, progress_interval=cfg.logging.progress_interval)

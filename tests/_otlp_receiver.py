@@ -1,10 +1,13 @@
-"""A real OTLP/HTTP trace receiver for the tests: ``POST /v1/traces`` on 127.0.0.1, protobuf decoded with
-``opentelemetry-proto``, spans and request headers kept in memory.
+"""A real OTLP/HTTP receiver for the tests: ``POST /v1/traces``, ``/v1/metrics`` and ``/v1/logs`` on 127.0.0.1,
+protobuf decoded with ``opentelemetry-proto``; spans, metric points, log records and request headers kept in memory.
 
     with OtlpReceiver() as rx:            # free port, background thread
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint}
         ...
         rx.wait_for(lambda spans: any(s.name == "train" for s in spans), timeout=10)
+        rx.wait_for_metrics(lambda ms: any(m.name == "splade.train.loss" for m in ms))
+        rx.metric_snapshot()  # every ReceivedMetric, one per metric per request, in arrival order
+        rx.log_snapshot()     # every ReceivedLog
 """
 
 from __future__ import annotations
@@ -18,6 +21,11 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest, ExportLogsServiceResponse
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -61,12 +69,68 @@ class ReceivedSpan:
     resource: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class ReceivedMetric:
+    """One metric of one export request: ``kind`` is gauge, sum or histogram; ``points`` are (attributes,
+    value) pairs, the value a number (gauge, sum) or a dict with count, sum, bounds and counts (histogram)."""
+
+    name: str
+    unit: str
+    description: str
+    kind: str
+    points: list[tuple[dict[str, Any], Any]]
+    monotonic: bool | None = None
+    temporality: int = 0        # 1 delta, 2 cumulative (sums and histograms)
+    resource: dict[str, Any] = field(default_factory=dict)
+    scope: str = ""
+
+
+@dataclass
+class ReceivedLog:
+    body: Any
+    severity_text: str
+    severity_number: int
+    attributes: dict[str, Any]
+    trace_id: str               # "" when the record has none
+    span_id: str
+    time_ns: int
+    resource: dict[str, Any] = field(default_factory=dict)
+    scope: str = ""
+
+
+def _number(point: Any) -> Any:
+    return getattr(point, point.WhichOneof("value")) if point.WhichOneof("value") else None
+
+
+def _metric(m: Any, resource: dict[str, Any], scope: str) -> ReceivedMetric:
+    kind = m.WhichOneof("data") or ""
+    data = getattr(m, kind) if kind else None
+    points: list[tuple[dict[str, Any], Any]] = []
+    if kind in ("gauge", "sum"):
+        points = [(_kv(p.attributes), _number(p)) for p in data.data_points]
+    elif kind == "histogram":
+        points = [(_kv(p.attributes), {"count": p.count, "sum": p.sum, "bounds": list(p.explicit_bounds),
+                                       "counts": list(p.bucket_counts)}) for p in data.data_points]
+    return ReceivedMetric(name=m.name, unit=m.unit, description=m.description, kind=kind, points=points,
+                          monotonic=data.is_monotonic if kind == "sum" else None,
+                          temporality=int(getattr(data, "aggregation_temporality", 0) or 0),
+                          resource=resource, scope=scope)
+
+
 class OtlpReceiver:
-    """Collects spans posted to ``/v1/traces``; start()/stop() or use as a context manager."""
+    """Collects spans posted to ``/v1/traces``, metrics to ``/v1/metrics`` and log records to ``/v1/logs``;
+    start()/stop() or use as a context manager."""
+
+    #: path -> (request class, response class, name of the ingest method)
+    SIGNALS = {"/v1/traces": (ExportTraceServiceRequest, ExportTraceServiceResponse, "_ingest"),
+               "/v1/metrics": (ExportMetricsServiceRequest, ExportMetricsServiceResponse, "_ingest_metrics"),
+               "/v1/logs": (ExportLogsServiceRequest, ExportLogsServiceResponse, "_ingest_logs")}
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.spans: list[ReceivedSpan] = []
+        self.metrics: list[ReceivedMetric] = []
+        self.logs: list[ReceivedLog] = []
         self.requests: list[dict[str, str]] = []   # headers of every request (lower-cased names)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -82,7 +146,8 @@ class OtlpReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:  # noqa: N802 - http.server API
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path.rstrip("/") != "/v1/traces":
+                signal = receiver.SIGNALS.get(self.path.rstrip("/"))
+                if signal is None:
                     self.send_error(404)
                     return
                 encoding = (self.headers.get("Content-Encoding") or "").lower()
@@ -91,11 +156,11 @@ class OtlpReceiver:
                 elif encoding == "deflate":
                     body = zlib.decompress(body)
                 try:
-                    receiver._ingest(body, {k.lower(): v for k, v in self.headers.items()})
+                    getattr(receiver, signal[2])(body, {k.lower(): v for k, v in self.headers.items()})
                 except Exception:  # noqa: BLE001 - a malformed request is a 400, not a crash
                     self.send_error(400)
                     return
-                payload = ExportTraceServiceResponse().SerializeToString()
+                payload = signal[1]().SerializeToString()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", str(len(payload)))
@@ -144,9 +209,48 @@ class OtlpReceiver:
             self.requests.append(headers)
             self.spans.extend(got)
 
+    def _ingest_metrics(self, body: bytes, headers: dict[str, str]) -> None:
+        req = ExportMetricsServiceRequest()
+        req.ParseFromString(body)
+        got = [_metric(m, _kv(rm.resource.attributes), sm.scope.name)
+               for rm in req.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+        with self._lock:
+            self.requests.append(headers)
+            self.metrics.extend(got)
+
+    def _ingest_logs(self, body: bytes, headers: dict[str, str]) -> None:
+        req = ExportLogsServiceRequest()
+        req.ParseFromString(body)
+        got = []
+        for rl in req.resource_logs:
+            resource = _kv(rl.resource.attributes)
+            for sl in rl.scope_logs:
+                for r in sl.log_records:
+                    got.append(ReceivedLog(body=_value(r.body), severity_text=r.severity_text,
+                                           severity_number=int(r.severity_number), attributes=_kv(r.attributes),
+                                           trace_id=r.trace_id.hex(), span_id=r.span_id.hex(),
+                                           time_ns=r.time_unix_nano, resource=resource, scope=sl.scope.name))
+        with self._lock:
+            self.requests.append(headers)
+            self.logs.extend(got)
+
     def snapshot(self) -> list[ReceivedSpan]:
         with self._lock:
             return list(self.spans)
+
+    def metric_snapshot(self) -> list[ReceivedMetric]:
+        with self._lock:
+            return list(self.metrics)
+
+    def log_snapshot(self) -> list[ReceivedLog]:
+        with self._lock:
+            return list(self.logs)
+
+    def wait_for_metrics(self, predicate: Callable[[list[ReceivedMetric]], bool], timeout: float = 10.0) -> bool:
+        return _poll(lambda: predicate(self.metric_snapshot()), timeout)
+
+    def wait_for_logs(self, predicate: Callable[[list[ReceivedLog]], bool], timeout: float = 10.0) -> bool:
+        return _poll(lambda: predicate(self.log_snapshot()), timeout)
 
     def wait_for(self, predicate: Callable[[list[ReceivedSpan]], bool], timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
@@ -155,3 +259,12 @@ class OtlpReceiver:
                 return True
             time.sleep(0.05)
         return predicate(self.snapshot())
+
+
+def _poll(check: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return check()
