@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -9,6 +10,7 @@ import click
 from splade_obs.errors import ErrorCategory
 
 from .common import debug_option, handle_errors
+from .evaluate_cmd import progress_options
 
 
 @click.command("encode")
@@ -25,18 +27,27 @@ from .common import debug_option, handle_errors
               help="Integer weights int(w * S + 0.5), e.g. 100 for Anserini/Lucene impact indexes.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@progress_options
 @debug_option
 @handle_errors(ErrorCategory.INFERENCE_ERROR)
 def encode(model_name: str, input_path: Path, kind: str, output: Path, max_length: int | None,
-           top_k: int | None, quantize_scale: float | None, batch_size: int, device: str, debug: bool) -> None:
-    """Encode texts into SPLADE sparse vectors, one JSON line per record, in input order."""
+           top_k: int | None, quantize_scale: float | None, batch_size: int, device: str, progress: str,
+           progress_interval: float, debug: bool) -> None:
+    """Encode texts into SPLADE sparse vectors, one JSON line per record, in input order.
+
+    The progress and a summary with the time taken go to stderr.
+    """
+    start = time.monotonic()
     from splade_obs.encode import encode_file, input_file
     from splade_obs.device import device_name
     from splade_obs.model import SpladeEncoder
+    from splade_obs.progress_util import ProgressSpec
 
     input_file(input_path, kind)  # a wrong path fails before the model loads
     encoder = SpladeEncoder.from_pretrained(model_name, device=device_name(device))
     stats = encode_file(encoder, input_path, output, kind=kind, max_length=max_length, batch_size=batch_size,
-                        top_k=top_k, quantize_scale=quantize_scale)
+                        top_k=top_k, quantize_scale=quantize_scale,
+                        progress=ProgressSpec(progress, progress_interval))
     click.echo(f"encoded {stats.count} {kind} records in {stats.seconds:.1f}s "
-               f"({stats.avg_nnz:.1f} terms per vector) -> {stats.output}", err=True)
+               f"({stats.avg_nnz:.1f} terms per vector) -> {stats.output}; "
+               f"{time.monotonic() - start:.1f}s in all (model loading included)", err=True)

@@ -3,13 +3,27 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 import click
 
 from splade_obs.errors import ErrorCategory
 
 from .common import debug_option, handle_errors
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def progress_options(fn: F) -> F:
+    """``--progress`` and ``--progress-interval`` (as train's ``logging.progress``): shared by evaluate, encode and
+    mine-negatives. Progress goes to stderr; stdout keeps the results."""
+    fn = click.option("--progress-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
+                      metavar="SECONDS", help="Seconds between progress lines when not on a terminal.")(fn)
+    return click.option("--progress", "progress", type=click.Choice(["auto", "bar", "lines", "none"]),
+                        default="auto", show_default=True,
+                        help="auto: a bar on a terminal, lines otherwise (on stderr).")(fn)
 
 
 @click.command("evaluate")
@@ -31,15 +45,19 @@ from .common import debug_option, handle_errors
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 @click.option("--trec-run", type=click.Path(path_type=Path), default=None,
               help="Write the ranking as a TREC run file (qid Q0 docid rank score tag).")
+@progress_options
 @debug_option
 @handle_errors(ErrorCategory.EVALUATION_ERROR)
 def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int, max_doc_length: int,
              batch_size: int, max_queries: int | None, top_k_docs: int, idf_power: float, device: str,
-             output: Path | None, trec_run: Path | None, debug: bool) -> None:
+             output: Path | None, trec_run: Path | None, progress: str, progress_interval: float,
+             debug: bool) -> None:
     """Encode a BEIR corpus and its queries, retrieve exactly by sparse dot product, and score.
 
-    Prints JSON (nDCG@10, MRR@10, Recall@100, MAP@100, sparsity, timings) on stdout and a table on stderr.
+    Prints JSON (nDCG@10, MRR@10, Recall@100, MAP@100, sparsity, timings, the command's duration_seconds) on
+    stdout; the progress, a table and the time taken on stderr.
     """
+    start = time.monotonic()
     from splade_obs.beir import load_beir
     from splade_obs.device import device_name
     from splade_obs.evaluate import RetrievalEvaluator, format_metrics_table, write_trec_run
@@ -48,16 +66,21 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
     beir = load_beir(data_dir, split)  # data problems surface before the model loads
     evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
                                    batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k_docs,
-                                   idf_power=idf_power)
+                                   idf_power=idf_power, progress=progress, progress_interval=progress_interval)
     encoder = SpladeEncoder.from_pretrained(model_name, device=device_name(device))
     metrics = evaluator.evaluate(encoder)
     result = {"model": model_name, "data": str(data_dir), "split": split, "max_query_length": max_query_length,
               "max_doc_length": max_doc_length, "top_k_docs": top_k_docs, "idf_power": idf_power, "metrics": metrics}
+    if trec_run is not None:
+        write_trec_run(evaluator.run(), trec_run)
+    result["duration_seconds"] = time.monotonic() - start  # the whole command: loading, encoding, retrieval
     text = json.dumps(result, indent=2)
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text + "\n", encoding="utf-8")
-    if trec_run is not None:
-        write_trec_run(evaluator.run(), trec_run)
     click.echo(format_metrics_table(metrics), err=True)
+    encoding = metrics["encode_docs_s"] + metrics["encode_queries_s"]
+    click.echo(f"evaluated {len(evaluator.query_ids)} queries against {len(evaluator.doc_ids)} documents in "
+               f"{result['duration_seconds']:.1f}s (encoding {encoding:.1f}s, retrieval {metrics['search_s']:.1f}s)",
+               err=True)
     click.echo(text)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
@@ -9,6 +10,7 @@ import click
 from splade_obs.errors import ErrorCategory
 
 from .common import debug_option, handle_errors
+from .evaluate_cmd import progress_options
 
 
 @click.command("mine-negatives")
@@ -53,21 +55,25 @@ from .common import debug_option, handle_errors
 @click.option("--max-doc-length", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@progress_options
 @debug_option
 @handle_errors(ErrorCategory.DATA_ERROR)
 def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, method: str, num_negatives: int,
                    depth: int, sample: bool, seed: int, teacher_scores: bool, bm25_weight: float,
                    dense_model: str | None, dense_weight: float, dense_candidates: bool, stemmer: str,
                    title_queries: bool, sentence_queries: bool, max_query_length: int, max_doc_length: int,
-                   batch_size: int, device: str, debug: bool) -> None:
+                   batch_size: int, device: str, progress: str, progress_interval: float, debug: bool) -> None:
     """For each query: retrieve the top --depth documents, drop known positives, keep --num-negatives.
 
     With --teacher-scores the records also carry the retriever's scores, the input of MarginMSE
-    distillation (--method hybrid is the teacher to use when no cross-encoder is at hand).
+    distillation (--method hybrid is the teacher to use when no cross-encoder is at hand). The progress and a
+    summary with the time taken go to stderr.
     """
+    start = time.monotonic()
     from splade_obs.beir import load_beir
     from splade_obs.device import device_name
     from splade_obs.mining import make_stemmer, mine_negatives as mine, write_jsonl
+    from splade_obs.progress_util import ProgressSpec
 
     if dense_model and method != "hybrid":
         from splade_obs.errors import ConfigError
@@ -90,7 +96,8 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
                   max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size,
                   teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stem, sample=sample, seed=seed,
                   title_queries=title_queries, sentence_queries=sentence_queries, dense_encoder=dense,
-                  dense_weight=dense_weight, dense_candidates=dense_candidates)
+                  dense_weight=dense_weight, dense_candidates=dense_candidates,
+                  progress=ProgressSpec(progress, progress_interval))
     if not result.records:
         from splade_obs.errors import DataError
 
@@ -101,4 +108,5 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
     titles += f", {result.num_sentence_queries} from last sentences" if sentence_queries else ""
     click.echo(f"mined {len(result.records)} records{titles} ({method}, depth {depth}) in {result.seconds:.1f}s; "
                f"{result.num_skipped} queries skipped (no negative left), {result.num_short} with fewer than "
-               f"{num_negatives} negatives -> {output}", err=True)
+               f"{num_negatives} negatives -> {output}; {time.monotonic() - start:.1f}s in all (model loading "
+               "included)", err=True)

@@ -13,12 +13,13 @@ the output appears under its final name only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import scipy.sparse as sp
@@ -26,6 +27,9 @@ import scipy.sparse as sp
 from .atomic import atomic_writer
 from .errors import DataError
 from .recovery import validate_file_exists
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .progress_util import ProgressSpec
 
 KINDS = ("corpus", "queries")
 DEFAULT_MAX_LENGTH = {"corpus": 256, "queries": 64}
@@ -115,25 +119,41 @@ def write_vectors(f: Any, ids: list[str], matrix: sp.csr_matrix, terms: list[str
 def encode_file(encoder: Any, input_path: str | Path, output: str | Path, *, kind: str,
                 max_length: int | None = None, batch_size: int = 32, top_k: int | None = None,
                 quantize_scale: float | None = None, amp_dtype: Any = None,
-                block_size: int = BLOCK_SIZE) -> EncodeStats:
-    """Encode every record of ``input_path`` to sparse JSONL at ``output`` (written atomically)."""
+                block_size: int = BLOCK_SIZE, progress: "ProgressSpec | str | None" = None) -> EncodeStats:
+    """Encode every record of ``input_path`` to sparse JSONL at ``output`` (written atomically).
+
+    ``progress`` (a :class:`~splade_obs.progress_util.ProgressSpec` or a mode name; off by default) shows
+    records encoded out of the input's non-blank lines (counted first, only when progress is on).
+    """
+    from .progress_util import as_spec, encode_with_progress
+
     if quantize_scale is not None and not quantize_scale > 0:
         raise DataError(f"quantize scale must be > 0, got {quantize_scale}")
     src = input_file(input_path, kind)
     length = max_length or DEFAULT_MAX_LENGTH[kind]
     terms = vocabulary(encoder.tokenizer, encoder.vocab_size)
+    spec = as_spec(progress)
     start = time.perf_counter()
     count = nnz = 0
-    with atomic_writer(output) as f:  # a failure anywhere leaves no output (or the previous one) behind
+    bar = spec.start(f"Encoding {'documents' if kind == 'corpus' else 'queries'}", _count_lines(src) if spec.enabled
+                     else 0, unit="texts")
+    with bar if bar is not None else contextlib.nullcontext(), atomic_writer(output) as f:
+        # a failure anywhere leaves no output (or the previous one) behind
         for ids, texts in _blocks(iter_records(src, kind), block_size):
-            matrix = encoder.encode(texts, max_length=length, batch_size=batch_size, top_k=top_k,
-                                    amp_dtype=amp_dtype)
+            matrix = encode_with_progress(encoder, texts, max_length=length, batch_size=batch_size, top_k=top_k,
+                                          amp_dtype=amp_dtype, progress=bar)
             nnz += write_vectors(f, ids, matrix, terms, quantize_scale)
             count += len(ids)
         if count == 0:
             raise DataError("no records to encode — expected JSONL lines with an id and a text",
                             file_path=str(src))
     return EncodeStats(count, nnz / count, time.perf_counter() - start, str(Path(output)))
+
+
+def _count_lines(path: Path) -> int:
+    """Non-blank lines of ``path``: the records to come, for a progress total (a quick pass over the bytes)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.strip())
 
 
 def _blocks(records: Iterator[tuple[str, str]], size: int) -> Iterator[tuple[list[str], list[str]]]:

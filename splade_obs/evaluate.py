@@ -24,6 +24,7 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -38,6 +39,7 @@ from .errors import DataError, EvaluationError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .beir import BeirData
+    from .progress_util import ProgressSpec
 
 log = logging.getLogger("splade_obs.evaluate")
 
@@ -344,8 +346,14 @@ class RetrievalEvaluator:
 
     def __init__(self, beir: "BeirData", *, max_query_length: int = 64, max_doc_length: int = 256,
                  batch_size: int = 32, max_queries: int | None = None, seed: int = 0,
-                 top_k_retrieve: int = 100, idf_power: float = 0.0) -> None:
+                 top_k_retrieve: int = 100, idf_power: float = 0.0, progress: "ProgressSpec | str | None" = None,
+                 progress_interval: float = 10.0) -> None:
         from .beir import beir_doc_text
+        from .progress_util import as_spec
+
+        self.progress = as_spec(progress, progress_interval)  # the display of evaluate()'s encoding (off by default)
+        #: ``{phase: (start_ns, end_ns)}`` of the last :meth:`evaluate` (wall clock, ``time.time_ns``)
+        self.phases: dict[str, tuple[int, int]] = {}
 
         self.idf_power = _check_idf_power(idf_power)  # fail before any encoding
         if top_k_retrieve < 100:
@@ -369,32 +377,52 @@ class RetrievalEvaluator:
         self.query_texts = [beir.queries[q] for q in qids]
         self.qrels = {q: dict(beir.qrels[q]) for q in qids}
         self._run: Run = {}
+        self._seconds: dict[str, float] = {}
         self.source = beir.folder        # what the run records as its evaluation dataset
         self.digest = beir.digest
 
     def evaluate(self, encoder: Any, *, amp_dtype: Any = None) -> dict[str, float]:
-        """Metrics + sparsity + timings (``encode_docs_s``, ``encode_queries_s``, ``search_s``)."""
+        """Metrics + sparsity + timings (``encode_docs_s``, ``encode_queries_s``, ``search_s``).
+
+        The same phases, as wall-clock ``(start_ns, end_ns)``, are in :attr:`phases` afterwards:
+        ``encode_docs``, ``encode_queries`` and ``retrieve`` (index, search and metrics). Encoding shows
+        progress as :attr:`progress` says (:mod:`splade_obs.progress_util`).
+        """
         was_training = bool(getattr(encoder, "training", False))
         encoder.eval()
+        phases: dict[str, tuple[int, int]] = {}
         try:
-            t0 = time.perf_counter()
-            docs = encoder.encode(self.doc_texts, max_length=self.max_doc_length, batch_size=self.batch_size,
-                                  amp_dtype=amp_dtype)
-            t1 = time.perf_counter()
-            queries = encoder.encode(self.query_texts, max_length=self.max_query_length,
-                                     batch_size=self.batch_size, amp_dtype=amp_dtype)
-            t2 = time.perf_counter()
+            docs = self._encode(encoder, "encode_docs", "Encoding documents", self.doc_texts, self.max_doc_length,
+                                amp_dtype, phases)
+            queries = self._encode(encoder, "encode_queries", "Encoding queries", self.query_texts,
+                                   self.max_query_length, amp_dtype, phases)
         finally:
             encoder.train(was_training)
+        t0, start_ns = time.perf_counter(), time.time_ns()
         index = InvertedIndex(idf_reweight(docs, self.idf_power), self.doc_ids)
         found, scores = index.search(queries, self.top_k)
         self._run = run_from_search(self.query_ids, found, scores)
         metrics = compute_metrics(self._run, self.qrels)
-        t3 = time.perf_counter()
+        search_s = time.perf_counter() - t0
+        phases["retrieve"] = (start_ns, time.time_ns())
+        self.phases = phases
         metrics.update(sparsity_metrics(queries, docs))
-        metrics.update({"num_queries": float(len(self.query_ids)), "encode_docs_s": t1 - t0,
-                        "encode_queries_s": t2 - t1, "search_s": t3 - t2})
+        metrics.update({"num_queries": float(len(self.query_ids)), "encode_docs_s": self._seconds["encode_docs"],
+                        "encode_queries_s": self._seconds["encode_queries"], "search_s": search_s})
         return metrics
+
+    def _encode(self, encoder: Any, phase: str, desc: str, texts: list[str], max_length: int, amp_dtype: Any,
+                phases: dict[str, tuple[int, int]]) -> Any:
+        from .progress_util import encode_with_progress
+
+        t0, start_ns = time.perf_counter(), time.time_ns()
+        bar = self.progress.start(desc, len(texts), unit="texts")
+        with bar if bar is not None else contextlib.nullcontext():  # a bar closes (or says stopped) either way
+            out = encode_with_progress(encoder, texts, max_length=max_length, batch_size=self.batch_size,
+                                       amp_dtype=amp_dtype, progress=bar)
+        phases[phase] = (start_ns, time.time_ns())
+        self._seconds[phase] = time.perf_counter() - t0
+        return out
 
     def run(self) -> Run:
         """The run of the last :meth:`evaluate` call: ``{qid: {docid: score}}``."""

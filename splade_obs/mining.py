@@ -45,13 +45,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from .atomic import atomic_writer
 from .errors import DataError, DependencyError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .beir import BeirData
+    from .progress_util import ProgressSpec
 
 log = logging.getLogger("splade_obs.mining")
 
@@ -163,19 +164,31 @@ class RetrieverScores:
 
     def __init__(self, method: str, *, encoder: Any, doc_texts: list[str], query_texts: list[str],
                  max_query_length: int, max_doc_length: int, batch_size: int, amp_dtype: Any,
-                 stemmer: Any, dense_encoder: Any = None) -> None:
+                 stemmer: Any, dense_encoder: Any = None, progress: "ProgressSpec | None" = None) -> None:
+        from .progress_util import as_spec, encode_with_progress
+
+        spec = as_spec(progress)
         self.method = method
         self.num_docs = len(doc_texts)
         if method == "dense":
             # a sentence-transformers bi-encoder: unit vectors, so a dot product is the cosine
             kwargs = dict(batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
                           show_progress_bar=False)
-            self.docs = dense_encoder.encode(doc_texts, **kwargs)
-            self.queries = dense_encoder.encode(query_texts, **kwargs)
+            with _task(spec, "Encoding documents (dense)", len(doc_texts), "texts") as bar:
+                self.docs = dense_encoder.encode(doc_texts, **kwargs)
+                if bar is not None:
+                    bar.update(len(doc_texts))
+            with _task(spec, "Encoding queries (dense)", len(query_texts), "texts") as bar:
+                self.queries = dense_encoder.encode(query_texts, **kwargs)
+                if bar is not None:
+                    bar.update(len(query_texts))
         elif method == "splade":
-            docs = encoder.encode(doc_texts, max_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype)
-            self.queries = encoder.encode(query_texts, max_length=max_query_length, batch_size=batch_size,
-                                          amp_dtype=amp_dtype)
+            with _task(spec, "Encoding documents", len(doc_texts), "texts") as bar:
+                docs = encode_with_progress(encoder, doc_texts, max_length=max_doc_length, batch_size=batch_size,
+                                            amp_dtype=amp_dtype, progress=bar)
+            with _task(spec, "Encoding queries", len(query_texts), "texts") as bar:
+                self.queries = encode_with_progress(encoder, query_texts, max_length=max_query_length,
+                                                    batch_size=batch_size, amp_dtype=amp_dtype, progress=bar)
             self.postings = docs.T.tocsr()
         else:
             self.retriever = _bm25_index(doc_texts, stemmer)
@@ -211,6 +224,22 @@ class RetrieverScores:
         return [int(j) for j in cand[np.lexsort((cand, -row[cand]))]]
 
 
+def _ticking(items: list[Any], bar: Any) -> Iterator[Any]:
+    """``items`` one by one; ``bar`` (if any) advances when the loop body of each is done."""
+    for item in items:
+        yield item
+        if bar is not None:
+            bar.update(1)
+
+
+def _task(spec: "ProgressSpec", desc: str, total: int, unit: str) -> Any:
+    """A context giving a running :class:`~splade_obs.progress_util.Progress`, or ``None`` when progress is off."""
+    import contextlib
+
+    bar = spec.start(desc, total, unit)
+    return bar if bar is not None else contextlib.nullcontext()
+
+
 def _by_top(row: Any) -> Any:
     """A query's scores divided by its best one (all zeros when nothing scores above zero)."""
     top = float(row.max())
@@ -233,7 +262,7 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
                    stemmer: Any = None, sample: bool = False, seed: int = 0,
                    title_queries: bool = False, sentence_queries: bool = False,
                    dense_encoder: Any = None, dense_weight: float = 0.5,
-                   dense_candidates: bool = True) -> MiningResult:
+                   dense_candidates: bool = True, progress: "ProgressSpec | str | None" = None) -> MiningResult:
     """Build training records with hard negatives for every query of ``beir``'s qrels that has a positive.
 
     See the module docstring for ``teacher_scores``, ``method="hybrid"``, ``sample``, ``title_queries`` and
@@ -242,8 +271,11 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
     bi-encoder, hybrid only) adds its cosine to the fusion with weight ``dense_weight`` (module docstring);
     ``dense_candidates=False`` keeps it out of the negative pool: the negatives are drawn from the BM25 + SPLADE
     fusion's top ``depth``, and only their scores are the fusion with the dense model.
+    ``progress`` (a :class:`~splade_obs.progress_util.ProgressSpec` or a mode name; off by default) shows the
+    encoding and the queries mined; ``MiningResult.seconds`` is the wall time of it all.
     """
     from .beir import beir_doc_text
+    from .progress_util import as_spec
 
     if method not in METHODS:
         raise DataError(f"mining method {method!r} is not known — expected one of {', '.join(METHODS)}")
@@ -266,12 +298,14 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
     options = dict(encoder=encoder, num_negatives=num_negatives, depth=depth, max_query_length=max_query_length,
                    max_doc_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype,
                    teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stemmer, sample=sample, seed=seed,
-                   dense_encoder=dense_encoder, dense_weight=dense_weight, dense_candidates=dense_candidates)
+                   dense_encoder=dense_encoder, dense_weight=dense_weight, dense_candidates=dense_candidates,
+                   progress=as_spec(progress))
     doc_ids = list(beir.corpus)
     doc_texts = [beir_doc_text(beir.corpus[d]) for d in doc_ids]
     queries = [(qid, beir.queries[qid], positives) for qid, positives in pairs]
     result = MiningResult([], len(pairs), method=method)
-    result.teacher_scale = _mine_into(result, method, doc_ids, doc_texts, queries, scale=None, **options)
+    result.teacher_scale = _mine_into(result, method, doc_ids, doc_texts, queries, scale=None, label="queries",
+                                      **options)
     if title_queries:
         titled = [d for d in doc_ids if (beir.corpus[d].get("title") or "").strip()
                   and (beir.corpus[d].get("text") or "").strip()]
@@ -280,7 +314,7 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
         result.num_queries += len(titled)
         _mine_into(result, method, titled, texts,
                    [(f"title:{d}", beir.corpus[d]["title"].strip(), [d]) for d in titled],
-                   scale=result.teacher_scale, **options)
+                   scale=result.teacher_scale, label="title queries", **options)
         result.num_title_queries = len(result.records) - before
     if sentence_queries:
         splits = {d: split_last_sentence(beir.corpus[d].get("text") or "") for d in doc_ids}
@@ -290,7 +324,8 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
         asked = [(f"sentence:{d}", splits[d][1], [d]) for d in doc_ids if splits[d]]
         before = len(result.records)
         result.num_queries += len(asked)
-        _mine_into(result, method, doc_ids, stripped, asked, scale=result.teacher_scale, **options)
+        _mine_into(result, method, doc_ids, stripped, asked, scale=result.teacher_scale, label="sentence queries",
+                   **options)
         result.num_sentence_queries = len(result.records) - before
     result.seconds = time.perf_counter() - start
     return result
@@ -300,8 +335,14 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
                queries: list[tuple[str, str, list[str]]], *, encoder: Any, num_negatives: int, depth: int,
                max_query_length: int, max_doc_length: int, batch_size: int, amp_dtype: Any, teacher_scores: bool,
                bm25_weight: float, stemmer: Any, sample: bool, seed: int, scale: float | None,
-               dense_encoder: Any = None, dense_weight: float = 0.5, dense_candidates: bool = True) -> float | None:
-    """Mine ``queries`` against ``doc_ids`` into ``result``; return the hybrid scale used (given or computed)."""
+               dense_encoder: Any = None, dense_weight: float = 0.5, dense_candidates: bool = True,
+               progress: "ProgressSpec | None" = None, label: str = "queries") -> float | None:
+    """Mine ``queries`` against ``doc_ids`` into ``result``; return the hybrid scale used (given or computed).
+
+    ``label`` names the pass in the progress (``Mining queries``, ``Mining title queries``...)."""
+    from .progress_util import as_spec
+
+    spec = as_spec(progress)
     position = {d: i for i, d in enumerate(doc_ids)}
     query_texts = [text for _, text, _ in queries]
     common = dict(encoder=encoder, doc_texts=doc_texts, query_texts=query_texts, max_query_length=max_query_length,
@@ -309,11 +350,24 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
     methods = ("splade", "bm25") if method == "hybrid" else (method,)
     if dense_encoder is not None:
         methods += ("dense",)
-    retrievers = {m: RetrieverScores(m, dense_encoder=dense_encoder, **common) for m in methods}
+    retrievers = {m: RetrieverScores(m, dense_encoder=dense_encoder, progress=spec, **common) for m in methods}
     if method == "hybrid" and scale is None:
         splade_max = [float(retrievers["splade"].row(i).max()) for i in range(len(queries))]
         scale = sum(splade_max) / max(1, len(splade_max))
-    for i, (qid, text, positives) in enumerate(queries):
+    with _task(spec, f"Mining {label}", len(queries), "queries") as bar:
+        _mine_queries(result, method, retrievers, doc_ids, doc_texts, queries, position, bar,
+                      num_negatives=num_negatives, depth=depth, teacher_scores=teacher_scores,
+                      bm25_weight=bm25_weight, sample=sample, seed=seed, scale=scale, dense_weight=dense_weight,
+                      dense_candidates=dense_candidates)
+    return scale if method == "hybrid" else None
+
+
+def _mine_queries(result: MiningResult, method: str, retrievers: dict[str, RetrieverScores], doc_ids: list[str],
+                  doc_texts: list[str], queries: list[tuple[str, str, list[str]]], position: dict[str, int], bar: Any,
+                  *, num_negatives: int, depth: int, teacher_scores: bool, bm25_weight: float, sample: bool,
+                  seed: int, scale: float | None, dense_weight: float, dense_candidates: bool) -> None:
+    """The per-query loop of :func:`_mine_into`: negatives (and scores) of each query into ``result``."""
+    for i, (qid, text, positives) in enumerate(_ticking(queries, bar)):
         if method == "hybrid":
             rows = {m: r.row(i) for m, r in retrievers.items()}
             scores = scale * fuse_scores(rows, bm25_weight, dense_weight)
@@ -345,7 +399,6 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
         for d in pos:  # one record per positive: MarginMSE needs the score of the positive it trains on
             result.records.append({**record, "positives": [doc_texts[position[d]]], "positive_ids": [d],
                                    "scores": [round(float(scores[position[d]]), 4)] + neg_scores})
-    return scale if method == "hybrid" else None
 
 
 def write_jsonl(records: list[dict[str, Any]], path: str | Path) -> Path:
