@@ -15,8 +15,18 @@ from .recovery import ErrorBudget
 
 @dataclass(frozen=True)
 class Where:
-    """Which batch: the optimizer step reached so far, the epoch, the index within the epoch, the global
-    number, and when its work began (for the batch span)."""
+    """Which batch, and when its work began (for the batch span).
+
+    **The numbering rule** (one for flags, logs, spans, ``errors.jsonl`` and MLflow): steps, epochs and batches
+    are counted from 1.
+
+    * ``step``: the optimizer step this batch is part of (steps done before it + 1). A batch that fails made
+      no step: it carries the step it was going into, and the next good batch then makes that step.
+    * ``batch``: the run's micro-batch number, counted from 1 across epochs (a resumed run goes on counting):
+      the N of ``--inject-fault batch:N``. Logs say ``batch N``, spans ``splade.batch``, errors.jsonl ``batch``.
+    * ``batch_index``: the 0-based position in the epoch, for code only (collation seed, resume position);
+      spans show it 1-based as ``splade.batch_in_epoch``.
+    """
 
     step: int
     epoch: int
@@ -67,8 +77,8 @@ class BatchPolicy:
         self.ok(ok_before)
         self.budget.record_failure(category or err.category)
         self.ok(ok_after)
-        self.report(err, step=where.step, epoch=where.epoch, batch_index=where.batch_index, skipped_batch=True,
-                    start_ns=where.start_ns)
+        self.report(err, step=where.step, epoch=where.epoch, batch_index=where.batch_index, batch=where.batch,
+                    skipped_batch=True, start_ns=where.start_ns)
         return False
 
     def spent(self) -> TrainingError | None:

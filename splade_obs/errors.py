@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import socket
+import traceback
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -132,6 +133,32 @@ class ApplicationError(Exception):
 
     def __str__(self) -> str:
         return self.one_line()
+
+
+def qualified_type(exc: BaseException | type) -> str:
+    """The exception's fully qualified class name (OTel ``exception.type``): ``torch.OutOfMemoryError``,
+    ``json.decoder.JSONDecodeError``, ``splade_obs.errors.TrainingError``; builtins stay bare (``ValueError``)."""
+    cls = exc if isinstance(exc, type) else type(exc)
+    module = getattr(cls, "__module__", None) or ""
+    name = getattr(cls, "__qualname__", None) or cls.__name__
+    return name if module in ("builtins", "__main__", "") else f"{module}.{name}"
+
+
+#: Longest stack trace kept (characters, its end: the innermost frames and the error line).
+MAX_STACKTRACE = 8000
+
+
+def stack_trace(err: BaseException, limit: int = MAX_STACKTRACE) -> str | None:
+    """The Python traceback of ``err`` and what it was raised from (``__cause__`` / ``__context__``), as
+    ``traceback.format_exception`` prints it, or None when no exception in the chain was ever raised (an
+    error built and reported without a ``raise``, such as a non-finite loss, has no frames to show).
+
+    Not redacted here: the sinks pass it through :func:`splade_obs.redaction.safe_text` like every text.
+    """
+    if not any(e.__traceback__ is not None for e in _chain(err)):
+        return None
+    text = "".join(traceback.format_exception(type(err), err, err.__traceback__)).rstrip("\n")
+    return text if len(text) <= limit else "...[cut]...\n" + text[-limit:]
 
 
 def _jsonable(value: Any) -> Any:

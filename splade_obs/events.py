@@ -230,22 +230,37 @@ class ErrorCaught(Event):
     category: str                       # ErrorCategory name
     message: str
     error_type: str                     # class name of the ApplicationError
-    exception_type: str | None          # class of the original exception, if any
+    exception_type: str | None          # class of the original exception, if any (bare name: ``OutOfMemoryError``)
     exception_message: str | None
     context: dict[str, Any]
+    #: the step and batch numbers follow one rule (:class:`splade_obs.batch_policy.Where`): both 1-based; a
+    #: failed batch carries the step it was part of and its run-wide number (the N of ``--inject-fault batch:N``)
     step: int | None = None
     epoch: int | None = None
-    batch_index: int | None = None
+    batch_index: int | None = None      # 0-based position in the epoch (code: resume, collation); never printed
+    batch: int | None = None            # the run's batch number, 1-based: what logs, spans and errors.jsonl show
     skipped_batch: bool = False         # the batch was dropped by the batch policy
     fatal: bool = False                 # the run stops because of it
     start_ns: int = 0                   # when the failing unit of work began (for the batch span)
     counts: dict[str, int] = field(default_factory=dict)   # running counters by category
     skipped_batches: int = 0            # running count of skipped batches (this one included)
+    #: fully qualified class of the original exception (else of the error): OTel ``exception.type``
+    exception_qualified_type: str | None = None
+    #: the Python traceback (``errors.stack_trace``, not yet redacted: sinks redact it), None when never raised
+    stacktrace: str | None = None
 
     @classmethod
     def from_error(cls, err: Any, **kw: Any) -> "ErrorCaught":
+        from .errors import qualified_type, stack_trace
+
         d = err.to_dict()
         orig = d.get("original_exception") or {}
+        original = getattr(err, "original_exception", None)
+        if "batch" not in kw and isinstance(d["context"].get("batch"), int):
+            kw["batch"] = d["context"]["batch"]
+        kw.setdefault("exception_qualified_type", qualified_type(original if original is not None else err))
+        if "stacktrace" not in kw and isinstance(err, BaseException):
+            kw["stacktrace"] = stack_trace(err)
         return cls(
             category=d["category"], message=d["message"], error_type=d["type"],
             exception_type=orig.get("type") or d["type"], exception_message=orig.get("message") or d["message"],
@@ -311,6 +326,14 @@ class EvaluationDone(Event):
     duration_seconds: float
     start_ns: int = 0
     is_best: bool = False
+    #: wall-clock ``(start_ns, end_ns)`` of the evaluation's phases, in order: ``encode_docs``,
+    #: ``encode_queries``, ``retrieve`` (index, search, metrics); ``RetrievalEvaluator.phases``. They lie
+    #: within the evaluation (start_ns .. start_ns + duration); the OTel sink draws them as child spans.
+    phases: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds of each phase, by phase name."""
+        return {name: (end - start) / 1e9 for name, (start, end) in self.phases.items()}
 
     def metrics(self) -> dict[str, float]:
         m = {metric_name(f"eval/{k}"): v for k, v in self.scores.items()}

@@ -19,13 +19,13 @@ OpenTelemetry, urllib3 and ``warnings.warn`` land in the same files as our own l
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from . import finite
 from .redaction import redact_obj, redact_text, secret_values
 
 CONSOLE_FORMAT = "[%(levelname)s] %(asctime)s - %(message)s"
@@ -116,7 +116,11 @@ class ConsoleFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per record; structured ``extra=`` fields are copied as they are (``str`` fallback)."""
+    """One JSON object per record; structured ``extra=`` fields are copied as they are (``str`` fallback).
+
+    Strict JSON: a non-finite number (a NaN loss in ``metrics``) is written as ``"nan"`` / ``"inf"`` /
+    ``"-inf"`` (:func:`splade_obs.finite.dumps`), never as a bare ``NaN``.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
@@ -137,7 +141,7 @@ class JsonFormatter(logging.Formatter):
             doc["exception"] = record.exc_text
         if record.stack_info:
             doc["stack"] = record.stack_info
-        return json.dumps(doc, default=str, ensure_ascii=False)
+        return finite.dumps(doc, ensure_ascii=False)
 
 
 class StderrHandler(logging.Handler):

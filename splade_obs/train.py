@@ -225,7 +225,7 @@ class Trainer:
             acc = self.stats.accumulator()
             first = self.start_batch if epoch == self.start_epoch else 0
             for bi in range(first if self.global_step < self.total_steps else len(batches), len(batches)):
-                where = Where(self.global_step, epoch, bi, (epoch - 1) * len(batches) + bi + 1, now_ns())
+                where = Where(self.global_step + 1, epoch, bi, (epoch - 1) * len(batches) + bi + 1, now_ns())
                 closes_step = acc.count + 1 == o.gradient_accumulation_steps or bi == len(batches) - 1
                 if not self._micro_batch([examples[i] for i in batches[bi]], negatives[bi], where, acc, closes_step):
                     self._stop_if_budget_spent()
@@ -305,7 +305,7 @@ class Trainer:
         check = check_finite(acc, grad_norm, distributed=self.dist is not None)
         if not check.all_finite:  # every rank skips the step
             bad_bi, batch_no, start_ns = acc.micro_batches[check.at]
-            self.policy.agree(check.error, Where(self.global_step, epoch, bad_bi, batch_no, start_ns),
+            self.policy.agree(check.error, Where(self.global_step + 1, epoch, bad_bi, batch_no, start_ns),
                               ok_before=check.at, ok_after=acc.count - check.at - 1)
             self._stop_if_budget_spent()
             return False
@@ -368,7 +368,7 @@ class Trainer:
         self.final_metrics.update({k: v for k, v in done.metrics().items() if k in ("epoch/loss", "val/loss")})
         batch_in_epoch = self._boundary["batch_in_epoch"]
         pos = (ep.number + 1, 0) if batch_in_epoch >= ep.num_batches else (ep.number, batch_in_epoch)
-        self._save_checkpoint("epoch_end", *pos)
+        self._save_checkpoint("epoch_end", *pos, closes_epoch=ep.number)  # resumes at pos; reports this epoch
 
     def _close_epoch_on_stop(self) -> None:
         """A stopped run reports its pending steps (this rank's values: no collective) and the partial epoch."""
@@ -421,11 +421,12 @@ class Trainer:
         if is_best:
             self.best_metric = metrics[key]
         done = EvaluationDone(step=self.global_step, epoch=epoch, split=self.cfg.eval.eval_split, scores=metrics,
-                              duration_seconds=time.monotonic() - t0, start_ns=start_ns, is_best=is_best)
+                              duration_seconds=time.monotonic() - t0, start_ns=start_ns, is_best=is_best,
+                              phases=dict(getattr(self.evaluator, "phases", {}) or {}))
         self.emit(done)
         self.final_metrics.update({k: v for k, v in done.metrics().items() if k != "eval/duration_seconds"})
         if is_best:
-            self.checkpoints.save_model_dir("best", step=self.global_step, epoch=0, metrics=metrics)
+            self.checkpoints.save_model_dir("best", step=self.global_step, epoch=epoch, metrics=metrics)
 
     # ---------------------------------------------------------------------------------- failures, checkpoints
     def _drop_gradients(self, exc: Exception) -> None:
@@ -441,7 +442,7 @@ class Trainer:
             self._save_checkpoint("error_budget", self._boundary["epoch"], self._boundary["batch_in_epoch"])
             raise err
 
-    def _save_checkpoint(self, reason: str, epoch: int, batch_in_epoch: int) -> None:
+    def _save_checkpoint(self, reason: str, epoch: int, batch_in_epoch: int, closes_epoch: int | None = None) -> None:
         if not hasattr(self, "optimizer"):
             return
         state = {"global_step": self.global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
@@ -453,7 +454,8 @@ class Trainer:
                  "run_name": self.run_name, "reason": reason, "final_metrics": dict(self.final_metrics),
                  "collapse_warned": sorted(self.stats.guard.warned), "epoch_stats": self._epoch_state(),
                  "after_step_pending": sorted(self._after_pending)}
-        self.checkpoints.save(reason, step=self.global_step, epoch=epoch, rng=self._boundary["rng"], trainer_state=state)
+        self.checkpoints.save(reason, step=self.global_step, epoch=closes_epoch or epoch, rng=self._boundary["rng"],
+                              trainer_state=state)
 
     def _epoch_state(self) -> dict[str, Any] | None:
         """The open epoch's statistics as reported so far (every checkpoint is written right after a logging

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from splade_obs.sinks.otel.attributes import span_kind
+
 pytestmark = pytest.mark.slow
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "splade_obs_cli.main"]
@@ -75,7 +77,7 @@ def test_two_process_gloo_run_matches_single_process(tmp_path):
     per_rank = {r: [json.loads(line) for line in (logs / f).read_text().splitlines() if line.strip()]
                 for r, f in ((0, "traces.jsonl"), (1, "traces.rank1.jsonl"))}
     assert len({_trace_id(s) for spans in per_rank.values() for s in spans}) == 1
-    assert all(sum(_name(s) == "batch" for s in spans) == 3 for spans in per_rank.values())
+    assert all(sum(span_kind(_name(s)) == "batch" for s in spans) == 3 for spans in per_rank.values())
     roots = {r: next(s for s in spans if _name(s) == "train") for r, spans in per_rank.items()}
     assert _attr(roots[0], "splade.rank") == 0 and _attr(roots[1], "splade.rank") == 1
     assert roots[1]["parent_id"] == roots[0]["context"]["span_id"]  # rank 1 joined rank 0's run span

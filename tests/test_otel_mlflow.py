@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from splade_obs.sinks.otel import mlflow_trace_id
+from splade_obs.sinks.otel.attributes import span_kind
 from splade_obs_cli.main import cli
 from tests._otlp_receiver import free_port
 from tests.conftest import TINY_ARGS
@@ -86,11 +87,11 @@ def test_trace_is_found_with_the_mlflow_run(mlflow_server, tmp_path, monkeypatch
     trace = traces[0]
     assert otel_trace_id in trace.info.trace_id
     names = [s.name for s in trace.data.spans]
-    assert names.count("train") == 1 and names.count("batch") == 2 and "epoch" in names
+    assert names.count("train") == 1 and [span_kind(n) for n in names].count("batch") == 2 and "epoch" in names
     (root,) = [s for s in trace.data.spans if s.name == "train"]
     assert root.attributes["mlflow.run_id"] == run.info.run_id
     assert root.attributes["mlflow.experiment_id"] == exp.experiment_id
-    assert all("splade.train.loss" in s.attributes for s in trace.data.spans if s.name == "batch")
+    assert all("splade.train.loss" in s.attributes for s in trace.data.spans if span_kind(s.name) == "batch")
     # finished through the REST API: listed with the run's name in the experiment's trace list
     info = client.get_trace(trace.info.trace_id).info
     assert info.trace_id == mlflow_trace_id(otel_trace_id)

@@ -26,6 +26,7 @@ from splade_obs.events import (DataLoaded, EpochDone, EpochStarted, ErrorCaught,
                                TrackingRunOpened)
 from splade_obs.redaction import redact
 from splade_obs.sinks.otel import METRIC_SPANS, BatchSampler, MlflowOtlpExporter, OtelOptions, OtelSink, attribute_name
+from splade_obs.sinks.otel.attributes import span_kind
 
 MS = 1_000_000
 #: RunStarted.config as the trainer sends it: the nested, redacted config
@@ -91,8 +92,8 @@ def run_synthetic(bus: EventBus, *, steps: int = 4, fail_batch: int | None = Non
         if fail_batch == n:
             bus.emit(ErrorCaught(category="TRAINING_ERROR", message="injected fault at batch 2",
                                  error_type="TrainingError", exception_type="RuntimeError", exception_message="boom",
-                                 context={"batch": n, "api_token": "s3cr3t"}, step=n - 1, epoch=1, batch_index=n - 1,
-                                 skipped_batch=True, start_ns=cur, time_ns=cur + 3 * MS,
+                                 context={"batch": n, "api_token": "s3cr3t"}, step=n, epoch=1, batch_index=n - 1,
+                                 batch=n, skipped_batch=True, start_ns=cur, time_ns=cur + 3 * MS,
                                  counts={"TRAINING_ERROR": 1}, skipped_batches=1))
             cur += 3 * MS
             continue
@@ -115,7 +116,8 @@ def run_synthetic(bus: EventBus, *, steps: int = 4, fail_batch: int | None = Non
 
 
 def by_name(spans, name):
-    return [s for s in spans if s.name == name]
+    """Spans of one kind: ``batch`` matches ``batch 17`` (batch spans are named by their step)."""
+    return [s for s in spans if span_kind(s.name) == name]
 
 
 # ------------------------------------------------------------------------------------------ synthetic
@@ -128,7 +130,8 @@ def test_span_tree_sampling_and_attributes(tmp_path):
     (epoch,) = by_name(spans, "epoch")
     batches = by_name(spans, "batch")
     assert root.parent is None
-    assert sorted(b.attributes["splade.step"] for b in batches) == [2, 4]       # every:2 over 4 steps
+    assert sorted(b.attributes["splade.step"] for b in batches) == [1, 2, 4]    # the first, then every:2
+    assert sorted(b.name for b in batches) == ["batch 1", "batch 2", "batch 4"]  # named by their step
     # the checkpoint is saved after EpochDone, so it hangs off the root like the loads
     for child in (epoch, *by_name(spans, "data.load"), *by_name(spans, "model.load"), *by_name(spans, "checkpoint")):
         assert child.parent.span_id == root.context.span_id
@@ -157,7 +160,7 @@ def test_span_tree_sampling_and_attributes(tmp_path):
     assert r["splade.loss.lambda_q"] == 5e-4 and "splade.optim.max_steps" not in r      # None: no attribute
     assert r["mlflow.run_id"] == "abc123" and r["mlflow.experiment_id"] == "7"
     assert r["splade.rank"] == 0 and r["splade.status"] == "FINISHED"
-    assert r["splade.trace.batches_kept"] == 2 and r["splade.trace.batches_sampled_out"] == 2
+    assert r["splade.trace.batches_kept"] == 3 and r["splade.trace.batches_sampled_out"] == 1
     # the run's final metrics on the root, by the same rule
     assert r["splade.epoch.loss"] == 0.7 and r["splade.val.loss"] == 0.8 and r["splade.eval.ndcg_at_10"] == 0.5
     assert r["splade.run.duration_seconds"] == 0.1
@@ -286,6 +289,7 @@ def test_skipped_batch_gets_an_error_span_even_when_sampled_out(tmp_path):
     bus.close()
     spans = mem.get_finished_spans()
     (failed,) = by_name(spans, "batch")                     # "none" keeps only the failed batch
+    assert failed.name == "batch 2" and failed.attributes["splade.batch"] == 2
     assert failed.status.status_code is StatusCode.ERROR
     assert failed.status.description.startswith("TRAINING_ERROR")
     assert failed.attributes["splade.trace.keep_reason"] == "failed" and failed.attributes["splade.skipped"]
@@ -293,7 +297,7 @@ def test_skipped_batch_gets_an_error_span_even_when_sampled_out(tmp_path):
     assert ev.name == "exception"
     a = dict(ev.attributes)
     assert a["error.category"] == "TRAINING_ERROR" and a["exception.type"] == "RuntimeError"
-    assert a["exception.message"] == "boom" and a["splade.batch_index"] == 1
+    assert a["exception.message"] == "boom" and a["splade.batch"] == 2 and a["splade.batch_in_epoch"] == 2
     assert a["splade.context.batch"] == 2 and a["splade.context.api_token"] == "***"   # secrets never leave
     assert a["splade.errors.TRAINING_ERROR"] == 1 and a["splade.train.skipped_batches"] == 1   # running counts
     (epoch,) = by_name(spans, "epoch")
@@ -383,24 +387,25 @@ def test_other_ranks_join_the_trace_of_rank_zero(tmp_path):
 
 
 def test_slow_batches_are_kept_and_memory_stays_flat(tmp_path):
-    """every:1000 over 5,000 steps: 5 sampled + the one slow batch; nothing else is created."""
+    """every:1000 over 5,000 steps: the first, 5 sampled + the one slow batch; nothing else is created."""
     sink, mem, bus, ids = make_sink(tmp_path, trace_batches="every:1000", slow_batch_factor=3.0)
     run_synthetic(bus, steps=5000, slow_step=1234)
     bus.close()
     kept = sorted(b.attributes["splade.step"] for b in by_name(mem.get_finished_spans(), "batch"))
-    assert kept == [1000, 1234, 2000, 3000, 4000, 5000]
+    assert kept == [1, 1000, 1234, 2000, 3000, 4000, 5000]
     slow = next(b for b in by_name(mem.get_finished_spans(), "batch") if b.attributes["splade.step"] == 1234)
     assert slow.attributes["splade.trace.keep_reason"] == "slow"
-    assert sink.stats["batches_sampled_out"] == 4994
+    assert sink.stats["batches_sampled_out"] == 4993
 
 
 def test_batch_sampler_policy():
     s = BatchSampler.from_spec("every:3", slow_factor=2.0)
     decisions = [s.decide(n, 0.01) for n in range(1, 10)]
-    assert decisions == [None, None, "sampled", None, None, "sampled", None, None, "sampled"]
+    assert decisions == ["first", None, "sampled", None, None, "sampled", None, None, "sampled"]
     assert s.decide(10, 0.05) == "slow"                 # 5x the typical 10 ms
     assert s.decide(11, 0.015) is None                  # the slow one did not inflate the baseline much
     assert BatchSampler.from_spec("all").decide(7, 0.0) == "sampled"
+    assert BatchSampler.from_spec("every:50").decide(101, 0.0) == "first"   # a resumed run's first batch too
     assert BatchSampler.from_spec("none").decide(50, 0.01) is None
     with pytest.raises(ValueError):
         BatchSampler.from_spec("sometimes")
@@ -422,7 +427,8 @@ def test_default_file_exporter_writes_json_lines(tmp_path, monkeypatch):
         lines = (tmp_path / "logs" / name).read_text().splitlines()
         spans = [json.loads(line) for line in lines]
         assert sorted(s["name"] for s in spans) == sorted(
-            ["data.load", "train", "model.load", "epoch", "batch", "batch", "batch", "evaluation", "checkpoint"])
+            ["data.load", "train", "model.load", "epoch", "batch 1", "batch 2", "batch 3", "evaluation",
+             "checkpoint"])
         res = spans[0]["resource"]["attributes"]
         assert res["service.name"] == "splade-ci" and res["deployment.environment"] == "test"
         assert "service.version" in res and "host.name" in res
@@ -508,7 +514,7 @@ def test_real_run_span_tree(tiny_cfg, tmp_path):
     assert len(epochs) == dict(root.attributes)["splade.num_epochs"] >= 1
     assert all(e.parent.span_id == root.context.span_id for e in epochs)
     batches = by_name(spans, "batch")
-    assert sorted(b.attributes["splade.step"] for b in batches) == [2, 4]
+    assert sorted(b.attributes["splade.step"] for b in batches) == [1, 2, 4]
     epoch_ids = {e.context.span_id: e for e in epochs}
     for b in batches:
         parent = epoch_ids[b.parent.span_id]
@@ -528,7 +534,7 @@ def test_real_run_span_tree(tiny_cfg, tmp_path):
 
 #: attributes that are not metrics, by span (everything else on these spans must be a metric by the rule)
 NON_METRIC = {
-    "batch": {"splade.step", "splade.epoch", "splade.batch_index", "splade.batch_size", "splade.tokens",
+    "batch": {"splade.step", "splade.epoch", "splade.batch_in_epoch", "splade.batch_size", "splade.tokens",
               "splade.trace.keep_reason"},
     "epoch": {"splade.epoch", "splade.num_epochs", "splade.steps_in_epoch", "splade.step", "splade.epoch.complete"},
     "evaluation": {"splade.step", "splade.epoch", "splade.eval.split", "splade.eval.is_best"},
@@ -536,7 +542,8 @@ NON_METRIC = {
     "train": {"splade.run_name", "splade.rank", "splade.world_size", "splade.total_steps", "splade.num_epochs",
               "splade.steps_per_epoch", "splade.start_step", "splade.resumed", "splade.loss.lambda_q",
               "splade.loss.lambda_d", "splade.data.train_file", "splade.output_dir", "splade.log_dir",
-              "splade.device", "splade.amp_dtype", "splade.status", "splade.final_step", "splade.duration_s"},
+              "splade.device", "splade.amp_dtype", "splade.status", "splade.final_step", "splade.duration_s",
+              "splade.health", "splade.degraded", "splade.skipped_batches", "splade.errors_by_category"},
 }
 ROOT_NON_METRIC_PREFIXES = ("splade.model.", "splade.optim.", "splade.system.", "splade.trace.", "mlflow.", "error.")
 
@@ -561,7 +568,7 @@ def test_real_run_metric_attributes_follow_the_one_rule(tiny_cfg, tmp_path):
 
     def expected(span) -> dict[str, float]:
         a = span.attributes
-        if span.name == "batch":
+        if span_kind(span.name) == "batch":
             (e,) = [e for e in rec.of(StepDone) if e.step == a["splade.step"]]
             return e.metrics()
         if span.name == "epoch":
@@ -579,13 +586,14 @@ def test_real_run_metric_attributes_follow_the_one_rule(tiny_cfg, tmp_path):
 
     checked = set()
     for span in spans:
-        if span.name not in METRIC_SPANS or span.attributes.get("splade.trace.keep_reason") == "failed":
+        kind = span_kind(span.name)
+        if kind not in METRIC_SPANS or span.attributes.get("splade.trace.keep_reason") == "failed":
             continue
-        got = {k: v for k, v in span.attributes.items() if _is_metric(span.name, k)}
+        got = {k: v for k, v in span.attributes.items() if _is_metric(kind, k)}
         want = {attribute_name(k): float(v) for k, v in expected(span).items()}
         assert got == pytest.approx(want), span.name
         assert want, span.name
-        checked.add(span.name)
+        checked.add(kind)
     assert checked == set(METRIC_SPANS)
     # the error counters on the failed batch's exception event follow the same rule
     (failed,) = [s for s in by_name(spans, "batch") if s.attributes["splade.trace.keep_reason"] == "failed"]
@@ -604,7 +612,8 @@ def test_real_run_batch_fault_is_an_event_on_its_batch_span(tiny_cfg, tmp_path):
     assert len(failed) == 1
     (ev,) = [e for e in failed[0].events if e.name == "exception"]
     assert ev.attributes["error.category"] == "TRAINING_ERROR"
-    assert ev.attributes["splade.batch_index"] == failed[0].attributes["splade.batch_index"]
+    assert ev.attributes["splade.batch"] == failed[0].attributes["splade.batch"] == 1   # batch:1
+    assert failed[0].name == "batch 1" and ev.attributes["splade.step"] == 1           # the step it was part of
     assert "injected" in ev.attributes["exception.message"]
     (root,) = by_name(spans, "train")
     assert root.status.status_code is StatusCode.UNSET

@@ -14,6 +14,7 @@ from tests._otlp_receiver import OtlpReceiver, free_port
 from tests.conftest import TINY_ARGS
 from splade_obs_cli.main import cli
 from splade_obs.sinks.otel import OtelSink
+from splade_obs.sinks.otel.attributes import span_kind
 
 pytestmark = pytest.mark.server
 
@@ -42,8 +43,9 @@ def test_receiver_gets_the_spans_of_a_real_run(tmp_path):
     (root,) = [s for s in spans if s.name == "train"]
     assert root.parent_span_id == "" and root.resource["service.name"] == "splade-wire-test"
     assert root.attributes["splade.model.name"] == "splade-tiny" and root.attributes["splade.status"] == "FINISHED"
-    batches = [s for s in spans if s.name == "batch"]
-    assert sorted(b.attributes["splade.step"] for b in batches) == [2, 4]
+    batches = [s for s in spans if span_kind(s.name) == "batch"]
+    assert sorted(b.attributes["splade.step"] for b in batches) == [1, 2, 4]   # the first batch, then every:2
+    assert all(b.name == f"batch {b.attributes['splade.step']}" for b in batches)
     assert all(b.attributes["splade.train.loss"] > 0 for b in batches)     # metrics by the one naming rule
     epochs = {s.span_id for s in spans if s.name == "epoch"}
     assert epochs and all(b.parent_span_id in epochs for b in batches)
@@ -79,4 +81,4 @@ def test_dead_collector_costs_the_run_nothing_and_close_is_bounded(tmp_path, mon
     assert t_down <= t_up + 5.0, (t_up, t_down)
     # the run itself finished and its trace is still complete on disk
     local = [json.loads(line) for line in (out / "logs" / "traces.jsonl").read_text().splitlines()]
-    assert [s["name"] for s in local].count("train") == 1 and any(s["name"] == "batch" for s in local)
+    assert [s["name"] for s in local].count("train") == 1 and any(span_kind(s["name"]) == "batch" for s in local)

@@ -131,7 +131,7 @@ def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step(tiny_cfg):
     assert res.status == "FINISHED" and res.result.global_step == 3
     (err,) = rec.of(ErrorCaught)
     assert err.category == "TRAINING_ERROR" and err.skipped_batch and not err.fatal
-    assert (err.context["batch"], err.batch_index, err.step) == (3, 2, 1)
+    assert (err.context["batch"], err.batch_index, err.step) == (3, 2, 2)  # batch 3 was going into step 2
     assert "non-finite loss" in err.message and math.isnan(err.context["loss"])
     steps = rec.of(StepDone)
     assert [(s.step, s.batch_index) for s in steps] == [(1, 1), (2, 5), (3, 7)]  # batches 3-4 made no step

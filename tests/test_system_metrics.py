@@ -65,7 +65,7 @@ def trained(tmp_path_factory):
     client, run = _run(tmp)
     first = {k: _history(client, run.info.run_id, k) for k in run.data.metrics if k.startswith("system/")}
     first_tags = dict(run.data.tags)
-    _train(tmp, "--resume", "auto", "--max-steps", "4",
+    _train(tmp, "--resume", "auto", "--max-steps", "16",  # 14 more steps: long enough for several 0.3 s samples
            environ={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.3"})
     client, resumed = _run(tmp)
     return client, run.info.run_id, first, first_tags, resumed

@@ -13,6 +13,7 @@ from splade_obs.bus import RecordingSink
 from splade_obs.events import (METRIC_VOCABULARY, EpochDone, ErrorCaught, EvaluationDone, RunFinished, StepDone,
                                metric_def)
 from splade_obs.run import run_training
+from splade_obs.sinks.otel.attributes import span_kind
 
 from tests._eval_utils import write_beir
 
@@ -88,7 +89,7 @@ def test_a_real_run_reports_only_declared_names_and_the_sinks_map_them_by_their_
 
     # OpenTelemetry: span attributes for metrics are attribute_name(canonical) of that span's event
     spans = [json.loads(line) for line in (cfg.log_dir / "traces.jsonl").read_text().splitlines()]
-    batch = [s for s in spans if s["name"] == "batch" and s["attributes"].get("splade.trace.keep_reason") != "failed"]
+    batch = [s for s in spans if span_kind(s["name"]) == "batch" and s["attributes"].get("splade.trace.keep_reason") != "failed"]
     steps = {e.step: e for e in rec.of(StepDone)}
     assert batch
     for span in batch:

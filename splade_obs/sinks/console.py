@@ -3,7 +3,10 @@
 The lines reach the console and the log files through :mod:`splade_obs.logging_setup`; each carries
 structured fields (``step``, ``epoch``, ``category``, ``context``, ``event``...) via ``extra=`` so the
 JSON log stays machine-readable. Step lines are throttled (every ``every_n_steps`` steps, plus the first
-and the last) so the log does not grow by one line per step.
+and the last) so the log does not grow by one line per step. Steps and batches are numbered from 1 by the
+rule of :class:`splade_obs.batch_policy.Where` (``skipped batch [..] (step 3, batch 3)`` for
+``--inject-fault batch:3``); a non-finite value prints as ``nan`` / ``inf`` and reaches the JSON log as the
+string ``"nan"`` / ``"inf"`` (:mod:`splade_obs.finite`).
 """
 
 from __future__ import annotations
@@ -120,8 +123,12 @@ class LogSink(Sink):
             at.append(where)
         if e.step is not None:
             at.append(f"step {e.step}")
-        if e.batch_index is not None:
-            at.append(f"batch {e.batch_index}")
+        # 1-based, the N of --inject-fault batch:N (the rule: splade_obs.batch_policy.Where)
+        batch = e.batch if e.batch is not None else e.context.get("batch")
+        if batch is not None:
+            at.append(f"batch {batch}")
+        elif e.batch_index is not None:
+            at.append(f"batch {e.batch_index + 1} of epoch {e.epoch}")
         loc = f" ({', '.join(at)})" if at else ""
         if e.fatal:
             level, what = logging.ERROR, "fatal error"
@@ -131,7 +138,7 @@ class LogSink(Sink):
             level, what = logging.WARNING, "error"
         self._emit(level, f"{what} [{e.category}]{loc}: {e.message.splitlines()[0] if e.message else ''}", e, step=e.step, epoch=e.epoch,
                    category=e.category, context=e.context, error_type=e.error_type,
-                   exception_type=e.exception_type, batch_index=e.batch_index, fatal=e.fatal,
+                   exception_type=e.exception_type, batch=batch, batch_index=e.batch_index, fatal=e.fatal,
                    skipped_batch=e.skipped_batch)
 
     def on_retry_attempt(self, e: RetryAttempt) -> None:

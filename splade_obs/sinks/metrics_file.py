@@ -23,6 +23,9 @@ The file is rewritten atomically (temp file + fsync + rename) at run start, at e
 each evaluation, on a fatal error and at run end, so a crash at any moment leaves the previous valid version.
 A run stopped mid-epoch records that epoch with ``"complete": false`` (the trainer's partial ``EpochDone``).
 
+Strict JSON: a non-finite number (a NaN loss, an infinite gradient norm) is written as the string ``"nan"`` /
+``"inf"`` / ``"-inf"`` (:func:`splade_obs.finite.json_safe`), here and in ``system_info.json``.
+
 On resume (``RunStarted.resumed``) the existing file is loaded and cut back to the checkpoint the run resumes
 from (``start_step``): what came after it (a partial epoch, epochs, evaluations and checkpoints past that
 step, errors counted since that checkpoint) is dropped, because the resumed run produces it again; the
@@ -42,6 +45,7 @@ from typing import Any
 
 from ..atomic import atomic_write_json
 from ..bus import Sink
+from ..finite import json_safe
 from ..events import CheckpointSaved, EpochDone, ErrorCaught, EvaluationDone, RunFinished, RunStarted, StepDone
 from ..logging_setup import iso_utc
 from ..redaction import redact_obj
@@ -123,7 +127,7 @@ class MetricsFileSink(Sink):
                          "total_steps": e.total_steps, "num_epochs": e.num_epochs,
                          "steps_per_epoch": e.steps_per_epoch, "last_step": e.start_step})
         if self.write_system_info and e.system_info:
-            save_system_info(redact_obj(dict(e.system_info)), self.log_dir)
+            save_system_info(json_safe(redact_obj(dict(e.system_info))), self.log_dir)
         self._write()
 
     def on_step_done(self, e: StepDone) -> None:
@@ -217,4 +221,4 @@ class MetricsFileSink(Sink):
         self._last_write = time.monotonic()
         self.doc["duration_seconds"] = round(self._prior_duration + self._last_write - self._start_mono, 3)
         with self._lock:
-            atomic_write_json(self.path, redact_obj(self.doc))
+            atomic_write_json(self.path, json_safe(redact_obj(self.doc)))

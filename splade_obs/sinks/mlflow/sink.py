@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ...errors import ConfigError
+from ...finite import json_safe
 from ...redaction import safe_text
 from ...bus import EventBus, Sink
 from ...events import (CheckpointSaved, DataLoaded, EpochDone, ErrorCaught, Event, EvaluationDone, ModelLoaded,
@@ -372,7 +373,7 @@ class MlflowSink(Sink):
             tags["splade.error.message"] = safe_text(str(e.error.get("message") or ""))[:500]
         if self._degraded_sinks:
             tags["splade.degraded_sinks"] = ",".join(self._degraded_sinks)
-        t.set_tags(tags)
+        t.set_tags(json_safe(tags))  # tag values are text: a non-finite number reads "nan" / "inf" / "-inf"
         status = e.status if e.status in ("FINISHED", "FAILED", "KILLED") else "FAILED"
         t.terminate(status, e.time_ns // 1_000_000)
         self._log_finish_artifacts(e)

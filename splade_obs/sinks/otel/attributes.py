@@ -4,6 +4,11 @@ Every metric an event carries (``Event.metrics()``, canonical names such as ``tr
 attribute of its span named by :func:`attribute_name`: ``splade.`` + the canonical name with ``/`` as
 ``.`` (``train/loss`` -> ``splade.train.loss``, ``errors/DATA_ERROR`` -> ``splade.errors.DATA_ERROR``).
 Other attributes (``splade.step``, ``splade.status``, ``error.category``...) are named where they are set.
+
+Values (:func:`attrs`): a non-finite float is written as the string ``"nan"`` / ``"inf"`` / ``"-inf"``
+(:mod:`splade_obs.finite`), never as a bare ``NaN`` that makes the trace JSON invalid; every string is redacted
+and cut at :data:`MAX_STR` characters (:data:`LONG_TEXT` keys, such as ``exception.stacktrace``, at
+:data:`MAX_LONG_STR`, keeping the end: the innermost frames and the error line).
 """
 
 from __future__ import annotations
@@ -15,10 +20,14 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
 from splade_obs.events import CheckpointSaved, EpochDone, EvaluationDone, Event, RunFinished, StepDone
+from splade_obs.finite import finite_or_text
 from splade_obs.redaction import safe_text, secret_values
 
 #: Longest string attribute value; longer text is cut.
 MAX_STR = 1000
+#: Attributes that hold long text (a stack trace), and how much of it is kept (its end).
+LONG_TEXT = frozenset({"exception.stacktrace"})
+MAX_LONG_STR = 8000
 
 #: Which span carries the metrics of which event (the root also gets RunFinished's final metrics and counters).
 METRIC_SPANS: dict[str, type[Event]] = {
@@ -46,7 +55,8 @@ def metric_attributes(metrics: Mapping[str, Any]) -> dict[str, float]:
 
 
 def attrs(values: Mapping[str, Any], redact: bool = True) -> dict[str, Any]:
-    """OTel attribute values must be str/bool/int/float: drop None, stringify the rest.
+    """OTel attribute values must be str/bool/int/float: drop None, stringify the rest; a non-finite float
+    becomes ``"nan"`` / ``"inf"`` / ``"-inf"`` (the rule of :mod:`splade_obs.finite`).
 
     Every string is redacted (errors, messages and paths come from event text and go to traces.jsonl,
     collectors and MLflow); ``redact=False`` only for the per-batch span, whose only string is a fixed word.
@@ -56,7 +66,10 @@ def attrs(values: Mapping[str, Any], redact: bool = True) -> dict[str, Any]:
     for k, v in values.items():
         if v is None:
             continue
-        if isinstance(v, (bool, int, float)):
+        if isinstance(v, float):
+            out[k] = finite_or_text(v)
+            continue
+        if isinstance(v, (bool, int)):
             out[k] = v
             continue
         text = v if isinstance(v, str) else str(v)
@@ -64,8 +77,44 @@ def attrs(values: Mapping[str, Any], redact: bool = True) -> dict[str, Any]:
             if secrets is None:
                 secrets = secret_values()
             text = safe_text(text, secrets)
-        out[k] = text[:MAX_STR]
+        out[k] = cut(text, MAX_LONG_STR) if k in LONG_TEXT else text[:MAX_STR]
     return out
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` within ``limit`` characters, keeping its end (where a stack trace names the error)."""
+    if len(text) <= limit:
+        return text
+    marker = "...[cut]...\n"
+    return marker + text[-(limit - len(marker)):]
+
+
+def batch_span_name(step: int | None) -> str:
+    """``batch 17``: a batch span is named by its optimizer step (a failed batch: the step it was part of)."""
+    return "batch" if step is None else f"batch {step}"
+
+
+def span_kind(name: str) -> str:
+    """The kind of a span by its name (``batch 17`` -> ``batch``; other names are their own kind)."""
+    return name.split(" ", 1)[0]
+
+
+def run_outcome(e: RunFinished, errors: Mapping[str, int], skipped: int, sinks_degraded: int) -> dict[str, Any]:
+    """The root's outcome attributes: ``splade.health`` (failed | stopped | degraded | ok, as MLflow's
+    ``splade.health`` tag), ``splade.degraded`` (a batch was skipped), ``splade.skipped_batches`` and
+    ``splade.errors_by_category`` (``DATA_ERROR=2,TRAINING_ERROR=1``). The trainer's final counters win over
+    what the sink counted from ``ErrorCaught`` events (a resumed run's counters include earlier errors)."""
+    by_cat = dict(errors)
+    for key, n in e.counters.items():
+        if key.startswith("errors/") and key != "errors/total":
+            cat = key.split("/", 1)[1]
+            by_cat[cat] = max(by_cat.get(cat, 0), int(n))
+    skipped = max(skipped, int(e.counters.get("train/skipped_batches", 0)))
+    health = {"FAILED": "failed", "KILLED": "stopped"}.get(e.status) or (
+        "degraded" if skipped or sum(by_cat.values()) or sinks_degraded else "ok")
+    summary = ",".join(f"{k}={v}" for k, v in sorted(by_cat.items()) if v)
+    return {"splade.health": health, "splade.degraded": skipped > 0, "splade.skipped_batches": skipped,
+            "splade.errors_by_category": summary or None}
 
 
 def error_status(description: str) -> Status:

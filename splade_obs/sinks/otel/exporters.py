@@ -16,7 +16,10 @@ themselves, as the SDK documents; ``OTEL_EXPORTER_OTLP_PROTOCOL`` (or ``..._TRAC
 ``http/protobuf`` (default) or ``grpc``. Header values are never logged or written to files.
 
 Each exporter gets its own ``BatchSpanProcessor`` so a dead collector never delays the local file, and a
-counting wrapper so the sink can report how many spans were exported and how many were lost.
+counting wrapper so the sink can report how many spans were exported and how many were lost. The processors
+honour ``OTEL_BSP_MAX_QUEUE_SIZE``, ``OTEL_BSP_SCHEDULE_DELAY``, ``OTEL_BSP_MAX_EXPORT_BATCH_SIZE`` and
+``OTEL_BSP_EXPORT_TIMEOUT`` when set; :data:`BSP_DEFAULTS` applies only to the ones that are not
+(:func:`bsp_settings`).
 """
 
 from __future__ import annotations
@@ -53,6 +56,13 @@ TIMEOUT_ENV_VARS = ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "OTEL_EXPORTER_OTLP_TIM
 DEFAULT_OTLP_TIMEOUT_S = 5.0
 #: Shutdown wait for an exporter whose latest export failed (see Pipeline.shutdown).
 DEAD_EXPORTER_GRACE_S = 2.0
+#: Our BatchSpanProcessor settings, each used only when its environment variable is unset (the SDK's own defaults).
+BSP_DEFAULTS: dict[str, int] = {"max_queue_size": 2048, "schedule_delay_millis": 5000,
+                                "max_export_batch_size": 512, "export_timeout_millis": 30000}
+BSP_ENV_VARS: dict[str, str] = {"max_queue_size": "OTEL_BSP_MAX_QUEUE_SIZE",
+                                "schedule_delay_millis": "OTEL_BSP_SCHEDULE_DELAY",
+                                "max_export_batch_size": "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                                "export_timeout_millis": "OTEL_BSP_EXPORT_TIMEOUT"}
 MLFLOW_EXPERIMENT_HEADER = "x-mlflow-experiment-id"
 MLFLOW_RUN_HEADER = "x-mlflow-run-id"
 
@@ -71,6 +81,44 @@ def otlp_protocol(env: Mapping[str, str] = os.environ) -> str:
         if value:
             return value
     return "http/protobuf"
+
+
+def bsp_settings(env: Mapping[str, str] = os.environ, **overrides: int | None) -> dict[str, int]:
+    """``BatchSpanProcessor`` keyword arguments: an ``OTEL_BSP_*`` variable that is set wins, else
+    ``overrides`` (a caller's explicit value), else :data:`BSP_DEFAULTS`.
+
+    A value that is no positive integer is reported once and replaced by the default (the SDK would raise
+    and the run would lose its trace); an export batch larger than the queue is cut to the queue's size.
+    """
+    out: dict[str, int] = {}
+    for key, default in BSP_DEFAULTS.items():
+        var, raw = BSP_ENV_VARS[key], env.get(BSP_ENV_VARS[key], "").strip()
+        fallback = overrides.get(key) or default
+        if not raw:
+            out[key] = fallback
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value <= 0:
+            _warn_once(f"{var}={raw!r} is not a positive integer; using {fallback}")
+            value = fallback
+        out[key] = value
+    if out["max_export_batch_size"] > out["max_queue_size"]:
+        _warn_once(f"the span export batch ({out['max_export_batch_size']}, OTEL_BSP_MAX_EXPORT_BATCH_SIZE) is larger "
+                   f"than the span queue ({out['max_queue_size']}); using {out['max_queue_size']}")
+        out["max_export_batch_size"] = out["max_queue_size"]
+    return out
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(text: str) -> None:
+    if text not in _warned:
+        _warned.add(text)
+        log.warning(text)
 
 
 # ------------------------------------------------------------------------------------------ exporters
@@ -292,10 +340,12 @@ class Pipeline:
     processors: list[tuple[str, SpanProcessor, CountingExporter]] = field(default_factory=list)
 
     def add(self, name: str, exporter: SpanExporter, *, synchronous: bool = False,
-            max_queue_size: int = 2048) -> CountingExporter:
+            max_queue_size: int | None = None) -> CountingExporter:
+        """``exporter`` behind its own processor; ``max_queue_size`` (like the other settings) only applies
+        when ``OTEL_BSP_MAX_QUEUE_SIZE`` is unset (:func:`bsp_settings`)."""
         counted = CountingExporter(exporter, name)
         proc: SpanProcessor = (SimpleSpanProcessor(counted) if synchronous
-                               else BatchSpanProcessor(counted, max_queue_size=max_queue_size))
+                               else BatchSpanProcessor(counted, **bsp_settings(max_queue_size=max_queue_size)))
         self.provider.add_span_processor(proc)
         self.processors.append((name, proc, counted))
         return counted

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 class BatchSampler:
     """Decides per batch, before any span exists, whether the batch gets a span.
 
-    Keeps every ``every``-th step (``every=1``: all, ``every=0``: none), every failed batch and every
-    batch slower than ``slow_factor`` x the typical batch duration. The typical duration is the median
-    of the first ``warmup`` batches, then an exponential moving average whose input is clipped at the slow
-    threshold (one pathological batch does not hide the next). O(1) time and memory per batch.
+    Keeps the first batch the run traces and every ``every``-th step after it (steps N, 2N, ...; ``every=1``:
+    all, ``every=0``: none), every failed batch and every batch slower than ``slow_factor`` x the typical batch
+    duration. The typical duration is the median of the first ``warmup`` batches, then an exponential moving
+    average whose input is clipped at the slow threshold (one pathological batch does not hide the next).
+    O(1) time and memory per batch.
     """
 
     every: int = 50
@@ -26,6 +27,7 @@ class BatchSampler:
     kept_slow: int = 0
     kept_failed: int = 0
     sampled_out: int = 0
+    _first_seen: bool = False
     _typical: float | None = None
     _seed: list[float] = field(default_factory=list)
 
@@ -42,8 +44,18 @@ class BatchSampler:
         return cls(every=int(m.group(1)), slow_factor=slow_factor)
 
     def decide(self, step: int, duration_s: float) -> str | None:
-        """Reason to keep this batch (``"sampled"`` or ``"slow"``), or None to drop it."""
+        """Reason to keep this batch (``"first"``, ``"sampled"`` or ``"slow"``), or None to drop it.
+
+        The first batch is kept (``"first"``) whatever N, so a run shorter than N steps (the quickstart's 25
+        steps under the default ``every:50``) still shows one batch with its timings; a resumed run's first
+        batch is its first step after the checkpoint.
+        """
         slow = self._observe(duration_s)
+        first, self._first_seen = not self._first_seen, True
+        if self.every > 1 and first:
+            self.kept += 1
+            self.kept_sampled += 1
+            return "first"
         if self.every and step % self.every == 0:
             self.kept += 1
             self.kept_sampled += 1

@@ -3,32 +3,38 @@
 Span tree (every span carries exact times from the events' ``*_ns`` fields, so it is built after the fact
 on the training thread without timing anything itself)::
 
-    train                      RunStarted .. RunFinished; key config, mlflow.run_id, splade.rank
+    train                      RunStarted .. RunFinished; key config, mlflow.run_id, the run's outcome
     ├── data.load              DataLoaded.start_ns .. end_ns
     ├── model.load             ModelLoaded.start_ns .. end_ns
     ├── epoch                  EpochStarted .. EpochDone
-    │   ├── batch              StepDone.start_ns .. end_ns (sampled; failed and slow batches always kept)
-    │   ├── evaluation         EvaluationDone (start_ns .. time_ns)
-    │   └── checkpoint         CheckpointSaved (start_ns .. time_ns)
+    │   ├── batch <step>       StepDone.start_ns .. end_ns (first batch, every Nth step, failed and slow ones)
+    │   ├── evaluation         EvaluationDone (start_ns .. time_ns), its phases as children when known
+    │   └── checkpoint         CheckpointSaved (start_ns .. time_ns; ``splade.epoch``: the epoch it closes)
     └── ...
+
+Numbers follow :class:`splade_obs.batch_policy.Where` (steps and batches from 1); non-finite values are written
+as ``"nan"`` / ``"inf"`` / ``"-inf"`` (:mod:`splade_obs.finite`, through :func:`~.attributes.attrs`).
 
 Metrics are attributes named by one rule (:func:`~.attributes.attribute_name`: ``train/loss`` ->
 ``splade.train.loss``), from ``Event.metrics()`` of StepDone (batch), EpochDone (epoch), EvaluationDone
 (evaluation), CheckpointSaved (checkpoint) and RunFinished (root, with its final metrics and counters).
 
-Errors become ``exception`` span events (``error.category``, ``exception.type``, ``exception.message``,
-``splade.context.<k>``) on the span where they happened — a skipped batch gets its own ERROR ``batch``
-span — and a failed or killed run gets an ERROR root. Retries and degraded sinks are events on the root.
+Errors become ``exception`` span events as the OTel semantic conventions name them (``exception.type``: the
+fully qualified class of the original exception, ``exception.message``, ``exception.stacktrace``, redacted)
+plus ``error.category`` and ``splade.context.<k>``, on the span where they happened — a skipped batch gets its
+own ERROR ``batch <step>`` span. The root records the outcome: ERROR when the run failed or was killed, and
+:func:`~.attributes.run_outcome` (health, ``splade.degraded``, skipped batches, errors by category).
+Retries and degraded sinks are events on the root.
 
 The sink learns everything from events: its own settings come as :class:`OtelOptions`; the MLflow run
 arrives as ``TrackingRunOpened``; it announces the trace as ``TraceOpened`` from :meth:`OtelSink.open`.
-The per-batch cost is one sampler decision (O(1)); only kept batches create a span, and spans are handed
-to ``BatchSpanProcessor`` queues that export on their own threads. ``close`` is bounded even when the
-collector is unreachable.
+The per-batch cost is one sampler decision (O(1)); only kept batches create a span, handed to
+``BatchSpanProcessor`` queues that export on their own threads. ``close`` is bounded even with a dead collector.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,7 +54,7 @@ from splade_obs.redaction import is_secret_key
 
 from . import exporters as ex
 from . import mlflow_export as mx
-from .attributes import attrs, error_status, interval, metric_attributes, traceparent
+from .attributes import attrs, batch_span_name, error_status, interval, metric_attributes, run_outcome, traceparent
 from .sampling import BatchSampler
 
 log = logging.getLogger("splade_obs.sinks.otel")
@@ -103,6 +109,8 @@ class OtelSink(Sink):
         self._finished = False
         self._closed = False
         self._announced: str | None = None         # traceparent of the last TraceOpened
+        self._errors: collections.Counter[str] = collections.Counter()   # errors caught, by category
+        self._skipped = self._sinks_degraded = 0   # batches skipped, sinks lost
         # the MLflow run, from TrackingRunOpened
         self.mlflow_run_id: str | None = None
         self.mlflow_experiment_id: str | None = None
@@ -254,6 +262,7 @@ class OtelSink(Sink):
                                   "splade.duration_s": e.duration_seconds, "mlflow.run_id": self.mlflow_run_id,
                                   "mlflow.experiment_id": self.mlflow_experiment_id}
         values.update(metric_attributes({**e.final_metrics, **e.counters, **e.metrics()}))
+        values.update(run_outcome(e, self._errors, self._skipped, self._sinks_degraded))
         self._root.set_attributes(attrs(values))
         if e.status == "FAILED":
             err = e.error or {}
@@ -312,11 +321,11 @@ class OtelSink(Sink):
             return
         start, end = interval(e.start_ns, e.end_ns, e.time_ns)
         values: dict[str, Any] = {
-            "splade.step": e.step, "splade.epoch": e.epoch, "splade.batch_index": e.batch_index,
+            "splade.step": e.step, "splade.epoch": e.epoch, "splade.batch_in_epoch": e.batch_index + 1,
             "splade.batch_size": e.batch_size, "splade.tokens": e.num_tokens, "splade.trace.keep_reason": reason,
             **metric_attributes(e.metrics()),
         }
-        self._end(self._span("batch", start, values, redact=False), end)
+        self._end(self._span(batch_span_name(e.step), start, values, redact=False), end)
 
     # -------------------------------------------------------------------------------------- other units of work
     def on_data_loaded(self, e: DataLoaded) -> None:
@@ -340,7 +349,10 @@ class OtelSink(Sink):
         start, end = interval(e.start_ns, e.time_ns, e.time_ns, e.duration_seconds)
         values = {"splade.step": e.step, "splade.epoch": e.epoch, "splade.eval.split": e.split,
                   "splade.eval.is_best": e.is_best, **metric_attributes(e.metrics())}
-        self._end(self._span("evaluation", start, values), end)
+        span = self._span("evaluation", start, values)
+        for name, (p_start, p_end) in (getattr(e, "phases", None) or {}).items():  # encode / retrieve children
+            self._end(self._span(name, p_start, {"splade.step": e.step}, trace.set_span_in_context(span)), p_end)
+        self._end(span, end)
 
     def on_checkpoint_saved(self, e: CheckpointSaved) -> None:
         start, end = interval(e.start_ns, e.time_ns, e.time_ns, e.duration_seconds)
@@ -350,20 +362,22 @@ class OtelSink(Sink):
 
     # -------------------------------------------------------------------------------------- errors and notes
     def on_error_caught(self, e: ErrorCaught) -> None:
+        self._errors[e.category] += 1
+        self._skipped += e.skipped_batch
+        where = {"splade.step": e.step, "splade.epoch": e.epoch, "splade.batch": e.batch,
+                 "splade.batch_in_epoch": None if e.batch_index is None else e.batch_index + 1}
         values: dict[str, Any] = {
-            "error.category": e.category, "exception.type": e.exception_type or e.error_type,
-            "exception.message": e.exception_message or e.message, "splade.error.type": e.error_type,
-            "splade.error.message": e.message, "splade.error.fatal": e.fatal,
-            "splade.error.skipped_batch": e.skipped_batch, "splade.step": e.step, "splade.epoch": e.epoch,
-            "splade.batch_index": e.batch_index,
-        }
+            "exception.type": e.exception_qualified_type or e.exception_type or e.error_type,
+            "exception.message": e.exception_message or e.message, "exception.stacktrace": e.stacktrace,
+            "error.category": e.category, "splade.error.type": e.error_type, "splade.error.message": e.message,
+            "splade.error.fatal": e.fatal, "splade.error.skipped_batch": e.skipped_batch, **where}
         values.update({f"splade.context.{k}": ("***" if is_secret_key(str(k)) else v) for k, v in e.context.items()})
         # running counts of every category (errors/<CATEGORY>), then this event's own metrics
         counts = {metric_name(f"errors/{k}"): float(v) for k, v in e.counts.items()}
         values.update(metric_attributes({**counts, **e.metrics()}))
         status = error_status(f"{e.category}: {e.message}")
         if e.batch_index is not None and (e.skipped_batch or e.start_ns):
-            self._failed_batch(e, values, status)
+            self._failed_batch(e, where, values, status)
         else:
             target = self._epoch if self._epoch is not None else self._root
             assert target is not None
@@ -374,13 +388,13 @@ class OtelSink(Sink):
                 self._root.add_event("exception", attrs(values), timestamp=e.time_ns)
             self._root.set_status(status)
 
-    def _failed_batch(self, e: ErrorCaught, values: Mapping[str, Any], status: Status) -> None:
-        """A batch that failed always gets its own ERROR span, whatever the sampling."""
+    def _failed_batch(self, e: ErrorCaught, where: Mapping[str, Any], values: Mapping[str, Any],
+                      status: Status) -> None:
+        """A batch that failed always gets its own ERROR span (named by its step), whatever the sampling."""
         self.sampler.record_failed()
         start, end = interval(e.start_ns, e.time_ns, e.time_ns)
-        span = self._span("batch", start, {"splade.step": e.step, "splade.epoch": e.epoch,
-                                           "splade.batch_index": e.batch_index, "splade.skipped": e.skipped_batch,
-                                           "error.type": e.category, "splade.trace.keep_reason": "failed"})
+        span = self._span(batch_span_name(e.step), start, {
+            **where, "splade.skipped": e.skipped_batch, "error.type": e.category, "splade.trace.keep_reason": "failed"})
         span.add_event("exception", attrs(values), timestamp=e.time_ns)
         span.set_status(status)
         self._end(span, end)
@@ -394,6 +408,7 @@ class OtelSink(Sink):
 
     def on_sink_degraded(self, e: SinkDegraded) -> None:
         assert self._root is not None
+        self._sinks_degraded += 1
         self._root.add_event("splade.sink_degraded", attrs({
             "splade.sink.name": e.sink, "splade.sink.failures": e.failures, "exception.type": e.error_type,
             "exception.message": e.message}), timestamp=e.time_ns)
