@@ -271,6 +271,7 @@ def test_otlp_metrics_reach_the_receiver_with_units_and_resource(tmp_path):
     assert hist.temporality == 2                             # cumulative (the SDK's default)
     res = last["splade.train.loss"].resource
     assert res["service.name"] == "splade-metrics-test" and res["splade.run_name"] and res["service.instance.id"]
+    assert {sp.resource["service.instance.id"] for sp in spans} == {res["service.instance.id"]}  # one process
     assert "mlflow.run_id" not in res                        # --no-mlflow
 
 

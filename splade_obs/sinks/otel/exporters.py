@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import uuid
 import sys
 import threading
 import time
@@ -318,11 +319,17 @@ class PresetIdGenerator(RandomIdGenerator):
         return super().generate_span_id()
 
 
+#: This process's ``service.instance.id`` on spans and metrics (unless OTEL_RESOURCE_ATTRIBUTES sets one).
+INSTANCE_ID = str(uuid.uuid4())
+
+
 def build_resource(service_name: str | None, env: Mapping[str, str] = os.environ) -> Resource:
-    """service.name: config > OTEL_SERVICE_NAME > "splade-obs"; OTEL_RESOURCE_ATTRIBUTES merged by the SDK."""
+    """service.name: config > OTEL_SERVICE_NAME > "splade-obs"; service.instance.id: one per process;
+    OTEL_RESOURCE_ATTRIBUTES merged by the SDK (it wins)."""
     from splade_obs import __version__
 
-    attrs: dict[str, Any] = {"service.version": __version__, "host.name": socket.gethostname()}
+    attrs: dict[str, Any] = {"service.version": __version__, "host.name": socket.gethostname(),
+                             "service.instance.id": INSTANCE_ID}
     name = service_name or env.get("OTEL_SERVICE_NAME") or None
     if name:
         attrs["service.name"] = name

@@ -28,7 +28,6 @@ import math
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -46,8 +45,6 @@ METRICS_ENDPOINT_ENV_VARS = ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORT
 METRICS_PROTOCOL_ENV_VARS = ("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 METRICS_TIMEOUT_ENV_VARS = ("OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
 DEFAULT_PROMETHEUS_PORT = 9464
-#: This process's ``service.instance.id`` (unless OTEL_RESOURCE_ATTRIBUTES sets one): one per process.
-INSTANCE_ID = str(uuid.uuid4())
 #: Resource attributes copied onto every Prometheus series as labels (``mlflow_run_id``, ``splade_run_name``).
 PROMETHEUS_RESOURCE_LABELS = ("mlflow.run_id", "splade.run_name")
 
@@ -73,12 +70,10 @@ def metrics_file_path(log_dir: Path) -> Path:
 def run_resource(service_name: str | None, *, run_name: str | None, mlflow_run_id: str | None,
                  mlflow_experiment_id: str | None, rank: int = 0,
                  env: Mapping[str, str] = os.environ) -> Resource:
-    """The spans' resource (:func:`~.exporters.build_resource`) plus ``service.instance.id`` (this process),
+    """The spans' resource (:func:`~.exporters.build_resource`, with ``service.instance.id``) plus
     ``splade.run_name``, ``splade.rank``, ``mlflow.run_id`` and ``mlflow.experiment_id`` when known."""
     base = build_resource(service_name, env)
     extra: dict[str, Any] = {"splade.rank": rank}
-    if "service.instance.id" not in base.attributes:
-        extra["service.instance.id"] = INSTANCE_ID
     for key, value in (("splade.run_name", run_name), ("mlflow.run_id", mlflow_run_id),
                        ("mlflow.experiment_id", mlflow_experiment_id)):
         if value:
