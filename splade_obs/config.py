@@ -226,6 +226,7 @@ class TracingConfig:
     prometheus_host: str = setting("127.0.0.1", "Address of the Prometheus endpoint (0.0.0.0: all interfaces).")
     prometheus_linger: float = setting(0.0, "Seconds the Prometheus endpoint serves the final values after the run.",
                                        ge=0)
+    otel_logs: bool = setting(False, "Also send log records over OTLP (OTEL_EXPORTER_OTLP_*), with trace/span/run ids.")
 
 
 @dataclass(frozen=True)

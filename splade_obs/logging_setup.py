@@ -9,7 +9,11 @@ OpenTelemetry, urllib3 and ``warnings.warn`` land in the same files as our own l
 * ``<log_dir>/train_splade.log``: the same lines plus the logger name.
 * ``<log_dir>/train_splade.jsonl`` (``json_logs=True``): one JSON object per record with
   ``timestamp`` (UTC, milliseconds, ``Z``), ``level``, ``name``, ``message``, ``module``, ``function``,
-  ``line``, ``rank`` and every structured field passed with ``extra=`` (step, epoch, category, context...).
+  ``line``, ``rank``, every structured field passed with ``extra=`` (step, epoch, category, context...) and,
+  once the run has them, ``trace_id``, ``span_id`` (the enclosing run / epoch / failed-batch span) and the
+  MLflow ``run_id`` (:mod:`splade_obs.log_context`).
+* ``otel_logs=True``: every record also goes over OTLP with the same ids
+  (:class:`splade_obs.sinks.otel.logs.OtlpLogHandler`; flushed within ``otel_logs_timeout`` at teardown).
 * ranks > 0 write ``train_splade.rank{r}.log`` / ``.jsonl`` and nothing to the console.
 * a redaction filter on every handler replaces the values of secret-looking environment variables
   (``config.is_secret_key``: ``*_TOKEN``, ``*_PASSWORD``, ``*_KEY``, ``*_SECRET``, ``*_HEADERS``...) with
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import finite
+from .log_context import CONTEXT
 from .redaction import redact_obj, redact_text, secret_values
 
 CONSOLE_FORMAT = "[%(levelname)s] %(asctime)s - %(message)s"
@@ -135,6 +140,8 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STD_ATTRS and key not in doc:
                 doc[key] = value
+        for key, value in CONTEXT.ids(getattr(record, "batch", None)).items():
+            doc.setdefault(key, value)
         if record.exc_info and not record.exc_text:
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
@@ -170,6 +177,8 @@ class StderrHandler(logging.Handler):
 # ------------------------------------------------------------------------------------------ setup
 class _State:
     handlers: list[logging.Handler] = []
+    otel_handler: logging.Handler | None = None
+    otel_timeout: float = 5.0
     root_level: int | None = None
     library_state: dict[str, tuple[bool, list[logging.Handler]]] = {}
     set_mlflow_env: bool = False
@@ -184,12 +193,14 @@ def log_file_paths(log_dir: Path, rank: int = 0, world_size: int = 1) -> tuple[P
 
 
 def setup_logging(level: str | int = "INFO", log_dir: Path | str | None = None, json_logs: bool = False,
-                  rank: int = 0, world_size: int = 1, color: bool | None = None) -> None:
+                  rank: int = 0, world_size: int = 1, color: bool | None = None, *, otel_logs: bool = False,
+                  service_name: str | None = None, otel_logs_timeout: float = 5.0) -> None:
     """Configure the root logger for one run; call :func:`teardown_logging` to undo it.
 
     Calling it again first tears down the previous configuration (tests configure many times).
     """
     teardown_logging()
+    CONTEXT.clear()
     root = logging.getLogger()
     _State.root_level = root.level
     root.setLevel(level.upper() if isinstance(level, str) else level)
@@ -210,6 +221,11 @@ def setup_logging(level: str | int = "INFO", log_dir: Path | str | None = None, 
             jh = logging.FileHandler(json_path, encoding="utf-8")
             jh.setFormatter(JsonFormatter())
             handlers.append(jh)
+    if otel_logs and os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() != "true":
+        from .sinks.otel.logs import OtlpLogHandler
+
+        _State.otel_handler, _State.otel_timeout = OtlpLogHandler(service_name), otel_logs_timeout
+        handlers.append(_State.otel_handler)
     for h in handlers:
         h.addFilter(RankFilter(rank))
         h.addFilter(RedactingFilter())
@@ -298,6 +314,11 @@ class _DropMessages(logging.Filter):
 def teardown_logging() -> None:
     """Remove and close the handlers :func:`setup_logging` added and restore what it changed."""
     root = logging.getLogger()
+    if _State.otel_handler is not None:  # first, so a warning about lost records still reaches the files
+        root.removeHandler(_State.otel_handler)
+        _State.otel_handler.close(_State.otel_timeout)  # type: ignore[call-arg]
+        _State.otel_handler = None
+    CONTEXT.clear()
     for h in _State.handlers:
         root.removeHandler(h)
         try:

@@ -167,8 +167,11 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
         runtime = resolve_runtime(dist.device_name, cfg.optim.mixed_precision)
     rank, world_size = (dist.rank, dist.world_size) if dist else (0, 1)
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(cfg.logging.log_level, cfg.log_dir, cfg.logging.json_logs, rank=rank, world_size=world_size)
-    bus = EventBus(rank=rank)
+    setup_logging(cfg.logging.log_level, cfg.log_dir, cfg.logging.json_logs, rank=rank, world_size=world_size,
+                  otel_logs=cfg.tracing.otel_logs, service_name=cfg.tracing.service_name,
+                  otel_logs_timeout=cfg.tracing.shutdown_timeout)
+    from .log_context import LogContextSink
+    bus = EventBus([LogContextSink()], rank=rank)  # first: log lines get each event's ids before any sink logs
     ids = RunIds()
     bus.add(ids)
     try:
