@@ -188,7 +188,7 @@ def trained(tmp_path_factory):
             "checkpoint": {"output_dir": str(root / mode)},
             "optim": {"batch_size": 4, "max_steps": 2, "seed": 7, "mixed_precision": "no"},
             "model": {"max_query_length": 16, "max_doc_length": 32},
-            "tracking": {"enabled": False}, "tracing": {"exporter": "none"},
+            "tracking": {"enabled": False}, "tracing": {"exporter": "file" if mode == "lines" else "none"},
             "logging": {"progress": mode, "progress_interval": 0.001},
             "eval": {"eval_data": str(data), "eval_split": "dev", "eval_steps": 1},
         })
@@ -217,6 +217,19 @@ def test_in_training_evaluation_done_carries_the_phase_timings(trained) -> None:
         assert all(s > 0 for s in seconds.values()) and sum(seconds.values()) <= e.duration_seconds
         assert seconds["encode_docs"] == pytest.approx(e.scores["encode_docs_s"], abs=0.01)
         assert json.loads(json.dumps(e.to_dict()))["phases"]["retrieve"] == list(e.phases["retrieve"])
+
+
+def test_the_evaluation_span_has_encode_and_retrieve_children(trained) -> None:
+    from splade_obs.events import RunStarted
+
+    log_dir = Path(trained["lines"][0].of(RunStarted)[0].log_dir)
+    spans = [json.loads(line) for line in (log_dir / "traces.jsonl").read_text().splitlines()]
+    evals = [s for s in spans if s["name"] == "evaluation"]
+    assert len(evals) == 2
+    for ev in evals:
+        sid = ev["context"]["span_id"]
+        children = [(s["name"], s["attributes"].get("splade.eval.input")) for s in spans if s.get("parent_id") == sid]
+        assert children == [("encode", "documents"), ("encode", "queries"), ("retrieve", None)], children
 
 
 def test_in_training_evaluation_progress_lines_and_none(trained) -> None:

@@ -131,3 +131,17 @@ def interval(start_ns: int, end_ns: int, fallback_end: int, duration_s: float = 
     end = end_ns or fallback_end
     start = start_ns or (end - int(duration_s * 1e9) if duration_s else end)
     return start, max(start, end)
+
+
+#: EvaluationDone.phases -> (child span name, attributes): the evaluation span's ``encode`` / ``retrieve`` children
+EVAL_PHASE_SPANS: dict[str, tuple[str, dict[str, str]]] = {
+    "encode_docs": ("encode", {"splade.eval.input": "documents"}),
+    "encode_queries": ("encode", {"splade.eval.input": "queries"}),
+    "retrieve": ("retrieve", {}),
+}
+
+
+def eval_phase_span(phase: str, step: int) -> tuple[str, dict[str, Any]]:
+    """The child span of an evaluation phase: ``encode`` (documents or queries), ``retrieve``, else the phase's name."""
+    name, values = EVAL_PHASE_SPANS.get(phase, (phase, {}))
+    return name, {"splade.step": step, "splade.eval.phase": phase, **values}

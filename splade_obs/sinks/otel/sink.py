@@ -8,7 +8,7 @@ on the training thread without timing anything itself)::
     ├── model.load             ModelLoaded.start_ns .. end_ns
     ├── epoch                  EpochStarted .. EpochDone
     │   ├── batch <step>       StepDone.start_ns .. end_ns (first batch, every Nth step, failed and slow ones)
-    │   ├── evaluation         EvaluationDone (start_ns .. time_ns), its phases as children when known
+    │   ├── evaluation         EvaluationDone (start_ns .. time_ns); children encode (docs, queries), retrieve
     │   └── checkpoint         CheckpointSaved (start_ns .. time_ns; ``splade.epoch``: the epoch it closes)
     └── ...
 
@@ -23,13 +23,12 @@ Errors become ``exception`` span events as the OTel semantic conventions name th
 fully qualified class of the original exception, ``exception.message``, ``exception.stacktrace``, redacted)
 plus ``error.category`` and ``splade.context.<k>``, on the span where they happened — a skipped batch gets its
 own ERROR ``batch <step>`` span. The root records the outcome: ERROR when the run failed or was killed, and
-:func:`~.attributes.run_outcome` (health, ``splade.degraded``, skipped batches, errors by category).
-Retries and degraded sinks are events on the root.
+:func:`~.attributes.run_outcome` (health, ``splade.degraded``, skipped batches, errors by category); retries
+and degraded sinks are events on the root.
 
-The sink learns everything from events: its own settings come as :class:`OtelOptions`; the MLflow run
-arrives as ``TrackingRunOpened``; it announces the trace as ``TraceOpened`` from :meth:`OtelSink.open`.
-The per-batch cost is one sampler decision (O(1)); only kept batches create a span, handed to
-``BatchSpanProcessor`` queues that export on their own threads. ``close`` is bounded even with a dead collector.
+The sink learns everything from events: settings come as :class:`OtelOptions`, the MLflow run as
+``TrackingRunOpened``; it announces the trace as ``TraceOpened`` (:meth:`OtelSink.open`). Epoch and failed-batch
+spans take the ids :mod:`splade_obs.log_context` reserved (log lines carry them). ``close`` is bounded.
 """
 
 from __future__ import annotations
@@ -47,14 +46,15 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from splade_obs import __version__
 from splade_obs.bus import EventBus, Sink
+from splade_obs.log_context import CONTEXT, failed_batch_gets_span
 from splade_obs.events import (CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught, EvaluationDone,
                                Event, Message, ModelLoaded, RetryAttempt, RunFinished, RunStarted, SinkDegraded,
                                StepDone, TraceOpened, TrackingRunOpened, metric_name)
 from splade_obs.redaction import is_secret_key
 
-from . import exporters as ex
-from . import mlflow_export as mx
-from .attributes import attrs, batch_span_name, error_status, interval, metric_attributes, run_outcome, traceparent
+from . import exporters as ex, mlflow_export as mx
+from .logs import PresetNextSpanId
+from .attributes import attrs, batch_span_name, error_status, eval_phase_span, interval, metric_attributes, run_outcome, traceparent  # noqa: E501
 from .sampling import BatchSampler
 
 log = logging.getLogger("splade_obs.sinks.otel")
@@ -93,12 +93,11 @@ class OtelSink(Sink):
     threaded = False
 
     def __init__(self, options: OtelOptions, pipeline: ex.Pipeline, *, rank: int = 0, world_size: int = 1) -> None:
-        self.options = options
-        self.pipeline = pipeline
-        self.rank = rank
-        self.world_size = world_size
+        self.options, self.pipeline = options, pipeline
+        self.rank, self.world_size = rank, world_size
         self.sampler = BatchSampler.from_spec(options.trace_batches, options.slow_batch_factor)
         self._tracer = pipeline.provider.get_tracer("splade_obs", __version__)
+        self._ids = self._tracer.id_generator = PresetNextSpanId(self._tracer.id_generator)  # reserved span ids
         self._bus: EventBus | None = None
         self._root: Span | None = None
         self._root_ctx: Any = None
@@ -106,13 +105,11 @@ class OtelSink(Sink):
         self._epoch_num: int | None = None
         self._epoch_ctx: Any = None
         self._pending: list[Event] = []
-        self._finished = False
-        self._closed = False
+        self._finished = self._closed = False
         self._announced: str | None = None         # traceparent of the last TraceOpened
         self._errors: collections.Counter[str] = collections.Counter()   # errors caught, by category
         self._skipped = self._sinks_degraded = 0   # batches skipped, sinks lost
-        # the MLflow run, from TrackingRunOpened
-        self.mlflow_run_id: str | None = None
+        self.mlflow_run_id: str | None = None      # the MLflow run, from TrackingRunOpened
         self.mlflow_experiment_id: str | None = None
         self.tracking_uri: str | None = None
         self._mlflow_exporter = False
@@ -293,6 +290,7 @@ class OtelSink(Sink):
                                               "splade.steps_in_epoch": e.steps_in_epoch})
 
     def _open_epoch(self, epoch: int, start: int, values: Mapping[str, Any]) -> None:
+        self._ids.preset(CONTEXT.take_epoch(epoch))
         self._epoch = self._span("epoch", start, {"splade.epoch": epoch, **values}, parent=self._root_ctx)
         self._epoch_num = epoch
         self._epoch_ctx = trace.set_span_in_context(self._epoch)
@@ -350,8 +348,9 @@ class OtelSink(Sink):
         values = {"splade.step": e.step, "splade.epoch": e.epoch, "splade.eval.split": e.split,
                   "splade.eval.is_best": e.is_best, **metric_attributes(e.metrics())}
         span = self._span("evaluation", start, values)
-        for name, (p_start, p_end) in (getattr(e, "phases", None) or {}).items():  # encode / retrieve children
-            self._end(self._span(name, p_start, {"splade.step": e.step}, trace.set_span_in_context(span)), p_end)
+        for phase, (p_start, p_end) in e.phases.items():  # encode (documents, queries) / retrieve children
+            name, values = eval_phase_span(phase, e.step)
+            self._end(self._span(name, p_start, values, trace.set_span_in_context(span)), p_end)
         self._end(span, end)
 
     def on_checkpoint_saved(self, e: CheckpointSaved) -> None:
@@ -376,7 +375,7 @@ class OtelSink(Sink):
         counts = {metric_name(f"errors/{k}"): float(v) for k, v in e.counts.items()}
         values.update(metric_attributes({**counts, **e.metrics()}))
         status = error_status(f"{e.category}: {e.message}")
-        if e.batch_index is not None and (e.skipped_batch or e.start_ns):
+        if failed_batch_gets_span(e):
             self._failed_batch(e, where, values, status)
         else:
             target = self._epoch if self._epoch is not None else self._root
@@ -393,6 +392,7 @@ class OtelSink(Sink):
         """A batch that failed always gets its own ERROR span (named by its step), whatever the sampling."""
         self.sampler.record_failed()
         start, end = interval(e.start_ns, e.time_ns, e.time_ns)
+        self._ids.preset(CONTEXT.take_batch(e.batch))
         span = self._span(batch_span_name(e.step), start, {
             **where, "splade.skipped": e.skipped_batch, "error.type": e.category, "splade.trace.keep_reason": "failed"})
         span.add_event("exception", attrs(values), timestamp=e.time_ns)
