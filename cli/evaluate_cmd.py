@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import click
 
+from splade_obs import finite
 from splade_obs.errors import ErrorCategory
 
 from .common import debug_option, handle_errors
@@ -74,7 +74,7 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
     if trec_run is not None:
         write_trec_run(evaluator.run(), trec_run)
     result["duration_seconds"] = time.monotonic() - start  # the whole command: loading, encoding, retrieval
-    text = json.dumps(result, indent=2)
+    text = finite.dumps(result, indent=2)  # a NaN score is "nan": strict JSON for jq and JavaScript
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text + "\n", encoding="utf-8")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -100,20 +99,17 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any, indent: int | None
     """Serialize ``obj`` first (so a serialization error leaves the old file alone), then write atomically.
 
     Values JSON does not know (paths, numpy scalars, enums) are written with ``str``; NaN and
-    infinities become ``null`` so strict JSON parsers (jq, JavaScript) can read the file.
+    infinities become ``"nan"`` / ``"inf"`` / ``"-inf"`` (:mod:`splade_obs.finite`) so strict JSON parsers (jq,
+    JavaScript) can read the file.
     """
     text = json.dumps(_finite(obj), indent=indent, default=_json_default, allow_nan=False)
     return atomic_write_text(path, text + "\n")
 
 
 def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
+    from .finite import json_safe  # the one rule for non-finite numbers
+
+    return json_safe(obj)
 
 
 def _json_default(o: Any) -> Any:

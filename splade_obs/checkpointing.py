@@ -4,7 +4,6 @@ acts on only at a consistent point."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from . import finite
 from . import checkpoint as ckpt_io
 from .atomic import writing
 from .config import TrainConfig
@@ -74,7 +74,7 @@ class Checkpointer:
             with writing(dest):  # a full disk names the folder and the space left, typed FILE_SYSTEM_ERROR
                 self.parts["encoder"].save_pretrained(tmp)
                 if metrics is not None:
-                    (tmp / "metrics.json").write_text(json.dumps({"step": step, **metrics}, indent=2))
+                    (tmp / "metrics.json").write_text(finite.dumps({"step": step, **metrics}, indent=2))
                 ckpt_io.replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # no half-written .tmp folder left behind

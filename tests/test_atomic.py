@@ -111,7 +111,7 @@ def test_text_and_json_writers_go_through_the_streaming_writer(tmp_path: Path, m
     atomic_write_json(tmp_path / "b.json", {"x": float("nan"), "p": tmp_path})
     assert calls == ["a.txt", "b.json"]
     assert (tmp_path / "a.txt").read_text() == "hello"
-    assert json.loads((tmp_path / "b.json").read_text()) == {"x": None, "p": str(tmp_path)}
+    assert json.loads((tmp_path / "b.json").read_text()) == {"x": "nan", "p": str(tmp_path)}  # splade_obs.finite: "nan", strict JSON
 
 
 # ------------------------------------------------------------------------------------------ encode, mine-negatives

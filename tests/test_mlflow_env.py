@@ -245,3 +245,13 @@ def test_the_compose_trainer_experiment_variable_now_works(shell, experiment):
     o = _resolve(environ)
     assert o.experiment_name == experiment and o.tracking_uri == "http://mlflow:5000"
     assert {"MLFLOW_EXPERIMENT_NAME", "MLFLOW_TRACKING_URI"} <= set(o.env_sources)
+
+
+def test_mlflow_tags_values_are_masked_like_every_other_output(monkeypatch):
+    from splade_obs.sinks.mlflow.env import env_tags
+
+    monkeypatch.setenv("SPLADE_TEST_TOKEN", "s3cr3t-token-value")
+    tags = env_tags({"MLFLOW_TAGS": json.dumps({"store": "https://bob:hunter2@host/db", "note": "s3cr3t-token-value",
+                                                "api_token": "abc", "team": "search"})})
+    assert "hunter2" not in tags["store"] and tags["store"].endswith("@host/db")
+    assert tags["note"] == "***" and tags["api_token"] == "***" and tags["team"] == "search"

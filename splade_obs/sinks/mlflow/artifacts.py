@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ... import finite
 from ...redaction import redact, safe_text
 from .logged_model import LoggedModelUpload, ModelSpec, Registration
 from .transport import UNSENT_FILE, Transport
@@ -64,7 +65,7 @@ class Artifacts:
     def json(self, obj: Any, name: str) -> None:
         if obj:
             self.t.submit(f"log_{name}", self.t.client.log_text, self.t.run_id,
-                          safe_text(json.dumps(obj, indent=2, default=str)), name, kind="artifact")
+                          safe_text(finite.dumps(obj, indent=2)), name, kind="artifact")
 
     def metrics_file(self, log_dir: Path, own_record: dict[str, Any]) -> None:
         """The metrics-file sink's ``training_metrics.json``, or (no such sink on the bus) ``own_record``."""

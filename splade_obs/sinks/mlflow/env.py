@@ -114,7 +114,7 @@ def env_tags(environ: Mapping[str, str]) -> dict[str, str]:
             raise ConfigError(f"environment variable {TAGS}: tag name {key!r} is not valid: "
                               f"{str(exc).splitlines()[0]}", field=TAGS, hint=hint) from None
         text = value if isinstance(value, str) else json.dumps(value)
-        tags[key] = REDACTED if is_secret_key(key) else text
+        tags[key] = REDACTED if is_secret_key(key) else safe_text(text)  # URL credentials, secret env values
     return tags
 
 
