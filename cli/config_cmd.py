@@ -40,9 +40,10 @@ def config() -> None:
 @handle_errors(ErrorCategory.CONFIG_ERROR)
 def show(ctx: click.Context, config_file: str | None, fmt: str, debug: bool, **flags: Any) -> None:
     """Print the config `splade-obs train` would run with the same --config and flags (secrets redacted)."""
+    from splade_obs.data import with_demo_defaults
     from splade_obs.redaction import redact
 
-    cfg = config_from_flags(ctx, config_file, flags)
+    cfg = with_demo_defaults(config_from_flags(ctx, config_file, flags))  # as the run fills them in
     if fmt == "params":
         for key, value in cfg.params().items():
             click.echo(f"{key}={value}")

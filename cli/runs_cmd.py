@@ -205,7 +205,7 @@ def runs() -> None:
               help="Print whole 32-character run ids instead of their first 8 characters.")
 @handle_errors(ErrorCategory.DEPENDENCY_ERROR)
 def list_runs(tracking_uri: str | None, experiment_name: str, max_results: int, full_ids: bool) -> None:
-    """Newest runs first: id, name, status, start, duration, final loss and nDCG@10, errors.
+    """Newest runs first: id, name, status, start, duration, final loss, nDCG@10 and MRR@10, errors.
 
     The run_id column holds the first 8 characters of each id (more if two listed runs share them), which
     `runs compare` accepts as they are; --full-ids prints whole ids.
@@ -224,8 +224,9 @@ def list_runs(tracking_uri: str | None, experiment_name: str, max_results: int, 
         errors = sum(int(v) for k, v in m.items() if k.startswith("errors/"))
         loss = m.get("epoch/loss", m.get("final/train_loss", m.get("train/loss")))  # final/*: runs tracked before
         rows.append([rid, r.info.run_name or "-", r.info.status, _when(r.info.start_time), _duration(r),
-                     loss, m.get("eval/ndcg_at_10"), errors])
-    click.echo(_table(["run_id", "name", "status", "started", "duration", "loss", "ndcg@10", "errors"], rows))
+                     loss, m.get("eval/ndcg_at_10"), m.get("eval/mrr_at_10"), errors])
+    click.echo(_table(["run_id", "name", "status", "started", "duration", "loss", "ndcg@10", "mrr@10", "errors"],
+                      rows))
 
 
 @runs.command("compare")

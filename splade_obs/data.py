@@ -27,13 +27,14 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import DataError
 from .records import Example, Problem, Where, kind_of, validate_record
 from .recovery import validate_file_exists
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 log = logging.getLogger("splade_obs.data")
 
@@ -45,6 +46,12 @@ MAX_RECORD_CHARS = 2000
 MAX_KEPT_PROBLEMS = 10_000
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
+#: The demo's retrieval set (a BEIR folder), evaluated at the end of a run on the demo set.
+DEMO_RETRIEVAL_DIR = DEMO_DIR / "retrieval"
+#: Epochs of a run on the demo set when neither --epochs nor --max-steps is given (user data: 1).
+DEMO_EPOCHS = 3
+#: Values of ``data.val_file`` / ``eval.eval_data`` that turn the demo's default off.
+OFF_WORDS = ("none", "null")
 SKIP_HINT = "fix the records or pass --on-bad-record skip"
 BOM = b"\xef\xbb\xbf"
 
@@ -67,6 +74,26 @@ def demo_path(name: str = "train") -> Path:
     return DEMO_DIR / f"{name}.jsonl"
 
 
+def with_demo_defaults(cfg: "TrainConfig") -> "TrainConfig":
+    """The config a run uses: unset defaults that depend on the data filled in, once, at the start of a run.
+
+    On the demo set (no ``data.train_file``): ``optim.epochs`` 3 (1 with ``max_steps``), the demo's validation
+    set and its retrieval set (evaluated at the end). On the user's data: ``optim.epochs`` 1 and nothing else.
+    ``none`` as ``val_file`` / ``eval_data`` turns that part off; any value given is kept.
+    """
+    demo = cfg.data.train_file is None
+    changes: dict[str, dict[str, Any]] = {}
+    if cfg.optim.epochs is None:
+        changes["optim"] = {"epochs": DEMO_EPOCHS if demo and cfg.optim.max_steps is None else 1}
+    for section, key, demo_value in (("data", "val_file", demo_path("val")), ("eval", "eval_data", DEMO_RETRIEVAL_DIR)):
+        value = getattr(getattr(cfg, section), key)
+        if value is None and demo:
+            changes.setdefault(section, {})[key] = str(demo_value)
+        elif value is not None and value.strip().lower() in OFF_WORDS:
+            changes.setdefault(section, {})[key] = None
+    return cfg.replace(**changes) if changes else cfg
+
+
 def file_digest(path: str | Path) -> str:
     """sha256 of a file's bytes, read in chunks."""
     h = hashlib.sha256()
@@ -78,6 +105,8 @@ def file_digest(path: str | Path) -> str:
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """A permutation of range(n) that depends only on (seed, epoch): a private generator, no global RNG."""
+    import torch  # here: `config show` reads this module's defaults without loading torch
+
     gen = torch.Generator().manual_seed(int(seed) + int(epoch))
     return torch.randperm(n, generator=gen).tolist()
 

@@ -18,8 +18,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 SCIFACT = REPO.parent / "shared" / "data" / "scifact"
 
-#: Small, fast settings for a real training run on splade-tiny (CLI flags).
-TINY_ARGS = ["--batch-size", "4", "--max-query-length", "16", "--max-doc-length", "32"]
+#: Small, fast settings for a real training run on splade-tiny (CLI flags). On the demo set, without the
+#: demo's validation and retrieval evaluation (a test that wants them passes its own flags after these).
+TINY_ARGS = ["--batch-size", "4", "--max-query-length", "16", "--max-doc-length", "32",
+             "--val-file", "none", "--eval-data", "none"]
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +48,8 @@ def _isolated_cwd_mlruns(tmp_path, monkeypatch):
 
 @pytest.fixture
 def tiny_cfg(tmp_path):
-    """A TrainConfig for a few real steps of splade-tiny on the demo data, with no remote sinks."""
+    """A TrainConfig for a few real steps of splade-tiny on the demo data, with no remote sinks, and without the
+    demo's validation and retrieval evaluation unless a test gives ``data.val_file`` / ``eval.eval_data``."""
     from splade_obs.config import TrainConfig
 
     def make(**sections):
@@ -57,6 +60,8 @@ def tiny_cfg(tmp_path):
             "tracking": {"enabled": False},
             "tracing": {"exporter": "none"},
             "logging": {"progress": "none"},
+            "data": {"val_file": "none"},
+            "eval": {"eval_data": "none"},
         }
         for name, vals in sections.items():
             base.setdefault(name, {}).update(vals)

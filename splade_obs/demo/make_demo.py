@@ -7,8 +7,13 @@ files are the project's own work (Apache-2.0). The queries share real words with
 steps; the two hard negatives share the topic but not the answer: one is the same fact about another
 entity of the same kind, the other is another fact about the same entity.
 
+It also writes a small BEIR-shaped retrieval set (``retrieval/``: ``corpus.jsonl``, ``queries.jsonl``,
+``qrels/test.tsv``) that the quickstart evaluates at its end (nDCG@10, MRR@10): one short document per fact
+of fresh entities (the fact's sentence and the entity's intro), one query per fact of some of them (its
+document is the one relevant answer), the other entities' documents as distractors.
+
 Deterministic: ``python -m splade_obs.demo.make_demo`` rewrites byte-identical files (seeded RNG).
-Train and validation use disjoint entities.
+Train, validation and the retrieval set use disjoint entities.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from typing import Callable
 SEED = 20240917
 NUM_TRAIN = 400
 NUM_VAL = 60
+#: Retrieval set: entities asked about (about 4 queries each) and entities that only add distractor documents.
+NUM_EVAL_QUERIED = 24
+NUM_EVAL_DISTRACTORS = 36
 HERE = Path(__file__).resolve().parent
 
 _ONSETS = ["b", "br", "d", "dr", "f", "g", "gl", "k", "kr", "l", "m", "n", "p", "qu", "r", "s", "st", "t",
@@ -219,21 +227,67 @@ def make_records(entities: list[tuple[Kind, dict[str, str]]], rng: random.Random
     return records
 
 
-def generate(seed: int = SEED, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL) -> tuple[list[dict], list[dict]]:
-    """Draw entities round-robin over the kinds until both splits are full; val entities are disjoint."""
+def draw_entities(rng: random.Random, taken: set[str], *, records: int = 0,
+                  count: int = 0) -> list[tuple[Kind, dict[str, str]]]:
+    """Entities round-robin over the kinds: until they have ``records`` facts in all, or ``count`` of them."""
+    entities: list[tuple[Kind, dict[str, str]]] = []
+    facts = 0
+    while facts < records or len(entities) < count:
+        kind = KINDS[len(entities) % len(KINDS)]
+        entities.append((kind, kind.draw(rng, taken)))
+        facts += len(kind.facts)
+    return entities
+
+
+def _capital(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+@dataclass
+class Retrieval:
+    corpus: list[dict]                    # {"_id", "title", "text"}
+    queries: list[dict]                   # {"_id", "text"}
+    qrels: list[tuple[str, str, int]]     # (query id, document id, relevance)
+
+
+def make_retrieval(queried: list[tuple[Kind, dict[str, str]]], distractors: list[tuple[Kind, dict[str, str]]],
+                   rng: random.Random) -> Retrieval:
+    """One document per (entity, fact): the fact's sentence and the entity's intro; one query per fact of the
+    ``queried`` entities, whose own document is its one relevant answer. Ids follow a shuffled order."""
+    docs: list[tuple[str, int | None]] = []   # (text, index of the query it answers)
+    questions: list[str] = []
+    for asked, group in ((True, queried), (False, distractors)):
+        for kind, ent in group:
+            for fact in kind.facts.values():
+                text = " ".join(_capital(s.format(**ent)) for s in (fact.sentence, kind.intro))
+                if asked:
+                    query = rng.choice(fact.queries).format(**ent)
+                    questions.append(_capital(query) + "?")
+                docs.append((text, len(questions) - 1 if asked else None))
+    rng.shuffle(docs)
+    query_order = list(range(len(questions)))
+    rng.shuffle(query_order)
+    qid = {q: f"q{n + 1:03d}" for n, q in enumerate(query_order)}
+    corpus, qrels = [], []
+    for n, (text, answers) in enumerate(docs):
+        did = f"d{n + 1:04d}"
+        corpus.append({"_id": did, "title": "", "text": text})
+        if answers is not None:
+            qrels.append((qid[answers], did, 1))
+    queries = [{"_id": qid[q], "text": questions[q]} for q in query_order]
+    return Retrieval(corpus, queries, sorted(qrels))
+
+
+def generate(seed: int = SEED, num_train: int = NUM_TRAIN, num_val: int = NUM_VAL
+             ) -> tuple[list[dict], list[dict], Retrieval]:
+    """Train, validation and retrieval sets from one seeded RNG; each draws its own entities."""
     rng = random.Random(seed)
     taken: set[str] = set()
-
-    def draw_split(target: int) -> list[dict]:
-        entities: list[tuple[Kind, dict[str, str]]] = []
-        count = 0
-        while count < target:
-            kind = KINDS[len(entities) % len(KINDS)]
-            entities.append((kind, kind.draw(rng, taken)))
-            count += len(kind.facts)
-        return make_records(entities, rng)[:target]
-
-    return draw_split(num_train), draw_split(num_val)
+    train = make_records(draw_entities(rng, taken, records=num_train), rng)[:num_train]
+    val = make_records(draw_entities(rng, taken, records=num_val), rng)[:num_val]
+    queried = draw_entities(rng, taken, count=NUM_EVAL_QUERIED)
+    retrieval = make_retrieval(queried, draw_entities(rng, taken, count=NUM_EVAL_DISTRACTORS), rng)
+    return train, val, retrieval
 
 
 def write_jsonl(records: list[dict], path: Path) -> None:
@@ -247,11 +301,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, default=HERE)
     parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
-    train, val = generate(args.seed)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    train, val, retrieval = generate(args.seed)
+    (args.out_dir / "retrieval" / "qrels").mkdir(parents=True, exist_ok=True)
     write_jsonl(train, args.out_dir / "train.jsonl")
     write_jsonl(val, args.out_dir / "val.jsonl")
-    print(f"wrote {len(train)} train and {len(val)} val records to {args.out_dir}")
+    write_jsonl(retrieval.corpus, args.out_dir / "retrieval" / "corpus.jsonl")
+    write_jsonl(retrieval.queries, args.out_dir / "retrieval" / "queries.jsonl")
+    with open(args.out_dir / "retrieval" / "qrels" / "test.tsv", "w", encoding="utf-8", newline="\n") as f:
+        f.write("query-id\tcorpus-id\tscore\n")
+        f.writelines(f"{q}\t{d}\t{score}\n" for q, d, score in retrieval.qrels)
+    print(f"wrote {len(train)} train and {len(val)} val records, and a retrieval set of {len(retrieval.queries)} "
+          f"queries over {len(retrieval.corpus)} documents, to {args.out_dir}")
 
 
 if __name__ == "__main__":
