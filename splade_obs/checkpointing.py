@@ -17,23 +17,31 @@ from . import checkpoint as ckpt_io
 from .atomic import writing
 from .config import TrainConfig
 from .errors import ConfigError, RunInterrupted
-from .events import CheckpointSaved, now_ns
+from .events import CheckpointSaved, Message, now_ns
+from .model_card import CardFacts, write_model_card
 
 
 class Checkpointer:
     """Writes checkpoints and the ``best`` / ``final`` model folders (rank 0) and reports each one."""
 
     def __init__(self, cfg: TrainConfig, emit: Callable[[Any], None], *, rank: int = 0, dist: Any = None,
-                 barrier: Callable[[], Any] | None = None) -> None:
+                 barrier: Callable[[], Any] | None = None,
+                 run_facts: Callable[[], dict[str, Any]] | None = None) -> None:
         self.cfg, self.emit, self.rank, self.dist = cfg, emit, rank, dist
+        #: what the trainer knows for a model card: ``final_metrics``, ``system_info``, ``train_means``
+        self.run_facts = run_facts
+        self.t0 = time.monotonic()
         #: called before a checkpoint is written: every fact reported so far is then durable in the sinks
         self.barrier = barrier
         self.last: str | None = None
         self.parts: dict[str, Any] = {}
 
     def attach(self, **parts: Any) -> None:
-        """The objects a checkpoint holds: encoder, optimizer, scheduler, scaler."""
+        """The objects a checkpoint holds: encoder, optimizer, scheduler, scaler. Every model folder written
+        says the lengths the encoder is trained at (for sentence-transformers, :mod:`.st_layout`)."""
         self.parts = parts
+        if "encoder" in parts:
+            parts["encoder"].max_lengths = (self.cfg.model.max_query_length, self.cfg.model.max_doc_length)
 
     def restore(self, resume: Path, *, world_size: int = 1, map_location: Any = None) -> dict[str, Any]:
         """Load the optimizer, scheduler and scaler state and this rank's RNG state; the trainer state."""
@@ -49,11 +57,19 @@ class Checkpointer:
 
     def save(self, reason: str, *, step: int, epoch: int, rng: dict[str, Any], trainer_state: dict[str, Any]) -> None:
         """Rank 0 writes; under torchrun every rank's RNG state goes in too, gathered at the save points all
-        ranks reach together (a stop signal reaches ranks at different times: rank 0's state only then)."""
+        ranks reach together, a stop they agreed on included (a second signal, which stops one rank at once:
+        rank 0's state only then)."""
         if not self.parts:
             return
-        rank_rngs = self.dist.gather_objects(rng) if self.dist is not None and reason != "interrupt" else None
+        together = reason != "interrupt" or getattr(self.dist, "stopped_together", False)
+        rank_rngs = self.dist.gather_objects(rng) if self.dist is not None and together else None
         if self.rank != 0:
+            return
+        same_step = ckpt_io.checkpoints_dir(self.cfg.output_dir) / f"checkpoint-{trainer_state['global_step']}"
+        if rank_rngs is None and self.dist is not None and (same_step / "rng_ranks.pt").exists():
+            # a stop (another node lost, its agent's SIGTERM) right after a save point: that checkpoint has
+            # every rank's RNG state and resumes exactly; this one would have rank 0's only
+            self.last = str(same_step)
             return
         if self.barrier is not None:
             self.barrier()
@@ -75,6 +91,7 @@ class Checkpointer:
                 self.parts["encoder"].save_pretrained(tmp)
                 if metrics is not None:
                     (tmp / "metrics.json").write_text(finite.dumps({"step": step, **metrics}, indent=2))
+                self._write_card(tmp, name, step, epoch, metrics)
                 ckpt_io.replace_dir(tmp, dest)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)  # no half-written .tmp folder left behind
@@ -83,13 +100,32 @@ class Checkpointer:
                                   duration_seconds=time.monotonic() - t0, start_ns=start))
         return str(dest)
 
+    def _write_card(self, folder: Path, name: str, step: int, epoch: int, metrics: dict[str, float] | None) -> None:
+        """The folder's README.md. Scores: ``best``'s evaluation, else the run's last one (``eval/*``). A card
+        that cannot be built is reported and left out (the model still saves); a write error is the save's."""
+        try:
+            known = self.run_facts() if self.run_facts is not None else {}
+            scores = metrics if metrics is not None else {
+                k: v for k, v in (known.get("final_metrics") or {}).items() if k.startswith("eval/")}
+            facts = CardFacts(kind=name, step=step, epoch=epoch, config=self.cfg, eval_scores=dict(scores),
+                              train_means=dict(known.get("train_means") or {}),
+                              system_info=dict(known.get("system_info") or {}),
+                              duration_seconds=time.monotonic() - self.t0)
+            write_model_card(folder, facts)
+        except OSError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the card is documentation: the model itself must still save
+            self.emit(Message(level="WARNING", text=f"no model card for {name}/: {type(exc).__name__}: {exc}"))
+
 
 class StopSignals:
     """Ctrl-C and SIGTERM only set a flag; the loop acts on it (:meth:`check`) right after an optimizer step,
     where the state is consistent, so the stop checkpoint resumes exactly. A second signal stops at once,
     except while the stop is being reported and its checkpoint written (:meth:`stopping`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, agree: Callable[[int], int] | None = None) -> None:
+        #: under torchrun, :meth:`~splade_obs.distributed.DistContext.agree_stop`: every rank stops together
+        self.agree = agree
         self.received: int | None = None
         self._stopping = False
         self._previous: dict[int, Any] = {}
@@ -111,8 +147,11 @@ class StopSignals:
         self.received = signum
 
     def check(self) -> None:
-        if self.received is not None:
-            raise RunInterrupted(self.received)
+        signum = self.received or 0
+        if self.agree is not None:
+            signum = self.agree(signum)
+        if signum:
+            raise RunInterrupted(signum)
 
     @contextlib.contextmanager
     def stopping(self) -> Iterator[None]:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from .errors import ApplicationError, DeviceError, ModelError, classify
 from .hub import resolve_model
 from .recovery import retry
+from .st_layout import DEFAULT_LENGTHS, trained_lengths, write_st_layout
 
 if TYPE_CHECKING:  # pragma: no cover
     import scipy.sparse
@@ -288,6 +289,8 @@ class SpladeEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.chunk_size = chunk_size
         self.fused_head = bool(fused_head) and self._head_is_splittable()
+        #: ``(max_query_length, max_doc_length)`` the model is trained at: written with it for sentence-transformers
+        self.max_lengths: tuple[int, int] = DEFAULT_LENGTHS
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
@@ -301,7 +304,9 @@ class SpladeEncoder(nn.Module):
         except Exception as exc:  # noqa: BLE001 - a bad device string or an unavailable accelerator
             raise DeviceError(f"cannot move the model to device {device!s}", original_exception=exc,
                               device=str(device), hint="check --device and that the accelerator is visible") from exc
-        return cls(mlm, tokenizer, chunk_size=chunk_size, fused_head=fused_head)
+        encoder = cls(mlm, tokenizer, chunk_size=chunk_size, fused_head=fused_head)
+        encoder.max_lengths = trained_lengths(path) or DEFAULT_LENGTHS
+        return encoder
 
     def _projection(self) -> nn.Module | None:
         out = self.mlm.get_output_embeddings() if hasattr(self.mlm, "get_output_embeddings") else None
@@ -424,11 +429,13 @@ class SpladeEncoder(nn.Module):
         return input_ids, mask
 
     def save_pretrained(self, path: str | Path) -> None:
-        """Write HF format (safetensors weights, config, tokenizer): ``AutoModelForMaskedLM.from_pretrained(path)``."""
+        """Write HF format (safetensors weights, config, tokenizer): ``AutoModelForMaskedLM.from_pretrained(path)``,
+        and the sentence-transformers files (:mod:`.st_layout`): ``SparseEncoder(path)`` at ``max_lengths``."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.mlm.save_pretrained(str(path))
         self.tokenizer.save_pretrained(str(path))
+        write_st_layout(path, max_query_length=self.max_lengths[0], max_doc_length=self.max_lengths[1])
 
 
 def _load_mlm_and_tokenizer(path: str) -> tuple[nn.Module, Any]:
