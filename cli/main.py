@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import os
+from splade_obs.api import apply_cpu_settings
 
-# Before torch loads its OpenMP runtime: idle OpenMP threads sleep instead of spinning. On a machine shared
-# with other busy processes, spinning threads made training ~10x slower (2.2 vs 23 samples/s measured on
-# 2 cores); on an idle machine the cost is within noise. Users can still set OMP_WAIT_POLICY themselves.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads its OpenMP runtime (the same settings splade_obs.train applies; see apply_cpu_settings).
+apply_cpu_settings()
 
 import click  # noqa: E402
 

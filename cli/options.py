@@ -84,3 +84,9 @@ def overrides_from_flags(ctx: click.Context, params: dict[str, Any]) -> dict[str
 def config_from_flags(ctx: click.Context, config_file: str | None, params: dict[str, Any]) -> TrainConfig:
     """The effective config: defaults < ``--config`` file < flags given."""
     return TrainConfig.load(config_file, overrides_from_flags(ctx, params), overrides_source=COMMAND_LINE)
+
+
+sink_option = click.option(
+    "--sink", "sink_names", multiple=True, metavar="NAME",
+    help="Also send the run's events to the sink installed under this name (entry point group "
+         "splade_obs.sinks; repeatable; docs/api.md).")

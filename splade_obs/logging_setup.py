@@ -1,7 +1,13 @@
-"""Root-logger configuration for a run: console lines, a plain log file, a JSON-lines log, redaction.
+"""Logging for a run: console lines, a plain log file, a JSON-lines log, redaction.
 
 Everything goes through the standard :mod:`logging` module, so warnings from transformers, mlflow,
-OpenTelemetry, urllib3 and ``warnings.warn`` land in the same files as our own lines.
+OpenTelemetry, urllib3 and ``warnings.warn`` land in the same files as our own lines. Where the handlers go:
+
+* ``capture_root=True`` (``splade-obs`` commands: the process is ours): on the root logger, so every
+  library's records reach the run's files;
+* ``capture_root=False`` (:func:`splade_obs.train` inside someone's program): on the ``splade_obs`` logger
+  and the library loggers of :data:`CAPTURED_LOGGERS` only; the caller's root handlers and level are left
+  alone, and the caller's own root handlers still receive our records through propagation.
 
 * console (rank 0 only under torchrun): ``[INFO] 2025-04-11 10:15:30 - Epoch 1/3`` on ``sys.stderr``,
   looked up at emit time (so click's ``CliRunner`` captures it); the ``[LEVEL]`` tag is coloured only
@@ -38,6 +44,10 @@ FILE_FORMAT = "[%(levelname)s] %(asctime)s - %(name)s - %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 #: Loggers of libraries whose records we want in our files (they may install their own handlers).
 LIBRARY_LOGGERS = ("transformers", "mlflow", "opentelemetry", "urllib3", "py.warnings")
+#: The logger trees a run's handlers are attached to (and whose level is set when it is unset): ours, the
+#: libraries above, and the other libraries a run uses that log warnings worth keeping.
+CAPTURED_LOGGERS = ("splade_obs", *LIBRARY_LOGGERS, "huggingface_hub", "torch", "safetensors", "sentence_transformers",
+                    "datasets", "alembic", "sqlalchemy", "filelock", "httpx", "pydantic")
 
 _COLORS = {
     "DEBUG": "\x1b[36m", "INFO": "\x1b[32m", "WARNING": "\x1b[33m", "ERROR": "\x1b[31m", "CRITICAL": "\x1b[1;31m",
@@ -179,7 +189,10 @@ class _State:
     handlers: list[logging.Handler] = []
     otel_handler: logging.Handler | None = None
     otel_timeout: float = 5.0
-    root_level: int | None = None
+    #: the loggers the handlers were added to ("" is the root logger)
+    targets: list[str] = []
+    #: logger name -> its level before the run (restored at teardown): the targets, the chatty libraries
+    levels: dict[str, int] = {}
     library_state: dict[str, tuple[bool, list[logging.Handler]]] = {}
     set_mlflow_env: bool = False
     captured_warnings: bool = False
@@ -194,16 +207,19 @@ def log_file_paths(log_dir: Path, rank: int = 0, world_size: int = 1) -> tuple[P
 
 def setup_logging(level: str | int = "INFO", log_dir: Path | str | None = None, json_logs: bool = False,
                   rank: int = 0, world_size: int = 1, color: bool | None = None, *, otel_logs: bool = False,
-                  service_name: str | None = None, otel_logs_timeout: float = 5.0) -> None:
-    """Configure the root logger for one run; call :func:`teardown_logging` to undo it.
+                  service_name: str | None = None, otel_logs_timeout: float = 5.0, capture_root: bool = True) -> None:
+    """Configure logging for one run; call :func:`teardown_logging` to undo it.
 
+    ``capture_root``: the handlers go on the root logger, which gets ``level``; otherwise on each logger of
+    :data:`CAPTURED_LOGGERS`, and those without a level of their own (and ``splade_obs``) get ``level``.
     Calling it again first tears down the previous configuration (tests configure many times).
     """
     teardown_logging()
     CONTEXT.clear()
-    root = logging.getLogger()
-    _State.root_level = root.level
-    root.setLevel(level.upper() if isinstance(level, str) else level)
+    run_level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if not isinstance(run_level, int):
+        raise ValueError(f"unknown log level {level!r}")
+    _State.targets = [""] if capture_root else list(CAPTURED_LOGGERS)
 
     handlers: list[logging.Handler] = []
     if world_size <= 1 or rank == 0:
@@ -229,12 +245,18 @@ def setup_logging(level: str | int = "INFO", log_dir: Path | str | None = None, 
     for h in handlers:
         h.addFilter(RankFilter(rank))
         h.addFilter(RedactingFilter())
-        root.addHandler(h)
+        for name in _State.targets:
+            logging.getLogger(name).addHandler(h)
     _State.handlers = handlers
 
     logging.captureWarnings(True)
     _State.captured_warnings = True
     adopt_library_loggers()
+    for name in _State.targets:  # after the libraries set their own levels (transformers: WARNING, on first use)
+        lg = logging.getLogger(name)
+        _State.levels.setdefault(name, lg.level)
+        if capture_root or lg.level == logging.NOTSET or name == "splade_obs":
+            lg.setLevel(run_level)
 
 
 def adopt_library_loggers() -> None:
@@ -251,7 +273,7 @@ def adopt_library_loggers() -> None:
     for name in LIBRARY_LOGGERS:
         if name not in _State.library_state:
             lib = logging.getLogger(name)
-            _State.library_state[name] = (lib.propagate, list(lib.handlers))
+            _State.library_state[name] = (lib.propagate, [h for h in lib.handlers if h not in _State.handlers])
     try:  # configure transformers' library root logger now, so it cannot take over later
         from transformers.utils import logging as hf_logging
 
@@ -283,6 +305,7 @@ def quiet_library_chatter() -> None:
     for name in CHATTY_LOGGERS:
         lg = logging.getLogger(name)
         if lg.level == logging.NOTSET or lg.level < logging.WARNING:
+            _State.levels.setdefault(name, lg.level)
             lg.setLevel(logging.WARNING)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:  # transformers' (and the hub's) bars for loading weights; teardown turns them back on
@@ -313,22 +336,24 @@ class _DropMessages(logging.Filter):
 
 def teardown_logging() -> None:
     """Remove and close the handlers :func:`setup_logging` added and restore what it changed."""
-    root = logging.getLogger()
+    captured = [logging.getLogger(name) for name in _State.targets]
     if _State.otel_handler is not None:  # first, so a warning about lost records still reaches the files
-        root.removeHandler(_State.otel_handler)
+        for lg in captured:
+            lg.removeHandler(_State.otel_handler)
         _State.otel_handler.close(_State.otel_timeout)  # type: ignore[call-arg]
         _State.otel_handler = None
     CONTEXT.clear()
     for h in _State.handlers:
-        root.removeHandler(h)
+        for lg in captured:
+            lg.removeHandler(h)
         try:
             h.close()
         except Exception:  # noqa: BLE001
             pass
     _State.handlers = []
-    if _State.root_level is not None:
-        root.setLevel(_State.root_level)
-        _State.root_level = None
+    for name, old_level in _State.levels.items():
+        logging.getLogger(name).setLevel(old_level)
+    _State.levels, _State.targets = {}, []
     if _State.captured_warnings:
         logging.captureWarnings(False)
         _State.captured_warnings = False
