@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Any, Iterable
 
-from .events import (EVENT_TYPES, CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught, Event,
+from .events import (EVENT_TYPES, AlertRaised, CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught, Event,
                      EvaluationDone, Message, ModelLoaded, RetryAttempt, RunFinished, RunStarted, SinkDegraded,
                      StepDone, TraceOpened, TrackingRunOpened)
 
@@ -116,7 +116,10 @@ class Sink:
         """Another sink failed too often and is skipped from now on."""
 
     def on_message(self, e: Message) -> None:
-        """A note for humans (collapse guard, degraded options...)."""
+        """A note for humans (degraded options, ...)."""
+
+    def on_alert_raised(self, e: AlertRaised) -> None:
+        """A training-health alert (loss spike, grad explosion, ...), once per episode (:mod:`splade_obs.health`)."""
 
     def on_run_finished(self, e: RunFinished) -> None:
         """The run ended: status, final metrics, counters, the error if it failed."""

@@ -29,6 +29,7 @@ from typing import Any, Iterable, Mapping
 from .config_schema import (COMMAND_LINE, IN_CODE, _config_error, _describe, _section_class, check_value,
                             config_fields, field_spec, section_names)
 from .errors import ConfigError
+from .events import ALERT_CATEGORIES
 
 DISTILLATION_MODES = ("auto", "margin_mse", "kl", "kl_margin_mse", "none")
 CONTRASTIVE_NEGATIVES = ("all", "in_batch")
@@ -37,6 +38,7 @@ ON_BAD_RECORD = ("error", "skip")
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 EXPORTERS = ("file", "otlp", "console", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+ALERT_CHOICES = ("any", *ALERT_CATEGORIES)
 #: The ``--device`` forms accepted (``cuda:N``: the GPU of index N), here and by the one-shot commands.
 DEVICE_FORMS = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DEVICE_RE = re.compile(r"auto|cpu|cuda(?::\d+)?|mps")
@@ -88,8 +90,9 @@ class DataConfig:
     train_file: str | None = setting(None, "Training data: JSON array, JSONL, or a BEIR folder. Default: the bundled "
                                            "demo set.", metavar="PATH")
     train_split: str = setting("train", "qrels split when --train-file is a BEIR folder.")
-    val_file: str | None = setting(None, "Validation data (same formats); per-epoch validation loss. Optional.",
-                                   metavar="PATH")
+    val_file: str | None = setting(None, "Validation data (same formats); per-epoch validation loss. Default: the "
+                                         "bundled demo validation set when training on the demo set, else none; "
+                                         "'none': no validation.", metavar="PATH")
     on_bad_record: str = setting("error", "error: stop before training listing the bad records; skip: drop them "
                                           "into <log-dir>/bad_records.jsonl.", choices=ON_BAD_RECORD)
     max_reported_problems: int = setting(20, "Bad records listed in the error before the list is cut.",
@@ -101,7 +104,8 @@ class DataConfig:
 class OptimConfig:
     """Steps, batches, optimizer and precision."""
 
-    epochs: int = setting(1, "Passes over the training data.", ge=1)
+    epochs: int | None = setting(None, "Passes over the training data (default: 3 on the bundled demo set "
+                                       "unless --max-steps is given, else 1).", ge=1)
     max_steps: int | None = setting(None, "Optimizer steps; overrides --epochs.", ge=1)
     batch_size: int = setting(16, "Queries per micro-batch (per process).", ge=1)
     gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.", ge=1)
@@ -155,9 +159,43 @@ class RecoveryConfig:
     max_skipped_fraction: float = setting(0.1, "Error budget: share of failed batches.", ge=0, le=1)
     max_consecutive_failures: int = setting(5, "Failed batches in a row that stop the run.", ge=1)
     inject_faults: tuple[str, ...] = setting((), "Fault injection for demos/tests: batch:N:{oom,nan,overflow,"
-                                                 "exception,data}, step:N:{interrupt,sigterm,exception}; prefix "
-                                                 "rankR: for one rank. Repeatable.", flag="inject-fault",
-                                             metavar="SPEC")
+                                                 "exception,data}, step:N:{interrupt,sigterm,exception,spike,"
+                                                 "explode,slow,leak}; N or a range N-M; prefix rankR: for one "
+                                                 "rank. Repeatable.", flag="inject-fault", metavar="SPEC")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Training-health alerts (splade_obs/health.py): what counts as a loss spike, an exploding gradient, ..."""
+
+    alerts: bool = setting(True, "Watch the run's own steps and raise a training-health alert (console warning, "
+                                 "log, MLflow tag and metric, span event, OTel counter) once per episode.",
+                           flag="health-alerts")
+    fail_on_alert: tuple[str, ...] = setting((), "Stop the run (with a checkpoint, exit code of a training error) "
+                                                 "when an alert of this category is raised; 'any' for all. "
+                                                 "Repeatable.", choices=ALERT_CHOICES, metavar="CATEGORY")
+    window: int = setting(50, "Recent steps the running medians are taken over.", file_only=True, ge=3)
+    min_history: int = setting(10, "Steps seen before the median-based alerts may fire.", file_only=True, ge=2)
+    cooldown_steps: int = setting(20, "Healthy steps that end an episode (the alert may fire again after).",
+                                  file_only=True, ge=1)
+    spike_mads: float = setting(6.0, "Loss spike and grad-norm explosion: log of the value above the log of its "
+                                     "recent median by this many robust deviations (1.4826 x MAD of the logs) ...",
+                                file_only=True, gt=0)
+    loss_spike_ratio: float = setting(2.0, "... and the loss at least this many times its recent median ...",
+                                      file_only=True, ge=1)
+    grad_explosion_factor: float = setting(10.0, "... or the grad norm this many times its recent median (a "
+                                                 "non-finite grad norm always counts).", file_only=True, gt=1)
+    nonfinite_loss_run: int = setting(3, "Non-finite losses in a row (skipped steps) that raise an alert.",
+                                      file_only=True, ge=1)
+    throughput_fraction: float = setting(0.2, "Throughput drop: samples/s below this share of its running "
+                                               "median ...", file_only=True, gt=0, lt=1)
+    throughput_patience: int = setting(3, "... for this many steps in a row.", file_only=True, ge=1)
+    dense_fraction: float = setting(0.5, "Sparsity densifies: mean non-zero terms per vector above this share of "
+                                         "the vocabulary (collapse: zero terms).", file_only=True, gt=0, le=1)
+    memory_window: int = setting(50, "Steps over which steady memory growth is measured.", file_only=True, ge=5)
+    memory_growth_mb: float = setting(1024.0, "Memory growth: process RSS (and accelerator memory) grew by this "
+                                              "many MB over the window, steadily (most steps grew).",
+                                      file_only=True, gt=0)
 
 
 @dataclass(frozen=True)
@@ -233,8 +271,9 @@ class TracingConfig:
 class EvalConfig:
     """Retrieval evaluation during and after training."""
 
-    eval_data: str | None = setting(None, "BEIR folder for retrieval evaluation during and after training.",
-                                    metavar="PATH")
+    eval_data: str | None = setting(None, "BEIR folder for retrieval evaluation during and after training. "
+                                          "Default: the bundled demo retrieval set when training on the demo set, "
+                                          "else none; 'none': no evaluation.", metavar="PATH")
     eval_split: str = setting("test", "qrels split evaluated.")
     eval_steps: int | None = setting(None, "Evaluate every N optimizer steps (and at the end).", ge=1)
     eval_max_queries: int | None = setting(None, "Evaluate on a seeded subset of queries.", ge=1)
@@ -253,6 +292,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tracing: TracingConfig = field(default_factory=TracingConfig)

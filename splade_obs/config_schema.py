@@ -260,11 +260,15 @@ def check_value(spec: FieldSpec, value: Any, source: str | None = IN_CODE) -> An
         raise _config_error(spec.key, f"expected {finite}{spec.type_name}{flag}, got {_describe(value)}{where}",
                             source, _type_hint(spec)) from None
     if spec.choices and out is not None:
-        if spec.case_insensitive and isinstance(out, str):
-            out = next((c for c in spec.choices if c.lower() == out.lower()), out)
-        if out not in spec.choices:
-            raise _config_error(spec.key, f"must be one of {', '.join(spec.choices)}, got {out!r}{flag}", source,
-                                _type_hint(spec))
+        items = out if isinstance(out, tuple) else (out,)   # a repeatable key checks each of its values
+        if spec.case_insensitive:
+            items = tuple(next((c for c in spec.choices if c.lower() == v.lower()), v) if isinstance(v, str) else v
+                          for v in items)
+        for item in items:
+            if item not in spec.choices:
+                raise _config_error(spec.key, f"must be one of {', '.join(spec.choices)}, got {item!r}{flag}",
+                                    source, _type_hint(spec))
+        out = items if isinstance(out, tuple) else items[0]
     if out is not None and isinstance(out, (int, float)) and not isinstance(out, bool):
         for bound, words in _bounds(spec):
             if not _BOUND_OK[words](out, bound):

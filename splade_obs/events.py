@@ -201,6 +201,9 @@ class StepDone(Event):
     grad_scale: float | None = None
     total_steps: int = 0
     epoch_progress: float | None = None  # step / steps per epoch (None: not known)
+    #: process RSS (``rss``) and accelerator memory (``cuda``) in MB at the step's end, read for the health
+    #: monitor's memory-growth alert (empty when it is off); not a metric (OTel and MLflow sample memory themselves)
+    memory_mb: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         m = {"train/loss": self.loss}
@@ -289,7 +292,7 @@ class EpochDone(Event):
                   "(epoch/loss is the epoch's training loss)"),
         MetricDef("epoch/duration_seconds", "s", "wall time of the epoch (validation included)"),
         MetricDef("epoch/skipped_batches", "", "batches skipped in this epoch"),
-        MetricDef("val/loss", "", "validation loss at the end of the epoch (with --val-file)"),
+        MetricDef("val/loss", "", "validation loss at the end of the epoch (--val-file, or the demo's val.jsonl)"),
     )
     epoch: int
     num_epochs: int
@@ -350,7 +353,7 @@ class CheckpointSaved(Event):
     step: int
     epoch: int
     path: str
-    reason: str                         # "save_steps" | "epoch_end" | "interrupt" | "error_budget" | "best" | "final"
+    reason: str                         # save_steps | epoch_end | interrupt | error_budget | alert | best | final
     duration_seconds: float
     start_ns: int = 0
 
@@ -388,11 +391,47 @@ class Message(Event):
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+#: training-health alert categories (:mod:`splade_obs.health`), in the order the docs list them
+ALERT_CATEGORIES = ("loss_spike", "grad_explosion", "nonfinite_loss", "throughput_drop", "sparsity_collapse",
+                    "sparsity_dense", "memory_growth", "grad_overflow")
+
+
+@dataclass(frozen=True)
+class AlertRaised(Event):
+    """A training-health alert (:mod:`splade_obs.health`): the run's own events show it going wrong.
+
+    Raised once per episode: an alert of a category fires when its condition starts and again only after
+    the condition has been clear for a while (``health.cooldown_steps``).
+    """
+
+    kind: ClassVar[str] = "alert_raised"
+    METRICS: ClassVar[tuple[MetricDef, ...]] = (
+        MetricDef("alerts/{category}", "", "training-health alerts raised so far in this category (loss_spike, "
+                  "grad_explosion, nonfinite_loss, throughput_drop, sparsity_collapse, sparsity_dense, "
+                  "memory_growth, grad_overflow)"),
+        MetricDef("alerts/total", "", "training-health alerts raised so far, all categories"),
+    )
+    category: str                       # one of ALERT_CATEGORIES
+    message: str                        # one line for humans, with the numbers
+    step: int                           # the optimizer step it was seen at
+    epoch: int | None = None
+    value: float | None = None          # the observed quantity (loss, grad norm, samples/s, nnz, MB, count)
+    threshold: float | None = None      # the bound it crossed
+    counts: dict[str, int] = field(default_factory=dict)   # alerts raised so far by category (this one included)
+    fatal: bool = False                 # --fail-on-alert names this category: the run stops with a checkpoint
+
+    def metrics(self) -> dict[str, float]:
+        return {f"alerts/{self.category}": float(self.counts.get(self.category, 1)),
+                "alerts/total": float(max(sum(self.counts.values()), 1))}
+
+
 @dataclass(frozen=True)
 class RunFinished(Event):
     kind: ClassVar[str] = "run_finished"
     METRICS: ClassVar[tuple[MetricDef, ...]] = (
         MetricDef("run/duration_seconds", "s", "wall time of the run (this process, since its start)"),
+        MetricDef("train/overflow_steps", "", "optimizer steps the fp16 GradScaler skipped (gradient overflow): "
+                  "no update, not counted as steps (fp16 runs that overflowed only)"),
     )
     status: str                         # "FINISHED" | "FAILED" | "KILLED"
     step: int
@@ -402,13 +441,27 @@ class RunFinished(Event):
     error: dict[str, Any] | None = None # ApplicationError.to_dict() when FAILED
     output_dir: str = ""
     model_path: str | None = None
-    #: final counts by canonical name: errors/<CATEGORY>, train/skipped_batches
+    #: final counts by canonical name: errors/<CATEGORY>, train/skipped_batches, alerts/<category>
     counters: dict[str, int] = field(default_factory=dict)
 
     @property
     def errors_total(self) -> int:
         """Errors caught in the run, all categories (0 for a clean run)."""
         return sum(v for k, v in self.counters.items() if k.startswith("errors/") and k != "errors/total")
+
+    def health(self, skipped_batches: int = 0, sinks_degraded: int = 0) -> str:
+        """``splade.health`` (the MLflow tag, the root span's attribute): failed, stopped, degraded (batches
+        skipped, errors caught or a sink lost: the sinks' own counts may add to the trainer's) or ok."""
+        if self.status in ("FAILED", "KILLED"):
+            return "failed" if self.status == "FAILED" else "stopped"
+        skipped = max(skipped_batches, int(self.counters.get("train/skipped_batches", 0)))
+        return "degraded" if skipped or self.errors_total or sinks_degraded else "ok"
+
+    @property
+    def alerts(self) -> dict[str, int]:
+        """Training-health alerts raised in the run, by category (empty for a healthy run)."""
+        return {k.split("/", 1)[1]: v for k, v in self.counters.items()
+                if k.startswith("alerts/") and k != "alerts/total"}
 
     def metrics(self) -> dict[str, float]:
         m = {k: float(v) for k, v in self.counters.items()}
@@ -420,7 +473,7 @@ class RunFinished(Event):
 EVENT_TYPES: dict[str, type[Event]] = {
     c.kind: c for c in (RunStarted, TrackingRunOpened, TraceOpened, DataLoaded, ModelLoaded, EpochStarted,
                         StepDone, ErrorCaught, EpochDone, EvaluationDone, CheckpointSaved, RetryAttempt,
-                        SinkDegraded, Message, RunFinished)
+                        SinkDegraded, Message, AlertRaised, RunFinished)
 }
 
 #: Every canonical metric (or family), in the order of the events that carry them.

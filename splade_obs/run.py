@@ -36,7 +36,28 @@ class RunResult:
 
     @property
     def status(self) -> str:
+        """FINISHED, FAILED or KILLED."""
         return self.result.status
+
+    @property
+    def model_path(self) -> str | None:
+        """The saved model folder (``<output_dir>/final``); None when the run did not get that far."""
+        return self.result.model_path
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The run's final metrics: ``epoch/loss``, ``val/loss`` and the ``eval/*`` scores when they were measured."""
+        return self.result.final_metrics
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (None with ``tracking.enabled`` off)."""
+        return self.ids.mlflow_run_id
+
+    @property
+    def trace_id(self) -> str | None:
+        """The OpenTelemetry trace id of the run (None with ``tracing.exporter`` none)."""
+        return self.ids.trace_id
 
 
 def check_inputs(cfg: TrainConfig) -> Runtime | None:
@@ -85,6 +106,7 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
     sinks: list[Sink] = [LogSink(), ErrorsFileSink(log_dir), MetricsFileSink(log_dir),
                          ProgressSink(cfg.logging.progress, cfg.logging.progress_interval)]
     metrics = _metrics_sink(cfg, rank) if rank == 0 and cfg.tracing.metrics else None  # a busy port fails here
+    otel = None
     if cfg.tracing.exporter != "none":  # optional pieces are imported only when used
         from .sinks.otel import OtelOptions, OtelSink
         tr = cfg.tracing
@@ -107,6 +129,8 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
             failure = exc
         if mlflow_sink is not None:
             sinks.append(mlflow_sink)
+            if otel is not None:  # the trace goes into the same store, opened with the same credentials
+                otel.store_uri = mlflow_sink.transport.tracking_uri
     node_sink = _node_system_metrics(cfg, rank, world_size, mlflow_sink)
     if failure is not None:
         if metrics is not None:
@@ -153,14 +177,18 @@ def _node_system_metrics(cfg: TrainConfig, rank: int, world_size: int, mlflow_si
 
 
 def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name: str | None = None,
-                 sinks: list[Sink] | None = None, close_timeout: float = 120.0) -> RunResult:
+                 sinks: list[Sink] | None = None, close_timeout: float = 120.0,
+                 capture_root_logger: bool = True) -> RunResult:
     """Train ``cfg``. ``sinks`` replaces the sinks :func:`build_sinks` would make (``extra_sinks`` are added
-    to either); the bus delivers to them in the given order."""
+    to either); the bus delivers to them in the given order. ``capture_root_logger`` False leaves the root
+    logger alone (:func:`splade_obs.train`; see :func:`~splade_obs.logging_setup.setup_logging`)."""
     from .logging_setup import setup_logging, teardown_logging
     from .sysinfo import collect_system_info
     from .sinks.mlflow.env import resolve_run_name
     from .sinks.mlflow.store import generate_run_name
+    from .data import with_demo_defaults
 
+    cfg = with_demo_defaults(cfg)  # demo set: 3 epochs, its validation and retrieval sets (unless given)
     runtime = check_inputs(cfg)
     dist = dist_from_env(cfg)
     if dist is not None:  # this rank's own device, resolved once
@@ -169,7 +197,7 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
     cfg.log_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(cfg.logging.log_level, cfg.log_dir, cfg.logging.json_logs, rank=rank, world_size=world_size,
                   otel_logs=cfg.tracing.otel_logs, service_name=cfg.tracing.service_name,
-                  otel_logs_timeout=cfg.tracing.shutdown_timeout)
+                  otel_logs_timeout=cfg.tracing.shutdown_timeout, capture_root=capture_root_logger)
     from .log_context import LogContextSink
     bus = EventBus([LogContextSink()], rank=rank)  # first: log lines get each event's ids before any sink logs
     ids = RunIds()
@@ -182,6 +210,8 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
                 or generate_run_name())  # --run-name, else $MLFLOW_RUN_NAME, else generated
         if dist is not None:
             name = dist.broadcast_object(name)
+            if cfg.checkpoint.resume:
+                dist.check_same_resume(resume, cfg.output_dir)
         evaluator = _build_evaluator(cfg) if rank == 0 else None  # a broken --eval-data fails before any sink
         if sinks is None:
             sinks = build_sinks(cfg, rank=rank, world_size=world_size, run_name=name, resume_run_id=resume_run_id)

@@ -7,8 +7,8 @@ gradient norm, the GradScaler scale) to an on-device buffer and keeps the host-s
 times, learning rate, token counts). At a logging point :meth:`StepStats.flush` stacks the buffer, sums it
 over the ranks with one ``all_reduce`` under torchrun, copies it to the host with one ``tolist()`` and
 returns one :class:`StepDone` per buffered step, each with that step's own number, times and values, exactly
-the values a per-step report would have had. The epoch's means (``EpochDone.means``) and the collapse guard
-are computed here from the same rows.
+the values a per-step report would have had. The epoch's means (``EpochDone.means``) are computed here from
+the same rows; the training-health alerts (:mod:`splade_obs.health`) read the StepDone events.
 
 A flush when the run stops (``reduce=False``) skips the ``all_reduce``: the ranks do not stop at the same
 moment, so a collective there could hang. Under torchrun those last steps then carry this rank's own values.
@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .errors import TrainingError
-from .events import Event, Message, StepDone
+from .events import Event, StepDone
 from .losses import LossOutput, SpladeLoss, nnz_mean
 
 PARTS = SpladeLoss.PART_NAMES
@@ -105,10 +105,11 @@ def check_finite(acc: StepAccumulator, grad_norm: torch.Tensor | None, distribut
     flag, first_bad, loss_v, *grad_v = torch.cat([ok, acc.first_bad.reshape(1), vals]).tolist()
     if first_bad >= 0:
         return Finiteness(False, TrainingError("non-finite loss; batch skipped without an optimizer step",
-                                               loss=loss_v), int(first_bad))
+                                               loss=loss_v, nonfinite=True), int(first_bad))
     if not math.isfinite(loss_v) or (grad_v and not math.isfinite(grad_v[0])):
         return Finiteness(False, TrainingError("non-finite gradient norm; step skipped",
-                                               grad_norm=grad_v[0] if grad_v else loss_v), acc.count - 1)
+                                               grad_norm=grad_v[0] if grad_v else loss_v, nonfinite=True),
+                          acc.count - 1)
     return Finiteness(bool(flag), None, acc.count - 1)
 
 
@@ -130,29 +131,7 @@ class _StepFacts:
     lambda_d: float
     part_counts: dict[str, int]
     scaled: bool
-
-
-class CollapseGuard:
-    """Warns once per run when the query or document representations are all zero or no longer sparse."""
-
-    def __init__(self, vocab_size: int) -> None:
-        self.vocab = vocab_size
-        self.warned: set[str] = set()
-
-    def check(self, step: int, q_nnz: float, d_nnz: float) -> list[Message]:
-        out = []
-        for which, nnz in (("query", q_nnz), ("doc", d_nnz)):
-            if nnz == 0 and f"{which}_all_zero" not in self.warned:
-                self.warned.add(f"{which}_all_zero")
-                out.append(Message(level="WARNING", text=f"collapse guard: {which} representations are all zero at "
-                                   f"step {step}; lower the FLOPS weights or the learning rate",
-                                   fields={"step": step, "guard": f"{which}_all_zero"}))
-            if nnz > 0.5 * self.vocab and f"{which}_dense" not in self.warned:
-                self.warned.add(f"{which}_dense")
-                out.append(Message(level="WARNING", text=f"collapse guard: {which} representations are no longer "
-                                   f"sparse ({nnz:.0f} of {self.vocab} terms) at step {step}",
-                                   fields={"step": step, "guard": f"{which}_dense"}))
-        return out
+    memory_mb: dict[str, float]
 
 
 @dataclass
@@ -183,14 +162,15 @@ class EpochMeans:
 class StepStats:
     """The run's buffer of optimizer steps not yet reported, and the current epoch's means."""
 
-    def __init__(self, device: torch.device, *, total_steps: int, vocab_size: int, world_size: int = 1,
-                 steps_per_epoch: int = 0) -> None:
+    def __init__(self, device: torch.device, *, total_steps: int, world_size: int = 1,
+                 steps_per_epoch: int = 0, memory_probe: Callable[[], dict[str, float]] | None = None) -> None:
+        #: read at each step's end when set (the health monitor's memory-growth alert): host-side, no device sync
+        self.memory_probe = memory_probe
         self.steps_per_epoch = steps_per_epoch
         self.dtype = torch.float32 if device.type == "mps" else torch.float64  # exact sums of float32 values
         self.device = device
         self.total_steps = total_steps
         self.world_size = world_size
-        self.guard = CollapseGuard(vocab_size)
         self.epoch = EpochMeans()
         self._rows: list[torch.Tensor] = []
         self._facts: list[_StepFacts] = []
@@ -217,10 +197,11 @@ class StepStats:
         self._facts.append(_StepFacts(step, epoch, batch_index, acc.count, acc.size, acc.tokens, acc.start_ns,
                                       end_ns, {"forward": acc.t_forward, "backward": acc.t_backward,
                                                "optimizer": t_optimizer}, lr, acc.lambda_q, acc.lambda_d,
-                                      dict(acc.part_counts), grad_scale is not None))
+                                      dict(acc.part_counts), grad_scale is not None,
+                                      self.memory_probe() if self.memory_probe is not None else {}))
 
     def flush(self, reduce: bool = True) -> list[Event]:
-        """The buffered steps as events (each StepDone, then any collapse-guard warning it raises), in order.
+        """The buffered steps as StepDone events, in order.
 
         One ``tolist()`` for the whole buffer; under torchrun (``reduce``) one ``all_reduce`` before it.
         """
@@ -244,7 +225,6 @@ class StepStats:
             ev = self._step_done(f, row, present)
             self.epoch.add(ev.metrics())
             events.append(ev)
-            events.extend(self.guard.check(f.step, ev.query_nnz, ev.doc_nnz))
         return events
 
     def _step_done(self, f: _StepFacts, row: list[float], present: list[Any]) -> StepDone:
@@ -260,4 +240,4 @@ class StepStats:
             retrieval_flops=mean["retrieval_flops"], lambda_q=f.lambda_q, lambda_d=f.lambda_d,
             start_ns=f.start_ns, end_ns=f.end_ns, time_ns=f.end_ns, timings=f.timings,
             grad_scale=row[_GRAD_SCALE] if f.scaled else None, total_steps=self.total_steps,
-            epoch_progress=f.step / self.steps_per_epoch if self.steps_per_epoch else None)
+            epoch_progress=f.step / self.steps_per_epoch if self.steps_per_epoch else None, memory_mb=f.memory_mb)

@@ -17,6 +17,16 @@ from typing import Any
 
 from .atomic import atomic_write_json
 
+
+def loaded_cuda() -> Any:
+    """``torch.cuda`` when torch is imported already and sees a GPU, else None (never imports torch itself:
+    the sinks and the health monitor ask this without pulling torch in)."""
+    torch = sys.modules.get("torch")
+    try:
+        return torch.cuda if torch is not None and torch.cuda.is_available() else None
+    except Exception:  # noqa: BLE001 - a broken CUDA setup is "no GPU" here
+        return None
+
 SYSTEM_INFO_FILE = "system_info.json"
 
 

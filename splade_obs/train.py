@@ -34,8 +34,8 @@ from .data import LoadedData
 from .device import Runtime, resolve_runtime
 from .errors import ErrorCategory, RunInterrupted, TrainingError, classify, is_out_of_memory
 from .bus import EventBus, RunIds
-from .events import (DataLoaded, EpochDone, EpochStarted, EvaluationDone, Message, ModelLoaded, RetryAttempt,
-                     RunFinished, RunStarted, now_ns)
+from .events import (AlertRaised, DataLoaded, EpochDone, EpochStarted, EvaluationDone, Message, ModelLoaded,
+                     RetryAttempt, RunFinished, RunStarted, now_ns)
 from .faults import FaultPlan
 from .losses import SpladeLoss
 from .model import SpladeEncoder
@@ -43,6 +43,7 @@ from .objective import PairForward, all_docs, batch_loss, encode_batch, validati
 from .optim import build_optimizer, build_scheduler
 from .plan import EpochClock, RunData, TrainResult, epoch_batches, every, load_run_data, make_plan
 from .recovery import retry_listener
+from .health import HealthMonitor, ScaleWatch, fatal_alert, memory_mb
 from .step_stats import StepAccumulator, StepStats, check_finite
 
 
@@ -58,8 +59,11 @@ class Trainer:
         self.faults = FaultPlan.from_specs(cfg.recovery.inject_faults, rank)
         self.policy = BatchPolicy(cfg.recovery, emit=self.emit, dist=dist_ctx, rank=rank, on_skip=self._drop_gradients)
         self.budget = self.policy.budget
-        self.checkpoints = Checkpointer(cfg, self.emit, rank=rank, dist=dist_ctx, barrier=bus.barrier)
-        self.stops = StopSignals()
+        self.checkpoints = Checkpointer(cfg, self.emit, rank=rank, dist=dist_ctx, barrier=bus.barrier,
+                                        run_facts=lambda: {  # what the model cards say
+            "final_metrics": self.final_metrics, "system_info": self.system_info,
+            "train_means": self.stats.epoch.means() if hasattr(self, "stats") else {}})
+        self.stops = StopSignals(agree=dist_ctx.agree_stop if dist_ctx is not None else None)
         self.log_every = cfg.logging.log_every_steps
         self.global_step = 0
         self.started = False
@@ -71,9 +75,20 @@ class Trainer:
         #: what the last optimizer step still has to do after it ("save", "eval"): a stop can come first, and a
         #: checkpoint records it, so the resumed run does it before it goes on
         self._after_pending: set[str] = set()
+        #: training-health alerts (rank 0 watches the global values); the alert that stops the run, if any
+        self.health: HealthMonitor | None = None
+        self._alert_stop: AlertRaised | None = None
 
     def emit(self, event: Any) -> None:
         self.bus.emit(event)
+        if self.health is not None:
+            self._raise_alerts(self.health.observe(event))
+
+    def _raise_alerts(self, alerts: list[AlertRaised]) -> None:
+        for alert in alerts:
+            self.bus.emit(alert)
+            if alert.fatal and self._alert_stop is None:
+                self._alert_stop = alert  # acted on at the next consistent point (_stop_if_budget_spent)
 
     # ---------------------------------------------------------------------------------- entry
     def run(self) -> TrainResult:
@@ -106,6 +121,9 @@ class Trainer:
             self._emit_run_started(t0_ns, None)
         counters = {f"errors/{k}": v for k, v in self.budget.by_category.items()}
         counters["train/skipped_batches"] = self.budget.skipped
+        counters.update({f"alerts/{k}": v for k, v in (self.health.counts if self.health else {}).items()})
+        if getattr(self, "overflow", None) is not None and self.overflow.skipped:
+            counters["train/overflow_steps"] = self.overflow.skipped
         self.emit(RunFinished(status=status, step=self.global_step, duration_seconds=time.monotonic() - t0,
                               final_metrics=dict(self.final_metrics), output_dir=str(self.cfg.output_dir),
                               error=error.to_dict() if error is not None and status == "FAILED" else None,
@@ -178,6 +196,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.encoder, o.learning_rate, o.weight_decay)
         self.scheduler = build_scheduler(self.optimizer, self.warmup_steps, self.total_steps)
         self.scaler = self.runtime.grad_scaler()
+        self.overflow = ScaleWatch(self.scaler)
         self.checkpoints.attach(encoder=self.encoder, optimizer=self.optimizer, scheduler=self.scheduler,
                                 scaler=self.scaler)
         self.loss_fn = SpladeLoss(lc.lambda_q, lc.lambda_d, self.reg_warmup_steps, lc.temperature, lc.distillation,
@@ -185,8 +204,10 @@ class Trainer:
                                   lc.distillation_temperature)
         self.collator = PairCollator(self.encoder.tokenizer, cfg.model.max_query_length, cfg.model.max_doc_length,
                                      num_negatives=cfg.data.num_negatives, seed=o.seed)
-        self.stats = StepStats(self.device, total_steps=self.total_steps, vocab_size=self.encoder.vocab_size,
-                               world_size=self.world_size, steps_per_epoch=self.steps_per_epoch)
+        if cfg.health.alerts and self.rank == 0:
+            self.health = HealthMonitor(cfg.health, self.encoder.vocab_size)
+        self.stats = StepStats(self.device, total_steps=self.total_steps, world_size=self.world_size,
+                               steps_per_epoch=self.steps_per_epoch, memory_probe=memory_mb if self.health else None)
         self.start_epoch, self.start_batch = 1, 0
         torch.manual_seed(o.seed + self.rank)
         if resume:
@@ -199,7 +220,9 @@ class Trainer:
             self.best_metric = state.get("best_metric")
             # every number of the run so far: the open epoch's exact sums, the final metrics, the guard's warnings
             self.final_metrics = {k: float(v) for k, v in (state.get("final_metrics") or {}).items()}
-            self.stats.guard.warned = set(state.get("collapse_warned") or ())
+            if self.health is not None:
+                self.health.load_state_dict(state.get("health"))
+            self.overflow.skipped = int(state.get("overflow_steps") or 0)
             self._resume_epoch = state.get("epoch_stats")
             self._after_pending = set(state.get("after_step_pending") or ())
             if self._resume_epoch is None and self.start_batch > 0:
@@ -240,6 +263,7 @@ class Trainer:
                 self._after_pending = {"save", "eval"} if stepped else set()
                 if stepped and self._report_due():
                     self._report()
+                    self._stop_if_budget_spent()
                 self.stops.check()
                 if stepped:
                     self._after_step(epoch, bi)
@@ -258,9 +282,9 @@ class Trainer:
         collation), and on a non-finite step at the optimizer step; a failure inside the forward, the gathers
         or the backward cannot be skipped consistently and ends the run.
         """
-        err, batch, factor = None, None, None
+        err, batch = None, None
         try:
-            factor = self.faults.before_batch(where.batch)  # raises an injected fault, or returns a loss factor
+            self.faults.before_batch(where.batch)  # raises an injected fault
             batch = self.collator(chosen, epoch=where.epoch, batch_index=where.batch_index,
                                   num_negatives=k).to(self.device)
         except (KeyboardInterrupt, RunInterrupted):
@@ -276,10 +300,12 @@ class Trainer:
                     q, d_pos, d_neg = reps = encode_batch(self.model, batch)
                     out = batch_loss(self.loss_fn, reps, batch, step=self.global_step, rank=self.rank,
                                      distributed=self.dist is not None)
-                loss = out.total if factor is None else out.total * factor
+                loss = self.faults.loss(out, where.batch, self.global_step + 1) if self.faults else out.total
                 t_bwd = time.perf_counter()
                 self.scaler.scale(loss / self.cfg.optim.gradient_accumulation_steps).backward()
                 t_end = time.perf_counter()
+                if self.faults:
+                    self.faults.slow_down(self.global_step + 1, t_end - t_fwd)
         except (KeyboardInterrupt, RunInterrupted):
             raise
         except Exception as exc:  # noqa: BLE001
@@ -300,6 +326,8 @@ class Trainer:
         (its other micro-batches count as seen, not skipped).
         """
         t0 = time.perf_counter()
+        if self.faults:
+            self.faults.before_optimizer(self.global_step + 1, self.encoder.parameters())
         clip = lambda: torch.nn.utils.clip_grad_norm_(self.encoder.parameters(), self.cfg.optim.max_grad_norm)
         grad_norm = None if self.scaler.is_enabled() else clip()
         check = check_finite(acc, grad_norm, distributed=self.dist is not None)
@@ -312,8 +340,11 @@ class Trainer:
         if grad_norm is None:
             self.scaler.unscale_(self.optimizer)
             grad_norm = clip()
+        self.overflow.arm()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self._skipped_by_scaler(epoch, acc.count):
+            return False
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -322,6 +353,18 @@ class Trainer:
         scale = self.scaler._get_scale_async() if self.scaler.is_enabled() else None  # a tensor: no copy
         self.stats.push(acc, step=self.global_step, epoch=epoch, batch_index=bi, lr=lr, grad_norm=grad_norm,
                         grad_scale=scale, t_optimizer=time.perf_counter() - t0, end_ns=now_ns())
+        return True
+
+    def _skipped_by_scaler(self, epoch: int, batches: int) -> bool:
+        """fp16: the GradScaler skipped the step (gradient overflow). As in Hugging Face's Trainer, the scheduler
+        and the step counter stay where they are; the health monitor warns once per episode."""
+        fell = self.overflow.fell()
+        if fell is None:
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        self.policy.ok(batches)
+        if self.health is not None:
+            self._raise_alerts(self.health.overflow(self.global_step + 1, epoch, *fell, self.overflow.skipped))
         return True
 
     def _after_step(self, epoch: int, bi: int, replay: bool = False) -> None:
@@ -363,6 +406,7 @@ class Trainer:
     def _end_epoch(self, val: LoadedData | None) -> None:
         ep = self._epoch
         self._report()
+        self._stop_if_budget_spent()
         val_loss = self._validate(val, ep.number) if val is not None else None
         done = self._emit_epoch_done(ep, val_loss, complete=True)
         self.final_metrics.update({k: v for k, v in done.metrics().items() if k in ("epoch/loss", "val/loss")})
@@ -436,10 +480,13 @@ class Trainer:
             torch.cuda.empty_cache()
 
     def _stop_if_budget_spent(self) -> None:
-        err = self.policy.spent()
+        """Stop with a checkpoint when the error budget is spent or an alert named by --fail-on-alert fired."""
+        err, reason = self.policy.spent(), "error_budget"
+        if err is None:
+            err, reason = fatal_alert(self._alert_stop, self.dist if self.cfg.health.fail_on_alert else None), "alert"
         if err is not None:
             self._close_epoch_on_stop()
-            self._save_checkpoint("error_budget", self._boundary["epoch"], self._boundary["batch_in_epoch"])
+            self._save_checkpoint(reason, self._boundary["epoch"], self._boundary["batch_in_epoch"])
             raise err
 
     def _save_checkpoint(self, reason: str, epoch: int, batch_in_epoch: int, closes_epoch: int | None = None) -> None:
@@ -452,7 +499,8 @@ class Trainer:
                  "mlflow_run_id": self.ids.mlflow_run_id, "world_size": self.world_size,
                  "seed": self.cfg.optim.seed, "model": self.cfg.model.name, "saved_at_ns": now_ns(),
                  "run_name": self.run_name, "reason": reason, "final_metrics": dict(self.final_metrics),
-                 "collapse_warned": sorted(self.stats.guard.warned), "epoch_stats": self._epoch_state(),
+                 "health": self.health.state_dict() if self.health else None,
+                 "overflow_steps": self.overflow.skipped, "epoch_stats": self._epoch_state(),
                  "after_step_pending": sorted(self._after_pending)}
         self.checkpoints.save(reason, step=self.global_step, epoch=closes_epoch or epoch, rng=self._boundary["rng"],
                               trainer_state=state)

@@ -8,6 +8,9 @@ protobuf decoded with ``opentelemetry-proto``; spans, metric points, log records
         rx.wait_for_metrics(lambda ms: any(m.name == "splade.train.loss" for m in ms))
         rx.metric_snapshot()  # every ReceivedMetric, one per metric per request, in arrival order
         rx.log_snapshot()     # every ReceivedLog
+
+    with OtlpReceiver(protocol="grpc") as rx:   # the same signals over OTLP/gRPC (a real grpc server)
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
 """
 
 from __future__ import annotations
@@ -125,8 +128,15 @@ class OtlpReceiver:
     SIGNALS = {"/v1/traces": (ExportTraceServiceRequest, ExportTraceServiceResponse, "_ingest"),
                "/v1/metrics": (ExportMetricsServiceRequest, ExportMetricsServiceResponse, "_ingest_metrics"),
                "/v1/logs": (ExportLogsServiceRequest, ExportLogsServiceResponse, "_ingest_logs")}
+    #: OTLP/gRPC service (its one method is Export) -> the HTTP path of the same signal
+    GRPC_SERVICES = {"opentelemetry.proto.collector.trace.v1.TraceService": "/v1/traces",
+                     "opentelemetry.proto.collector.metrics.v1.MetricsService": "/v1/metrics",
+                     "opentelemetry.proto.collector.logs.v1.LogsService": "/v1/logs"}
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, protocol: str = "http") -> None:
+        assert protocol in ("http", "grpc")
+        self.protocol = protocol
+        self._grpc: Any = None
         self.port = port or free_port()
         self.spans: list[ReceivedSpan] = []
         self.metrics: list[ReceivedMetric] = []
@@ -141,6 +151,8 @@ class OtlpReceiver:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "OtlpReceiver":
+        if self.protocol == "grpc":
+            return self._start_grpc()
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -176,7 +188,29 @@ class OtlpReceiver:
         self._thread.start()
         return self
 
+    def _start_grpc(self) -> "OtlpReceiver":
+        """A real gRPC server on 127.0.0.1 with the three OTLP services; bodies are decoded as for HTTP."""
+        from concurrent import futures
+
+        import grpc
+
+        def handler(path: str) -> Any:
+            def export(body: bytes, context: Any) -> bytes:
+                getattr(self, self.SIGNALS[path][2])(body, {k.lower(): v for k, v in context.invocation_metadata()})
+                return self.SIGNALS[path][1]().SerializeToString()
+            return grpc.unary_unary_rpc_method_handler(export)  # no (de)serializers: raw protobuf bytes
+
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self._grpc.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {"Export": handler(path)})
+                                             for service, path in self.GRPC_SERVICES.items()])
+        self._grpc.add_insecure_port(f"127.0.0.1:{self.port}")
+        self._grpc.start()
+        return self
+
     def stop(self) -> None:
+        if self._grpc is not None:
+            self._grpc.stop(grace=1).wait(5)
+            self._grpc = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from splade_obs.config import PARAM_TRUNCATION_MARKER, TrainConfig, load_config_file
+from splade_obs.data import with_demo_defaults
 from splade_obs.config_schema import config_fields, render_config_docs
 from splade_obs.errors import EXIT_CODES, ConfigError, ErrorCategory
 from splade_obs_cli.main import cli
@@ -119,8 +120,10 @@ def test_the_same_config_from_yaml_toml_and_flags_is_equal(tmp_path):
     from_yaml = TrainConfig.load(tmp_path / "c.yaml")
     from_toml = TrainConfig.load(tmp_path / "c.toml")
     from_flags = _shown_config(*FLAGS)
-    assert from_yaml == from_toml == from_flags == expected
-    assert _shown_config("--config", str(tmp_path / "c.yaml")) == expected
+    assert from_yaml == from_toml == expected
+    # `config show` prints what the run uses: the demo's defaults filled in as the run fills them in
+    assert from_flags == with_demo_defaults(expected) != expected
+    assert _shown_config("--config", str(tmp_path / "c.yaml")) == with_demo_defaults(expected)
     # typed: ints stay ints, text numbers become floats, lists become tuples, choices are normalized
     assert type(from_yaml.optim.batch_size) is int and type(from_yaml.optim.learning_rate) is float
     assert type(from_yaml.model.dropout) is float and from_yaml.recovery.inject_faults == ("batch:3:oom",
@@ -130,7 +133,7 @@ def test_the_same_config_from_yaml_toml_and_flags_is_equal(tmp_path):
     for fmt, suffix in (("yaml", ".yaml"), ("json", ".json")):
         shown = tmp_path / f"shown{suffix}"
         shown.write_text(_show("--config", str(tmp_path / "c.toml"), fmt=fmt).stdout)
-        assert TrainConfig.load(shown) == expected
+        assert TrainConfig.load(shown) == with_demo_defaults(expected)
 
 
 def test_yaml_scientific_notation_is_a_float(tmp_path):
@@ -336,8 +339,8 @@ def test_every_field_has_a_flag_or_is_marked_file_only():
                 continue
             opt = options[spec.param]  # a flag of its own
             assert spec.flag in opt.opts and opt.help == spec.help
-    # nothing but the config flags, --config and --debug
-    assert set(options) == set(by_param) | {"config_file", "debug"}
+    # nothing but the config flags, --config, --debug and --sink (sinks of other packages, by name)
+    assert set(options) == set(by_param) | {"config_file", "debug", "sink_names"}
     for param, key in LEGACY_FLAGS.items():
         assert param in by_param and by_param[param].key == key, param
         assert f"--{param.replace('_', '-')}" in options[param].opts
@@ -354,7 +357,7 @@ def test_flag_behaviours_are_kept():
                           "--inject-fault", "batch:2:oom", "--model", "splade-tiny")
     assert shown.tracking.require and shown.tracing.to_mlflow
     assert shown.recovery.inject_faults == ("batch:1:nan", "batch:2:oom")
-    assert _shown_config() == TrainConfig()  # no flag given: exactly the defaults
+    assert _shown_config() == with_demo_defaults(TrainConfig())  # no flag: the defaults, the demo's filled in
 
 
 def test_help_shows_defaults_and_help_texts():

@@ -156,3 +156,20 @@ def test_resume_under_torchrun_is_exact_with_dropout(tmp_path):
     wa = load_file(str(tmp_path / "a" / "final" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "final" / "model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fail_on_alert_stops_every_rank_together(tmp_path):
+    """Rank 0 watches the run's health; under torchrun every rank learns its --fail-on-alert decision at the same
+    logging point (a broadcast), so both stop there with one checkpoint instead of rank 1 waiting forever."""
+    out = tmp_path / "ddp"
+    (tmp_path / "health.toml").write_text("[health]\nmin_history = 4\n", encoding="utf-8")
+    proc = subprocess.run([*TORCHRUN, *COMMON, "--batch-size", "2", "--output-dir", str(out), "--no-mlflow",
+                           "--otel-exporter", "none", "--max-steps", "12", "--log-every-steps", "4",
+                           "--config", str(tmp_path / "health.toml"), "--inject-fault", "step:6:spike",
+                           "--fail-on-alert", "loss_spike"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "stopped by --fail-on-alert loss_spike" in text, text[-3000:]
+    state = json.loads((out / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert state["reason"] == "alert" and state["global_step"] == 8
+    assert not (out / "final").exists()

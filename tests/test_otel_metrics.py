@@ -228,9 +228,9 @@ def test_non_finite_values_are_counted_not_recorded(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- OTLP
-def _cli_train(out: Path, env: dict[str, str]) -> Any:
+def _cli_train(out: Path, env: dict[str, str], *extra: str) -> Any:
     args = ["train", *TINY_ARGS, "--max-steps", "6", "--output-dir", str(out), "--no-mlflow", "--progress", "none",
-            "--otel-exporter", "otlp", "--trace-batches", "all", "--log-every-steps", "1"]
+            "--otel-exporter", "otlp", "--trace-batches", "all", "--log-every-steps", "1", *extra]
     return CliRunner().invoke(cli, args, env={"OTEL_METRIC_EXPORT_INTERVAL": "300", "OTEL_SDK_DISABLED": "false",
                                               "OTEL_SERVICE_NAME": "splade-metrics-test", **env},
                               catch_exceptions=False)
@@ -284,6 +284,23 @@ def test_otel_metrics_exporter_none_keeps_metrics_off_the_collector(tmp_path):
         assert rx.snapshot() and not rx.metric_snapshot()   # spans yes, metrics no
     lines = (tmp_path / "off" / "logs" / "metrics.jsonl").read_text().splitlines()
     assert lines and all(strict_json(line)["resource_metrics"] for line in lines)   # the local copy stays
+
+
+@pytest.mark.server
+def test_spans_metrics_and_logs_reach_a_real_grpc_receiver(tmp_path):
+    """OTEL_EXPORTER_OTLP_PROTOCOL=grpc: the three signals over OTLP/gRPC to a real grpc server, decoded."""
+    with OtlpReceiver(protocol="grpc") as rx:
+        result = _cli_train(tmp_path / "grpc", {"OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint,
+                                                "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "--otel-logs", "--json-logs")
+        assert result.exit_code == 0, result.output
+        spans, metrics, logs = rx.snapshot(), rx.metric_snapshot(), rx.log_snapshot()
+    assert "train" in {s.name for s in spans}
+    losses = _batch_losses(tmp_path / "grpc" / "logs" / "traces.jsonl")
+    assert [m.points[0][1] for m in metrics if m.name == "splade.train.loss"][-1] == losses[6]
+    assert {"splade.train.step.duration", "process.memory.usage"} <= {m.name for m in metrics}
+    trace_ids = {s.trace_id for s in spans}
+    assert logs and all(r.trace_id in trace_ids for r in logs if r.trace_id)
+    assert any(str(r.body).startswith("Step 6/6") for r in logs)
 
 
 def test_grpc_protocol_builds_the_grpc_exporter():

@@ -259,14 +259,34 @@ def test_store_kind(uri, kind):
     assert mx.store_kind(uri) == kind
 
 
-def test_store_uri_takes_credentials_from_the_env_and_makes_sqlite_paths_absolute(tmp_path, monkeypatch):
+def test_the_store_is_opened_with_the_sinks_uri_and_sqlite_paths_are_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    env = {"MLFLOW_TRACKING_URI": "postgresql://user:pw@db.local/mlflow"}
-    assert mx.store_uri("postgresql://db.local/mlflow", env) == env["MLFLOW_TRACKING_URI"]
-    assert mx.store_uri("postgresql://other.local/mlflow", env) == "postgresql://other.local/mlflow"
-    assert mx.store_uri("sqlite:///rel/mlflow.db", {}) == f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"
-    assert mx.store_uri("sqlite:////abs/mlflow.db", {}) == "sqlite:////abs/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    exporter = mx.MlflowStoreExporter("postgresql://db.local/mlflow", lambda: (None, None))
+    assert mx.absolute_store_uri("sqlite:///rel/mlflow.db") == f"sqlite:///{tmp_path / 'rel' / 'mlflow.db'}"
+    assert mx.absolute_store_uri("sqlite:////abs/mlflow.db") == "sqlite:////abs/mlflow.db"
+    full = "postgresql://user:pw@db.local/mlflow"
+    exporter = mx.MlflowStoreExporter("postgresql://db.local/mlflow", lambda: (None, None), open_uri=full)
     assert exporter.uri == "postgresql://db.local/mlflow"                      # what a warning may show
-    assert exporter._open_uri == env["MLFLOW_TRACKING_URI"]                     # what is opened
+    assert exporter._open_uri == full                                           # what is opened
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://other:secret@db.local/mlflow")
+    assert mx.MlflowStoreExporter("postgresql://db.local/mlflow", lambda: (None, None))._open_uri \
+        == "postgresql://db.local/mlflow", "the environment is not searched for credentials"
+
+
+def test_build_sinks_hands_the_otel_sink_the_store_uri_the_mlflow_sink_opened(tmp_path):
+    from splade_obs.config import TrainConfig
+    from splade_obs.run import build_sinks
+    from splade_obs.sinks.mlflow import MlflowSink
+    from splade_obs.sinks.otel import OtelSink
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = TrainConfig.from_mapping({"checkpoint": {"output_dir": str(tmp_path / "out")},
+                                    "tracking": {"tracking_uri": uri, "system_metrics": False},
+                                    "tracing": {"metrics": False}})
+    sinks = build_sinks(cfg, run_name="uri")
+    try:
+        (otel,) = [s for s in sinks if isinstance(s, OtelSink)]
+        (ml,) = [s for s in sinks if isinstance(s, MlflowSink)]
+        assert otel.store_uri == ml.transport.tracking_uri == uri
+    finally:
+        for sink in reversed(sinks):
+            sink.close(5.0)

@@ -391,6 +391,9 @@ def test_fault_spec_parsing():
         parse_faults(("batch:x:oom",))
     with pytest.raises(ConfigError):
         parse_faults(("rankx:batch:1:oom",))
+    with pytest.raises(ConfigError):
+        parse_faults(("step:5-3:spike",))
+    assert [f.index for f in parse_faults(("batch:4-6:nan",))] == [4, 5, 6]
 
 
 def test_fault_plan_fires_by_batch_and_step_for_its_rank():
@@ -399,11 +402,19 @@ def test_fault_plan_fires_by_batch_and_step_for_its_rank():
     from splade_obs.faults import FaultPlan
 
     plan = FaultPlan.from_specs(("batch:2:nan", "batch:3:overflow", "rank1:batch:4:oom", "batch:5:data",
-                                 "step:2:interrupt", "step:3:exception", "batch:2:exception"), rank=0)
-    assert plan.before_batch(1) is None
-    assert math.isnan(plan.before_batch(2))            # the first spec for a batch wins
-    assert plan.before_batch(3) == 1e30
+                                 "step:2:interrupt", "step:3:exception", "batch:2:exception", "step:6-7:spike"),
+                                rank=0)
+    from splade_obs.losses import LossOutput
+    one = torch.tensor(2.0, requires_grad=True)
+    out = lambda: LossOutput(total=one * 1.0)
+    assert plan.before_batch(1) is None and plan.loss(out(), 1, 1).item() == 2.0
+    assert plan.before_batch(2) is None and math.isnan(plan.loss(out(), 2, 1).item())  # the first spec wins
+    assert plan.loss(out(), 3, 1).item() == pytest.approx(2e30)
     assert plan.before_batch(4) is None                # rank 1's fault
+    spiked = out()
+    plan.loss(spiked, 9, 7).backward()                 # a range: steps 6 and 7
+    assert spiked.total.item() == 2e6 and one.grad.item() == 1.0, "a spike changes the value, not the gradient"
+    assert plan.loss(out(), 9, 8).item() == 2.0
     from splade_obs.errors import DataError, TrainingError
     with pytest.raises(DataError):
         plan.before_batch(5)

@@ -2,8 +2,10 @@
 
 The lines reach the console and the log files through :mod:`splade_obs.logging_setup`; each carries
 structured fields (``step``, ``epoch``, ``category``, ``context``, ``event``...) via ``extra=`` so the
-JSON log stays machine-readable. Step lines are throttled (every ``every_n_steps`` steps, plus the first
-and the last) so the log does not grow by one line per step. Steps and batches are numbered from 1 by the
+JSON log stays machine-readable. The first lines read like the seed's example (``Starting training for 3
+epochs``, ``Epoch 1/3``, ``Training loss: 0.0692``, ``Validation loss: 0.0815``), each next to a fuller
+line. Step lines are throttled (every ``every_n_steps`` steps, plus the first and the last) so the log does
+not grow by one line per step. Steps and batches are numbered from 1 by the
 rule of :class:`splade_obs.batch_policy.Where` (``skipped batch [..] (step 3, batch 3)`` for
 ``--inject-fault batch:3``); a non-finite value prints as ``nan`` / ``inf`` and reaches the JSON log as the
 string ``"nan"`` / ``"inf"`` (:mod:`splade_obs.finite`).
@@ -15,8 +17,8 @@ import logging
 from typing import Any
 
 from ..bus import Sink
-from ..events import (CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught, EvaluationDone, Message,
-                      ModelLoaded, RetryAttempt, RunFinished, RunStarted, SinkDegraded, StepDone)
+from ..events import (AlertRaised, CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught, EvaluationDone,
+                      Message, ModelLoaded, RetryAttempt, RunFinished, RunStarted, SinkDegraded, StepDone)
 
 TRAIN_LOGGER = "splade_obs.train"
 
@@ -58,6 +60,8 @@ class LogSink(Sink):
         model, optim = cfg.get("model", {}), cfg.get("optim", {})
         amp = si.get("mixed_precision") or optim.get("mixed_precision")  # the effective mode when known
         resumed = f", resumed at step {e.start_step}" if e.resumed else ""
+        self._emit(logging.INFO, f"Starting training for {e.num_epochs} epoch{'' if e.num_epochs == 1 else 's'}",
+                   e, step=e.start_step, run_name=e.run_name)
         self._emit(logging.INFO,
                    f"Run {e.run_name} started: model={model.get('name')} epochs={e.num_epochs} "
                    f"steps={e.total_steps} ({e.steps_per_epoch}/epoch) batch_size={optim.get('batch_size')} "
@@ -97,6 +101,10 @@ class LogSink(Sink):
 
     def on_epoch_done(self, e: EpochDone) -> None:
         loss = e.means.get("epoch/loss")
+        # the seed's two lines first (4 decimals), then the full one
+        for label, value in (("Training loss", loss), ("Validation loss", e.val_loss)):
+            if value is not None:
+                self._emit(logging.INFO, f"{label}: {value:.4f}", e, step=e.step, epoch=e.epoch)
         val = f" val/loss={_fmt(e.val_loss)}" if e.val_loss is not None else ""
         state = "done" if e.complete else f"stopped after {e.steps_completed} steps"
         self._emit(logging.INFO,
@@ -150,6 +158,11 @@ class LogSink(Sink):
         self._emit(logging.WARNING, f"Sink {e.sink} disabled after {e.failures} consecutive failures "
                                     f"({e.error_type}: {e.message}); training continues",
                    e, sink=e.sink, failures=e.failures)
+
+    def on_alert_raised(self, e: AlertRaised) -> None:
+        stop = " (--fail-on-alert: the run stops)" if e.fatal else ""
+        self._emit(logging.WARNING, f"alert [{e.category}] {e.message}{stop}", e, alert=e.category, step=e.step,
+                   epoch=e.epoch, value=e.value, threshold=e.threshold, fatal=e.fatal)
 
     def on_message(self, e: Message) -> None:
         level = logging.getLevelName(e.level.upper())

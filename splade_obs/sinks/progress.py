@@ -23,13 +23,8 @@ from typing import Any
 
 from ..bus import Sink
 from ..events import EpochStarted, RunFinished, RunStarted, StepDone
+from ..progress_util import MODES, resolve_mode
 
-MODES = ("auto", "bar", "lines", "none")
-
-
-def _stderr_is_tty() -> bool:
-    stream = sys.stderr
-    return bool(stream is not None and getattr(stream, "isatty", lambda: False)())
 
 
 class ProgressSink(Sink):
@@ -54,7 +49,7 @@ class ProgressSink(Sink):
     # events -------------------------------------------------------------------------------------------
     def on_run_started(self, e: RunStarted) -> None:
         self.total, self.start_step, self.step = e.total_steps, e.start_step, e.start_step
-        self._active = ("bar" if _stderr_is_tty() else "lines") if self.mode == "auto" else self.mode
+        self._active = resolve_mode(self.mode)  # a terminal now: the bar, else lines
         self._reset_timer()
         self._timer_started = False
 

@@ -3,7 +3,7 @@ the end of the run), ``sender`` (its sender and write-ahead threads), ``failures
 the circuit breaker, what the console is told), ``unsent`` (the unsent-points file), ``artifacts`` (files,
 the HF model, dataset inputs), ``logged_model`` (the final and best models as LoggedModels, registration),
 ``model_code`` (the self-contained model MLflow loads), ``pyfunc`` (legacy loader of older runs' models),
-``note`` (the run description, ``splade.health``), ``system_metrics`` (the System metrics tab), ``env``
+``note`` (the run description), ``system_metrics`` (the System metrics tab), ``env``
 (MLflow's environment variables -> options), ``ui`` (links into the MLflow UI), ``store``, ``sqlite_store``
 (where the store is and whether it answers), ``sync`` (``runs sync``).
 

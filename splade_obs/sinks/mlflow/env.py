@@ -32,7 +32,7 @@ import math
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ...errors import ApplicationError, ConfigError
 from ...redaction import REDACTED, is_secret_key, safe_text
@@ -255,12 +255,16 @@ def identity_tags(options: Any) -> dict[str, str]:
     return tags
 
 
-def first_system_step(run: Any) -> int:
-    """The step after the latest ``system/`` point of ``run`` (0 when none): where MLflow's ``resume_logging``
-    continues, computed from the run object the caller already holds."""
-    latest = getattr(getattr(run, "data", None), "_metric_objs", None) or []
-    steps = [m.step for m in latest if m.key.startswith("system/")]
-    return max(steps) + 1 if steps else 0
+def latest_step(run: Any, prefix: str, history: Callable[[], Any] | None = None) -> int | None:
+    """The latest step of ``run``'s metrics whose key starts with ``prefix`` (None: no such point), from the run
+    object the caller holds (the store keeps each key's latest point), else from ``history()``: a resumed run's
+    ``train/loss`` (points at or before it are in already), or its ``system/`` points (where MLflow's
+    ``resume_logging`` continues)."""
+    latest = getattr(getattr(run, "data", None), "_metric_objs", None)
+    if latest is None and history is not None:
+        latest = history()
+    steps = [m.step for m in latest or () if m.key.startswith(prefix)]
+    return max(steps) if steps else None
 
 
 # ------------------------------------------------------------------------------------ store lookups

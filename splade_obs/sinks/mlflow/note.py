@@ -40,13 +40,3 @@ def note(e: RunFinished, *, datasets: list[dict[str, Any]], model: ModelLoaded |
         lines.append(f"- {k}: {v:.4g}")
     return "\n".join(lines)
 
-
-def health(e: RunFinished, skipped_batches: int = 0, degraded_sinks: list[str] | tuple[str, ...] = ()) -> str:
-    """``splade.health``, a column for the runs table: failed, stopped, degraded (batches skipped, errors caught
-    or a sink lost) or ok."""
-    if e.status == "FAILED":
-        return "failed"
-    if e.status == "KILLED":
-        return "stopped"
-    skipped = max(skipped_batches, int(e.counters.get("train/skipped_batches", 0)))
-    return "degraded" if skipped or e.errors_total or degraded_sinks else "ok"

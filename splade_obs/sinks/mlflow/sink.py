@@ -42,13 +42,13 @@ from ...errors import ConfigError
 from ...finite import json_safe
 from ...redaction import safe_text
 from ...bus import EventBus, Sink
-from ...events import (CheckpointSaved, DataLoaded, EpochDone, ErrorCaught, Event, EvaluationDone, ModelLoaded,
-                       RunFinished, RunStarted, SinkDegraded, StepDone, TraceOpened, TrackingRunOpened)
+from ...events import (AlertRaised, CheckpointSaved, DataLoaded, EpochDone, ErrorCaught, Event, EvaluationDone,
+                       ModelLoaded, RunFinished, RunStarted, SinkDegraded, StepDone, TraceOpened, TrackingRunOpened)
 from . import env, store, unsent
 from .artifacts import CONTEXTS, Artifacts, History
 from . import ui
 from .failures import report_shutdown
-from .note import health, note
+from .note import note
 from .store import TrackingUnavailableError
 from .transport import DEFAULT_SHUTDOWN_TIMEOUT, Transport
 
@@ -165,10 +165,12 @@ class MlflowSink(Sink):
                 run = t.call("get_run", t.client.get_run, t.run_id, attempts=2)  # the replayed points count too
             t.call("update_run", t.client.update_run, t.run_id, status="RUNNING")
             t.existing_params = dict(run.data.params)
-            self._min_step = self._last_logged_step(run)
+            history = lambda: t.call("get_metric_history", t.client.get_metric_history, t.run_id, "train/loss")
+            self._min_step = env.latest_step(run, "train/loss", history) or 0
             resumes = int(run.data.tags.get("splade.resume_count", "0") or 0) + 1
             t.set_tags({"splade.resume_count": str(resumes), **env.identity_tags(self.options)})
-            self._system_step = env.first_system_step(run)
+            last_system = env.latest_step(run, "system/")
+            self._system_step = 0 if last_system is None else last_system + 1
         else:
             if resume_run_id:
                 log.warning("MLflow run %s to resume was not found at %s; starting a new run",
@@ -179,14 +181,6 @@ class MlflowSink(Sink):
             t.run_id = run.info.run_id
         log.info("MLflow run %s (experiment %s) at %s%s", t.run_id, self.experiment_id, t.safe_uri,
                  " (resumed)" if self.resumed else "")
-
-    def _last_logged_step(self, run: Any) -> int:
-        """The latest ``train/loss`` step already in the run (the store keeps each key's latest point)."""
-        latest = getattr(run.data, "_metric_objs", None)
-        if latest is None:
-            t = self.transport
-            latest = t.call("get_metric_history", t.client.get_metric_history, t.run_id, "train/loss")
-        return max((m.step for m in latest if m.key == "train/loss"), default=0)
 
     def _experiment_id(self) -> str:
         """The new run's experiment: ``options.experiment_name`` (created when missing) or ``experiment_id``."""
@@ -323,6 +317,12 @@ class MlflowSink(Sink):
         if e.fatal:
             self.transport.request_flush()
 
+    def on_alert_raised(self, e: AlertRaised) -> None:
+        """alerts/* at its step; tags: the categories raised so far, each one's latest words."""
+        self._log_metrics(e, e.step)
+        self.transport.set_tags({"splade.alerts": ",".join(sorted(e.counts)),
+                                 f"splade.alert.{e.category}": f"step {e.step}: {e.message}"})
+
     def on_checkpoint_saved(self, e: CheckpointSaved) -> None:
         self.transport.set_tags({"splade.last_checkpoint_step": e.step, "splade.last_checkpoint_path": e.path,
                                  "splade.last_checkpoint_reason": e.reason})
@@ -343,8 +343,7 @@ class MlflowSink(Sink):
             self.transport.add("checkpoint/duration_seconds", seconds, step, e.time_ns)
 
     def _on_best_checkpoint(self, e: CheckpointSaved) -> None:
-        """Nothing sent now: the last best (``<output_dir>/best``) is logged once at the end (see logged_model.py)."""
-        self._best_checkpoint = e
+        self._best_checkpoint = e  # nothing sent now: the last best is logged once at the end (logged_model.py)
 
     def on_sink_degraded(self, e: SinkDegraded) -> None:
         self._degraded_sinks.append(e.sink)
@@ -362,7 +361,7 @@ class MlflowSink(Sink):
         t.request_flush()
         started = self._run_started
         tags = {"splade.status": e.status, "splade.final_step": e.step, "otel.trace_id": self._trace_id,
-                "splade.errors.total": e.errors_total, "splade.health": health(e, self._skipped_batches, self._degraded_sinks),
+                "splade.errors.total": e.errors_total, "splade.health": e.health(self._skipped_batches, len(self._degraded_sinks)),
                 "mlflow.note.content": note(e, datasets=self._datasets, model=self._model,
                                             total_steps=started.total_steps if started else 0,
                                             trace_id=self._trace_id, skipped_batches=self._skipped_batches,

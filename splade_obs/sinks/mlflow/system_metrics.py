@@ -27,7 +27,6 @@ node id), each point at its own step 0, 1, 2, ... What this subclass changes, an
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from typing import Any
@@ -36,6 +35,7 @@ import psutil
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor as MlflowSystemMetricsMonitor
 
 from ...bus import EventBus, Sink
+from ...sysinfo import loaded_cuda
 from .env import SystemMetricsOptions
 
 log = logging.getLogger("splade_obs.sinks.mlflow")
@@ -134,7 +134,7 @@ class SystemMetricsMonitor(MlflowSystemMetricsMonitor):
         """Start the sampler: a daemon thread running :meth:`monitor` (as MLflow's ``start``, without its log line)."""
         for logger in self._loggers():
             logger.addFilter(self._quiet)
-        if not self.has_gpu and _cuda_in_use():
+        if not self.has_gpu and loaded_cuda() is not None:
             log.warning("System metrics: no GPU metrics (GPU utilisation and memory need the nvidia-ml-py "
                         "package: pip install nvidia-ml-py)")
         self._process = threading.Thread(target=self.monitor, daemon=True, name="SystemMetricsMonitor")
@@ -204,15 +204,6 @@ class SystemMetricsMonitor(MlflowSystemMetricsMonitor):
     def finish(self) -> None:
         """MLflow's name for :meth:`stop` (bounded here)."""
         self.stop()
-
-
-def _cuda_in_use() -> bool:
-    """A CUDA device is there (only asked when torch is imported already: this module never imports it)."""
-    torch = sys.modules.get("torch")
-    try:
-        return bool(torch is not None and torch.cuda.is_available())
-    except Exception:  # noqa: BLE001
-        return False
 
 
 def start_monitor(run_id: str, transport: Any, options: SystemMetricsOptions, *, resume_logging: bool = False,

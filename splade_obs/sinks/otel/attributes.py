@@ -19,7 +19,8 @@ from typing import Any, Mapping
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from splade_obs.events import CheckpointSaved, EpochDone, EvaluationDone, Event, RunFinished, StepDone
+from splade_obs.events import (AlertRaised, CheckpointSaved, EpochDone, EvaluationDone, Event, RetryAttempt,
+                               RunFinished, SinkDegraded, StepDone)
 from splade_obs.finite import finite_or_text
 from splade_obs.redaction import safe_text, secret_values
 
@@ -102,7 +103,8 @@ def span_kind(name: str) -> str:
 def run_outcome(e: RunFinished, errors: Mapping[str, int], skipped: int, sinks_degraded: int) -> dict[str, Any]:
     """The root's outcome attributes: ``splade.health`` (failed | stopped | degraded | ok, as MLflow's
     ``splade.health`` tag), ``splade.degraded`` (a batch was skipped), ``splade.skipped_batches`` and
-    ``splade.errors_by_category`` (``DATA_ERROR=2,TRAINING_ERROR=1``). The trainer's final counters win over
+    ``splade.errors_by_category`` (``DATA_ERROR=2,TRAINING_ERROR=1``), ``splade.alerts_by_category``
+    (``loss_spike=1``, training-health alerts). The trainer's final counters win over
     what the sink counted from ``ErrorCaught`` events (a resumed run's counters include earlier errors)."""
     by_cat = dict(errors)
     for key, n in e.counters.items():
@@ -110,11 +112,11 @@ def run_outcome(e: RunFinished, errors: Mapping[str, int], skipped: int, sinks_d
             cat = key.split("/", 1)[1]
             by_cat[cat] = max(by_cat.get(cat, 0), int(n))
     skipped = max(skipped, int(e.counters.get("train/skipped_batches", 0)))
-    health = {"FAILED": "failed", "KILLED": "stopped"}.get(e.status) or (
-        "degraded" if skipped or sum(by_cat.values()) or sinks_degraded else "ok")
+    health = e.health(skipped, sinks_degraded + sum(by_cat.values()))  # errors only this sink counted, too
     summary = ",".join(f"{k}={v}" for k, v in sorted(by_cat.items()) if v)
+    alerts = ",".join(f"{k}={v}" for k, v in sorted(e.alerts.items()) if v)
     return {"splade.health": health, "splade.degraded": skipped > 0, "splade.skipped_batches": skipped,
-            "splade.errors_by_category": summary or None}
+            "splade.errors_by_category": summary or None, "splade.alerts_by_category": alerts or None}
 
 
 def error_status(description: str) -> Status:
@@ -145,3 +147,24 @@ def eval_phase_span(phase: str, step: int) -> tuple[str, dict[str, Any]]:
     """The child span of an evaluation phase: ``encode`` (documents or queries), ``retrieve``, else the phase's name."""
     name, values = EVAL_PHASE_SPANS.get(phase, (phase, {}))
     return name, {"splade.step": step, "splade.eval.phase": phase, **values}
+
+
+# ------------------------------------------------------------------------------------------- span events
+def alert_attributes(e: AlertRaised) -> dict[str, Any]:
+    """The ``splade.alert`` span event of a training-health alert."""
+    return {"alert.category": e.category, "splade.alert.message": e.message, "splade.step": e.step,
+            "splade.epoch": e.epoch, "splade.alert.value": e.value, "splade.alert.threshold": e.threshold,
+            "splade.alert.fatal": e.fatal, "splade.alert.count": e.counts.get(e.category, 1)}
+
+
+def retry_attributes(e: RetryAttempt) -> dict[str, Any]:
+    """The ``splade.retry`` span event of a retried transient fault."""
+    return {"splade.retry.operation": e.operation, "splade.retry.attempt": e.attempt,
+            "splade.retry.max_attempts": e.max_attempts, "splade.retry.delay_s": e.delay_seconds,
+            "error.category": e.category, "exception.message": e.message}
+
+
+def degraded_attributes(e: SinkDegraded) -> dict[str, Any]:
+    """The ``splade.sink_degraded`` span event of a sink the bus stopped calling."""
+    return {"splade.sink.name": e.sink, "splade.sink.failures": e.failures, "exception.type": e.error_type,
+            "exception.message": e.message}

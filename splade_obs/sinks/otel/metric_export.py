@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -36,6 +35,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (MetricExporter, MetricExportResult, MetricReader, MetricsData,
                                               PeriodicExportingMetricReader)
 from opentelemetry.sdk.resources import Resource
+
+from splade_obs.finite import json_safe
 
 from .exporters import DEAD_EXPORTER_GRACE_S, DEFAULT_OTLP_TIMEOUT_S, build_resource
 
@@ -82,17 +83,6 @@ def run_resource(service_name: str | None, *, run_name: str | None, mlflow_run_i
 
 
 # ------------------------------------------------------------------------------------------ exporters
-def finite_json(value: Any) -> Any:
-    """``value`` with every non-finite float replaced by ``"nan"``, ``"inf"`` or ``"-inf"``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_json(v) for v in value]
-    return value
-
-
 class JsonLinesMetricExporter(MetricExporter):
     """One JSON object per export per line (``MetricsData.to_json`` on one line, strict JSON)."""
 
@@ -104,7 +94,7 @@ class JsonLinesMetricExporter(MetricExporter):
         self._lock = threading.Lock()
 
     def export(self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any) -> MetricExportResult:
-        doc = finite_json(json.loads(metrics_data.to_json(indent=None)))
+        doc = json_safe(json.loads(metrics_data.to_json(indent=None)))
         line = json.dumps(doc, allow_nan=False, separators=(",", ":")) + "\n"
         with self._lock:
             if self._fh.closed:

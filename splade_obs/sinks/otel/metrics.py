@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -45,8 +44,9 @@ from opentelemetry.sdk.metrics.export import MetricReader
 
 from splade_obs import __version__
 from splade_obs.bus import Sink
-from splade_obs.events import (CheckpointSaved, EpochDone, ErrorCaught, EvaluationDone, Event, ModelLoaded,
-                               RunFinished, RunStarted, StepDone, TrackingRunOpened, metric_def)
+from splade_obs.sysinfo import loaded_cuda
+from splade_obs.events import (AlertRaised, CheckpointSaved, EpochDone, ErrorCaught, EvaluationDone, Event,
+                               ModelLoaded, RunFinished, RunStarted, StepDone, TrackingRunOpened, metric_def)
 
 from . import metric_export as mx
 from .attributes import attribute_name
@@ -61,14 +61,17 @@ STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 3
 ERRORS_INSTRUMENT = "splade.errors"
 SKIPPED_INSTRUMENT = "splade.train.skipped_batches"
 NONFINITE_INSTRUMENT = "splade.metrics.nonfinite"
-#: canonical names that are counters here (fed from ErrorCaught), or not instruments at all
-COUNTED = ("errors/", "train/skipped_batches")
+ALERTS_INSTRUMENT = "splade.alerts"
+#: canonical names that are counters here (fed from ErrorCaught / AlertRaised), or not instruments at all
+COUNTED = ("errors/", "train/skipped_batches", "alerts/")
 
 #: Instruments that are not named from a canonical metric: (name, kind, unit, attributes, meaning).
 EXTRA_INSTRUMENTS: tuple[tuple[str, str, str, str, str], ...] = (
     (ERRORS_INSTRUMENT, "counter", "{error}", "error.category", "errors caught, by category (the canonical "
      "errors/{CATEGORY}; errors/total is their sum)"),
     (SKIPPED_INSTRUMENT, "counter", "{batch}", "-", "batches skipped by the batch-error policy"),
+    (ALERTS_INSTRUMENT, "counter", "{alert}", "alert.category", "training-health alerts raised, by category (the "
+     "canonical alerts/{category}; once per episode)"),
     ("splade.train.step.duration", "histogram", "s", "-", "wall time of each optimizer step"),
     ("splade.train.step", "gauge", "{step}", "-", "the latest optimizer step (1-based)"),
     (NONFINITE_INSTRUMENT, "counter", "{value}", "splade.metric (the instrument)", "non-finite values "
@@ -194,6 +197,7 @@ class OtelMetricsSink(Sink):
 
         self._errors = make(ERRORS_INSTRUMENT, m.create_counter)
         self._skipped = make(SKIPPED_INSTRUMENT, m.create_counter)
+        self._alerts = make(ALERTS_INSTRUMENT, m.create_counter)
         self._step_time = make("splade.train.step.duration", m.create_histogram,
                                explicit_bucket_boundaries_advisory=STEP_BUCKETS)
         self._step = make("splade.train.step", m.create_gauge)
@@ -201,7 +205,7 @@ class OtelMetricsSink(Sink):
         make("process.memory.usage", m.create_observable_gauge, callbacks=[self._observe_rss])
         make("process.cpu.time", m.create_observable_counter, callbacks=[self._observe_cpu_time])
         make("process.cpu.utilization", m.create_observable_gauge, callbacks=[self._observe_cpu_util])
-        if self._cuda() is not None:
+        if loaded_cuda() is not None:
             make("splade.gpu.memory.allocated", m.create_observable_gauge, callbacks=[self._observe_gpu(True)])
             make("splade.gpu.memory.reserved", m.create_observable_gauge, callbacks=[self._observe_gpu(False)])
 
@@ -263,6 +267,9 @@ class OtelMetricsSink(Sink):
         if e.skipped_batch:
             self._skipped.add(1)
 
+    def on_alert_raised(self, e: AlertRaised) -> None:
+        self._alerts.add(1, {"alert.category": e.category})
+
     def on_epoch_done(self, e: EpochDone) -> None:
         self._set(e.metrics())
 
@@ -305,18 +312,9 @@ class OtelMetricsSink(Sink):
                 self._cpu_last = (cpu, now)
             return [Observation(self._cpu_util)]
 
-    @staticmethod
-    def _cuda() -> Any:
-        """torch.cuda when torch is already imported and has a GPU (never imports torch itself)."""
-        torch = sys.modules.get("torch")
-        try:
-            return torch.cuda if torch is not None and torch.cuda.is_available() else None
-        except Exception:  # noqa: BLE001
-            return None
-
     def _observe_gpu(self, allocated: bool) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:
-            cuda = self._cuda()
+            cuda = loaded_cuda()
             if cuda is None or not cuda.is_initialized():
                 return []
             device = self._device if (self._device or "").startswith("cuda") else f"cuda:{cuda.current_device()}"

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -38,6 +37,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.trace import StatusCode, format_span_id, format_trace_id
 
+from splade_obs.finite import json_safe
 from splade_obs.redaction import safe_text
 
 log = logging.getLogger("splade_obs.sinks.otel")
@@ -96,24 +96,14 @@ def store_kind(tracking_uri: str | None) -> str | None:
     return "database" if scheme in DATABASE_SCHEMES else None
 
 
-def store_uri(safe_uri: str, env: Mapping[str, str] = os.environ) -> str:
-    """The URI to open: events carry it without credentials, so a URI whose credentials are in
-    ``$MLFLOW_TRACKING_URI`` is taken from there (never logged); a relative sqlite path is made absolute now
-    (the store is opened later, on the export thread)."""
-    full = env.get("MLFLOW_TRACKING_URI", "")
-    uri = full if full and full != safe_uri and _without_credentials(full) == safe_uri else safe_uri
+def absolute_store_uri(uri: str) -> str:
+    """``uri`` with a relative sqlite path made absolute now (the store is opened later, on the export thread,
+    whatever the working directory is then)."""
     prefix = "sqlite:///"
     path = uri[len(prefix):] if uri.startswith(prefix) else ""
     if path and not path.startswith("/") and not path.startswith(":memory:"):
         uri = prefix + os.path.abspath(path)
     return uri
-
-
-def _without_credentials(uri: str) -> str:
-    parts = urllib.parse.urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 # ------------------------------------------------------------------------------------------ conversion
@@ -131,22 +121,15 @@ def to_mlflow_spans(spans: Sequence[ReadableSpan]) -> list[Any]:
     return out
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/Infinity (a browser's JSON.parse refuses them): such a number is given as text."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
 def root_inputs(attributes: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _finite(attributes[a]) for k, a in INPUT_KEYS if attributes.get(a) is not None}
+    return {k: json_safe(attributes[a]) for k, a in INPUT_KEYS if attributes.get(a) is not None}
 
 
 def root_outputs(attributes: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: _finite(attributes[a]) for k, a in OUTPUT_KEYS if attributes.get(a) is not None}
+    out = {k: json_safe(attributes[a]) for k, a in OUTPUT_KEYS if attributes.get(a) is not None}
     for key in sorted(attributes):
         if key.startswith(OUTPUT_METRIC_PREFIXES):
-            out[key.removeprefix("splade.").replace(".", "/", 1)] = _finite(attributes[key])
+            out[key.removeprefix("splade.").replace(".", "/", 1)] = json_safe(attributes[key])
     return out
 
 
@@ -200,9 +183,10 @@ class _TraceWriter(SpanExporter):
     the URI, opened on first use; tests inject a faulty one), one warning for the first failure."""
 
     def __init__(self, uri: str, ids: Callable[[], tuple[str | None, str | None]], *, store: Any = None,
-                 wait_for_ids_s: float = 5.0) -> None:
+                 wait_for_ids_s: float = 5.0, open_uri: str | None = None) -> None:
         self.uri = uri                     # without credentials: the one that is logged
-        self._open_uri = store_uri(uri)    # the one that is opened
+        #: the one that is opened: the store's own URI (credentials and all) as the MLflow sink opened it
+        self._open_uri = absolute_store_uri(open_uri or uri)
         self._ids = ids
         self._store = store
         self._wait = wait_for_ids_s

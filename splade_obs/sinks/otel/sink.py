@@ -47,14 +47,15 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from splade_obs import __version__
 from splade_obs.bus import EventBus, Sink
 from splade_obs.log_context import CONTEXT, failed_batch_gets_span
-from splade_obs.events import (CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught, EvaluationDone,
-                               Event, Message, ModelLoaded, RetryAttempt, RunFinished, RunStarted, SinkDegraded,
-                               StepDone, TraceOpened, TrackingRunOpened, metric_name)
+from splade_obs.events import (AlertRaised, CheckpointSaved, DataLoaded, EpochDone, EpochStarted, ErrorCaught,
+                               EvaluationDone, Event, Message, ModelLoaded, RetryAttempt, RunFinished, RunStarted,
+                               SinkDegraded, StepDone, TraceOpened, TrackingRunOpened, metric_name)
 from splade_obs.redaction import is_secret_key
 
 from . import exporters as ex, mlflow_export as mx
 from .logs import PresetNextSpanId
-from .attributes import attrs, batch_span_name, error_status, eval_phase_span, interval, metric_attributes, run_outcome, traceparent  # noqa: E501
+from .attributes import (alert_attributes, attrs, batch_span_name, degraded_attributes, error_status, eval_phase_span,
+                         interval, metric_attributes, retry_attributes, run_outcome, traceparent)
 from .sampling import BatchSampler
 
 log = logging.getLogger("splade_obs.sinks.otel")
@@ -100,10 +101,8 @@ class OtelSink(Sink):
         self._ids = self._tracer.id_generator = PresetNextSpanId(self._tracer.id_generator)  # reserved span ids
         self._bus: EventBus | None = None
         self._root: Span | None = None
-        self._root_ctx: Any = None
         self._epoch: Span | None = None
-        self._epoch_num: int | None = None
-        self._epoch_ctx: Any = None
+        self._root_ctx = self._epoch_ctx = self._epoch_num = None  # span contexts; the open epoch's number
         self._pending: list[Event] = []
         self._finished = self._closed = False
         self._announced: str | None = None         # traceparent of the last TraceOpened
@@ -112,6 +111,7 @@ class OtelSink(Sink):
         self.mlflow_run_id: str | None = None      # the MLflow run, from TrackingRunOpened
         self.mlflow_experiment_id: str | None = None
         self.tracking_uri: str | None = None
+        self.store_uri: str | None = None          # the store's URI, credentials too (set by run.build_sinks)
         self._mlflow_exporter = False
         self.spans_ended = 0
         self.stats: dict[str, Any] = {}
@@ -179,7 +179,7 @@ class OtelSink(Sink):
             otlp = ex.MlflowOtlpExporter(uri, ids, timeout=timeout)
             self.pipeline.add("mlflow", mx.MlflowServerFinalizer(otlp, uri, ids))
         elif kind == "database":
-            self.pipeline.add("mlflow", mx.MlflowStoreExporter(uri, ids))
+            self.pipeline.add("mlflow", mx.MlflowStoreExporter(uri, ids, open_uri=self.store_uri))
         else:
             log.info("the run's trace is not sent to MLflow: the tracking store %s does not take traces "
                      "(it stays in traces.jsonl)", uri.split(":", 1)[0] if ":" in uri else uri)
@@ -321,8 +321,7 @@ class OtelSink(Sink):
         values: dict[str, Any] = {
             "splade.step": e.step, "splade.epoch": e.epoch, "splade.batch_in_epoch": e.batch_index + 1,
             "splade.batch_size": e.batch_size, "splade.tokens": e.num_tokens, "splade.trace.keep_reason": reason,
-            **metric_attributes(e.metrics()),
-        }
+            **metric_attributes(e.metrics())}
         self._end(self._span(batch_span_name(e.step), start, values, redact=False), end)
 
     # -------------------------------------------------------------------------------------- other units of work
@@ -400,23 +399,23 @@ class OtelSink(Sink):
         self._end(span, end)
 
     def on_retry_attempt(self, e: RetryAttempt) -> None:
-        assert self._root is not None
-        self._root.add_event("splade.retry", attrs({
-            "splade.retry.operation": e.operation, "splade.retry.attempt": e.attempt,
-            "splade.retry.max_attempts": e.max_attempts, "splade.retry.delay_s": e.delay_seconds,
-            "error.category": e.category, "exception.message": e.message}), timestamp=e.time_ns)
+        assert self._root is not None, "retries happen inside the run"
+        self._root.add_event("splade.retry", attrs(retry_attributes(e)), timestamp=e.time_ns)
 
     def on_sink_degraded(self, e: SinkDegraded) -> None:
         assert self._root is not None
         self._sinks_degraded += 1
-        self._root.add_event("splade.sink_degraded", attrs({
-            "splade.sink.name": e.sink, "splade.sink.failures": e.failures, "exception.type": e.error_type,
-            "exception.message": e.message}), timestamp=e.time_ns)
+        self._root.add_event("splade.sink_degraded", attrs(degraded_attributes(e)), timestamp=e.time_ns)
+
+    def on_alert_raised(self, e: AlertRaised) -> None:
+        """A ``splade.alert`` event on the open epoch's span (else the run's), tagged with its category."""
+        if (target := self._epoch or self._root) is not None:
+            target.add_event("splade.alert", attrs(alert_attributes(e)), timestamp=e.time_ns)
 
     def on_message(self, e: Message) -> None:
         if e.level.upper() in ("WARNING", "ERROR", "CRITICAL") and self._root is not None:
-            self._root.add_event("splade.message", attrs({"splade.message.level": e.level.upper(),
-                                                          "splade.message.text": e.text}), timestamp=e.time_ns)
+            values = {"splade.message.level": e.level.upper(), "splade.message.text": e.text}
+            self._root.add_event("splade.message", attrs(values), timestamp=e.time_ns)
 
     # -------------------------------------------------------------------------------------- shutdown
     def close(self, timeout: float = 5.0) -> None:
