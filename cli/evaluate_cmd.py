@@ -41,6 +41,9 @@ def progress_options(fn: F) -> F:
 @click.option("--idf-power", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Index-time weighting: every document term weight times idf^POWER, idf from the document "
                    "frequencies of the encoded corpus (BM25's formula). 0 is off.")
+@click.option("--index-dir", type=click.Path(path_type=Path), default=None,
+              help="Encode the corpus block by block into a sparse matrix on disk here (docs/ and its transpose "
+                   "postings/) and retrieve from it memory-mapped: the vectors are not held in memory.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 @click.option("--trec-run", type=click.Path(path_type=Path), default=None,
@@ -49,28 +52,36 @@ def progress_options(fn: F) -> F:
 @debug_option
 @handle_errors(ErrorCategory.EVALUATION_ERROR)
 def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int, max_doc_length: int,
-             batch_size: int, max_queries: int | None, top_k_docs: int, idf_power: float, device: str,
-             output: Path | None, trec_run: Path | None, progress: str, progress_interval: float,
+             batch_size: int, max_queries: int | None, top_k_docs: int, idf_power: float, index_dir: Path | None,
+             device: str, output: Path | None, trec_run: Path | None, progress: str, progress_interval: float,
              debug: bool) -> None:
     """Encode a BEIR corpus and its queries, retrieve exactly by sparse dot product, and score.
 
     Prints JSON (nDCG@10, MRR@10, Recall@100, MAP@100, sparsity, timings, the command's duration_seconds) on
-    stdout; the progress, a table and the time taken on stderr.
+    stdout; the progress, a table and the time taken on stderr. Under torchrun each rank encodes a contiguous
+    share of the corpus and queries, rank 0 retrieves and reports, and the JSON adds world_size and
+    docs_per_rank (docs/recipes.md).
     """
     start = time.monotonic()
     from splade_obs.beir import load_beir
-    from splade_obs.device import device_name
     from splade_obs.evaluate import RetrievalEvaluator, format_metrics_table, write_trec_run
     from splade_obs.model import SpladeEncoder
+    from splade_obs.shard import rank_device, shard_session
 
     beir = load_beir(data_dir, split)  # data problems surface before the model loads
     evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
                                    batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k_docs,
-                                   idf_power=idf_power, progress=progress, progress_interval=progress_interval)
-    encoder = SpladeEncoder.from_pretrained(model_name, device=device_name(device))
-    metrics = evaluator.evaluate(encoder)
+                                   idf_power=idf_power, progress=progress, progress_interval=progress_interval,
+                                   index_dir=index_dir)
+    with shard_session() as shard:
+        encoder = SpladeEncoder.from_pretrained(model_name, device=rank_device(device, shard))
+        metrics = evaluator.evaluate(encoder, shard=shard)
+    if shard is not None and not shard.is_main:
+        return  # rank 0 reports
     result = {"model": model_name, "data": str(data_dir), "split": split, "max_query_length": max_query_length,
               "max_doc_length": max_doc_length, "top_k_docs": top_k_docs, "idf_power": idf_power, "metrics": metrics}
+    if shard is not None:
+        result.update(world_size=shard.world_size, docs_per_rank=evaluator.docs_per_rank)
     if trec_run is not None:
         write_trec_run(evaluator.run(), trec_run)
     result["duration_seconds"] = time.monotonic() - start  # the whole command: loading, encoding, retrieval

@@ -67,13 +67,14 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
 
     With --teacher-scores the records also carry the retriever's scores, the input of MarginMSE
     distillation (--method hybrid is the teacher to use when no cross-encoder is at hand). The progress and a
-    summary with the time taken go to stderr.
+    summary with the time taken go to stderr. Under torchrun the ranks share the SPLADE encoding and rank 0 mines
+    and writes (docs/recipes.md).
     """
     start = time.monotonic()
     from splade_obs.beir import load_beir
-    from splade_obs.device import device_name
     from splade_obs.mining import make_stemmer, mine_negatives as mine, write_jsonl
     from splade_obs.progress_util import ProgressSpec
+    from splade_obs.shard import rank_device, shard_session
 
     if dense_model and method != "hybrid":
         from splade_obs.errors import ConfigError
@@ -82,22 +83,28 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
                           field="dense_model", hint="add --method hybrid, or drop --dense-model")
     beir = load_beir(data_dir, split)
     stem = make_stemmer(stemmer) if method in ("bm25", "hybrid") else None
-    encoder = None
-    if method in ("splade", "hybrid"):
-        from splade_obs.model import SpladeEncoder
+    with shard_session() as shard:
+        encoder = None
+        if method in ("splade", "hybrid"):
+            from splade_obs.model import SpladeEncoder
 
-        encoder = SpladeEncoder.from_pretrained(model_name, device=device_name(device))
-    dense = None
-    if dense_model:
-        from splade_obs.mining import load_dense_encoder
+            encoder = SpladeEncoder.from_pretrained(model_name, device=rank_device(device, shard))
+        dense = None
+        if dense_model and (shard is None or shard.is_main):  # the dense teacher runs on rank 0
+            from splade_obs.mining import load_dense_encoder
 
-        dense = load_dense_encoder(dense_model, device=device_name(device))
-    result = mine(beir, method=method, encoder=encoder, num_negatives=num_negatives, depth=depth,
-                  max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size,
-                  teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stem, sample=sample, seed=seed,
-                  title_queries=title_queries, sentence_queries=sentence_queries, dense_encoder=dense,
-                  dense_weight=dense_weight, dense_candidates=dense_candidates,
-                  progress=ProgressSpec(progress, progress_interval))
+            dense = load_dense_encoder(dense_model, device=rank_device(device, shard))
+        result = mine(beir, method=method, encoder=encoder, num_negatives=num_negatives, depth=depth,
+                      max_query_length=max_query_length, max_doc_length=max_doc_length, batch_size=batch_size,
+                      teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stem, sample=sample, seed=seed,
+                      title_queries=title_queries, sentence_queries=sentence_queries, dense_encoder=dense,
+                      dense_weight=dense_weight, dense_candidates=dense_candidates,
+                      progress=ProgressSpec(progress, progress_interval), shard=shard)
+    if shard is not None and not shard.is_main:
+        return  # rank 0 mines, writes and reports
+    if result.docs_per_rank is not None:
+        click.echo(f"{len(result.docs_per_rank)} ranks encoded {', '.join(map(str, result.docs_per_rank))} "
+                   "documents", err=True)
     if not result.records:
         from splade_obs.errors import DataError
 

@@ -36,10 +36,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import DataError, EvaluationError
+from .significance import paired_comparison  # noqa: F401 - its home before it moved
 
 if TYPE_CHECKING:  # pragma: no cover
     from .beir import BeirData
     from .progress_util import ProgressSpec
+    from .shard import Shard
 
 log = logging.getLogger("splade_obs.evaluate")
 
@@ -211,30 +213,6 @@ def ndcg_at_k(run: Run, qrels: Qrels, k: int = 10) -> float:
     return _mean(ndcg_per_query(run, qrels, k).values())
 
 
-def paired_comparison(a: Mapping[str, float], b: Mapping[str, float], *, n_resamples: int = 10_000,
-                      seed: int = 0) -> dict[str, float]:
-    """Is system ``a`` better than ``b`` on the same queries? Per-query scores (e.g. :func:`ndcg_per_query`)
-    in, out: the mean difference ``a - b``, its 95% bootstrap confidence interval (percentile) and the two-sided
-    p-value of a paired randomisation test (each query's difference flips sign at random: Fisher's test,
-    the one Smucker et al. 2007 recommend for IR), both from ``scipy.stats``."""
-    from scipy import stats
-
-    queries = sorted(set(a) & set(b))
-    if len(queries) < 2 or set(a) != set(b):
-        raise EvaluationError(f"a paired comparison needs the same queries on both sides (>= 2): "
-                              f"{len(set(a))} vs {len(set(b))}, {len(queries)} shared")
-    diff = np.array([a[q] - b[q] for q in queries])
-    if not np.any(diff):
-        return {"mean_diff": 0.0, "ci95_low": 0.0, "ci95_high": 0.0, "p_value": 1.0, "queries": len(queries)}
-    rng = np.random.default_rng(seed)
-    test = stats.permutation_test((diff,), np.mean, permutation_type="samples", n_resamples=n_resamples,
-                                  alternative="two-sided", vectorized=True, rng=rng)
-    ci = stats.bootstrap((diff,), np.mean, n_resamples=n_resamples, vectorized=True, method="percentile",
-                         rng=rng).confidence_interval
-    return {"mean_diff": float(diff.mean()), "ci95_low": float(ci.low), "ci95_high": float(ci.high),
-            "p_value": float(test.pvalue), "queries": len(queries)}
-
-
 def mrr_at_k(run: Run, qrels: Qrels, k: int = 10) -> float:
     """Mean reciprocal rank of the first relevant document within the top k (0 when none)."""
     return _mean(_per_query(run, qrels, k, _rr).values())
@@ -277,10 +255,12 @@ def idf_weights(doc_vectors: sp.spmatrix | np.ndarray, power: float) -> np.ndarr
     _check_idf_power(power)
     docs = sp.csr_matrix(doc_vectors, copy=True)
     docs.sum_duplicates()
-    n = docs.shape[0]
-    df = np.bincount(docs.indices[docs.data != 0], minlength=docs.shape[1]).astype(np.float64)
-    idf = np.log1p((n - df + 0.5) / (df + 0.5))
-    return np.power(idf, power)
+    return _idf_power(np.bincount(docs.indices[docs.data != 0], minlength=docs.shape[1]), docs.shape[0], power)
+
+
+def _idf_power(df: np.ndarray, n: int, power: float) -> np.ndarray:
+    df = df.astype(np.float64)
+    return np.power(np.log1p((n - df + 0.5) / (df + 0.5)), power)
 
 
 def idf_reweight(doc_vectors: sp.spmatrix | np.ndarray, power: float) -> sp.csr_matrix:
@@ -347,7 +327,7 @@ class RetrievalEvaluator:
     def __init__(self, beir: "BeirData", *, max_query_length: int = 64, max_doc_length: int = 256,
                  batch_size: int = 32, max_queries: int | None = None, seed: int = 0,
                  top_k_retrieve: int = 100, idf_power: float = 0.0, progress: "ProgressSpec | str | None" = None,
-                 progress_interval: float = 10.0) -> None:
+                 progress_interval: float = 10.0, index_dir: str | Path | None = None) -> None:
         from .beir import beir_doc_text
         from .progress_util import as_spec
 
@@ -380,27 +360,51 @@ class RetrievalEvaluator:
         self._seconds: dict[str, float] = {}
         self.source = beir.folder        # what the run records as its evaluation dataset
         self.digest = beir.digest
+        #: Under torchrun (``evaluate(shard=...)``): documents encoded by each rank, in rank order.
+        self.docs_per_rank: list[int] | None = None
+        #: Encode the corpus block by block into a CSR on disk here and retrieve from it memory-mapped
+        #: (:mod:`splade_obs.csr_store`); idf weighting then weights the queries (the same product).
+        self.index_dir = Path(index_dir) if index_dir is not None else None
+        self._postings: sp.csr_matrix | None = None
 
-    def evaluate(self, encoder: Any, *, amp_dtype: Any = None) -> dict[str, float]:
+    def evaluate(self, encoder: Any, *, amp_dtype: Any = None, shard: "Shard | None" = None) -> dict[str, float]:
         """Metrics + sparsity + timings (``encode_docs_s``, ``encode_queries_s``, ``search_s``).
 
         The same phases, as wall-clock ``(start_ns, end_ns)``, are in :attr:`phases` afterwards:
         ``encode_docs``, ``encode_queries`` and ``retrieve`` (index, search and metrics). Encoding shows
         progress as :attr:`progress` says (:mod:`splade_obs.progress_util`).
+
+        ``shard`` (under torchrun, :mod:`splade_obs.shard`): every rank encodes its contiguous share of the
+        documents and queries, rank 0 retrieves and scores, and every rank returns rank 0's metrics;
+        :attr:`docs_per_rank` says how many documents each rank encoded.
         """
         was_training = bool(getattr(encoder, "training", False))
         encoder.eval()
         phases: dict[str, tuple[int, int]] = {}
+        self._postings = None  # from this call's corpus, on disk (``index_dir``)
         try:
             docs = self._encode(encoder, "encode_docs", "Encoding documents", self.doc_texts, self.max_doc_length,
-                                amp_dtype, phases)
+                                amp_dtype, phases, shard)
             queries = self._encode(encoder, "encode_queries", "Encoding queries", self.query_texts,
-                                   self.max_query_length, amp_dtype, phases)
+                                   self.max_query_length, amp_dtype, phases, shard)
         finally:
             encoder.train(was_training)
+        if shard is None:
+            return self._retrieve(docs, queries, phases)
+        self.docs_per_rank, self.phases = shard.counts(len(self.doc_texts)), phases
+        return shard.from_main(lambda: self._retrieve(docs, queries, phases))  # rank 0 retrieves, all get metrics
+
+    def _retrieve(self, docs: sp.csr_matrix, queries: sp.csr_matrix,
+                  phases: dict[str, tuple[int, int]]) -> dict[str, float]:
         t0, start_ns = time.perf_counter(), time.time_ns()
-        index = InvertedIndex(idf_reweight(docs, self.idf_power), self.doc_ids)
-        found, scores = index.search(queries, self.top_k)
+        if self.index_dir is None:
+            index, weighted = InvertedIndex(idf_reweight(docs, self.idf_power), self.doc_ids), queries
+        else:
+            from .csr_store import disk_index
+
+            docs, index, weighted = disk_index(self.index_dir, docs, self._postings, self.doc_ids, queries,
+                                               self.idf_power)
+        found, scores = index.search(weighted, self.top_k)
         self._run = run_from_search(self.query_ids, found, scores)
         metrics = compute_metrics(self._run, self.qrels)
         search_s = time.perf_counter() - t0
@@ -412,14 +416,24 @@ class RetrievalEvaluator:
         return metrics
 
     def _encode(self, encoder: Any, phase: str, desc: str, texts: list[str], max_length: int, amp_dtype: Any,
-                phases: dict[str, tuple[int, int]]) -> Any:
+                phases: dict[str, tuple[int, int]], shard: "Shard | None" = None) -> Any:
         from .progress_util import encode_with_progress
+        from .shard import encode_sharded
 
         t0, start_ns = time.perf_counter(), time.time_ns()
-        bar = self.progress.start(desc, len(texts), unit="texts")
+        bar = self.progress.start(desc, len(texts), unit="texts") if shard is None or shard.is_main else None
         with bar if bar is not None else contextlib.nullcontext():  # a bar closes (or says stopped) either way
-            out = encode_with_progress(encoder, texts, max_length=max_length, batch_size=self.batch_size,
-                                       amp_dtype=amp_dtype, progress=bar)
+            if shard is not None:
+                out = encode_sharded(encoder, texts, shard, max_length=max_length, batch_size=self.batch_size,
+                                     amp_dtype=amp_dtype, progress=bar)
+            elif self.index_dir is not None and phase == "encode_docs":
+                from .csr_store import encode_to_disk
+
+                out, self._postings = encode_to_disk(encoder, texts, self.index_dir, max_length=max_length,
+                                                     batch_size=self.batch_size, amp_dtype=amp_dtype, progress=bar)
+            else:
+                out = encode_with_progress(encoder, texts, max_length=max_length, batch_size=self.batch_size,
+                                           amp_dtype=amp_dtype, progress=bar)
         phases[phase] = (start_ns, time.time_ns())
         self._seconds[phase] = time.perf_counter() - t0
         return out

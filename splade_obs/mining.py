@@ -53,6 +53,7 @@ from .errors import DataError, DependencyError
 if TYPE_CHECKING:  # pragma: no cover
     from .beir import BeirData
     from .progress_util import ProgressSpec
+    from .shard import Shard
 
 log = logging.getLogger("splade_obs.mining")
 
@@ -78,6 +79,7 @@ class MiningResult:
     num_title_queries: int = 0    # records made from corpus titles (title_queries=True)
     num_sentence_queries: int = 0  # records made from documents' last sentences (sentence_queries=True)
     teacher_scale: float | None = None  # hybrid: the factor every fused score was multiplied by
+    docs_per_rank: list[int] | None = None  # under torchrun: corpus documents each rank encoded
     seconds: float = 0.0
     method: str = "splade"
     notes: list[str] = field(default_factory=list)
@@ -164,8 +166,10 @@ class RetrieverScores:
 
     def __init__(self, method: str, *, encoder: Any, doc_texts: list[str], query_texts: list[str],
                  max_query_length: int, max_doc_length: int, batch_size: int, amp_dtype: Any,
-                 stemmer: Any, dense_encoder: Any = None, progress: "ProgressSpec | None" = None) -> None:
+                 stemmer: Any, dense_encoder: Any = None, progress: "ProgressSpec | None" = None,
+                 shard: "Shard | None" = None) -> None:
         from .progress_util import as_spec, encode_with_progress
+        from .shard import encode_sharded
 
         spec = as_spec(progress)
         self.method = method
@@ -183,13 +187,16 @@ class RetrieverScores:
                 if bar is not None:
                     bar.update(len(query_texts))
         elif method == "splade":
+            # under torchrun each rank encodes a shard; rank 0 gets every row, the other ranks None
+            encode = encode_with_progress if shard is None else (lambda e, t, **kw: encode_sharded(e, t, shard, **kw))
+            spec = spec if shard is None or shard.is_main else as_spec(None)
             with _task(spec, "Encoding documents", len(doc_texts), "texts") as bar:
-                docs = encode_with_progress(encoder, doc_texts, max_length=max_doc_length, batch_size=batch_size,
-                                            amp_dtype=amp_dtype, progress=bar)
+                docs = encode(encoder, doc_texts, max_length=max_doc_length, batch_size=batch_size,
+                              amp_dtype=amp_dtype, progress=bar)
             with _task(spec, "Encoding queries", len(query_texts), "texts") as bar:
-                self.queries = encode_with_progress(encoder, query_texts, max_length=max_query_length,
-                                                    batch_size=batch_size, amp_dtype=amp_dtype, progress=bar)
-            self.postings = docs.T.tocsr()
+                self.queries = encode(encoder, query_texts, max_length=max_query_length, batch_size=batch_size,
+                                      amp_dtype=amp_dtype, progress=bar)
+            self.postings = docs.T.tocsr() if docs is not None else None
         else:
             self.retriever = _bm25_index(doc_texts, stemmer)
             import bm25s  # importable: _bm25_index raised a DependencyError otherwise
@@ -262,7 +269,8 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
                    stemmer: Any = None, sample: bool = False, seed: int = 0,
                    title_queries: bool = False, sentence_queries: bool = False,
                    dense_encoder: Any = None, dense_weight: float = 0.5,
-                   dense_candidates: bool = True, progress: "ProgressSpec | str | None" = None) -> MiningResult:
+                   dense_candidates: bool = True, progress: "ProgressSpec | str | None" = None,
+                   shard: "Shard | None" = None) -> MiningResult:
     """Build training records with hard negatives for every query of ``beir``'s qrels that has a positive.
 
     See the module docstring for ``teacher_scores``, ``method="hybrid"``, ``sample``, ``title_queries`` and
@@ -273,6 +281,8 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
     fusion's top ``depth``, and only their scores are the fusion with the dense model.
     ``progress`` (a :class:`~splade_obs.progress_util.ProgressSpec` or a mode name; off by default) shows the
     encoding and the queries mined; ``MiningResult.seconds`` is the wall time of it all.
+    ``shard`` (under torchrun, :mod:`splade_obs.shard`): the SPLADE encoding is split among the ranks, rank 0
+    mines alone; only rank 0's result has records (``MiningResult.docs_per_rank``: documents each rank encoded).
     """
     from .beir import beir_doc_text
     from .progress_util import as_spec
@@ -299,11 +309,13 @@ def mine_negatives(beir: "BeirData", *, method: str = "splade", encoder: Any = N
                    max_doc_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype,
                    teacher_scores=teacher_scores, bm25_weight=bm25_weight, stemmer=stemmer, sample=sample, seed=seed,
                    dense_encoder=dense_encoder, dense_weight=dense_weight, dense_candidates=dense_candidates,
-                   progress=as_spec(progress))
+                   progress=as_spec(progress), shard=shard)
     doc_ids = list(beir.corpus)
     doc_texts = [beir_doc_text(beir.corpus[d]) for d in doc_ids]
     queries = [(qid, beir.queries[qid], positives) for qid, positives in pairs]
     result = MiningResult([], len(pairs), method=method)
+    if shard is not None and method != "bm25":
+        result.docs_per_rank = shard.counts(len(doc_ids))
     result.teacher_scale = _mine_into(result, method, doc_ids, doc_texts, queries, scale=None, label="queries",
                                       **options)
     if title_queries:
@@ -336,7 +348,8 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
                max_query_length: int, max_doc_length: int, batch_size: int, amp_dtype: Any, teacher_scores: bool,
                bm25_weight: float, stemmer: Any, sample: bool, seed: int, scale: float | None,
                dense_encoder: Any = None, dense_weight: float = 0.5, dense_candidates: bool = True,
-               progress: "ProgressSpec | None" = None, label: str = "queries") -> float | None:
+               progress: "ProgressSpec | None" = None, label: str = "queries",
+               shard: "Shard | None" = None) -> float | None:
     """Mine ``queries`` against ``doc_ids`` into ``result``; return the hybrid scale used (given or computed).
 
     ``label`` names the pass in the progress (``Mining queries``, ``Mining title queries``...)."""
@@ -347,10 +360,15 @@ def _mine_into(result: MiningResult, method: str, doc_ids: list[str], doc_texts:
     query_texts = [text for _, text, _ in queries]
     common = dict(encoder=encoder, doc_texts=doc_texts, query_texts=query_texts, max_query_length=max_query_length,
                   max_doc_length=max_doc_length, batch_size=batch_size, amp_dtype=amp_dtype, stemmer=stemmer)
+    if shard is not None and not shard.is_main:  # this rank only helps rank 0 encode with SPLADE
+        if method != "bm25":
+            RetrieverScores("splade", shard=shard, **common)
+        return None
     methods = ("splade", "bm25") if method == "hybrid" else (method,)
     if dense_encoder is not None:
         methods += ("dense",)
-    retrievers = {m: RetrieverScores(m, dense_encoder=dense_encoder, progress=spec, **common) for m in methods}
+    retrievers = {m: RetrieverScores(m, dense_encoder=dense_encoder, progress=spec, shard=shard, **common)
+                  for m in methods}
     if method == "hybrid" and scale is None:
         splade_max = [float(retrievers["splade"].row(i).max()) for i in range(len(queries))]
         scale = sum(splade_max) / max(1, len(splade_max))

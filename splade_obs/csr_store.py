@@ -1,0 +1,197 @@
+"""Sparse vectors on disk: a CSR matrix written block by block, read back memory-mapped.
+
+``evaluate --index-dir DIR`` encodes the corpus in blocks of :data:`splade_obs.encode.BLOCK_SIZE` texts and
+appends each block's rows here instead of keeping them, then turns the document-major matrix into the
+term-major one the index searches (its posting lists) on disk, a bounded chunk of rows at a time; retrieval
+reads that matrix memory-mapped, so the operating system pages in only the posting lists the queries touch.
+The encoder's working memory is one block; what stays in memory is the sparse index's pages in use.
+
+A folder holds one matrix: ``data.f32`` (float32 weights), ``indices.i32`` (int32 column of each weight),
+``indptr.i64`` (int64 row starts, ``rows + 1`` of them), all little-endian raw arrays, and ``meta.json``
+(``format``, ``rows``, ``cols``, ``nnz``), written last, so a folder without it is incomplete. ``DIR/docs``
+is the corpus (a row per document, in corpus order), ``DIR/postings`` its transpose (a row per vocabulary
+term, document positions ascending in each: what :class:`~splade_obs.evaluate.InvertedIndex` builds in
+memory, value for value, so the ranking from disk is the in-memory one).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from .atomic import atomic_write_text
+from .errors import DataError
+
+FORMAT = "splade-obs-csr/1"
+_FILES = (("data.f32", "<f4"), ("indices.i32", "<i4"), ("indptr.i64", "<i8"))
+#: Non-zeros handled at once while transposing on disk (~100 MB of working arrays).
+TRANSPOSE_CHUNK = 8 * 1024 * 1024
+
+
+class CsrWriter:
+    """Append CSR rows (blocks of a float32 matrix with ``cols`` columns) to a folder; :meth:`close` seals it."""
+
+    def __init__(self, folder: str | Path, cols: int) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / "meta.json").unlink(missing_ok=True)  # incomplete until closed
+        self.cols, self.rows, self.nnz = int(cols), 0, 0
+        self._files = {name: open(self.folder / name, "wb") for name, _ in _FILES}
+        self._files["indptr.i64"].write(np.zeros(1, dtype="<i8").tobytes())
+
+    def append(self, block: sp.spmatrix) -> None:
+        m = sp.csr_matrix(block, dtype=np.float32)
+        if m.shape[1] != self.cols:
+            raise DataError(f"a block of {m.shape[1]} columns for a matrix of {self.cols}")
+        m.sum_duplicates()
+        m.eliminate_zeros()
+        self._files["data.f32"].write(m.data.astype("<f4").tobytes())
+        self._files["indices.i32"].write(m.indices.astype("<i4").tobytes())
+        self._files["indptr.i64"].write((m.indptr[1:].astype(np.int64) + self.nnz).astype("<i8").tobytes())
+        self.rows += m.shape[0]
+        self.nnz += int(m.nnz)
+
+    def close(self) -> Path:
+        for f in self._files.values():
+            f.close()
+        meta = {"format": FORMAT, "rows": self.rows, "cols": self.cols, "nnz": self.nnz}
+        atomic_write_text(self.folder / "meta.json", json.dumps(meta) + "\n")
+        return self.folder
+
+
+def open_csr(folder: str | Path) -> sp.csr_matrix:
+    """The matrix of ``folder``, its arrays memory-mapped read-only (nothing is read until used)."""
+    folder = Path(folder)
+    try:
+        meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{folder} holds no complete sparse matrix (meta.json: {exc})", file_path=str(folder),
+                        hint="write it again (an interrupted write leaves no meta.json)") from None
+    if meta.get("format") != FORMAT:
+        raise DataError(f"{folder}: format {meta.get('format')!r}, expected {FORMAT!r}", file_path=str(folder))
+    rows, nnz = int(meta["rows"]), int(meta["nnz"])
+    arrays = [_map(folder / name, dtype, n) for (name, dtype), n in zip(_FILES, (nnz, nnz, rows + 1))]
+    return sp.csr_matrix(tuple(arrays), shape=(rows, int(meta["cols"])), copy=False)
+
+
+def _map(path: Path, dtype: str, count: int) -> np.ndarray:
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+def transpose_to(rows: sp.csr_matrix, folder: str | Path, chunk: int = TRANSPOSE_CHUNK) -> sp.csr_matrix:
+    """Write ``rows.T`` (CSR, column positions ascending in each row) to ``folder``, reading ``rows`` a chunk of
+    about ``chunk`` non-zeros at a time; returns it memory-mapped."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").unlink(missing_ok=True)
+    n_rows, n_cols = rows.shape
+    nnz = int(rows.indptr[-1])
+    df = np.zeros(n_cols, dtype=np.int64)
+    for start in range(0, nnz, chunk):
+        df += np.bincount(rows.indices[start:start + chunk], minlength=n_cols)
+    indptr = np.concatenate([[0], np.cumsum(df)]).astype("<i8")
+    indptr.tofile(folder / "indptr.i64")
+    out = {name: _create(folder / name, dtype, nnz)
+           for name, dtype in _FILES[:2]}
+    cursor = indptr[:-1].copy()
+    r0 = 0
+    while r0 < n_rows:
+        # the rows whose non-zeros fit in one chunk (at least one row)
+        r1 = max(r0 + 1, int(np.searchsorted(rows.indptr, rows.indptr[r0] + chunk, side="right")) - 1)
+        r1 = min(r1, n_rows)
+        lo, hi = int(rows.indptr[r0]), int(rows.indptr[r1])
+        terms = np.asarray(rows.indices[lo:hi], dtype=np.int64)
+        docs = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(np.asarray(rows.indptr[r0:r1 + 1])))
+        order = np.argsort(terms, kind="stable")  # by term; documents stay ascending within a term
+        terms, docs = terms[order], docs[order]
+        starts = np.flatnonzero(np.r_[True, terms[1:] != terms[:-1]]) if terms.size else np.zeros(0, np.int64)
+        within = np.arange(terms.size) - np.repeat(starts, np.diff(np.r_[starts, terms.size]))
+        dest = cursor[terms] + within
+        if nnz:
+            out["data.f32"][dest] = np.asarray(rows.data[lo:hi])[order]
+            out["indices.i32"][dest] = docs
+        cursor += np.bincount(terms, minlength=n_cols)
+        r0 = r1
+    for array in out.values():
+        if isinstance(array, np.memmap):
+            array.flush()
+    del out
+    meta = {"format": FORMAT, "rows": n_cols, "cols": n_rows, "nnz": nnz}
+    atomic_write_text(folder / "meta.json", json.dumps(meta) + "\n")
+    return open_csr(folder)
+
+
+def _create(path: Path, dtype: str, count: int) -> np.ndarray:
+    if count == 0:
+        path.write_bytes(b"")
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="w+", shape=(count,))
+
+
+def encode_to_disk(encoder: Any, texts: Sequence[str], folder: str | Path, *, block_size: int | None = None,
+                   progress: Any = None, **kwargs: Any) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Encode ``texts`` block by block into ``folder/docs``, transpose it into ``folder/postings``; returns both,
+    memory-mapped (documents x terms, terms x documents)."""
+    from .encode import BLOCK_SIZE
+    from .progress_util import encode_with_progress
+
+    block_size = block_size or BLOCK_SIZE
+    writer = CsrWriter(Path(folder) / "docs", encoder.vocab_size)
+    for start in range(0, len(texts), block_size):
+        writer.append(encode_with_progress(encoder, list(texts[start:start + block_size]), progress=progress,
+                                           **kwargs))
+    docs = open_csr(writer.close())
+    return docs, transpose_to(docs, Path(folder) / "postings")
+
+
+def write_index(docs: sp.spmatrix, folder: str | Path) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """:func:`encode_to_disk` for vectors already in memory (rank 0's merged shards under torchrun)."""
+    writer = CsrWriter(Path(folder) / "docs", docs.shape[1])
+    writer.append(docs)
+    on_disk = open_csr(writer.close())
+    return on_disk, transpose_to(on_disk, Path(folder) / "postings")
+
+
+def disk_index(folder: str | Path, docs: sp.spmatrix, postings: sp.csr_matrix | None, doc_ids: Sequence[str],
+               queries: sp.csr_matrix, idf_power: float) -> tuple[sp.csr_matrix, Any, sp.csr_matrix]:
+    """For :class:`~splade_obs.evaluate.RetrievalEvaluator` with an index folder: the documents and the index
+    from disk (``docs`` written there first when ``postings`` is None: the merged shards of torchrun ranks)
+    and the queries to search with; ``idf_power`` > 0 weights the queries, the same product as weighting the
+    documents (:func:`~splade_obs.evaluate.idf_reweight`) without writing the index again."""
+    from .evaluate import _idf_power
+
+    if postings is None:
+        docs, postings = write_index(docs, folder)
+    weighted = sp.csr_matrix(queries, dtype=np.float32, copy=True)
+    if idf_power:
+        df = np.diff(np.asarray(postings.indptr))
+        weighted.data *= _idf_power(df, postings.shape[1], idf_power).astype(np.float32)[weighted.indices]
+    return docs, index_over(postings, doc_ids), weighted
+
+
+def index_over(postings: sp.csr_matrix, doc_ids: Sequence[str]) -> Any:
+    """An :class:`~splade_obs.evaluate.InvertedIndex` searching ``postings`` (terms x documents) as they are:
+    a memory-mapped matrix stays memory-mapped, nothing is copied or read until searched."""
+    from .evaluate import InvertedIndex
+
+    if len(doc_ids) != postings.shape[1]:
+        raise DataError(f"{len(doc_ids)} doc ids for {postings.shape[1]} documents in the postings")
+    index = InvertedIndex(sp.csr_matrix((0, postings.shape[0]), dtype=postings.dtype), [])  # then its postings:
+    index.postings, index.doc_ids, index.num_docs, index.doc_nnz = postings, list(doc_ids), len(doc_ids), postings.nnz
+    return index
+
+
+def is_memory_mapped(array: np.ndarray) -> bool:
+    """Whether ``array``'s memory is a file mapping (a view of an ``np.memmap``), not a copy in memory."""
+    base: Any = array
+    while base is not None:
+        if isinstance(base, np.memmap) or type(base).__name__ == "mmap":
+            return True
+        base = getattr(base, "base", None)
+    return False
