@@ -28,6 +28,8 @@ class DistContext:
     world_size: int
     backend: str
     device_name: str
+    #: True once the ranks agreed to stop on a signal (:meth:`agree_stop`): all stand after the same step
+    stopped_together: bool = False
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -54,6 +56,25 @@ class DistContext:
         tdist.all_gather_object(out, obj)
         return out
 
+    def agree_stop(self, signum: int) -> int:
+        """The largest stop signal number any rank received (0: none), at each of the trainer's stop checks
+        (a collective): a signal that reaches one rank only (one node's agent stopping its workers) stops
+        every rank after the same step, so the stop checkpoint holds every rank's RNG state."""
+        flag = torch.tensor([signum], dtype=torch.int64, device=self.device_name)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        agreed = int(flag.item())
+        self.stopped_together = self.stopped_together or agreed > 0
+        return agreed
+
+    def check_same_resume(self, resume: Any, output_dir: Any) -> None:
+        """On ``--resume`` every rank must continue from the same checkpoint; ranks on a node that does not see
+        rank 0's output folder (a node-local ``--output-dir``) find none and would start from step 0."""
+        seen = self.gather_objects(getattr(resume, "name", None))
+        if len(set(seen)) > 1:
+            found = ", ".join(f"rank {r}: {name or 'none'}" for r, name in enumerate(seen))
+            raise ConfigError(f"the ranks found different checkpoints to resume from ({found})",
+                              file_path=str(output_dir), field="checkpoint.output_dir",
+                              hint="--output-dir must be one folder every node mounts (a shared file system)")
 
     def broadcast_object(self, obj: Any) -> Any:
         box = [obj]
@@ -63,11 +84,14 @@ class DistContext:
     def finish(self, result: Any) -> None:
         """After a finished run, wait for every rank; a rank that failed has left the group instead (it
         must not enter another collective), which surfaces here as an error naming this rank's view."""
-        if result.status != "FINISHED":
+        together = result.status == "KILLED" and self.stopped_together  # a stop all ranks agreed on
+        if result.status != "FINISHED" and not together:
             return
         try:
-            tdist.barrier()
+            tdist.barrier()  # a stop too: rank 1 does not leave while rank 0 writes the stop checkpoint
         except Exception as exc:  # noqa: BLE001 - a peer died: report it, do not hang
+            if together:
+                return
             result.status = "FAILED"
             result.error = TrainingError(f"rank {self.rank}: another rank failed before the end "
                                          f"({type(exc).__name__})", rank=self.rank, original_exception=exc)

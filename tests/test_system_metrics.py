@@ -270,26 +270,17 @@ def test_system_metrics_reach_a_server_and_a_dead_one_costs_no_noise_nor_time(tm
 def test_each_node_of_a_two_node_torchrun_reports_into_the_one_run(tmp_path):
     """Two torchrun "nodes" on this machine (static rendezvous on 127.0.0.1, one process each): rank 0 opens the
     run, the other node's first process gets its id and samples its machine as system/node_1/..."""
-    import os
-    import subprocess
-    import sys
-
     from tests._mlflow_utils import free_port
+    from tests._torchrun import node_logs, run_nodes, torchrun_env
     from tests.conftest import TINY_ARGS
 
-    port, uri = free_port(), f"sqlite:///{tmp_path}/m.db"
-    environ = {k: v for k, v in os.environ.items() if k not in env.ENV_VARS and k != "WORLD_SIZE"}
-    environ.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true",
-                   MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5")
-    nodes = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--node-rank",
-         str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "splade_obs_cli.main", "train",
-         "--max-steps", "3", *TINY_ARGS, "--mixed-precision", "no", "--otel-exporter", "none", "--progress", "none",
-         "--no-log-model", "--output-dir", str(tmp_path / "out"), "--tracking-uri", uri, "--experiment-name", "sm",
-         "--run-name", "two-nodes"],
-        cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    outputs = [p.communicate(timeout=360)[0] for p in nodes]
-    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    uri = f"sqlite:///{tmp_path}/m.db"
+    environ = torchrun_env(drop=env.ENV_VARS, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.5")
+    args = ["train", "--max-steps", "3", *TINY_ARGS, "--mixed-precision", "no", "--otel-exporter", "none",
+            "--progress", "none", "--no-log-model", "--output-dir", str(tmp_path / "out"), "--tracking-uri", uri,
+            "--experiment-name", "sm", "--run-name", "two-nodes"]
+    codes = run_nodes(tmp_path, free_port(), args, rdzv="static", env=environ, timeout=360)
+    assert codes == [0, 0], node_logs(tmp_path)
     client, run = _run(tmp_path)
     keys = _system_keys(run)
     for node in (0, 1):
