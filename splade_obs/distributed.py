@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,8 @@ class DistContext:
     device_name: str
     #: True once the ranks agreed to stop on a signal (:meth:`agree_stop`): all stand after the same step
     stopped_together: bool = False
+    #: a gloo group for the stop flag under nccl (created at the first stop check, by every rank at once)
+    _control: Any = field(default=None, repr=False)
 
     def wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -60,8 +62,11 @@ class DistContext:
         """The largest stop signal number any rank received (0: none), at each of the trainer's stop checks
         (a collective): a signal that reaches one rank only (one node's agent stopping its workers) stops
         every rank after the same step, so the stop checkpoint holds every rank's RNG state."""
-        flag = torch.tensor([signum], dtype=torch.int64, device=self.device_name)
-        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX)
+        if self.backend == "nccl" and self._control is None:
+            self._control = tdist.new_group(backend="gloo")
+        # a host tensor over gloo: the check never waits for the GPU (nccl would need a device sync per check)
+        flag = torch.tensor([signum], dtype=torch.int64)
+        tdist.all_reduce(flag, op=tdist.ReduceOp.MAX, group=self._control)
         agreed = int(flag.item())
         self.stopped_together = self.stopped_together or agreed > 0
         return agreed

@@ -212,7 +212,9 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
             name = dist.broadcast_object(name)
             if cfg.checkpoint.resume:
                 dist.check_same_resume(resume, cfg.output_dir)
-        evaluator = _build_evaluator(cfg) if rank == 0 else None  # a broken --eval-data fails before any sink
+        # every rank encodes its shard of the evaluation corpus (rank 0 retrieves); a broken --eval-data fails
+        # here, before any sink
+        evaluator = _build_evaluator(cfg, quiet=rank != 0)
         if sinks is None:
             sinks = build_sinks(cfg, rank=rank, world_size=world_size, run_name=name, resume_run_id=resume_run_id)
         for s in [*sinks, *extra_sinks]:
@@ -264,7 +266,7 @@ def shutdown_signals(sinks: Iterable[Sink]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _build_evaluator(cfg: TrainConfig) -> Any:
+def _build_evaluator(cfg: TrainConfig, quiet: bool = False) -> Any:
     if not cfg.eval.eval_data:
         return None
     from .beir import load_beir
@@ -273,4 +275,5 @@ def _build_evaluator(cfg: TrainConfig) -> Any:
     return RetrievalEvaluator(beir, max_query_length=cfg.model.max_query_length,
                               max_doc_length=cfg.model.max_doc_length, max_queries=cfg.eval.eval_max_queries,
                               seed=cfg.optim.seed, idf_power=cfg.eval.eval_idf_power,
-                              progress=cfg.logging.progress, progress_interval=cfg.logging.progress_interval)
+                              progress="none" if quiet else cfg.logging.progress,
+                              progress_interval=cfg.logging.progress_interval)

@@ -43,6 +43,7 @@ from .objective import PairForward, all_docs, batch_loss, encode_batch, validati
 from .optim import build_optimizer, build_scheduler
 from .plan import EpochClock, RunData, TrainResult, epoch_batches, every, load_run_data, make_plan
 from .recovery import retry_listener
+from .shard import Shard
 from .health import HealthMonitor, ScaleWatch, fatal_alert, memory_mb
 from .step_stats import StepAccumulator, StepStats, check_finite
 
@@ -271,7 +272,7 @@ class Trainer:
                 if self.global_step >= self.total_steps:
                     break
             self._end_epoch(val)
-        if self.evaluator is not None and self.rank == 0:
+        if self.evaluator is not None:  # under torchrun every rank has one: they encode a shard each
             self._evaluate(self.num_epochs)
 
     def _micro_batch(self, chosen: list, k: int, where: Where, acc: StepAccumulator, closes_step: bool) -> bool:
@@ -453,7 +454,8 @@ class Trainer:
     def _evaluate(self, epoch: int) -> None:
         start_ns, t0 = now_ns(), time.monotonic()
         try:
-            metrics = self.evaluator.evaluate(self.encoder, amp_dtype=self.runtime.eval_amp_dtype)
+            shard = None if self.dist is None else Shard(self.rank, self.world_size, self.dist.local_rank)
+            metrics = self.evaluator.evaluate(self.encoder, amp_dtype=self.runtime.eval_amp_dtype, shard=shard)
         except Exception as exc:  # noqa: BLE001 - evaluation is optional: report and go on
             err = classify(exc, ErrorCategory.EVALUATION_ERROR, step=self.global_step, phase="retrieval")
             self.policy.report(err, step=self.global_step, epoch=epoch)

@@ -173,3 +173,28 @@ def test_fail_on_alert_stops_every_rank_together(tmp_path):
     state = json.loads((out / "checkpoints" / "checkpoint-8" / "trainer_state.json").read_text())
     assert state["reason"] == "alert" and state["global_step"] == 8
     assert not (out / "final").exists()
+
+
+def test_in_training_evaluation_uses_every_rank_and_equals_one_process(tmp_path):
+    """--eval-data under torchrun: each rank encodes its shard of the corpus, rank 0 retrieves; the run's
+    eval/* metrics equal one process's evaluation of the same final weights, and rank 1's trace has its share."""
+    from splade_obs.beir import load_beir
+    from splade_obs.evaluate import RetrievalEvaluator
+    from splade_obs.model import SpladeEncoder
+    from tests._eval_utils import write_beir
+
+    data = write_beir(tmp_path / "beir", split="dev")
+    out = tmp_path / "ddp"
+    proc = subprocess.run([*TORCHRUN, *COMMON, "--batch-size", "2", "--output-dir", str(out), "--no-mlflow",
+                           "--eval-data", str(data), "--eval-split", "dev"],
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "logs" / "training_metrics.json").read_text())
+    (final,) = [e for e in doc["eval"] if e["step"] == 3]
+    again = RetrievalEvaluator(load_beir(data, "dev"), max_query_length=16, max_doc_length=32).evaluate(
+        SpladeEncoder.from_pretrained(str(out / "final")))
+    for key, file_key in (("ndcg@10", "ndcg_at_10"), ("mrr@10", "mrr_at_10"), ("recall@100", "recall_at_100"),
+                          ("doc_nnz", "doc_nnz")):
+        assert final["metrics"][file_key] == pytest.approx(again[key], rel=1e-5, abs=1e-6), key
+    rank1 = [json.loads(line) for line in (out / "logs" / "traces.rank1.jsonl").read_text().splitlines() if line]
+    assert any(_name(s) == "evaluation" for s in rank1), "rank 1 took part in the evaluation"
