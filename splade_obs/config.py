@@ -172,8 +172,9 @@ class HealthConfig:
                                  "log, MLflow tag and metric, span event, OTel counter) once per episode.",
                            flag="health-alerts")
     fail_on_alert: tuple[str, ...] = setting((), "Stop the run (with a checkpoint, exit code of a training error) "
-                                                 "when an alert of this category is raised; 'any' for all. "
-                                                 "Repeatable.", choices=ALERT_CHOICES, metavar="CATEGORY")
+                                                 "when an alert of this category is raised: any, "
+                                                 + ", ".join(ALERT_CATEGORIES) + ". Repeatable.",
+                                             choices=ALERT_CHOICES, metavar="CATEGORY")
     window: int = setting(50, "Recent steps the running medians are taken over.", file_only=True, ge=3)
     min_history: int = setting(10, "Steps seen before the median-based alerts may fire.", file_only=True, ge=2)
     cooldown_steps: int = setting(20, "Healthy steps that end an episode (the alert may fire again after).",
