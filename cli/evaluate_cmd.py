@@ -9,6 +9,7 @@ from typing import Any, Callable, TypeVar
 import click
 
 from splade_obs import finite
+from splade_obs.engines import ENGINE_HELP, ENGINES
 from splade_obs.errors import ErrorCategory
 
 from .common import debug_option, handle_errors
@@ -44,6 +45,7 @@ def progress_options(fn: F) -> F:
 @click.option("--index-dir", type=click.Path(path_type=Path), default=None,
               help="Encode the corpus block by block into a sparse matrix on disk here (docs/ and its transpose "
                    "postings/) and retrieve from it memory-mapped: the vectors are not held in memory.")
+@click.option("--engine", type=click.Choice(ENGINES), default="exact", show_default=True, help=ENGINE_HELP)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 @click.option("--trec-run", type=click.Path(path_type=Path), default=None,
@@ -53,8 +55,8 @@ def progress_options(fn: F) -> F:
 @handle_errors(ErrorCategory.EVALUATION_ERROR)
 def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int, max_doc_length: int,
              batch_size: int, max_queries: int | None, top_k_docs: int, idf_power: float, index_dir: Path | None,
-             device: str, output: Path | None, trec_run: Path | None, progress: str, progress_interval: float,
-             debug: bool) -> None:
+             engine: str, device: str, output: Path | None, trec_run: Path | None, progress: str,
+             progress_interval: float, debug: bool) -> None:
     """Encode a BEIR corpus and its queries, retrieve exactly by sparse dot product, and score.
 
     Prints JSON (nDCG@10, MRR@10, Recall@100, MAP@100, sparsity, timings, the command's duration_seconds) on
@@ -72,14 +74,15 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
     evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
                                    batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k_docs,
                                    idf_power=idf_power, progress=progress, progress_interval=progress_interval,
-                                   index_dir=index_dir)
+                                   index_dir=index_dir, engine=engine)
     with shard_session() as shard:
         encoder = SpladeEncoder.from_pretrained(model_name, device=rank_device(device, shard))
         metrics = evaluator.evaluate(encoder, shard=shard)
     if shard is not None and not shard.is_main:
         return  # rank 0 reports
     result = {"model": model_name, "data": str(data_dir), "split": split, "max_query_length": max_query_length,
-              "max_doc_length": max_doc_length, "top_k_docs": top_k_docs, "idf_power": idf_power, "metrics": metrics}
+              "max_doc_length": max_doc_length, "top_k_docs": top_k_docs, "idf_power": idf_power, "engine": engine,
+              "metrics": metrics}
     if shard is not None:
         result.update(world_size=shard.world_size, docs_per_rank=evaluator.docs_per_rank)
     if trec_run is not None:

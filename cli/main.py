@@ -34,6 +34,7 @@ def _register() -> None:
                     runs_cmd.runs, sysinfo_cmd.sysinfo, average_cmd.average,
                     adapt_cmd.adapt, config_cmd.config):
         cli.add_command(command)
+    from . import search_cmd; cli.add_command(search_cmd.search)  # noqa: E702 - issue 34: the engine command
 
 
 _register()

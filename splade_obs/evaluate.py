@@ -327,8 +327,10 @@ class RetrievalEvaluator:
     def __init__(self, beir: "BeirData", *, max_query_length: int = 64, max_doc_length: int = 256,
                  batch_size: int = 32, max_queries: int | None = None, seed: int = 0,
                  top_k_retrieve: int = 100, idf_power: float = 0.0, progress: "ProgressSpec | str | None" = None,
-                 progress_interval: float = 10.0, index_dir: str | Path | None = None) -> None:
+                 progress_interval: float = 10.0, index_dir: str | Path | None = None,
+                 engine: str = "exact") -> None:
         from .beir import beir_doc_text
+        from .engines import require_engine
         from .progress_util import as_spec
 
         self.progress = as_spec(progress, progress_interval)  # the display of evaluate()'s encoding (off by default)
@@ -336,6 +338,8 @@ class RetrievalEvaluator:
         self.phases: dict[str, tuple[int, int]] = {}
 
         self.idf_power = _check_idf_power(idf_power)  # fail before any encoding
+        require_engine(engine)  # an unknown engine or a missing package, before any encoding too
+        self.engine = engine  # splade_obs.engines: "exact" (InvertedIndex) or "seismic" (approximate)
         if top_k_retrieve < 100:
             log.warning("top_k_retrieve=%d < 100: recall@100 and map@100 only see the top %d",
                         top_k_retrieve, top_k_retrieve)
@@ -397,13 +401,17 @@ class RetrievalEvaluator:
     def _retrieve(self, docs: sp.csr_matrix, queries: sp.csr_matrix,
                   phases: dict[str, tuple[int, int]]) -> dict[str, float]:
         t0, start_ns = time.perf_counter(), time.time_ns()
+        from .engines import build_engine
+
         if self.index_dir is None:
-            index, weighted = InvertedIndex(idf_reweight(docs, self.idf_power), self.doc_ids), queries
+            index, weighted = build_engine(self.engine, idf_reweight(docs, self.idf_power), self.doc_ids), queries
         else:
             from .csr_store import disk_index
 
             docs, index, weighted = disk_index(self.index_dir, docs, self._postings, self.doc_ids, queries,
                                                self.idf_power)
+            if self.engine != "exact":  # idf already moved to the queries: index the model's own vectors
+                index = build_engine(self.engine, docs, self.doc_ids)
         found, scores = index.search(weighted, self.top_k)
         self._run = run_from_search(self.query_ids, found, scores)
         metrics = compute_metrics(self._run, self.qrels)
