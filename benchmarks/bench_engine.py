@@ -11,7 +11,7 @@ at each ``--k`` (10 and 100). Per engine the table shows
 * ``R@k vs exact``: the mean share of exact's top k that the engine's top-k search also returns (a query
   where exact finds fewer than k documents counts over what it finds), 1.0 for exact itself;
 * nDCG@10 and Recall@100 on the qrels (``--split``, the judged queries) of the largest k's run, through
-  ``splade_obs.evaluate`` (not with ``--scale``, whose copies the qrels do not know).
+  ``splade_obs.evaluation`` (not with ``--scale``, whose copies the qrels do not know).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_engine.py              # the full run (docs/benchmarks.md)
     .venv/bin/python benchmarks/bench_engine.py --cache /tmp/scifact.npz --scale 20   # ~100k documents
@@ -108,7 +108,7 @@ def scaled(docs: sp.csr_matrix, doc_ids: list[str], n: int) -> tuple[sp.csr_matr
 def measure(name: str, data: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """Build the engine; per k, search every query ``--repeat`` times (the fastest counts); score the largest k."""
     from splade_obs.engines import SeismicParams, build_engine
-    from splade_obs.evaluate import compute_metrics, run_from_search
+    from splade_obs.evaluation import compute_metrics, run_from_search
 
     params = SeismicParams(query_cut=args.query_cut, heap_factor=args.heap_factor, n_postings=args.n_postings,
                            num_threads=args.threads)

@@ -1,10 +1,10 @@
 """Retrieval quality on SciFact test: BM25 (bm25s) vs splade-tiny zero-shot vs fine-tuned models, one table,
 and the issue's target checked: does a model trained here beat BM25 on nDCG@10?
 
-Every row is scored by the same code (``splade_obs.evaluate``: the BM25 runs through ``compute_metrics``,
+Every row is scored by the same code (``splade_obs.evaluation``: the BM25 runs through ``compute_metrics``,
 the SPLADE models through ``RetrievalEvaluator`` at query length 64 / document length 256), so the numbers
 are comparable. Every trained row is compared query by query with each BM25 row (mean difference of nDCG@10,
-95% bootstrap interval, paired randomisation p-value: ``splade_obs.evaluate.paired_comparison``) and the
+95% bootstrap interval, paired randomisation p-value: ``splade_obs.significance.paired_comparison``) and the
 verdict is printed and written under ``target``; ``--require-target`` makes the script exit 1 when no
 trained row is above every BM25 row.
 
@@ -279,7 +279,7 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
 def bm25_rows(beir) -> list[dict]:
     """BM25 without stemming, and with Snowball stemming when PyStemmer is installed."""
     from splade_obs.beir import beir_doc_text
-    from splade_obs.evaluate import compute_metrics, ndcg_per_query
+    from splade_obs.evaluation import compute_metrics, ndcg_per_query
     from splade_obs.mining import bm25_search
 
     doc_ids = list(beir.corpus)
@@ -304,7 +304,7 @@ def bm25_rows(beir) -> list[dict]:
 
 
 def splade_row(label: str, model: str, beir, max_doc_length: int, batch_size: int, kind: str) -> dict:
-    from splade_obs.evaluate import RetrievalEvaluator, ndcg_per_query
+    from splade_obs.evaluation import RetrievalEvaluator, ndcg_per_query
     from splade_obs.model import SpladeEncoder
 
     start = time.perf_counter()
@@ -322,7 +322,7 @@ def target_check(rows: list[dict]) -> dict[str, Any]:
     """The issue's target, "the trained model beats BM25 on SciFact test nDCG@10": every trained row against
     every BM25 row, query by query; met when some trained row is above every BM25 row (the claim is "above";
     the p-values say whether it is also significantly above)."""
-    from splade_obs.evaluate import paired_comparison
+    from splade_obs.significance import paired_comparison
 
     bm25 = [r for r in rows if r.get("kind") == "bm25"]
     trained = [r for r in rows if r.get("kind") == "trained" and "ndcg@10_per_query" in r]
@@ -344,7 +344,7 @@ ST_ROW = "splade-tiny fine-tuned, sentence-transformers trainer"
 
 def trainer_comparison(rows: list[dict]) -> dict[str, Any]:
     """The two trainers' models (same loss, rows, steps) query by query: is either trainer's model better?"""
-    from splade_obs.evaluate import paired_comparison
+    from splade_obs.significance import paired_comparison
 
     by_name = {r["system"]: r for r in rows}
     if OURS_ROW not in by_name or ST_ROW not in by_name:

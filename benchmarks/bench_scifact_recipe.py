@@ -295,7 +295,7 @@ def baselines(data: Path, split: str) -> list[dict[str, Any]]:
     import numpy as np
 
     from splade_obs.beir import beir_doc_text, load_beir
-    from splade_obs.evaluate import compute_metrics, ndcg_per_query
+    from splade_obs.evaluation import compute_metrics, ndcg_per_query
     from splade_obs.mining import RetrieverScores, make_stemmer
     from splade_obs.model import SpladeEncoder
 
@@ -340,7 +340,7 @@ def significance(row: dict[str, Any], baselines_rows: list[dict[str, Any]], eval
                  split: str) -> dict[str, dict[str, float]]:
     """The recipe's per-query nDCG@10 against each baseline's: mean difference, 95% CI, paired p-value."""
     from splade_obs.beir import load_beir
-    from splade_obs.evaluate import ndcg_per_query, paired_comparison
+    from splade_obs.evaluation import ndcg_per_query, paired_comparison
 
     qrels = load_beir(eval_data, split).qrels
     ours = ndcg_per_query(read_trec_run(Path(row["trec_run"])), qrels)

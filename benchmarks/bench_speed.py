@@ -63,7 +63,7 @@ def cpu_seconds() -> float:
 
 
 def run_ours(data: Path, quick: bool, batch_size: int) -> dict:
-    from splade_obs.evaluate import RetrievalEvaluator
+    from splade_obs.evaluation import RetrievalEvaluator
     from splade_obs.model import SpladeEncoder
 
     beir = load_subset(data, quick)

@@ -30,7 +30,7 @@ def score_rows(retrievers: dict[str, Any], rows: range, doc_ids: list[str], qids
     """The four metrics of one teacher (a single retriever ``only``, or the fusion) over query ``rows``."""
     import numpy as np
 
-    from splade_obs.evaluate import compute_metrics
+    from splade_obs.evaluation import compute_metrics
     from splade_obs.mining import fuse_scores
 
     run = {}

@@ -4,7 +4,7 @@ Runs the real trainer on the bundled demo data with splade-tiny for each mixed-p
 loss trajectory, throughput, GradScaler scale and peak GPU memory; compares the fused max-pooled MLM head
 with the reference full-logits head under autocast; checks that a resumed fp16 run restores the GradScaler.
 Prints a side-by-side table and writes JSON (``--out``). Needs no MLflow or OpenTelemetry: it drives
-``splade_obs.train.Trainer`` with an in-memory sink.
+``splade_obs.trainer.Trainer`` with an in-memory sink.
 
     python benchmarks/gpu_amp_check.py --out benchmarks/results/gpu_amp.json
 """
@@ -26,7 +26,7 @@ from splade_obs.config import TrainConfig
 from splade_obs.device import resolve_amp
 from splade_obs.bus import EventBus, RecordingSink
 from splade_obs.events import StepDone
-from splade_obs.train import Trainer
+from splade_obs.trainer import Trainer
 
 
 DEVICE = "cuda"

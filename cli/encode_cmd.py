@@ -45,7 +45,7 @@ def encode(model_name: str, input_path: Path, kind: str, output: Path, fmt: str,
     contiguous share of the records and rank 0 writes the merged output (docs/recipes.md).
     """
     start = time.monotonic()
-    from splade_obs.encode import encode_file, input_file
+    from splade_obs.encoding import encode_file, input_file
     from splade_obs.model import SpladeEncoder
     from splade_obs.progress_util import ProgressSpec
     from splade_obs.shard import rank_device, shard_session

@@ -66,7 +66,7 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
     """
     start = time.monotonic()
     from splade_obs.beir import load_beir
-    from splade_obs.evaluate import RetrievalEvaluator, format_metrics_table, write_trec_run
+    from splade_obs.evaluation import RetrievalEvaluator, format_metrics_table, write_trec_run
     from splade_obs.model import SpladeEncoder
     from splade_obs.shard import rank_device, shard_session
 

@@ -60,10 +60,10 @@ def search(model_name: str, index_from: Path, queries_path: Path, engine: str, k
     progress. seismic is approximate: benchmarks/bench_engine.py measures its recall against exact.
     """
     start = time.monotonic()
-    from splade_obs.encode import input_file, iter_records
+    from splade_obs.encoding import input_file, iter_records
     from splade_obs.engines import build_engine, require_engine
     from splade_obs.errors import format_bytes
-    from splade_obs.evaluate import run_from_search, write_trec_run
+    from splade_obs.evaluation import run_from_search, write_trec_run
     from splade_obs.model import SpladeEncoder
     from splade_obs.progress_util import ProgressSpec
     from splade_obs.shard import rank_device
@@ -90,7 +90,7 @@ def search(model_name: str, index_from: Path, queries_path: Path, engine: str, k
 
 def _corpus(encoder: Any, path: Path, max_length: int, batch_size: int, spec: Any) -> tuple[list[str], Any]:
     """Document ids and vectors: read from an encoded vectors file, or encoded from a BEIR folder / JSONL."""
-    from splade_obs.encode import input_file, iter_records, vocabulary
+    from splade_obs.encoding import input_file, iter_records, vocabulary
     from splade_obs.engines import is_vectors_file, read_vectors
 
     src = input_file(path, "corpus")

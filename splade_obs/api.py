@@ -1,7 +1,7 @@
 """The Python API: :func:`train`, :class:`SpladeEncoder`, :func:`evaluate`, :func:`encode` (see ``docs/api.md``).
 
 ``splade-obs train`` is a thin layer over :func:`train`; ``evaluate`` and ``encode`` call the same functions
-these wrap (:class:`~splade_obs.evaluate.RetrievalEvaluator`, :func:`~splade_obs.encode.encode_file`).
+these wrap (:class:`~splade_obs.evaluation.RetrievalEvaluator`, :func:`~splade_obs.encoding.encode_file`).
 Importing this module is cheap: torch, transformers and MLflow load when a function first needs them.
 """
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from .bus import Sink
     from .config import TrainConfig
-    from .encode import EncodeStats
+    from .encoding import EncodeStats
     from .model import SpladeEncoder as SpladeModule
     from .run import RunResult
 
@@ -179,7 +179,7 @@ class SpladeEncoder:
 
     def __init__(self, model: str | os.PathLike[str] | SpladeModule = "splade-tiny", *, device: str = "auto",
                  max_query_length: int = 64, max_doc_length: int = 256, batch_size: int = 32) -> None:
-        from .encode import DEFAULT_MAX_LENGTH
+        from .encoding import DEFAULT_MAX_LENGTH
 
         if isinstance(model, (str, os.PathLike)):
             from .device import device_name
@@ -201,7 +201,7 @@ class SpladeEncoder:
     def vocabulary(self) -> list[str]:
         """The term of each column of :meth:`encode`'s matrix (the tokenizer's word pieces)."""
         if self._terms is None:
-            from .encode import vocabulary
+            from .encoding import vocabulary
 
             self._terms = vocabulary(self.module.tokenizer, self.module.vocab_size)
         return self._terms
@@ -215,7 +215,7 @@ class SpladeEncoder:
 
         ``kind`` picks the default ``max_length`` (documents 256, queries 64 tokens unless set otherwise).
         """
-        from .encode import KINDS, row_vector
+        from .encoding import KINDS, row_vector
 
         if kind not in KINDS:
             raise ConfigError(f"kind {kind!r} is not known — expected one of {', '.join(KINDS)}", field="kind")
@@ -259,7 +259,7 @@ def evaluate(model: ModelLike, beir_dir: str | os.PathLike[str], *,
     """Encode a BEIR folder's corpus and queries, retrieve exactly, and return the metrics dict of
     ``splade-obs evaluate`` (``ndcg@10``, ``mrr@10``, ``recall@100``, ``map@100``, sparsity, timings)."""
     from .beir import load_beir
-    from .evaluate import RetrievalEvaluator
+    from .evaluation import RetrievalEvaluator
 
     beir = load_beir(beir_dir, split)  # data problems surface before the model loads
     evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
@@ -273,10 +273,10 @@ def encode(model: ModelLike, input_path: str | os.PathLike[str],
            top_k: int | None = None, device: str = "auto", progress: str = "none", **options: Any) -> EncodeStats:
     """What ``splade-obs encode`` does: a BEIR folder or an id/text JSONL to sparse vectors in ``output``.
 
-    ``options`` go to :func:`splade_obs.encode.encode_file` as they are (``quantize_scale=100`` writes integer
+    ``options`` go to :func:`splade_obs.encoding.encode_file` as they are (``quantize_scale=100`` writes integer
     impacts for Anserini's ``JsonVectorCollection``, and the output format options the installed version has).
     """
-    from .encode import encode_file, input_file
+    from .encoding import encode_file, input_file
 
     input_file(input_path, kind)  # a wrong path fails before the model loads
     return encode_file(_module(model, device), input_path, output, kind=kind, max_length=max_length,

@@ -1,6 +1,6 @@
 """Sparse vectors on disk: a CSR matrix written block by block, read back memory-mapped.
 
-``evaluate --index-dir DIR`` encodes the corpus in blocks of :data:`splade_obs.encode.BLOCK_SIZE` texts and
+``evaluate --index-dir DIR`` encodes the corpus in blocks of :data:`splade_obs.encoding.BLOCK_SIZE` texts and
 appends each block's rows here instead of keeping them, then turns the document-major matrix into the
 term-major one the index searches (its posting lists) on disk, a bounded chunk of rows at a time; retrieval
 reads that matrix memory-mapped, so the operating system pages in only the posting lists the queries touch.
@@ -10,7 +10,7 @@ A folder holds one matrix: ``data.f32`` (float32 weights), ``indices.i32`` (int3
 ``indptr.i64`` (int64 row starts, ``rows + 1`` of them), all little-endian raw arrays, and ``meta.json``
 (``format``, ``rows``, ``cols``, ``nnz``), written last, so a folder without it is incomplete. ``DIR/docs``
 is the corpus (a row per document, in corpus order), ``DIR/postings`` its transpose (a row per vocabulary
-term, document positions ascending in each: what :class:`~splade_obs.evaluate.InvertedIndex` builds in
+term, document positions ascending in each: what :class:`~splade_obs.evaluation.InvertedIndex` builds in
 memory, value for value, so the ranking from disk is the in-memory one).
 """
 
@@ -138,7 +138,7 @@ def encode_to_disk(encoder: Any, texts: Sequence[str], folder: str | Path, *, bl
                    progress: Any = None, **kwargs: Any) -> tuple[sp.csr_matrix, sp.csr_matrix]:
     """Encode ``texts`` block by block into ``folder/docs``, transpose it into ``folder/postings``; returns both,
     memory-mapped (documents x terms, terms x documents)."""
-    from .encode import BLOCK_SIZE
+    from .encoding import BLOCK_SIZE
     from .progress_util import encode_with_progress
 
     block_size = block_size or BLOCK_SIZE
@@ -160,11 +160,11 @@ def write_index(docs: sp.spmatrix, folder: str | Path) -> tuple[sp.csr_matrix, s
 
 def disk_index(folder: str | Path, docs: sp.spmatrix, postings: sp.csr_matrix | None, doc_ids: Sequence[str],
                queries: sp.csr_matrix, idf_power: float) -> tuple[sp.csr_matrix, Any, sp.csr_matrix]:
-    """For :class:`~splade_obs.evaluate.RetrievalEvaluator` with an index folder: the documents and the index
+    """For :class:`~splade_obs.evaluation.RetrievalEvaluator` with an index folder: the documents and the index
     from disk (``docs`` written there first when ``postings`` is None: the merged shards of torchrun ranks)
     and the queries to search with; ``idf_power`` > 0 weights the queries, the same product as weighting the
-    documents (:func:`~splade_obs.evaluate.idf_reweight`) without writing the index again."""
-    from .evaluate import _idf_power
+    documents (:func:`~splade_obs.evaluation.idf_reweight`) without writing the index again."""
+    from .evaluation import _idf_power
 
     if postings is None:
         docs, postings = write_index(docs, folder)
@@ -176,9 +176,9 @@ def disk_index(folder: str | Path, docs: sp.spmatrix, postings: sp.csr_matrix | 
 
 
 def index_over(postings: sp.csr_matrix, doc_ids: Sequence[str]) -> Any:
-    """An :class:`~splade_obs.evaluate.InvertedIndex` searching ``postings`` (terms x documents) as they are:
+    """An :class:`~splade_obs.evaluation.InvertedIndex` searching ``postings`` (terms x documents) as they are:
     a memory-mapped matrix stays memory-mapped, nothing is copied or read until searched."""
-    from .evaluate import InvertedIndex
+    from .evaluation import InvertedIndex
 
     if len(doc_ids) != postings.shape[1]:
         raise DataError(f"{len(doc_ids)} doc ids for {postings.shape[1]} documents in the postings")

@@ -4,7 +4,7 @@ An engine is built once from the encoded corpus (a CSR matrix, one row per docum
 id, plus the document ids) and answers ``search(queries, k)`` with, per query row, the top-k documents and
 their scores, best first. Two engines (``--engine``):
 
-* ``exact`` (default): :class:`splade_obs.evaluate.InvertedIndex`, the scipy product ``Q @ D.T``. Exact, no
+* ``exact`` (default): :class:`splade_obs.evaluation.InvertedIndex`, the scipy product ``Q @ D.T``. Exact, no
   extra package, fine up to a few hundred thousand documents; its search time grows with the corpus.
 * ``seismic``: `Seismic <https://github.com/TusKANNy/seismic>`_ (``pyseismic-lsr``, the ``engines`` extra), an
   approximate inverted index made for learned sparse vectors: each posting list keeps its heaviest entries
@@ -138,7 +138,7 @@ class Engine:
 
 
 class ExactEngine(Engine):
-    """:class:`~splade_obs.evaluate.InvertedIndex` behind the engine interface (exact top-k)."""
+    """:class:`~splade_obs.evaluation.InvertedIndex` behind the engine interface (exact top-k)."""
 
     name = "exact"
 
@@ -287,7 +287,7 @@ def is_vectors_file(path: str | os.PathLike[str]) -> bool:
 def read_vectors(path: str | os.PathLike[str], vocab: Sequence[str]) -> tuple[list[str], sp.csr_matrix]:
     """Ids and a CSR matrix (columns: ``vocab`` positions) from ``{"id", "vector": {term: weight}}`` lines.
 
-    ``vocab`` is the model's term of every vocabulary id (:func:`splade_obs.encode.vocabulary`); a term it
+    ``vocab`` is the model's term of every vocabulary id (:func:`splade_obs.encoding.vocabulary`); a term it
     lacks, a missing id or a weight that is not a finite number is a DataError naming the line.
     """
     import numpy as np

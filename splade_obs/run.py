@@ -22,7 +22,7 @@ from .bus import EventBus, RunIds, Sink
 from .recovery import validate_file_exists
 from .device import Runtime, resolve_runtime
 from .plan import TrainResult
-from .train import Trainer
+from .trainer import Trainer
 
 log = logging.getLogger("splade_obs.run")
 
@@ -270,7 +270,7 @@ def _build_evaluator(cfg: TrainConfig, quiet: bool = False) -> Any:
     if not cfg.eval.eval_data:
         return None
     from .beir import load_beir
-    from .evaluate import RetrievalEvaluator
+    from .evaluation import RetrievalEvaluator
     beir = load_beir(cfg.eval.eval_data, cfg.eval.eval_split)
     return RetrievalEvaluator(beir, max_query_length=cfg.model.max_query_length,
                               max_doc_length=cfg.model.max_doc_length, max_queries=cfg.eval.eval_max_queries,

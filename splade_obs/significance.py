@@ -11,7 +11,7 @@ from .errors import EvaluationError
 
 def paired_comparison(a: Mapping[str, float], b: Mapping[str, float], *, n_resamples: int = 10_000,
                       seed: int = 0) -> dict[str, float]:
-    """Is system ``a`` better than ``b`` on the same queries? Per-query scores (e.g. :func:`~splade_obs.evaluate.ndcg_per_query`)
+    """Is system ``a`` better than ``b`` on the same queries? Per-query scores (e.g. :func:`~splade_obs.evaluation.ndcg_per_query`)
     in, out: the mean difference ``a - b``, its 95% bootstrap confidence interval (percentile) and the two-sided
     p-value of a paired randomisation test (each query's difference flips sign at random: Fisher's test,
     the one Smucker et al. 2007 recommend for IR), both from ``scipy.stats``."""

@@ -161,7 +161,7 @@ def test_explicit_jsonl_format_is_the_float_output(files, tmp_path) -> None:
 
 
 def test_terms_are_made_safe_for_the_whitespace_analyzer() -> None:
-    from splade_obs.encode import anserini_terms, write_vectors
+    from splade_obs.encoding import anserini_terms, write_vectors
     import scipy.sparse as sp
 
     vocab = ["[CLS]", "##s", "(", "a b", "tab\there", "", "x" * 256, "c d", "c%20d", "ok"]

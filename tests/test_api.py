@@ -44,19 +44,21 @@ def test_the_public_names_import_without_torch_or_mlflow() -> None:
     assert '"py.typed"' in pyproject  # shipped as package data: type checkers use the annotations
 
 
-def test_entries_are_the_functions_and_their_modules_stay_reachable() -> None:
-    """``splade_obs.train`` calls the API, though ``splade_obs/train.py`` is also a module: both work."""
+def test_entries_are_the_api_functions_and_no_module_shadows_them() -> None:
+    """``splade_obs.train`` / ``.encode`` / ``.evaluate`` are the API functions, also after every module loaded
+    (the modules behind them are ``trainer``, ``encoding`` and ``evaluation``)."""
     import inspect
 
     import splade_obs
-    import splade_obs.encode as encode_module
-    import splade_obs.train  # noqa: F401 - the import system must not replace the entry with the module
+    import splade_obs.encoding  # noqa: F401
+    import splade_obs.evaluation  # noqa: F401
+    import splade_obs.trainer  # noqa: F401
     from splade_obs import api
 
+    for name in ("train", "encode", "evaluate"):
+        assert getattr(splade_obs, name) is getattr(api, name), name
+        assert f"splade_obs.{name}" not in sys.modules, f"a module named splade_obs.{name} shadows the function"
     assert "data" in inspect.signature(splade_obs.train).parameters
-    assert splade_obs.train.__doc__ == api.train.__doc__
-    assert splade_obs.train.Trainer is sys.modules["splade_obs.train"].Trainer
-    assert encode_module.write_vectors is sys.modules["splade_obs.encode"].write_vectors
 
 
 def _user_sink_class():

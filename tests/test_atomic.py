@@ -116,7 +116,7 @@ def test_text_and_json_writers_go_through_the_streaming_writer(tmp_path: Path, m
 
 # ------------------------------------------------------------------------------------------ encode, mine-negatives
 def test_encode_failing_midway_leaves_no_output_and_keeps_a_previous_one(tmp_path: Path, monkeypatch) -> None:
-    import splade_obs.encode as encode
+    import splade_obs.encoding as encode
 
     beir = write_beir(tmp_path / "beir")
     real = encode.write_vectors

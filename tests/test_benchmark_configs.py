@@ -121,7 +121,7 @@ def test_recipe_rounds_mine_with_and_train_on_from_the_previous_round(tmp_path, 
     assert 0.0 <= row["ndcg@10"] <= 1.0 and row["split"] == "train"
     # the TREC run it wrote reads back into the same ranking: its per-query nDCG@10 averages to the row's
     from splade_obs.beir import load_beir
-    from splade_obs.evaluate import ndcg_per_query
+    from splade_obs.evaluation import ndcg_per_query
 
     per_query = ndcg_per_query(module.read_trec_run(Path(row["trec_run"])), load_beir(data, "train").qrels)
     assert sum(per_query.values()) / len(per_query) == pytest.approx(row["ndcg@10"], abs=1e-9)
@@ -207,7 +207,7 @@ def test_an_idf_recipe_scores_with_the_weighted_index_and_keeps_the_plain_score(
     """``"idf_power"``: the recipe's model is scored through ``evaluate --idf-power``, the row keeps the same
     model's plain scores (``without_idf``), and the significance test adds the paired view between the two."""
     from splade_obs.beir import load_beir
-    from splade_obs.evaluate import ndcg_per_query
+    from splade_obs.evaluation import ndcg_per_query
     from splade_obs.hub import resolve_model
 
     module = _tiny_recipe_module(monkeypatch)

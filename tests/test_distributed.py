@@ -179,7 +179,7 @@ def test_in_training_evaluation_uses_every_rank_and_equals_one_process(tmp_path)
     """--eval-data under torchrun: each rank encodes its shard of the corpus, rank 0 retrieves; the run's
     eval/* metrics equal one process's evaluation of the same final weights, and rank 1's trace has its share."""
     from splade_obs.beir import load_beir
-    from splade_obs.evaluate import RetrievalEvaluator
+    from splade_obs.evaluation import RetrievalEvaluator
     from splade_obs.model import SpladeEncoder
     from tests._eval_utils import write_beir
 

@@ -108,7 +108,7 @@ def test_bad_input_line_is_a_data_error_with_its_place(tmp_path) -> None:
 
 
 def test_row_vector_quantisation_rounds_half_up() -> None:
-    from splade_obs.encode import row_vector
+    from splade_obs.encoding import row_vector
 
     terms = ["a", "b", "c", "d"]
     vec = row_vector(np.array([0, 1, 2, 3]), np.array([0.125, 0.004, 0.005, 1.0], dtype=np.float64), terms, 100)

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from splade_obs.engines import ExactEngine, SeismicParams, build_engine, read_vectors
 from splade_obs.errors import EXIT_CODES, DataError, DependencyError, ErrorCategory, EvaluationError
-from splade_obs.evaluate import InvertedIndex
+from splade_obs.evaluation import InvertedIndex
 
 from tests._eval_utils import QUERIES, write_beir
 
@@ -126,7 +126,7 @@ def test_seismic_recall_on_scifact_is_within_5_percent_of_exact(scifact_dir: Pat
     """The issue's bar: on SciFact with splade-tiny, Seismic (default settings) returns >= 95% of exact's top 10
     and keeps >= 95% of exact's Recall@10 on the judged queries. The whole corpus, a subset of the queries."""
     from splade_obs.beir import beir_doc_text, load_beir
-    from splade_obs.evaluate import recall_at_k, run_from_search
+    from splade_obs.evaluation import recall_at_k, run_from_search
     from splade_obs.model import SpladeEncoder
 
     beir = load_beir(scifact_dir, "test")
@@ -190,7 +190,7 @@ def test_search_command_writes_the_exact_run_from_a_beir_folder_and_from_vectors
     run = _run(tmp_path / "a.trec")
     assert set(run) == set(QUERIES) and all(len(v) == 3 for v in run.values())
     # the same ranking as the exact index over the model's vectors
-    from splade_obs.encode import iter_records
+    from splade_obs.encoding import iter_records
 
     encoder = SpladeEncoder.from_pretrained("splade-tiny")
     docs = list(iter_records(beir / "corpus.jsonl", "corpus"))

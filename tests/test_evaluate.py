@@ -13,7 +13,7 @@ import scipy.sparse as sp
 from click.testing import CliRunner
 
 from splade_obs.errors import EXIT_CODES, DataError, ErrorCategory, EvaluationError
-from splade_obs.evaluate import (
+from splade_obs.evaluation import (
     InvertedIndex,
     RetrievalEvaluator,
     compute_metrics,
@@ -147,7 +147,7 @@ def _brute_force(q: sp.csr_matrix, d: sp.csr_matrix, k: int) -> list[list[int]]:
 
 @pytest.mark.parametrize("k", [1, 5, 37, 500])
 def test_inverted_index_equals_brute_force_dense_ranking(k: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    import splade_obs.evaluate as ev
+    import splade_obs.evaluation as ev
 
     monkeypatch.setattr(ev, "MAX_BLOCK_ELEMENTS", 7 * 300)  # force several query chunks
     docs = _random_sparse(300, 200, 0.05, seed=k)
@@ -354,7 +354,7 @@ def test_evaluate_cli_typed_errors(tmp_path) -> None:
 
 
 def test_ndcg_per_query_is_what_ndcg_at_k_averages() -> None:
-    from splade_obs.evaluate import ndcg_at_k, ndcg_per_query
+    from splade_obs.evaluation import ndcg_at_k, ndcg_per_query
 
     qrels = {"q1": {"a": 2, "b": 1}, "q2": {"c": 1}, "q3": {"d": 0}}  # q3 has no relevant document: not judged
     run = {"q1": {"b": 3.0, "a": 2.0, "x": 1.0}, "q3": {"d": 1.0}}   # q2 missing: it scores 0
@@ -365,7 +365,7 @@ def test_ndcg_per_query_is_what_ndcg_at_k_averages() -> None:
 
 
 def test_paired_comparison_separates_a_real_gain_from_noise() -> None:
-    from splade_obs.evaluate import paired_comparison
+    from splade_obs.significance import paired_comparison
 
     rng = np.random.default_rng(3)
     base = {f"q{i}": float(x) for i, x in enumerate(rng.random(200))}

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from splade_obs.beir import load_beir
-from splade_obs.evaluate import RetrievalEvaluator
+from splade_obs.evaluation import RetrievalEvaluator
 from splade_obs.bus import RecordingSink
 from splade_obs.events import CheckpointSaved, EvaluationDone, StepDone
 from splade_obs.model import SpladeEncoder

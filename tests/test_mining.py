@@ -51,7 +51,7 @@ def test_splade_mining_excludes_positives_and_keeps_the_ranking_order(beir, enco
     assert result.num_queries == 4 and result.num_skipped == 0 and result.num_short == 0
     _check_records(result.records, 3)
     # The negatives are the best-scoring non-positives, in rank order.
-    from splade_obs.evaluate import InvertedIndex
+    from splade_obs.evaluation import InvertedIndex
 
     ids = list(beir.corpus)
     docs = encoder.encode([beir_doc_text(beir.corpus[d]) for d in ids], max_length=32, batch_size=4)

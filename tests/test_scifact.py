@@ -16,7 +16,7 @@ EXPECTED_NDCG10 = 0.644
                     reason=f"SciFact not found at {SCIFACT} (the shared data folder is absent here)")
 def test_scifact_zero_shot_ndcg(capsys: pytest.CaptureFixture[str]) -> None:
     from splade_obs.beir import load_beir
-    from splade_obs.evaluate import RetrievalEvaluator
+    from splade_obs.evaluation import RetrievalEvaluator
     from splade_obs.model import SpladeEncoder
 
     beir = load_beir(SCIFACT, "test")

@@ -19,7 +19,7 @@ from splade_obs.collate import PairCollator
 from splade_obs.bus import RecordingSink, Sink
 from splade_obs.events import ErrorCaught, RunStarted, SinkDegraded
 from splade_obs.run import run_training
-from splade_obs.train import Trainer
+from splade_obs.trainer import Trainer
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from splade_obs.encode import iter_records
+from splade_obs.encoding import iter_records
 from splade_obs.shard import Shard, part_path, shard_from_env
 from splade_obs_cli.main import cli
 

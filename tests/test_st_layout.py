@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from splade_obs.encode import encode_file, iter_records
+from splade_obs.encoding import encode_file, iter_records
 from splade_obs.st_layout import st_files, trained_lengths
 from tests._eval_utils import read_jsonl, write_beir
 

@@ -1,4 +1,4 @@
-"""LogSink: turns run events into human log lines on the ``splade_obs.train`` logger.
+"""LogSink: turns run events into human log lines on the ``splade_obs.trainer`` logger.
 
 The lines reach the console and the log files through :mod:`splade_obs.logging_setup`; each carries
 structured fields (``step``, ``epoch``, ``category``, ``context``, ``event``...) via ``extra=`` so the

@@ -36,7 +36,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from .errors import DataError, EvaluationError
-from .significance import paired_comparison  # noqa: F401 - its home before it moved
 
 if TYPE_CHECKING:  # pragma: no cover
     from .beir import BeirData
