@@ -71,8 +71,9 @@ def _step(n: int, total: int, steps_per_epoch: int, t_ns: int) -> Any:
                     epoch_progress=n / steps_per_epoch)
 
 
-def run_length(steps: int, work: Path) -> dict[str, Any]:
-    """Push ``steps`` step events (10 epochs' worth of epoch events) through the real sinks into ``work``."""
+def run_length(steps: int, work: Path, rate: float = 0.0) -> dict[str, Any]:
+    """Push ``steps`` step events (10 epochs' worth of epoch events) through the real sinks into ``work``;
+    ``rate`` > 0 paces them at that many steps per second (0: as fast as the bus takes them)."""
     from mlflow.tracking import MlflowClient
 
     from splade_obs.bus import EventBus
@@ -114,6 +115,8 @@ def run_length(steps: int, work: Path) -> dict[str, Any]:
         start = now_ns()
         for _ in range(per_epoch):
             n += 1
+            if rate > 0:  # a training loop's pace: the time between steps is spent outside Python
+                time.sleep(max(0.0, t0 + n / rate - time.perf_counter()))
             bus.emit(_step(n, total, per_epoch, now_ns()))
             if n == min(1000, total) or n == total:
                 rss[n] = _rss_mb()
@@ -133,7 +136,7 @@ def run_length(steps: int, work: Path) -> dict[str, Any]:
     run = [r for r in probe_client.search_runs([probe_client.get_experiment_by_name("bench-scale").experiment_id])]
     losses = probe_client.get_metric_history(run[0].info.run_id, "train/loss") if run else []
     first = min(rss)
-    return {"steps": n, "emit_seconds": emit_s, "close_seconds": close_s, "events_per_second": n / emit_s,
+    return {"steps": n, "paced_steps_per_second": rate or None, "emit_seconds": emit_s, "close_seconds": close_s, "events_per_second": n / emit_s,
             "rss_mb_at_step": {str(k): v for k, v in sorted(rss.items())}, "rss_mb_after_close": rss_end,
             "rss_growth_mb": max(rss.values()) - rss[first], "rss_growth_goal_mb": RSS_GOAL_MB,
             "bytes_per_1k_steps": {k: v * 1000 / n for k, v in sizes.items()},
@@ -146,14 +149,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="2k steps: the suite's smoke run")
+    ap.add_argument("--steps-per-second", type=float, default=0.0,
+                    help="pace the events like a training loop (default: as fast as the bus takes them)")
     ap.add_argument("--output", type=Path, default=RESULTS_FILE)
     args = ap.parse_args(argv)
     steps = 2_000 if args.quick else args.steps
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        res = run_length(steps, Path(tmp))
-    print(f"\nrun length: {res['steps']:,} step events through every sink")
+        res = run_length(steps, Path(tmp), args.steps_per_second)
+    pace = f" at {args.steps_per_second:g} steps/s" if args.steps_per_second else ", unpaced"
+    print(f"\nrun length: {res['steps']:,} step events through every sink{pace}")
     print(table((("measure", "<52"), ("value", ">16")), [
-        ("events/s (emit, the training thread's cost)", f"{res['events_per_second']:,.0f}"),
+        ("events/s on the emitting thread", f"{res['events_per_second']:,.0f}"),
         ("close (flush everything) s", f"{res['close_seconds']:.1f}"),
         ("train/loss points in MLflow", f"{res['mlflow_train_loss_points']:,}"),
         (f"RSS growth after step 1k, MB (goal < {RSS_GOAL_MB:.0f})", f"{res['rss_growth_mb']:.1f}"),
@@ -162,8 +168,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ], rule=True))
     print(table((("output", "<30"), ("bytes per 1k steps", ">20")),
                 [(k, f"{v:,.0f}") for k, v in res["bytes_per_1k_steps"].items()], rule=True))
-    write_json(args.output, {"machine": machine(), "command": "python benchmarks/bench_scale.py"
-                             + (" --quick" if args.quick else f" --steps {args.steps}"), **res})
+    command = "python benchmarks/bench_scale.py" + (" --quick" if args.quick else f" --steps {args.steps}") + (
+        f" --steps-per-second {args.steps_per_second:g}" if args.steps_per_second else "")
+    write_json(args.output, {"machine": machine(), "command": command, **res})
     print(f"wrote {args.output}")
     return res
 
