@@ -340,7 +340,8 @@ def significance(row: dict[str, Any], baselines_rows: list[dict[str, Any]], eval
                  split: str) -> dict[str, dict[str, float]]:
     """The recipe's per-query nDCG@10 against each baseline's: mean difference, 95% CI, paired p-value."""
     from splade_obs.beir import load_beir
-    from splade_obs.evaluation import ndcg_per_query, paired_comparison
+    from splade_obs.evaluation import ndcg_per_query
+    from splade_obs.significance import paired_comparison
 
     qrels = load_beir(eval_data, split).qrels
     ours = ndcg_per_query(read_trec_run(Path(row["trec_run"])), qrels)
