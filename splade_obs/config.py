@@ -176,13 +176,13 @@ class HealthConfig:
                                                  + ", ".join(ALERT_CATEGORIES) + ". Repeatable.",
                                              choices=ALERT_CHOICES, metavar="CATEGORY")
     window: int = setting(50, "Recent steps the running medians are taken over.", file_only=True, ge=3)
-    min_history: int = setting(10, "Steps seen before the median-based alerts may fire.", file_only=True, ge=2)
+    min_history: int = setting(20, "Steps seen before the median-based alerts may fire.", file_only=True, ge=2)
     cooldown_steps: int = setting(20, "Healthy steps that end an episode (the alert may fire again after).",
                                   file_only=True, ge=1)
     spike_mads: float = setting(6.0, "Loss spike and grad-norm explosion: log of the value above the log of its "
                                      "recent median by this many robust deviations (1.4826 x MAD of the logs) ...",
                                 file_only=True, gt=0)
-    loss_spike_ratio: float = setting(2.0, "... and the loss at least this many times its recent median ...",
+    loss_spike_ratio: float = setting(3.0, "... and the loss at least this many times its recent median ...",
                                       file_only=True, ge=1)
     grad_explosion_factor: float = setting(10.0, "... or the grad norm this many times its recent median (a "
                                                  "non-finite grad norm always counts).", file_only=True, gt=1)

@@ -6,8 +6,8 @@ only. The trainer asks its :class:`FaultPlan` at a few places per micro-batch an
 question is a dictionary lookup.
 
 Step faults that act *during* step N (the training-health alerts' test faults, :mod:`splade_obs.health`):
-``spike`` multiplies the reported loss by 10^6 without changing its gradients, ``explode`` multiplies the
-gradients by 10^6 before clipping (the grad norm explodes, the clipped update does not), ``slow`` makes each
+``spike`` multiplies the reported loss by 10^9 without changing its gradients, ``explode`` multiplies the
+gradients by 10^9 before clipping (the grad norm explodes, the clipped update does not), ``slow`` makes each
 micro-batch twenty times slower, ``leak`` keeps 32 MB more memory alive from that step on. ``interrupt``,
 ``sigterm`` and ``exception`` fire right after step N.
 """
@@ -107,7 +107,7 @@ class FaultPlan:
         """The micro-batch's loss to backpropagate, as the faults planned for it make it (``out.total`` without
         one). ``spike`` changes the loss the step reports (``out.total``) but not its gradients."""
         if self._during(step, "spike"):
-            out.total = out.total + 999999.0 * out.total.detach()
+            out.total = out.total + 999_999_999.0 * out.total.detach()
         fault = self.batch(batch_no)
         return out.total * LOSS_FAULTS[fault.kind] if fault is not None and fault.kind in LOSS_FAULTS else out.total
 
@@ -122,7 +122,7 @@ class FaultPlan:
             with torch.no_grad():
                 for p in params:
                     if p.grad is not None:
-                        p.grad.mul_(1e6)
+                        p.grad.mul_(1e9)
         if self._during(step, "leak"):
             self._held.append(bytearray(b"\x01") * (32 * 1024 * 1024))
 

@@ -91,10 +91,22 @@ class HealthMonitor:
 
     # ------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {"counts": dict(self.counts)}
+        """What a checkpoint keeps, so a resumed run raises the alerts the uninterrupted one would: the counts,
+        the recent values and each episode. Memory readings are not kept (a new process has another RSS)."""
+        return {"counts": dict(self.counts), "loss": list(self._loss), "grad": list(self._grad),
+                "speed": list(self._speed), "slow": self._slow, "nonfinite": [self._nonfinite_step, self._nonfinite],
+                "episodes": {k: [ep.active, ep.clear] for k, ep in self._episodes.items()}}
 
     def load_state_dict(self, state: dict[str, Any] | None) -> None:
-        self.counts = {str(k): int(v) for k, v in ((state or {}).get("counts") or {}).items()}
+        state = state or {}
+        self.counts = {str(k): int(v) for k, v in (state.get("counts") or {}).items()}
+        for name in ("loss", "grad", "speed"):
+            getattr(self, f"_{name}").extend(float(v) for v in state.get(name) or ())
+        self._slow = int(state.get("slow") or 0)
+        self._nonfinite_step, self._nonfinite = (int(v) for v in state.get("nonfinite") or (0, 0))
+        for category, (active, clear) in (state.get("episodes") or {}).items():
+            episode = self._episodes.setdefault(category, _Episode(self.cfg.cooldown_steps))
+            episode.active, episode.clear = bool(active), int(clear)
 
     # ------------------------------------------------------------------------------------------ observe
     def observe(self, event: Event) -> list[AlertRaised]:

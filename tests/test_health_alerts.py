@@ -29,15 +29,15 @@ from tests.conftest import TINY_ARGS
 
 #: fault -> (the alert it raises, the first step it can be seen at, health settings, steps)
 FAULTS: dict[str, tuple[str, int, dict[str, Any], int]] = {
-    "step:15:spike": ("loss_spike", 15, {}, 22),
-    "step:15:explode": ("grad_explosion", 15, {}, 22),
-    "batch:15-17:nan": ("nonfinite_loss", 15, {}, 22),
-    "step:15-17:slow": ("throughput_drop", 17, {}, 22),
-    "step:13-40:leak": ("memory_growth", 13, {"memory_window": 8, "memory_growth_mb": 150.0}, 28),
+    "step:25:spike": ("loss_spike", 25, {}, 30),
+    "step:25:explode": ("grad_explosion", 25, {}, 30),
+    "batch:25-27:nan": ("nonfinite_loss", 25, {}, 30),
+    "step:25-27:slow": ("throughput_drop", 27, {}, 30),
+    "step:23-50:leak": ("memory_growth", 23, {"memory_window": 8, "memory_growth_mb": 150.0}, 36),
 }
 
 
-def _train(tiny_cfg: Any, faults: list[str], health: dict[str, Any] | None = None, steps: int = 22,
+def _train(tiny_cfg: Any, faults: list[str], health: dict[str, Any] | None = None, steps: int = 30,
            **sections: Any) -> tuple[Any, RecordingSink]:
     rec = RecordingSink()
     cfg = tiny_cfg(optim={"batch_size": 8, "max_steps": steps, "mixed_precision": "no"},
@@ -107,9 +107,9 @@ def test_sparsity_collapse_and_densify_alert_once(tiny_cfg, tmp_path, bias, cate
 def test_fail_on_alert_stops_with_a_checkpoint_and_every_sink_records_the_alert(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
     out, uri = tmp_path / "out", sqlite_uri(tmp_path / "mlruns")
-    args = ["train", *TINY_ARGS, "--batch-size", "8", "--max-steps", "30", "--output-dir", str(out),
+    args = ["train", *TINY_ARGS, "--batch-size", "8", "--max-steps", "40", "--output-dir", str(out),
             "--tracking-uri", uri, "--experiment-name", "alerts", "--json-logs", "--progress", "none",
-            "--mixed-precision", "no", "--inject-fault", "step:15:spike", "--fail-on-alert", "loss_spike",
+            "--mixed-precision", "no", "--inject-fault", "step:25:spike", "--fail-on-alert", "loss_spike",
             "--no-system-metrics"]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == EXIT_CODES[ErrorCategory.TRAINING_ERROR], res.output
@@ -118,10 +118,10 @@ def test_fail_on_alert_stops_with_a_checkpoint_and_every_sink_records_the_alert(
     assert res.output.count("alert [loss_spike]") == 1
     logs = [json.loads(line) for line in (out / "logs" / "train_splade.jsonl").read_text().splitlines()]
     (line,) = [r for r in logs if r.get("event") == "alert_raised"]
-    assert line["level"] == "WARNING" and line["alert"] == "loss_spike" and line["step"] == 15 and line["fatal"]
+    assert line["level"] == "WARNING" and line["alert"] == "loss_spike" and line["step"] == 25 and line["fatal"]
     # the checkpoint at the logging point that saw it, marked as an alert stop; it resumes to the end
     ckpts = sorted((out / "checkpoints").glob("checkpoint-*"))
-    assert ckpts and ckpts[-1].name == "checkpoint-20"
+    assert ckpts and ckpts[-1].name == "checkpoint-30"
     state = json.loads((ckpts[-1] / "trainer_state.json").read_text())
     assert state["reason"] == "alert" and state["health"]["counts"] == {"loss_spike": 1}
     # MLflow: tags and alerts/* metrics at the alert's step
@@ -129,8 +129,8 @@ def test_fail_on_alert_stops_with_a_checkpoint_and_every_sink_records_the_alert(
     client = MlflowClient(uri)
     (run,) = client.search_runs([client.get_experiment_by_name("alerts").experiment_id])
     assert run.data.tags["splade.alerts"] == "loss_spike"
-    assert run.data.tags["splade.alert.loss_spike"].startswith("step 15: loss spike at step 15")
-    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "alerts/loss_spike")][0] == (15, 1.0)
+    assert run.data.tags["splade.alert.loss_spike"].startswith("step 25: loss spike at step 25")
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "alerts/loss_spike")][0] == (25, 1.0)
     assert run.data.metrics["alerts/total"] == 1.0
     # the span event, tagged with its category, and the run's outcome
     spans = [json.loads(line) for line in (out / "logs" / "traces.jsonl").read_text().splitlines()]
@@ -167,7 +167,7 @@ def _step(n: int, **kw: Any) -> StepDone:
 
 
 def _monitor(**kw: Any) -> HealthMonitor:
-    return HealthMonitor(HealthConfig(**kw), vocab_size=1000, memory_probe=lambda: {})
+    return HealthMonitor(HealthConfig(**{"min_history": 10, **kw}), vocab_size=1000, memory_probe=lambda: {})
 
 
 def test_an_alert_fires_once_per_episode_and_again_after_the_cooldown():
@@ -205,11 +205,11 @@ def test_nonfinite_run_counts_skips_of_one_step_in_a_row():
 
 def test_memory_growth_needs_steady_growth_not_one_jump():
     series = iter([100.0] * 20 + [900.0] * 40)          # one big allocation: a jump, not a leak
-    mon = HealthMonitor(HealthConfig(memory_window=8, memory_growth_mb=100.0), 1000,
+    mon = HealthMonitor(HealthConfig(memory_window=8, memory_growth_mb=100.0, min_history=10), 1000,
                         memory_probe=lambda: {"rss": next(series)})
     assert [a for n in range(1, 41) for a in mon.observe(_step(n))] == []
     growing = iter(100.0 + 40.0 * i for i in range(100))
-    mon = HealthMonitor(HealthConfig(memory_window=8, memory_growth_mb=100.0), 1000,
+    mon = HealthMonitor(HealthConfig(memory_window=8, memory_growth_mb=100.0, min_history=10), 1000,
                         memory_probe=lambda: {"rss": next(growing)})
     raised = [a for n in range(1, 40) for a in mon.observe(_step(n))]
     assert [a.category for a in raised] == ["memory_growth"], "steady growth: one alert for the whole episode"
@@ -246,3 +246,17 @@ def test_fp16_overflow_warns_once_per_episode_and_moves_neither_the_schedule_nor
     logged = [json.loads(line) for line in (cfg.log_dir / "train_splade.jsonl").read_text().splitlines()]
     assert sum("Gradient overflow detected, scaling down" in r["message"] for r in logged) == 1
     assert [r["level"] for r in logged if r.get("alert") == "grad_overflow"] == ["WARNING"]
+
+
+def test_a_resumed_monitor_raises_what_the_uninterrupted_one_raises():
+    """The checkpoint's health state: recent values, counts and episodes carry over a resume."""
+    losses = [0.01 * (1 + 0.1 * math.sin(n)) for n in range(1, 40)] + [5.0]
+    straight = _monitor()
+    raised = [a.category for n, loss in enumerate(losses, 1) for a in straight.observe(_step(n, loss=loss))]
+    first = _monitor()
+    for n, loss in enumerate(losses[:25], 1):
+        first.observe(_step(n, loss=loss))
+    resumed = _monitor()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))   # through the JSON trainer state
+    again = [a.category for n, loss in enumerate(losses[25:], 26) for a in resumed.observe(_step(n, loss=loss))]
+    assert raised == again == ["loss_spike"] and resumed.counts == straight.counts
