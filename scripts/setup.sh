@@ -20,5 +20,11 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 spec="."
 [ -n "$extras" ] && spec=".[$extras]"
-"$VPY" -m pip install -q --disable-pip-version-check -e "$spec" 2>&1 | grep -v "is ignored" || true
+# the build backend's notices (setuptools' editable-install and data-folder warnings) go to a log that is shown
+# only when the install fails; the import check below says whether it worked
+log=$(mktemp)
+if ! "$VPY" -m pip install -q --disable-pip-version-check -e "$spec" >"$log" 2>&1; then
+  grep -v "is ignored" "$log" || true
+fi
+rm -f "$log"
 "$VPY" -c "import torch, splade_obs, splade_obs_cli.main; print('splade-obs', splade_obs.__version__, 'with torch', torch.__version__)"
