@@ -70,3 +70,12 @@ def handle_errors(default: ErrorCategory = ErrorCategory.UNKNOWN_ERROR) -> Calla
 
 debug_option = click.option("--debug", is_flag=True, default=False,
                             help="Show full tracebacks on errors.")
+
+
+def encoder_options(fn: F) -> F:
+    """``--max-query-length``, ``--max-doc-length``, ``--batch-size`` and ``--device``: how a command encodes
+    (evaluate, mine-negatives and search: the same flags and defaults)."""
+    fn = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")(fn)
+    for name, default in (("--batch-size", 32), ("--max-doc-length", 256), ("--max-query-length", 64)):
+        fn = click.option(name, default=default, show_default=True, type=click.IntRange(min=1))(fn)
+    return fn

@@ -12,7 +12,7 @@ from splade_obs import finite
 from splade_obs.engines import ENGINE_HELP, ENGINES
 from splade_obs.errors import ErrorCategory
 
-from .common import debug_option, handle_errors
+from .common import debug_option, encoder_options, handle_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -32,9 +32,7 @@ def progress_options(fn: F) -> F:
 @click.option("--data", "data_dir", required=True, type=click.Path(path_type=Path),
               help="BEIR folder: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.")
 @click.option("--split", default="test", show_default=True, help="Which qrels/<split>.tsv to evaluate.")
-@click.option("--max-query-length", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-doc-length", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@encoder_options
 @click.option("--max-queries", default=None, type=click.IntRange(min=1),
               help="Evaluate a fixed random subset of this many queries (seed 0).")
 @click.option("--top-k-docs", default=100, show_default=True, type=click.IntRange(min=1),
@@ -46,7 +44,6 @@ def progress_options(fn: F) -> F:
               help="Encode the corpus block by block into a sparse matrix on disk here (docs/ and its transpose "
                    "postings/) and retrieve from it memory-mapped: the vectors are not held in memory.")
 @click.option("--engine", type=click.Choice(ENGINES), default="exact", show_default=True, help=ENGINE_HELP)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
 @click.option("--output", type=click.Path(path_type=Path), default=None, help="Also write the JSON here.")
 @click.option("--trec-run", type=click.Path(path_type=Path), default=None,
               help="Write the ranking as a TREC run file (qid Q0 docid rank score tag).")

@@ -9,7 +9,7 @@ import click
 
 from splade_obs.errors import ErrorCategory
 
-from .common import debug_option, handle_errors
+from .common import debug_option, encoder_options, handle_errors
 from .evaluate_cmd import progress_options
 
 
@@ -51,10 +51,7 @@ from .evaluate_cmd import progress_options
 @click.option("--sentence-queries", is_flag=True,
               help="Also turn each corpus document's last sentence into a query whose positive is the document "
                    "without it (in-domain pairs without labels).")
-@click.option("--max-query-length", default=64, show_default=True, type=click.IntRange(min=1))
-@click.option("--max-doc-length", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@encoder_options
 @progress_options
 @debug_option
 @handle_errors(ErrorCategory.DATA_ERROR)

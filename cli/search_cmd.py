@@ -4,27 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import click
 
 from splade_obs.engines import ENGINE_HELP, ENGINES, SeismicParams
 from splade_obs.errors import ErrorCategory
 
-from .common import debug_option, handle_errors
+from .common import debug_option, encoder_options, handle_errors
 from .evaluate_cmd import progress_options
 
 _SEISMIC = SeismicParams()
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def encoder_options(fn: F) -> F:
-    """``--max-query-length``, ``--max-doc-length``, ``--batch-size`` and ``--device``: how a command encodes
-    (the same flags and defaults as evaluate and mine-negatives)."""
-    fn = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")(fn)
-    for name, default in (("--batch-size", 32), ("--max-doc-length", 256), ("--max-query-length", 64)):
-        fn = click.option(name, default=default, show_default=True, type=click.IntRange(min=1))(fn)
-    return fn
 
 
 @click.command("search")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from splade_obs.shard import Shard, part_path, shard_from_env
 from splade_obs_cli.main import cli
 
 from ._eval_utils import read_jsonl, write_beir
+from ._torchrun import torchrun_env
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "splade_obs_cli.main"]
@@ -24,11 +24,7 @@ QUALITY = ("ndcg@10", "mrr@10", "recall@100", "map@100", "query_nnz", "doc_nnz",
 
 
 def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", MLFLOW_DISABLE_TELEMETRY="true", PYTHONUNBUFFERED="1")
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return torchrun_env()
 
 
 def _torchrun(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
