@@ -67,7 +67,7 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
     from splade_obs.model import SpladeEncoder
     from splade_obs.shard import rank_device, shard_session
 
-    beir = load_beir(data_dir, split)  # data problems surface before the model loads
+    beir = load_beir(data_dir, split, lazy_corpus=True)  # checked before the model loads; text stays on disk
     evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
                                    batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k_docs,
                                    idf_power=idf_power, progress=progress, progress_interval=progress_interval,

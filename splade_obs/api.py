@@ -261,7 +261,7 @@ def evaluate(model: ModelLike, beir_dir: str | os.PathLike[str], *,
     from .beir import load_beir
     from .evaluation import RetrievalEvaluator
 
-    beir = load_beir(beir_dir, split)  # data problems surface before the model loads
+    beir = load_beir(beir_dir, split, lazy_corpus=True)  # checked before the model loads; text stays on disk
     evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
                                    batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k,
                                    idf_power=idf_power, progress=progress)

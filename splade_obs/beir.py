@@ -3,6 +3,10 @@
 Every broken line raises a :class:`~splade_obs.errors.DataError` naming the file and line; the digest
 covers the corpus, the queries and the split's qrels. A BEIR folder is also training data: one example per
 query whose qrels give it at least one relevant document (:func:`beir_to_examples`).
+
+``load_beir(..., lazy_corpus=True)`` keeps the corpus on disk (:class:`CorpusFile`): one validating pass
+records each document's id and byte offset, and the texts are read back when asked for, block by block, so
+evaluating a corpus larger than memory holds its ids and offsets, never its text.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping, Sequence, overload
+
+import numpy as np
 
 from .data import BOM, file_digest
 from .records import Example, kind_of
@@ -26,7 +32,7 @@ BEIR_FILES = ("corpus.jsonl", "queries.jsonl")
 
 @dataclass
 class BeirData:
-    corpus: dict[str, dict[str, str]]  # doc id -> {"title", "text"}
+    corpus: "Mapping[str, dict[str, str]]"  # doc id -> {"title", "text"}: a dict, or a CorpusFile (lazy)
     queries: dict[str, str]
     qrels: dict[str, dict[str, int]]  # query id -> doc id -> relevance
     digest: str
@@ -36,27 +42,112 @@ class BeirData:
 
 def iter_jsonl_objects(path: Path, source: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line, object) pairs of a BEIR jsonl file; any broken line raises a DataError naming it."""
+    for line_no, _, obj in _iter_located(path, source):
+        yield line_no, obj
+
+
+def _iter_located(path: Path, source: str) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """(line, byte offset of the line, object) for every non-blank line, each checked by :func:`_parse_line`."""
+    offset = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
-            if line_no == 1:
-                raw = raw.removeprefix(BOM)
-            if not raw.strip():
-                continue
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                raise DataError(f"line is not valid UTF-8 (byte {exc.start + 1}) — expected UTF-8 text",
-                                file_path=source, line_number=line_no) from None
-            except json.JSONDecodeError as exc:
-                raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno}) — expected one JSON object per "
-                                "line", file_path=source, line_number=line_no) from None
-            if not isinstance(obj, dict):
-                raise DataError(f"record is {kind_of(obj)} — expected a JSON object", file_path=source,
-                                line_number=line_no)
-            if not isinstance(obj.get("_id"), (str, int)) or isinstance(obj.get("_id"), bool) or obj["_id"] == "":
-                raise DataError('field "_id" is missing or empty — expected a string id', file_path=source,
-                                line_number=line_no, field="_id")
-            yield line_no, obj
+            start, offset = offset, offset + len(raw)
+            if line_no == 1 and raw.startswith(BOM):
+                raw, start = raw[len(BOM):], start + len(BOM)
+            if raw.strip():
+                yield line_no, start, _parse_line(raw, source, line_no)
+
+
+def _parse_line(raw: bytes, source: str, line_no: int) -> dict[str, Any]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DataError(f"line is not valid UTF-8 (byte {exc.start + 1}) — expected UTF-8 text",
+                        file_path=source, line_number=line_no) from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno}) — expected one JSON object per "
+                        "line", file_path=source, line_number=line_no) from None
+    if not isinstance(obj, dict):
+        raise DataError(f"record is {kind_of(obj)} — expected a JSON object", file_path=source,
+                        line_number=line_no)
+    if not isinstance(obj.get("_id"), (str, int)) or isinstance(obj.get("_id"), bool) or obj["_id"] == "":
+        raise DataError('field "_id" is missing or empty — expected a string id', file_path=source,
+                        line_number=line_no, field="_id")
+    return obj
+
+
+def _document(obj: dict[str, Any]) -> dict[str, str]:
+    return {"title": str(obj.get("title") or ""), "text": str(obj.get("text") or "")}
+
+
+class CorpusFile(Mapping[str, dict[str, str]]):
+    """A ``corpus.jsonl`` read on demand: the mapping ``doc id -> {"title", "text"}`` of :func:`load_beir`,
+    holding only the ids and each document's byte offset (a repeated id keeps its first place and its last
+    record, as the dict does). :meth:`texts` is the documents' text as a sequence read from the file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        source, position, offsets, lines = str(self.path), {}, [], []
+        for line_no, start, obj in _iter_located(self.path, source):  # every line checked, as load_beir does
+            doc_id = str(obj["_id"])
+            at = position.setdefault(doc_id, len(offsets))
+            if at == len(offsets):
+                offsets.append(start)
+                lines.append(line_no)
+            else:
+                offsets[at], lines[at] = start, line_no
+        self._position: dict[str, int] = position
+        self.ids: list[str] = list(position)
+        self.offsets = np.asarray(offsets, dtype=np.int64)
+        self._lines = np.asarray(lines, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.ids)
+
+    def __contains__(self, doc_id: object) -> bool:
+        return doc_id in self._position
+
+    def __getitem__(self, doc_id: str) -> dict[str, str]:
+        return self.read([self._position[doc_id]])[0]
+
+    def read(self, positions: Sequence[int]) -> list[dict[str, str]]:
+        """The documents at ``positions`` (0-based, in corpus order), read from the file with one handle."""
+        out = []
+        with open(self.path, "rb") as f:
+            for i in positions:
+                f.seek(int(self.offsets[i]))
+                out.append(_document(_parse_line(f.readline(), str(self.path), int(self._lines[i]))))
+        return out
+
+    def texts(self) -> "CorpusTexts":
+        return CorpusTexts(self)
+
+
+class CorpusTexts(Sequence[str]):
+    """The documents' text (:func:`beir_doc_text`) in corpus order, read from the file when indexed: a slice
+    reads just its documents, so encoding block by block holds one block's text at a time."""
+
+    def __init__(self, corpus: CorpusFile) -> None:
+        self.corpus = corpus
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            return [beir_doc_text(d) for d in self.corpus.read(range(*i.indices(len(self))))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return beir_doc_text(self.corpus.read([i % len(self)])[0])
 
 
 def _read_qrels(path: Path, source: str) -> dict[str, dict[str, int]]:
@@ -91,8 +182,9 @@ def _beir_missing(folder: Path, split: str) -> list[str]:
     return [name for name in need if not (folder / name).is_file()]
 
 
-def load_beir(folder: str | Path, split: str = "test") -> BeirData:
-    """Read a BEIR folder; the digest covers corpus, queries and the split's qrels."""
+def load_beir(folder: str | Path, split: str = "test", *, lazy_corpus: bool = False) -> BeirData:
+    """Read a BEIR folder; the digest covers corpus, queries and the split's qrels. ``lazy_corpus``: the
+    corpus is a :class:`CorpusFile` (ids and offsets in memory, text read on demand), not a dict."""
     root = validate_file_exists(folder, kind="dir", what="BEIR folder")
     missing = _beir_missing(root, split)
     if missing:
@@ -102,9 +194,11 @@ def load_beir(folder: str | Path, split: str = "test") -> BeirData:
                         "expected corpus.jsonl, queries.jsonl and qrels/<split>.tsv, or a JSON/JSONL file",
                         file_path=str(folder), hint="pass a JSON/JSONL training file or a BEIR folder")
     corpus_path, queries_path, qrels_path = root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"
-    corpus: dict[str, dict[str, str]] = {}
-    for _, obj in iter_jsonl_objects(corpus_path, str(corpus_path)):
-        corpus[str(obj["_id"])] = {"title": str(obj.get("title") or ""), "text": str(obj.get("text") or "")}
+    corpus: Mapping[str, dict[str, str]]
+    if lazy_corpus:
+        corpus = CorpusFile(corpus_path)
+    else:
+        corpus = {str(obj["_id"]): _document(obj) for _, obj in iter_jsonl_objects(corpus_path, str(corpus_path))}
     queries: dict[str, str] = {}
     locations: dict[str, str] = {}
     for line_no, obj in iter_jsonl_objects(queries_path, str(queries_path)):

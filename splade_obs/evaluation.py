@@ -328,7 +328,7 @@ class RetrievalEvaluator:
                  top_k_retrieve: int = 100, idf_power: float = 0.0, progress: "ProgressSpec | str | None" = None,
                  progress_interval: float = 10.0, index_dir: str | Path | None = None,
                  engine: str = "exact") -> None:
-        from .beir import beir_doc_text
+        from .beir import CorpusFile, beir_doc_text
         from .engines import require_engine
         from .progress_util import as_spec
 
@@ -347,7 +347,9 @@ class RetrievalEvaluator:
         self.batch_size = int(batch_size)
         self.top_k = int(top_k_retrieve)
         self.doc_ids = list(beir.corpus)
-        self.doc_texts = [beir_doc_text(beir.corpus[d]) for d in self.doc_ids]
+        #: read from the file block by block when the corpus is lazy (``load_beir(lazy_corpus=True)``)
+        self.doc_texts: Sequence[str] = (beir.corpus.texts() if isinstance(beir.corpus, CorpusFile)
+                                         else [beir_doc_text(beir.corpus[d]) for d in self.doc_ids])
         if not self.doc_ids:
             raise DataError("corpus.jsonl has no documents", file_path=beir.folder or None)
         qids = [q for q in _judged_queries(beir.qrels) if beir.queries.get(q, "").strip()]
@@ -422,9 +424,9 @@ class RetrievalEvaluator:
                         "encode_queries_s": self._seconds["encode_queries"], "search_s": search_s})
         return metrics
 
-    def _encode(self, encoder: Any, phase: str, desc: str, texts: list[str], max_length: int, amp_dtype: Any,
+    def _encode(self, encoder: Any, phase: str, desc: str, texts: Sequence[str], max_length: int, amp_dtype: Any,
                 phases: dict[str, tuple[int, int]], shard: "Shard | None" = None) -> Any:
-        from .progress_util import encode_with_progress
+        from .progress_util import encode_in_blocks
         from .shard import encode_sharded
 
         t0, start_ns = time.perf_counter(), time.time_ns()
@@ -438,9 +440,9 @@ class RetrievalEvaluator:
 
                 out, self._postings = encode_to_disk(encoder, texts, self.index_dir, max_length=max_length,
                                                      batch_size=self.batch_size, amp_dtype=amp_dtype, progress=bar)
-            else:
-                out = encode_with_progress(encoder, texts, max_length=max_length, batch_size=self.batch_size,
-                                           amp_dtype=amp_dtype, progress=bar)
+            else:  # block by block: a lazy corpus's text is never in memory all at once
+                out = encode_in_blocks(encoder, texts, max_length=max_length, batch_size=self.batch_size,
+                                       amp_dtype=amp_dtype, progress=bar)
         phases[phase] = (start_ns, time.time_ns())
         self._seconds[phase] = time.perf_counter() - t0
         return out

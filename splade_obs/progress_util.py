@@ -196,3 +196,21 @@ def encode_with_progress(encoder: Any, texts: Sequence[str], *, max_length: int,
     inverse = np.empty(len(order), dtype=np.int64)
     inverse[np.asarray(order, dtype=np.int64)] = np.arange(len(order))
     return stacked[inverse]
+
+
+def encode_in_blocks(encoder: Any, texts: Sequence[str], *, start: int = 0, stop: int | None = None,
+                     block_size: int | None = None, progress: Progress | None = None, **kwargs: Any) -> Any:
+    """:func:`encode_with_progress` over ``texts[start:stop]`` one block of ``block_size`` texts at a time
+    (default :data:`splade_obs.encoding.BLOCK_SIZE`): only one block's text is in memory at once, which is
+    what keeps a lazily read corpus (:class:`splade_obs.beir.CorpusTexts`) off the heap. Rows in input order."""
+    import scipy.sparse as sp
+
+    from .encoding import BLOCK_SIZE
+
+    stop = len(texts) if stop is None else stop
+    block_size = block_size or BLOCK_SIZE
+    parts = [encode_with_progress(encoder, list(texts[lo:min(lo + block_size, stop)]), progress=progress, **kwargs)
+             for lo in range(start, stop, block_size)]
+    if not parts:
+        return encode_with_progress(encoder, [], progress=progress, **kwargs)
+    return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")

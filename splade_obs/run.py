@@ -271,7 +271,7 @@ def _build_evaluator(cfg: TrainConfig, quiet: bool = False) -> Any:
         return None
     from .beir import load_beir
     from .evaluation import RetrievalEvaluator
-    beir = load_beir(cfg.eval.eval_data, cfg.eval.eval_split)
+    beir = load_beir(cfg.eval.eval_data, cfg.eval.eval_split, lazy_corpus=True)  # the text stays on disk
     return RetrievalEvaluator(beir, max_query_length=cfg.model.max_query_length,
                               max_doc_length=cfg.model.max_doc_length, max_queries=cfg.eval.eval_max_queries,
                               seed=cfg.optim.seed, idf_power=cfg.eval.eval_idf_power,

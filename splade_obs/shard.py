@@ -175,11 +175,11 @@ def encode_sharded(encoder: Any, texts: Sequence[str], shard: Shard, *, progress
     rank 0 returns the CSR matrix of all of them in input order, the other ranks None."""
     import scipy.sparse as sp
 
-    from .progress_util import encode_with_progress
+    from .progress_util import encode_in_blocks
 
     lo, hi = shard.bounds(len(texts))
-    parts = shard.collect(lambda: encode_with_progress(encoder, list(texts[lo:hi]),
-                                                       progress=progress if shard.is_main else None, **kwargs))
+    parts = shard.collect(lambda: encode_in_blocks(encoder, texts, start=lo, stop=hi,
+                                                   progress=progress if shard.is_main else None, **kwargs))
     if parts is None:
         return None
     if progress is not None:  # the bar counts every text, the other ranks' included

@@ -1,0 +1,88 @@
+"""A BEIR corpus kept on disk (splade_obs.beir.CorpusFile): the same documents as the dict, errors on the same
+lines, and an evaluation from disk that never holds more than one block of the corpus's text."""
+
+from __future__ import annotations
+
+import json
+import random
+import tracemalloc
+
+import pytest
+
+from splade_obs.beir import BOM, CorpusFile, beir_doc_text, load_beir
+from splade_obs.errors import DataError
+
+from ._eval_utils import write_beir
+
+
+def _corpus(tmp_path, lines: list[str]) -> None:
+    root = write_beir(tmp_path / "beir")
+    (root / "corpus.jsonl").write_bytes(BOM + "\n".join(lines).encode("utf-8") + b"\n")
+    return root
+
+
+def test_lazy_corpus_holds_the_same_documents_as_the_dict(tmp_path):
+    root = _corpus(tmp_path, [
+        json.dumps({"_id": "a", "title": "Ölçü", "text": "first Ünïcode text"}),
+        "",
+        json.dumps({"_id": 7, "text": "an int id, no title"}),
+        json.dumps({"_id": "b", "title": "T", "text": None}),
+        "   ",
+        json.dumps({"_id": "a", "title": "again", "text": "a repeated id keeps its place, the last record wins"}),
+        json.dumps({"_id": "c", "title": "", "text": "last"}),
+    ])
+    eager, lazy = load_beir(root), load_beir(root, lazy_corpus=True)
+    assert isinstance(lazy.corpus, CorpusFile) and lazy.digest == eager.digest
+    assert list(lazy.corpus) == list(eager.corpus) == ["a", "7", "b", "c"]
+    assert {d: lazy.corpus[d] for d in lazy.corpus} == eager.corpus
+    texts = lazy.corpus.texts()
+    expected = [beir_doc_text(eager.corpus[d]) for d in eager.corpus]
+    assert len(texts) == 4 and list(texts) == expected
+    assert texts[1:3] == expected[1:3] and texts[-1] == expected[-1] and texts[::2] == expected[::2]
+    assert "7" in lazy.corpus and "z" not in lazy.corpus
+    with pytest.raises(IndexError):
+        texts[4]
+    with pytest.raises(KeyError):
+        lazy.corpus["z"]
+
+
+def test_lazy_corpus_reports_a_broken_line_as_the_dict_does(tmp_path):
+    root = _corpus(tmp_path, [json.dumps({"_id": "a", "text": "x"}), "", '{"_id": "b", "text": '])
+    for lazy in (False, True):
+        with pytest.raises(DataError) as info:
+            load_beir(root, lazy_corpus=lazy)
+        assert info.value.context["line_number"] == 3 and "corpus.jsonl:3" in str(info.value)
+
+
+def test_evaluation_from_disk_holds_one_block_of_text_not_the_corpus(tmp_path, tiny_model_path, monkeypatch):
+    """400 documents of 50 kB (20 MB of text) evaluated with --index-dir in blocks of 40: the Python heap's peak
+    stays under a quarter of the corpus, where reading the corpus eagerly alone takes more than all of it."""
+    from splade_obs.evaluation import RetrievalEvaluator
+    from splade_obs.model import SpladeEncoder
+
+    rng = random.Random(5)
+    words = [f"{w}{i}" for i in range(300) for w in ("cell", "gene", "drug", "virus")]
+    root = write_beir(tmp_path / "beir")
+    with open(root / "corpus.jsonl", "w", encoding="utf-8") as f:
+        for i in range(400):
+            text = " ".join(rng.choices(words, k=7000))[:50_000]
+            f.write(json.dumps({"_id": f"d{i}", "title": f"doc {i}", "text": text}) + "\n")
+    corpus_mb = (root / "corpus.jsonl").stat().st_size / 2**20
+    monkeypatch.setattr("splade_obs.encoding.BLOCK_SIZE", 40)
+    encoder = SpladeEncoder.from_pretrained(tiny_model_path, device="cpu")
+
+    tracemalloc.start()
+    try:
+        load_beir(root)
+        eager_mb = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.reset_peak()
+        beir = load_beir(root, lazy_corpus=True)
+        evaluator = RetrievalEvaluator(beir, max_doc_length=8, max_query_length=8, batch_size=40,
+                                       index_dir=tmp_path / "index")
+        metrics = evaluator.evaluate(encoder)
+        lazy_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert metrics["num_docs"] == 400 and metrics["num_queries"] > 0
+    assert eager_mb > corpus_mb * 0.9, (eager_mb, corpus_mb)
+    assert lazy_mb < corpus_mb / 4, (lazy_mb, corpus_mb)
