@@ -35,6 +35,7 @@ def _register() -> None:
                     adapt_cmd.adapt, config_cmd.config):
         cli.add_command(command)
     from . import search_cmd; cli.add_command(search_cmd.search)  # noqa: E702 - issue 34: the engine command
+    from . import fit_cmd; cli.add_command(fit_cmd.fit)  # noqa: E702 - issue 35: data to a better model
 
 
 _register()

@@ -10,7 +10,7 @@ import logging
 import os
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -25,6 +25,16 @@ from .plan import TrainResult
 from .trainer import Trainer
 
 log = logging.getLogger("splade_obs.run")
+
+
+@dataclass(frozen=True)
+class RunParent:
+    """What a run hangs under when a larger job (``splade-obs fit``) starts it: its MLflow run becomes a nested
+    run of ``mlflow_run_id`` (the ``mlflow.parentRunId`` tag the MLflow UI nests by) and its run span a child
+    of the span ``traceparent`` names (one trace for the whole job)."""
+
+    mlflow_run_id: str | None = None
+    traceparent: str | None = None
 
 
 @dataclass
@@ -87,7 +97,7 @@ def check_inputs(cfg: TrainConfig) -> Runtime | None:
 
 
 def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_name: str | None = None,
-                resume_run_id: str | None = None) -> list[Sink]:
+                resume_run_id: str | None = None, parent: RunParent | None = None) -> list[Sink]:
     """The sinks ``cfg`` asks for. The only place that reads sink settings out of the config: each sink
     gets plain options here and learns everything else from events.
 
@@ -123,8 +133,10 @@ def build_sinks(cfg: TrainConfig, *, rank: int = 0, world_size: int = 1, run_nam
         from .sinks.mlflow import MlflowSink
         from .sinks.mlflow.env import resolve_options
         try:
-            mlflow_sink = MlflowSink.create(resolve_options(cfg.tracking, run_name=run_name, log_dir=str(cfg.log_dir)),
-                                            resume_run_id=resume_run_id)
+            options = resolve_options(cfg.tracking, run_name=run_name, log_dir=str(cfg.log_dir))
+            if parent is not None and parent.mlflow_run_id:  # a nested run in the MLflow UI
+                options = replace(options, tags={**(options.tags or {}), "mlflow.parentRunId": parent.mlflow_run_id})
+            mlflow_sink = MlflowSink.create(options, resume_run_id=resume_run_id)
         except Exception as exc:  # raised after the other nodes heard there is no run (they must not wait)
             failure = exc
         if mlflow_sink is not None:
@@ -178,10 +190,11 @@ def _node_system_metrics(cfg: TrainConfig, rank: int, world_size: int, mlflow_si
 
 def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name: str | None = None,
                  sinks: list[Sink] | None = None, close_timeout: float = 120.0,
-                 capture_root_logger: bool = True) -> RunResult:
+                 capture_root_logger: bool = True, parent: RunParent | None = None) -> RunResult:
     """Train ``cfg``. ``sinks`` replaces the sinks :func:`build_sinks` would make (``extra_sinks`` are added
     to either); the bus delivers to them in the given order. ``capture_root_logger`` False leaves the root
-    logger alone (:func:`splade_obs.train`; see :func:`~splade_obs.logging_setup.setup_logging`)."""
+    logger alone (:func:`splade_obs.train`; see :func:`~splade_obs.logging_setup.setup_logging`). ``parent``:
+    the MLflow run and span this run nests under (:class:`RunParent`)."""
     from .logging_setup import setup_logging, teardown_logging
     from .sysinfo import collect_system_info
     from .sinks.mlflow.env import resolve_run_name
@@ -216,13 +229,15 @@ def run_training(cfg: TrainConfig, extra_sinks: Iterable[Sink] = (), *, run_name
         # here, before any sink
         evaluator = _build_evaluator(cfg, quiet=rank != 0)
         if sinks is None:
-            sinks = build_sinks(cfg, rank=rank, world_size=world_size, run_name=name, resume_run_id=resume_run_id)
+            sinks = build_sinks(cfg, rank=rank, world_size=world_size, run_name=name, resume_run_id=resume_run_id,
+                                parent=parent)
         for s in [*sinks, *extra_sinks]:
             bus.add(s)
         bus.open()
         info = collect_system_info(runtime=runtime)
         trainer = Trainer(cfg, bus, system_info=info, evaluator=evaluator, run_name=name, rank=rank,
-                          world_size=world_size, dist_ctx=dist, ids=ids, runtime=runtime)
+                          world_size=world_size, dist_ctx=dist, ids=ids, runtime=runtime,
+                          parent_traceparent=parent.traceparent if parent is not None else None)
         result = trainer.run()
         if dist is not None:
             dist.finish(result)

@@ -51,8 +51,10 @@ from .step_stats import StepAccumulator, StepStats, check_finite
 class Trainer:
     def __init__(self, cfg: TrainConfig, bus: EventBus, *, system_info: dict[str, Any] | None = None,
                  evaluator: Any = None, run_name: str = "", rank: int = 0, world_size: int = 1,
-                 dist_ctx: Any = None, ids: RunIds | None = None, runtime: Runtime | None = None) -> None:
+                 dist_ctx: Any = None, ids: RunIds | None = None, runtime: Runtime | None = None,
+                 parent_traceparent: str | None = None) -> None:
         self.cfg, self.bus, self.evaluator, self.run_name = cfg, bus, evaluator, run_name
+        self.parent_traceparent = parent_traceparent  # the span this run's span is a child of (``fit``'s stage)
         self.ids = ids if ids is not None else RunIds()
         self.system_info = system_info or {}
         self.rank, self.world_size, self.dist = rank, world_size, dist_ctx
@@ -163,7 +165,7 @@ class Trainer:
         from .redaction import redact
         state = ckpt_io.read_trainer_state(resume) if resume else {}
         self.started = True
-        traceparent = None
+        traceparent = self.parent_traceparent
         if self.dist is not None and self.rank != 0:
             traceparent = self.dist.broadcast_object(None)  # rank 0's run span: every rank joins one trace
         cfg = self.cfg

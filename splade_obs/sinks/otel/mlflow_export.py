@@ -299,3 +299,21 @@ class MlflowServerFinalizer(_TraceWriter):
     def shutdown(self) -> None:
         super().shutdown()
         self.inner.shutdown()
+
+
+def trace_exporter(uri: str, ids: Callable[[], tuple[str | None, str | None]], shutdown_timeout: float, *,
+                   open_uri: str | None = None) -> SpanExporter | None:
+    """The exporter that puts a trace in the MLflow store at ``uri`` (``ids`` gives its experiment and run):
+    OTLP to a server's ``/v1/traces`` then :class:`MlflowServerFinalizer`, :class:`MlflowStoreExporter` for a
+    database store, None (one info line) for a store that takes no traces."""
+    from . import exporters as ex
+
+    kind = store_kind(uri)
+    if kind == "server":
+        timeout = max(1.0, min(ex.DEFAULT_OTLP_TIMEOUT_S, shutdown_timeout))
+        return MlflowServerFinalizer(ex.MlflowOtlpExporter(uri, ids, timeout=timeout), uri, ids)
+    if kind == "database":
+        return MlflowStoreExporter(uri, ids, open_uri=open_uri)
+    log.info("the trace is not sent to MLflow: the tracking store %s does not take traces (it stays in "
+             "traces.jsonl)", uri.split(":", 1)[0] if ":" in uri else uri)
+    return None

@@ -171,18 +171,10 @@ class OtelSink(Sink):
         if self.rank != 0 or self._mlflow_exporter or not self.options.to_mlflow or not self.tracking_uri:
             return
         self._mlflow_exporter = True
-        uri = self.tracking_uri
-        kind = mx.store_kind(uri)
         ids = lambda: (self.mlflow_experiment_id, self.mlflow_run_id)  # noqa: E731 - read on the export thread
-        if kind == "server":
-            timeout = max(1.0, min(ex.DEFAULT_OTLP_TIMEOUT_S, self.options.shutdown_timeout))
-            otlp = ex.MlflowOtlpExporter(uri, ids, timeout=timeout)
-            self.pipeline.add("mlflow", mx.MlflowServerFinalizer(otlp, uri, ids))
-        elif kind == "database":
-            self.pipeline.add("mlflow", mx.MlflowStoreExporter(uri, ids, open_uri=self.store_uri))
-        else:
-            log.info("the run's trace is not sent to MLflow: the tracking store %s does not take traces "
-                     "(it stays in traces.jsonl)", uri.split(":", 1)[0] if ":" in uri else uri)
+        exporter = mx.trace_exporter(self.tracking_uri, ids, self.options.shutdown_timeout, open_uri=self.store_uri)
+        if exporter is not None:
+            self.pipeline.add("mlflow", exporter)
 
     # -------------------------------------------------------------------------------------- dispatch
     def handle(self, event: Event) -> None:
