@@ -47,7 +47,8 @@ log = logging.getLogger("splade_obs.sinks.mlflow")
 MAX_PARAMS_TAGS_PER_BATCH = 100       # mlflow.utils.validation.MAX_PARAMS_TAGS_PER_BATCH
 MAX_PARAM_VAL_LENGTH = 6000           # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
 MAX_TAG_VAL_LENGTH = 8000
-PENDING_LIMIT = 200_000               # metric points kept in memory while the store is down (~40 MB worst case)
+PENDING_LIMIT = 50_000                # metric points kept in memory while the store lags or is down (~9 MB at
+                                      # 180 B a point; beyond it the oldest go to the unsent file, nothing is lost)
 SPILL_FRACTION = 0.05                 # of PENDING_LIMIT written to the unsent file at once when the buffer is full
 DEFAULT_SHUTDOWN_TIMEOUT = 10.0       # tracking.shutdown_timeout
 MIN_JOURNAL_INTERVAL_S = 0.5          # the unsent file's write-ahead interval when flush_interval is smaller
