@@ -29,6 +29,13 @@ def train(ctx: click.Context, config_file: str | None, sink_names: tuple[str, ..
     With no data flags it trains splade-tiny on the bundled demo set for 3 epochs with a validation loss per
     epoch, then evaluates retrieval on the demo's BEIR set (under a minute on 2 CPU cores; --val-file none,
     --eval-data none: without them).
+
+    With --train-file a BEIR folder: one example per (query, relevant document) pair, each with a hard negative
+    drawn each epoch from its query's BM25 top 50 (judged positives removed; --beir-negatives none: in-batch
+    negatives only), and enough epochs for 200 optimizer steps (at most 10) unless --epochs or --max-steps is
+    given. On SciFact (4 epochs, about 3 min on 2 CPU cores) that lifts splade-tiny from 0.644 to 0.663 nDCG@10
+    (in-batch only: 0.672); why, and the measurements: docs/recipes.md#training-data.
+
     Every option is a key of docs/config.md; `splade-obs config show` prints the effective config.
     """
     cfg = config_from_flags(ctx, config_file, flags)  # before importing torch: a bad config fails fast

@@ -2,7 +2,7 @@
 
 Every broken line raises a :class:`~splade_obs.errors.DataError` naming the file and line; the digest
 covers the corpus, the queries and the split's qrels. A BEIR folder is also training data: one example per
-query whose qrels give it at least one relevant document (:func:`beir_to_examples`).
+(query, relevant document) pair (:func:`beir_to_examples`).
 
 ``load_beir(..., lazy_corpus=True)`` keeps the corpus on disk (:class:`CorpusFile`): one validating pass
 records each document's id and byte offset, and the texts are read back when asked for, block by block, so
@@ -217,19 +217,39 @@ def beir_doc_text(doc: dict[str, str]) -> str:
     return f"{doc.get('title') or ''} {doc.get('text') or ''}".strip()
 
 
-def beir_to_examples(beir: BeirData, source: str) -> list[Example]:
-    """One example per query with at least one relevant (rel > 0) document found in the corpus."""
+def beir_to_examples(beir: BeirData, source: str, negatives: "Mapping[str, Sequence[str]] | None" = None,
+                     ) -> list[Example]:
+    """One example per (query, relevant document) pair: each qrels row with label > 0 whose query has a text and
+    whose document is in the corpus, in qrels order. Its location is the query's ``queries.jsonl:line`` and the
+    document id (``queries.jsonl:12 [doc 4983]``), so each pair draws its own negatives in the collator.
+    ``negatives``: query id -> doc ids of its hard negatives (:mod:`splade_obs.beir_negatives`), given to every
+    pair of that query."""
     examples: list[Example] = []
     dangling = 0
+    texts: dict[str, str] = {}
+
+    def text(doc_id: str) -> str:
+        if doc_id not in texts:
+            texts[doc_id] = beir_doc_text(beir.corpus[doc_id])
+        return texts[doc_id]
+
     for qid, rels in beir.qrels.items():
         query = beir.queries.get(qid, "").strip()
-        docs = [beir_doc_text(beir.corpus[d]) for d, rel in rels.items() if rel > 0 and d in beir.corpus]
         dangling += sum(1 for d, rel in rels.items() if rel > 0 and d not in beir.corpus)
-        docs = [d for d in docs if d]
-        if not query or not docs:
+        if not query:
             continue
-        examples.append(Example(query=query, positives=tuple(docs),
-                                location=beir.query_locations.get(qid, f"{source}[{qid}]")))
+        negs = tuple(t for t in (text(d) for d in (negatives or {}).get(qid, ()) if d in beir.corpus) if t)
+        where = beir.query_locations.get(qid, f"{source}[{qid}]")
+        for doc_id, rel in rels.items():
+            if rel > 0 and doc_id in beir.corpus and text(doc_id):
+                examples.append(Example(query=query, positives=(text(doc_id),), negatives=negs,
+                                        location=f"{where} [doc {doc_id}]"))
     if dangling:
         log.warning("%s: %d qrels rows name documents missing from corpus.jsonl; ignored", source, dangling)
     return examples
+
+
+def training_query_ids(beir: BeirData) -> list[str]:
+    """Query ids with a text and at least one relevant (label > 0) document in the corpus, in qrels order."""
+    return [q for q, rels in beir.qrels.items() if beir.queries.get(q, "").strip()
+            and any(rel > 0 and d in beir.corpus for d, rel in rels.items())]

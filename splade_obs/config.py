@@ -28,6 +28,7 @@ from typing import Any, Iterable, Mapping
 
 from .config_schema import (COMMAND_LINE, IN_CODE, _config_error, _describe, _section_class, check_value,
                             config_fields, field_spec, section_names)
+from .beir_negatives import BEIR_NEGATIVES, BEIR_NEGATIVES_DEPTH, MAX_BEIR_EPOCHS, MIN_BEIR_STEPS
 from .errors import ConfigError
 from .events import ALERT_CATEGORIES
 
@@ -97,15 +98,23 @@ class DataConfig:
                                           "into <log-dir>/bad_records.jsonl.", choices=ON_BAD_RECORD)
     max_reported_problems: int = setting(20, "Bad records listed in the error before the list is cut.",
                                          file_only=True, ge=1)
-    num_negatives: int = setting(1, "Hard negatives per query when the data has them.", ge=0)
+    num_negatives: int = setting(1, "Hard negatives per query when the data has them (drawn afresh each epoch "
+                                    "from the example's negatives).", ge=0)
+    beir_negatives: str = setting("bm25", "Hard negatives of a BEIR --train-file (it has none): bm25 = each "
+                                          "pair's from its query's BM25 top --beir-negatives-depth, judged "
+                                          "positives removed (needs bm25s); none = in-batch negatives only.",
+                                  choices=BEIR_NEGATIVES)
+    beir_negatives_depth: int = setting(BEIR_NEGATIVES_DEPTH, "BM25 documents per query the BEIR negatives are "
+                                                              "drawn from.", ge=1)
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     """Steps, batches, optimizer and precision."""
 
-    epochs: int | None = setting(None, "Passes over the training data (default: 3 on the bundled demo set "
-                                       "unless --max-steps is given, else 1).", ge=1)
+    epochs: int | None = setting(None, "Passes over the training data (default: 3 on the bundled demo set; on "
+                                       f"a BEIR folder enough for {MIN_BEIR_STEPS} optimizer steps, at most "
+                                       f"{MAX_BEIR_EPOCHS}; else 1; 1 with --max-steps).", ge=1)
     max_steps: int | None = setting(None, "Optimizer steps; overrides --epochs.", ge=1)
     batch_size: int = setting(16, "Queries per micro-batch (per process).", ge=1)
     gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.", ge=1)

@@ -13,7 +13,7 @@ Record format (one JSON object per line, or a JSON array of such objects)::
 when a record has several positives they share the first score. Unknown extra keys are allowed.
 
 A folder is read as BEIR (``corpus.jsonl``, ``queries.jsonl``, ``qrels/<split>.tsv``): one example per
-query whose qrels give it at least one relevant document.
+(query, relevant document) pair, with BM25 hard negatives mined on the fly (:mod:`splade_obs.beir_negatives`).
 
 Randomness here never touches the global RNGs: the epoch order (and the collator's choice of positive and
 negatives, :mod:`splade_obs.collate`) are pure functions of (seed, epoch, position), which is what makes an
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import DataError
+from .beir_negatives import BEIR_NEGATIVES_DEPTH
+from .errors import DataError, DependencyError
 from .records import Example, Problem, Where, kind_of, validate_record
 from .recovery import validate_file_exists
 
@@ -78,13 +79,22 @@ def with_demo_defaults(cfg: "TrainConfig") -> "TrainConfig":
     """The config a run uses: unset defaults that depend on the data filled in, once, at the start of a run.
 
     On the demo set (no ``data.train_file``): ``optim.epochs`` 3 (1 with ``max_steps``), the demo's validation
-    set and its retrieval set (evaluated at the end). On the user's data: ``optim.epochs`` 1 and nothing else.
-    ``none`` as ``val_file`` / ``eval_data`` turns that part off; any value given is kept.
+    set and its retrieval set (evaluated at the end). On a BEIR folder: the epochs that reach
+    ``MIN_BEIR_STEPS`` optimizer steps over its (query, positive) pairs, at most ``MAX_BEIR_EPOCHS``
+    (:func:`splade_obs.beir_negatives.beir_epochs`; 1 with ``max_steps``). On other data: ``optim.epochs`` 1
+    and nothing else. ``none`` as ``val_file`` / ``eval_data`` turns that part off; any value given is kept.
     """
+    from .beir_negatives import beir_epochs, count_beir_pairs, is_beir_folder
+
     demo = cfg.data.train_file is None
     changes: dict[str, dict[str, Any]] = {}
     if cfg.optim.epochs is None:
-        changes["optim"] = {"epochs": DEMO_EPOCHS if demo and cfg.optim.max_steps is None else 1}
+        epochs = DEMO_EPOCHS if demo and cfg.optim.max_steps is None else 1
+        if cfg.optim.max_steps is None and is_beir_folder(cfg.data.train_file):
+            pairs = count_beir_pairs(cfg.data.train_file, cfg.data.train_split)  # type: ignore[arg-type]
+            if pairs:
+                epochs = beir_epochs(pairs, cfg.optim.batch_size, cfg.optim.gradient_accumulation_steps)
+        changes["optim"] = {"epochs": epochs}
     for section, key, demo_value in (("data", "val_file", demo_path("val")), ("eval", "eval_data", DEMO_RETRIEVAL_DIR)):
         value = getattr(getattr(cfg, section), key)
         if value is None and demo:
@@ -275,11 +285,15 @@ def _first_line_parses(path: Path) -> bool:
 
 # ----------------------------------------------------------------------------------------- entry point
 def load_training_data(path: str | Path | None, *, split: str = "train", on_bad_record: str = "error",
-                       bad_records_path: Path | None = None, max_reported: int = 20) -> LoadedData:
+                       bad_records_path: Path | None = None, max_reported: int = 20,
+                       beir_negatives: str = "bm25", beir_negatives_depth: int = BEIR_NEGATIVES_DEPTH) -> LoadedData:
     """Read and validate a training file (JSON array or JSONL), a BEIR folder, or the demo set (``None``).
 
     ``on_bad_record="error"`` checks every record, then raises one DataError listing all problems (up to
     ``max_reported``); ``"skip"`` drops bad records, counts them and appends each to ``bad_records_path``.
+    A BEIR folder gives one example per (query, relevant document) pair, with the query's BM25 hard negatives
+    (``beir_negatives="bm25"``, top ``beir_negatives_depth``; :mod:`splade_obs.beir_negatives`) or none
+    (``"none"``). Files are read as they are: their negatives, if any, are the data's.
     """
     if on_bad_record not in ("error", "skip"):
         raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
@@ -289,10 +303,21 @@ def load_training_data(path: str | Path | None, *, split: str = "train", on_bad_
     source = str(path)
     p = validate_file_exists(path, kind="any", what="training data")
     if p.is_dir():
-        from .beir import beir_to_examples, load_beir
+        from .beir import beir_to_examples, load_beir, training_query_ids
 
         beir = load_beir(p, split)
-        examples = beir_to_examples(beir, source)
+        pools = None
+        if beir_negatives == "bm25":
+            from .beir_negatives import bm25_negative_pools
+
+            try:
+                pools = bm25_negative_pools(beir, training_query_ids(beir), beir_negatives_depth)
+            except DependencyError as err:  # an optional part: train on in-batch negatives, say so
+                log.warning("%s: no BM25 hard negatives (%s): training with in-batch negatives only; pip install "
+                            "bm25s PyStemmer, or --beir-negatives none", source, err.message)
+        elif beir_negatives != "none":
+            raise ValueError(f"beir_negatives must be 'bm25' or 'none', got {beir_negatives!r}")
+        examples = beir_to_examples(beir, source, pools)
         if not examples:
             raise DataError(f"no training examples: no query in qrels/{split}.tsv has a relevant document in "
                             "corpus.jsonl", file_path=source)

@@ -37,7 +37,8 @@ def load_run_data(cfg: TrainConfig, rank: int = 0) -> RunData:
         bad_path.unlink()
     t = now_ns()
     train = load_training_data(cfg.data.train_file, split=cfg.data.train_split, on_bad_record=cfg.data.on_bad_record,
-                               bad_records_path=bad_path, max_reported=cfg.data.max_reported_problems)
+                               bad_records_path=bad_path, max_reported=cfg.data.max_reported_problems,
+                               beir_negatives=cfg.data.beir_negatives, beir_negatives_depth=cfg.data.beir_negatives_depth)
     out = RunData(train=train, train_span=(t, now_ns()), resume=resume, skipped_checkpoints=skipped)
     if len(train.examples) < 2:
         raise DataError(f"need at least 2 training examples, found {len(train.examples)}", file_path=train.source)
@@ -51,7 +52,9 @@ def load_run_data(cfg: TrainConfig, rank: int = 0) -> RunData:
     if cfg.data.val_file:
         t = now_ns()
         try:
-            val = load_training_data(cfg.data.val_file, on_bad_record="skip", bad_records_path=bad_path)
+            val = load_training_data(cfg.data.val_file, on_bad_record="skip", bad_records_path=bad_path,
+                                     beir_negatives=cfg.data.beir_negatives,
+                                     beir_negatives_depth=cfg.data.beir_negatives_depth)
             if not val.examples:
                 raise DataError("validation set has no usable examples", file_path=cfg.data.val_file)
             out.val, out.val_span = val, (t, now_ns())

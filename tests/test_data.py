@@ -119,7 +119,7 @@ def test_beir_folder_becomes_pairs(tmp_path):
     assert loaded.fmt == "beir" and loaded.digest == beir.digest
     assert [(e.query, e.positives) for e in loaded.examples] == [
         ("river of Velmora", ("Velmora A city on the Tasko.",)), ("kettle K2", ("The K2 kettle.",))]
-    assert loaded.examples[1].location.endswith("queries.jsonl:2")
+    assert loaded.examples[1].location.endswith("queries.jsonl:2 [doc d2]")  # one example per (query, positive)
 
 
 def test_beir_digest_changes_with_qrels(tmp_path):
@@ -136,13 +136,14 @@ def test_beir_missing_split_names_what_is_missing(tmp_path):
 
 
 @pytest.mark.skipif(not SCIFACT.is_dir(), reason=f"SciFact BEIR folder not present at {SCIFACT}")
-def test_scifact_train_split_gives_one_example_per_query_with_positives():
-    loaded = load_training_data(str(SCIFACT), split="train")
+def test_scifact_train_split_gives_one_example_per_query_positive_pair():
+    loaded = load_training_data(str(SCIFACT), split="train", beir_negatives="none")
     beir = load_beir(SCIFACT, "train")
     with_pos = [q for q, rels in beir.qrels.items() if any(r > 0 for r in rels.values())]
-    assert len(with_pos) == 809
-    assert len(loaded.examples) == 809
-    assert all(e.query and e.positives for e in loaded.examples)
+    pairs = [(q, d) for q, rels in beir.qrels.items() for d, r in rels.items() if r > 0]
+    assert len(with_pos) == 809 and len(pairs) == 919
+    assert len(loaded.examples) == 919 and len({e.location.split(" [")[0] for e in loaded.examples}) == 809
+    assert all(e.query and len(e.positives) == 1 and not e.negatives for e in loaded.examples)
 
 
 # ------------------------------------------------------------------------------------------ order
