@@ -14,6 +14,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,3 +70,33 @@ def bf16_matmul_speedup() -> float:
 def cpu_bf16_is_fast(threshold: float = 1.25) -> bool:
     """True when bf16 matmuls beat fp32 clearly on this CPU (native bf16 kernels, not emulation)."""
     return bf16_matmul_speedup() >= threshold
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None (another C library, another OS)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_heap() -> bool:
+    """Give the memory the C heap holds free back to the operating system (glibc's ``malloc_trim(0)``).
+
+    Encoding allocates a ``batch x vocabulary`` float tensor per batch (15.6 MB at batch 128 with BERT's 30,522
+    terms); glibc serves those from its heap once a freed one has raised its mmap threshold, and the heap keeps
+    the freed space, so over many batches the resident memory climbs by hundreds of MB without anything being
+    live (measured: 20k documents, RSS 430 -> 1,007 MB and back, peak growing with the corpus). Called once per
+    block of documents it keeps the peak flat (695 MB, RSS back to 452 MB after each block). A no-op returning
+    False where glibc is not the C library.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True

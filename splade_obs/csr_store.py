@@ -143,9 +143,12 @@ def encode_to_disk(encoder: Any, texts: Sequence[str], folder: str | Path, *, bl
 
     block_size = block_size or BLOCK_SIZE
     writer = CsrWriter(Path(folder) / "docs", encoder.vocab_size)
+    from .cpu import release_heap
+
     for start in range(0, len(texts), block_size):
         writer.append(encode_with_progress(encoder, list(texts[start:start + block_size]), progress=progress,
                                            **kwargs))
+        release_heap()  # the freed batch tensors back to the OS (splade_obs.cpu.release_heap)
     docs = open_csr(writer.close())
     return docs, transpose_to(docs, Path(folder) / "postings")
 

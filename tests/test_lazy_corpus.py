@@ -70,6 +70,10 @@ def test_evaluation_from_disk_holds_one_block_of_text_not_the_corpus(tmp_path, t
     corpus_mb = (root / "corpus.jsonl").stat().st_size / 2**20
     monkeypatch.setattr("splade_obs.encoding.BLOCK_SIZE", 40)
     encoder = SpladeEncoder.from_pretrained(tiny_model_path, device="cpu")
+    import splade_obs.cpu as cpu
+
+    trims, real_release = [], cpu.release_heap
+    monkeypatch.setattr(cpu, "release_heap", lambda: trims.append(real_release()) or True)
 
     tracemalloc.start()
     try:
@@ -86,3 +90,4 @@ def test_evaluation_from_disk_holds_one_block_of_text_not_the_corpus(tmp_path, t
     assert metrics["num_docs"] == 400 and metrics["num_queries"] > 0
     assert eager_mb > corpus_mb * 0.9, (eager_mb, corpus_mb)
     assert lazy_mb < corpus_mb / 4, (lazy_mb, corpus_mb)
+    assert len(trims) >= 400 // 40  # the C heap handed back after every block (splade_obs.cpu.release_heap)
