@@ -36,12 +36,13 @@ def _cuda(fn: str, *a):  # CUDA bookkeeping that is a no-op in a CPU dry run
     return getattr(torch.cuda, fn)(*a) if DEVICE == "cuda" else 0
 
 
-def train_once(mode: str, out: Path, steps: int, batch: int, faults: tuple[str, ...] = (), resume: bool = False) -> dict:
+def train_once(mode: str, out: Path, steps: int, batch: int, faults: tuple[str, ...] = (), resume: bool = False,
+               lengths: tuple[int, int] = (32, 128)) -> dict:
     cfg = TrainConfig.from_mapping({
         "checkpoint": {"output_dir": str(out), "resume": "auto" if resume else None, "save_steps": 10},
         "optim": {"max_steps": steps, "batch_size": batch, "learning_rate": 2e-4, "mixed_precision": mode,
                   "device": DEVICE, "warmup_steps": 5, "seed": 3},
-        "model": {"max_query_length": 32, "max_doc_length": 128},
+        "model": {"max_query_length": lengths[0], "max_doc_length": lengths[1]},
         "recovery": {"inject_faults": faults},
         "tracking": {"enabled": False}, "tracing": {"exporter": "none"}, "logging": {"progress": "none"},
     })
@@ -68,6 +69,20 @@ def train_once(mode: str, out: Path, steps: int, batch: int, faults: tuple[str, 
         "error": result.error.one_line() if result.error else None,
         "counters": result.counters,
     }
+
+
+def resume_fp16(tmp: Path, batch: int, steps: int = 10, lengths: tuple[int, int] = (32, 128)) -> dict:
+    """fp16 interrupted half-way (step 5 of 10) then resumed, against a straight run: the GradScaler's scale at the
+    end of each (restored from the checkpoint when equal) and the final weights' largest difference."""
+    straight = train_once("fp16", tmp / "straight", steps, batch, lengths=lengths)
+    train_once("fp16", tmp / "resumed", steps, batch, faults=(f"step:{steps // 2}:interrupt",), lengths=lengths)
+    resumed = train_once("fp16", tmp / "resumed", steps, batch, resume=True, lengths=lengths)
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp / "straight" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp / "resumed" / "final" / "model.safetensors"))
+    resume_diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+    return {"straight_scale": straight["grad_scale_last"], "resumed_scale": resumed["grad_scale_last"],
+            "max_abs_weight_diff": resume_diff, "resumed_status": resumed["status"]}
 
 
 def head_agreement(dtype: torch.dtype) -> dict:
@@ -118,19 +133,9 @@ def main() -> None:
         # fp16 with an injected NaN batch and an OOM: skipped safely, GradScaler intact
         faulty = train_once("fp16", Path(tmp) / "faulty", 12, args.batch_size,
                             faults=("batch:4:nan", "batch:6:oom"))
-        # fp16 interrupted at step 5 then resumed: scale restored from the checkpoint
-        straight = train_once("fp16", Path(tmp) / "straight", 10, args.batch_size)
-        train_once("fp16", Path(tmp) / "resumed", 10, args.batch_size, faults=("step:5:interrupt",))
-        resumed = train_once("fp16", Path(tmp) / "resumed", 10, args.batch_size, resume=True)
-        from safetensors.torch import load_file
-        wa = load_file(str(Path(tmp) / "straight" / "final" / "model.safetensors"))
-        wb = load_file(str(Path(tmp) / "resumed" / "final" / "model.safetensors"))
-        resume_diff = max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+        resume = resume_fp16(Path(tmp), args.batch_size)
     heads = [head_agreement(torch.float16), head_agreement(torch.bfloat16)]
-    report = {"device": info, "runs": runs, "faulty_fp16": faulty,
-              "resume_fp16": {"straight_scale": straight["grad_scale_last"], "resumed_scale": resumed["grad_scale_last"],
-                              "max_abs_weight_diff": resume_diff, "resumed_status": resumed["status"]},
-              "heads": heads}
+    report = {"device": info, "runs": runs, "faulty_fp16": faulty, "resume_fp16": resume, "heads": heads}
     print(json.dumps(info))
     print(table([("mode", "6"), ("dtype", "9"), ("status", "9"), ("loss@1-5", ">9", ".4f"), ("loss@-5", ">9", ".4f"),
                  ("samples/s", ">10", ".1f"), ("scale", ">9"), ("peak MB", ">8", ".0f")],

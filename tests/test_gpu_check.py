@@ -1,0 +1,80 @@
+"""The prepared GPU check (benchmarks/gpu_check.py, issue 36) must run end to end before a GPU is lent: its
+``--cpu-dry-run`` drives the same code (both trainers and both encoders at fp16 and bf16, gpu_amp_check's AMP
+runs, the target verdict, the JSON) on a CPU with tiny sizes. Real parts: splade-tiny, sentence-transformers'
+trainer and encoder, SciFact when present (else the bundled demo data)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.py"
+SIDES = ("splade_obs", "sentence_transformers")
+
+
+def _run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-dry-run", "--out", str(out), *extra],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc, json.loads(out.read_text())
+
+
+def test_dry_run_reports_training_encoding_amp_checks_and_the_target(tmp_path, tiny_model_path) -> None:
+    proc, report = _run(tmp_path)
+    assert report["cpu_dry_run"] is True and report["device"]["device"] == "cpu" and report["device"]["gpu"] is None
+    assert report["budget"]["exceeded"] is False and report["budget"]["used_s"] > 0
+    assert report["data"]["source"] in ("scifact", "demo")
+    for part, key in (("training", "samples_per_s"), ("encoding", "docs_per_s")):
+        assert set(report[part]) == {"fp16", "bf16"}, part
+        for precision, pair in report[part].items():
+            for side in SIDES:
+                run = pair[side]
+                assert "error" not in run, (part, precision, side, run)
+                assert math.isfinite(run[key]) and run[key] > 0, (part, precision, side, run)
+            assert pair["ratio"] == pair["splade_obs"][key] / pair["sentence_transformers"][key]
+    for pair in report["training"].values():
+        assert pair["splade_obs"]["status"] == "FINISHED"
+        assert pair["splade_obs"]["steps"] == pair["sentence_transformers"]["steps"] == report["sizes"]["train_steps"]
+    for pair in report["encoding"].values():
+        assert pair["splade_obs"]["docs"] == pair["sentence_transformers"]["docs"] == report["sizes"]["encode_docs"]
+        # both encoders turn the same documents into the same vectors, up to the precision's rounding
+        assert pair["agreement_min_cosine"] > 0.99, pair
+    amp = report["amp"]
+    assert set(amp["checks"]) == {"fp16_clean_run_finite", "bf16_clean_run_finite", "fp16_uses_grad_scaler_bf16_none",
+                                  "grad_scale_drops_on_overflow", "fp16_resume_restores_scaler",
+                                  "fused_head_matches_reference_float16", "fused_head_matches_reference_bfloat16"}
+    assert all(amp["checks"].values()) and amp["all_ok"] is True, amp["checks"]
+    assert amp["resume_fp16"]["resumed_scale"] == amp["resume_fp16"]["straight_scale"] is not None
+    assert amp["runs"]["fp16_overflow_at_batch_2"]["grad_scale_last"] < amp["runs"]["fp16"]["grad_scale_last"]
+    target = report["target"]
+    assert target["threshold"] == 2.0 and set(target["ratios"]) == {"fp16", "bf16"}
+    assert target["verdict"] == ("met" if target["met"] else "missed")
+    assert target["met"] == all(r >= 2.0 for r in target["ratios"].values())
+    assert "training samples/s, fp16" in proc.stdout and "encoding docs/s, bf16" in proc.stdout
+    assert target["text"] in proc.stdout and "CPU dry run" in target["text"]
+
+
+def test_budget_end_writes_partial_results_and_exits_zero(tmp_path, tiny_model_path) -> None:
+    proc, report = _run(tmp_path, "--budget-minutes", "0.02")
+    assert report["budget"]["exceeded"] is True
+    assert any("budget" in s for s in report["budget"]["scaled"])
+    assert report["target"]["verdict"] == "incomplete" and report["target"]["met"] is False
+    assert "incomplete" in proc.stdout
+
+
+def test_missing_scifact_falls_back_to_the_bundled_demo_data(tmp_path) -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    train, info = gpu_check.training_file(tmp_path / "no-scifact", tmp_path / "train.jsonl")
+    assert info["source"] == "demo" and "no-scifact" in info["note"] and train.is_file()
+    docs, enc = gpu_check.encoding_docs(tmp_path / "no-scifact", 600)
+    assert len(docs) == 600 and enc["source"] == "demo" and enc["unique_docs"] < 600
+    assert docs[enc["unique_docs"]] == docs[0]  # the demo corpus repeated up to the requested count
