@@ -153,6 +153,8 @@ def _stages(opts: FitOptions, out: Path, state: FitState, tracking: FitTracking,
     tracking.stage("teacher", "reused" if teacher["reused"] else "built", records=teacher["records"])
 
     seeds = list(SEEDS[:opts.seeds])
+    probe = train_config(opts, data, teacher["file"], seeds[0], out / f"seed-{seeds[0]}")
+    lengths = (probe.model.max_query_length, probe.model.max_doc_length)  # the report scores as training evaluated
     trained: dict[str, dict[str, Any]] = dict((state.done("train") or {}).get("seeds", {}))
     for seed in seeds:
         key = f"seed-{seed}"
@@ -180,7 +182,7 @@ def _stages(opts: FitOptions, out: Path, state: FitState, tracking: FitTracking,
     chosen = max(candidates, key=lambda k: dev_scores[k] if dev_scores[k] is not None else float("-inf"))
     if len(candidates) > 1:
         with tracer.stage("average", **{"splade.fit.ingredients": len(candidates)}) as span:
-            chosen, dev_scores = _average(out, candidates, dev_scores, chosen, data, device, state)
+            chosen, dev_scores = _average(out, candidates, dev_scores, chosen, data, device, state, lengths)
             if span is not None:
                 span.set_attribute("splade.fit.chosen", chosen)
     chosen_path = candidates.get(chosen, str(out / "soup"))
@@ -188,7 +190,7 @@ def _stages(opts: FitOptions, out: Path, state: FitState, tracking: FitTracking,
     with tracer.stage("report", **{"splade.fit.chosen": chosen}):
         splits = ["dev", "test"] if state.done("split")["has_test"] else ["dev"]
         scores, seconds = timed(lambda: score_systems(data, splits, {"fit": chosen_path, "zero-shot": opts.model},
-                                                      device=device, progress=opts.progress))
+                                                      device=device, progress=opts.progress, lengths=lengths))
         report = _report(scores, chosen, dev_scores, state, seconds)
         atomic_write_text(out / "fit_report.json", json.dumps(report, indent=2) + "\n")
         copy_model(Path(chosen_path), out / "model")
@@ -199,13 +201,14 @@ def _stages(opts: FitOptions, out: Path, state: FitState, tracking: FitTracking,
 
 
 def _average(out: Path, candidates: dict[str, str], dev_scores: dict[str, Any], chosen: str, data: Path,
-             device: str, state: FitState) -> tuple[str, dict[str, Any]]:
+             device: str, state: FitState, lengths: tuple[int, int]) -> tuple[str, dict[str, Any]]:
     from .average import average_models
 
     done = state.done("average")
     if done is None:
         average_models(list(candidates.values()), out / "soup")
-        done = {"model": str(out / "soup"), "dev_ndcg@10": dev_ndcg(str(out / "soup"), data, device=device)}
+        done = {"model": str(out / "soup"), "dev_ndcg@10": dev_ndcg(str(out / "soup"), data, device=device,
+                                                                        lengths=lengths)}
         state.save("average", done)
     scores = {**dev_scores, "soup": done["dev_ndcg@10"]}
     best_single = dev_scores[chosen] if dev_scores[chosen] is not None else float("-inf")

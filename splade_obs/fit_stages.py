@@ -270,9 +270,11 @@ def _record_error(span: Any, exc: BaseException, trace: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------ scoring
 def score_systems(data: Path, splits: list[str], models: Mapping[str, str], *, device: str,
-                  progress: str = "none", bm25: bool = True) -> dict[str, dict[str, Any]]:
+                  progress: str = "none", bm25: bool = True, lengths: tuple[int, int] = (64, 256)
+                  ) -> dict[str, dict[str, Any]]:
     """``{split: {system: {"metrics": ..., "per_query": {qid: ndcg@10}}}}``: each model encodes the corpus once
-    (length 256) and every split's queries (length 64), retrieved exactly; BM25 with and without stemming."""
+    and every split's queries (``lengths``: query, document), retrieved exactly; BM25 with and without
+    stemming."""
     from .beir import load_beir
     from .evaluation import InvertedIndex, RetrievalEvaluator, compute_metrics, ndcg_per_query, run_from_search
     from .mining import bm25_search, make_stemmer
@@ -294,10 +296,11 @@ def score_systems(data: Path, splits: list[str], models: Mapping[str, str], *, d
         encoder.eval()
         bar = spec.start(f"Encoding documents ({name})", len(first.doc_texts), unit="texts")
         with bar if bar is not None else contextlib.nullcontext():
-            docs = encode_in_blocks(encoder, first.doc_texts, max_length=256, batch_size=32, progress=bar)
+            docs = encode_in_blocks(encoder, first.doc_texts, max_length=lengths[1], batch_size=32, progress=bar)
         index = InvertedIndex(docs, first.doc_ids)
         for split, ev in chosen.items():
-            record(split, name, *index.search(encoder.encode(ev.query_texts, max_length=64, batch_size=32), 100))
+            queries = encoder.encode(ev.query_texts, max_length=lengths[0], batch_size=32)
+            record(split, name, *index.search(queries, 100))
     if bm25:
         texts = list(first.doc_texts)
         for name, stem in (("bm25-stemmed", "english"), ("bm25", None)):
@@ -307,9 +310,9 @@ def score_systems(data: Path, splits: list[str], models: Mapping[str, str], *, d
     return out
 
 
-def dev_ndcg(model: str, data: Path, *, device: str) -> float:
+def dev_ndcg(model: str, data: Path, *, device: str, lengths: tuple[int, int] = (64, 256)) -> float:
     """A model's nDCG@10 on the dev split (the soup's check against its seeds)."""
-    res = score_systems(data, ["dev"], {"m": model}, device=device, bm25=False)
+    res = score_systems(data, ["dev"], {"m": model}, device=device, bm25=False, lengths=lengths)
     return res["dev"]["m"]["metrics"]["ndcg@10"]
 
 
