@@ -215,8 +215,13 @@ def train_ours(cfg, skip: int = 3) -> dict[str, Any]:
             "final_doc_nnz": steps[-1].doc_nnz if steps else None}
 
 
-def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -> dict[str, Any]:
-    """sentence-transformers' SparseEncoderTrainer with the same data, steps and hyper-parameters as ``cfg``."""
+def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True, *, device: str = "cpu",
+             amp: Any = "config", on_step: Any = None) -> dict[str, Any]:
+    """sentence-transformers' SparseEncoderTrainer with the same data, steps and hyper-parameters as ``cfg``.
+
+    ``device``: where it trains; ``amp``: ``torch.float16`` / ``torch.bfloat16`` / None, or ``"config"`` for
+    what ``cfg.optim.mixed_precision`` resolves to on the CPU; ``on_step``: called at each step's end before the
+    clock reads (a CUDA synchronize, for the GPU check)."""
     import torch
     from datasets import Dataset
     from sentence_transformers.sparse_encoder import (SparseEncoder, SparseEncoderTrainer,
@@ -236,10 +241,13 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
             self.ends: list[float] = []
 
         def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            if on_step is not None:
+                on_step()
             self.ends.append(time.perf_counter())
 
-    amp = resolve_amp(cfg.optim.mixed_precision, resolve_device("cpu"))
-    model = SparseEncoder(resolve_model(cfg.model.name), device="cpu")
+    if amp == "config":
+        amp = resolve_amp(cfg.optim.mixed_precision, resolve_device("cpu"))
+    model = SparseEncoder(resolve_model(cfg.model.name), device=device)
     model.max_seq_length = cfg.model.max_doc_length
     # Pure distillation configs (contrastive_weight 0, teacher scores in the data) train with ST's distillation
     # losses; the rest with in-batch + hard-negative cross-entropy.
@@ -254,7 +262,8 @@ def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True) -
         learning_rate=cfg.optim.learning_rate,
         warmup_steps=cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_ratio,
         weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm, lr_scheduler_type="linear",
-        bf16=amp == torch.bfloat16, use_cpu=True, seed=cfg.optim.seed, dataloader_drop_last=True,
+        fp16=amp == torch.float16, bf16=amp == torch.bfloat16, use_cpu=device == "cpu", seed=cfg.optim.seed,
+        dataloader_drop_last=True,
         # NO_DUPLICATES keeps a text from being its own in-batch negative (MNRL); MarginMSE has no in-batch
         # negatives, so a repeated text is harmless there and the plain sampler is used.
         batch_sampler=BatchSamplers.BATCH_SAMPLER if distill else BatchSamplers.NO_DUPLICATES,

@@ -169,47 +169,10 @@ def encoding_docs(data: Path, n: int) -> tuple[list[str], dict]:
 
 # ------------------------------------------------------------------------------------------- training
 def train_st_on(cfg, steps: int, out_dir: Path, skip: int, device: str, amp: torch.dtype) -> dict:  # noqa: ANN001
-    """``bench_quality.train_st``'s contrastive set-up on ``device`` with fp16 or bf16 (that one is CPU-only)."""
-    from datasets import Dataset
-    from sentence_transformers.sparse_encoder import (SparseEncoder, SparseEncoderTrainer,
-                                                      SparseEncoderTrainingArguments)
-    from sentence_transformers.sparse_encoder.losses import SparseMultipleNegativesRankingLoss, SpladeLoss
-    try:  # sentence-transformers >= 6 moved it; 5.x has only the old path
-        from sentence_transformers.sentence_transformer.training_args import BatchSamplers
-    except ImportError:
-        from sentence_transformers.training_args import BatchSamplers
-    from transformers import TrainerCallback
-
-    from splade_obs.hub import resolve_model
-
-    class StepClock(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
-        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN201
-            sync(device)
-            self.ends.append(time.perf_counter())
-
-    model = SparseEncoder(resolve_model(cfg.model.name), device=device)
-    model.max_seq_length = cfg.model.max_doc_length
-    loss = SpladeLoss(model, SparseMultipleNegativesRankingLoss(model),
-                      query_regularizer_weight=cfg.loss.lambda_q, document_regularizer_weight=cfg.loss.lambda_d)
-    args = SparseEncoderTrainingArguments(
-        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=cfg.optim.batch_size,
-        learning_rate=cfg.optim.learning_rate,
-        warmup_steps=cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None else cfg.optim.warmup_ratio,
-        weight_decay=cfg.optim.weight_decay, max_grad_norm=cfg.optim.max_grad_norm, lr_scheduler_type="linear",
-        fp16=amp == torch.float16, bf16=amp == torch.bfloat16, use_cpu=device == "cpu", seed=cfg.optim.seed,
-        dataloader_drop_last=True, batch_sampler=BatchSamplers.NO_DUPLICATES, save_strategy="no",
-        report_to="none", logging_steps=10, disable_tqdm=True)
-    clock = StepClock()
-    trainer = SparseEncoderTrainer(model=model, args=args, train_dataset=Dataset.from_dict(bq.st_triples(cfg, steps)),
-                                   loss=loss, callbacks=[clock])
-    start = time.perf_counter()
-    out = trainer.train()
-    return {"steps": len(clock.ends), "train_wall_s": time.perf_counter() - start,
-            "samples_per_s": bq.throughput(clock.ends, cfg.optim.batch_size, skip),
-            "final_loss": float(out.training_loss)}
+    """``bench_quality.train_st`` (the peer trainer, the same rows and settings) on ``device`` under ``amp``."""
+    info = bq.train_st(cfg, steps, out_dir, skip=skip, save=False, device=device, amp=amp,
+                       on_step=lambda: sync(device))
+    return {k: info[k] for k in ("steps", "train_wall_s", "samples_per_s", "final_loss")}
 
 
 def train_run(side: str, precision: str, triples: Path, tmp: Path, device: str, sizes: dict) -> dict:
