@@ -11,7 +11,8 @@ file imports as ``_common``. Importing it
 
 It also holds what the scripts share: the paths (``ROOT``, ``RESULTS``, ``CONFIGS``, ``DEFAULT_DATA``), the
 retrieval metrics ``KEYS``, :func:`machine`, :func:`require_beir`, :func:`run_cli`, :func:`table` (their
-side-by-side text tables) and :func:`write_json` (their results files, written atomically).
+side-by-side text tables), :func:`write_json` (their results files, written atomically) and
+:func:`run_measured` (a command's wall time, CPU time and peak RSS, its whole process tree counted).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -94,3 +96,39 @@ def write_json(path: Path, obj: Any, indent: int = 2) -> Path:
     from splade_obs.atomic import atomic_write_text
 
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def _tree_rss(proc: Any) -> int:
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def run_measured(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None
+                 ) -> tuple[float, float, float]:
+    """Run ``cmd``; (wall seconds, CPU seconds of the whole process tree, its peak RSS in MB). A failure raises
+    with the log. CPU seconds (user + system of every waited-for descendant) hardly move with other load on the
+    machine, wall seconds do: both are reported."""
+    import resource
+
+    import psutil
+
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd or ROOT)
+        watched, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(watched))
+            time.sleep(0.2)
+    wall = time.perf_counter() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-3000:]}")
+    return wall, (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime), peak / 2**20

@@ -1,19 +1,25 @@
-"""Run-length scaling: many step events through the real bus and every real sink (issue 34, point 4).
+"""Cost curves (issue 34, point 4): how time and memory grow with the length of a run and with the corpus.
 
-100k ``StepDone`` events (the trainer's own event type, realistic values) go through the real ``EventBus`` and
-the sinks a run builds (``run.build_sinks``): console at ``--progress none``, JSON logs, the metrics file, the
-errors file, a sqlite MLflow store (system metrics off: they sample the machine, not the run), OpenTelemetry
-spans to ``traces.jsonl`` with the default batch sampling and OpenTelemetry metrics to ``metrics.jsonl``. No
-model runs: this measures what the telemetry costs and how it grows with the length of a run.
-
-It reports events/s, the process's RSS growth between the first 1k steps and the end (goal: < 50 MB), the
+**Run length**: 100k ``StepDone`` events (the trainer's own event type, realistic values) go through the real
+``EventBus`` and the sinks a run builds (``run.build_sinks``): console at ``--progress none``, JSON logs, the
+metrics file, the errors file, a sqlite MLflow store (system metrics off: they sample the machine, not the run),
+OpenTelemetry spans to ``traces.jsonl`` with the default batch sampling and OpenTelemetry metrics to
+``metrics.jsonl``. No model runs: this measures what the telemetry costs and how it grows with the length of a
+run. It reports events/s, the process's RSS growth between the first 1k steps and the end (goal: < 50 MB), the
 size of every output per 1k steps, and the MLflow store's write latency (median of ``log_batch`` calls on a
 probe run in the same store) before and after the run.
 
-    python benchmarks/bench_scale.py                 # 100k steps
-    python benchmarks/bench_scale.py --quick         # 2k steps (tests/test_bench_scale.py)
+**Corpus** (``_scale_corpus.py``): ``splade-obs evaluate --index-dir`` on SciFact cycled to 5k, 50k and 500k
+documents, in 1 and 2 processes, then the Seismic engine built from the same vectors: encode + index +
+retrieve time per document (goal: flat within 1.3x), peak RSS against the index size, the engine's
+queries/s, index size and recall@10 against exact.
 
-Prints a side-by-side table and writes benchmarks/results/scale_runlength.json (--output to change).
+    python benchmarks/bench_scale.py                       # both parts (the corpus part: ~45 min here)
+    python benchmarks/bench_scale.py --part runlength       # 100k steps
+    python benchmarks/bench_scale.py --part corpus --sizes 5000,50000 --procs 1
+    python benchmarks/bench_scale.py --quick                # 2k steps, 500 and 2,000 documents (the suite's)
+
+Prints side-by-side tables and writes benchmarks/results/scale.json (--output to change).
 """
 
 from __future__ import annotations
@@ -27,9 +33,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, machine, table, write_json
+from _common import DEFAULT_DATA, RESULTS, machine, require_beir, table, write_json
+from _scale_corpus import corpus_scaling, engine_worker
 
-RESULTS_FILE = RESULTS / "scale_runlength.json"
+RESULTS_FILE = RESULTS / "scale.json"
 #: The growth of the process's RSS over the run that the issue sets as the goal (MB).
 RSS_GOAL_MB = 50.0
 
@@ -147,12 +154,74 @@ def run_length(steps: int, work: Path, rate: float = 0.0) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", choices=("all", "runlength", "corpus"), default="all")
     ap.add_argument("--steps", type=int, default=100_000)
-    ap.add_argument("--quick", action="store_true", help="2k steps: the suite's smoke run")
+    ap.add_argument("--quick", action="store_true",
+                    help="2k steps and corpora of 500 and 2,000 documents in one process: the suite's smoke run")
     ap.add_argument("--steps-per-second", type=float, default=0.0,
                     help="pace the events like a training loop (default: as fast as the bus takes them)")
+    ap.add_argument("--sizes", default="5000,50000,500000", help="corpus sizes, comma-separated")
+    ap.add_argument("--procs", default="1,2", help="process counts for the corpus part (2: under torchrun)")
+    ap.add_argument("--engine", default="seismic", help="the engine measured beside exact ('none': skip)")
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SciFact (BEIR folder) to cycle")
     ap.add_argument("--output", type=Path, default=RESULTS_FILE)
+    ap.add_argument("--engine-worker", nargs=4, metavar=("ENGINE", "DATA", "INDEX", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.engine_worker:
+        engine, data, index, out = args.engine_worker
+        return engine_worker(engine, Path(data), Path(index), Path(out)) or {}
+    res: dict[str, Any] = {}
+    if args.part in ("all", "runlength"):
+        res.update(_run_length_part(args))
+    if args.part in ("all", "corpus"):
+        res["corpus"] = _corpus_part(args)
+    command = "python benchmarks/bench_scale.py" + ("" if args.part == "all" else f" --part {args.part}") + (
+        " --quick" if args.quick else "") + (f" --steps {args.steps}" if args.steps != 100_000 else "") + (
+        f" --steps-per-second {args.steps_per_second:g}" if args.steps_per_second else "") + (
+        f" --sizes {args.sizes}" if not args.quick and args.sizes != "5000,50000,500000" else "") + (
+        f" --procs {args.procs}" if args.procs != "1,2" else "")
+    write_json(args.output, {"machine": machine(), "command": command, **res})
+    print(f"wrote {args.output}")
+    return res
+
+
+def _corpus_part(args: argparse.Namespace) -> dict[str, Any]:
+    require_beir(args.data)
+    sizes = [500, 2000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    procs = [1] if args.quick else [int(p) for p in args.procs.split(",")]
+    engine = None if args.engine == "none" else args.engine
+    if engine:
+        from splade_obs.engines import require_engine
+        from splade_obs.errors import ApplicationError
+
+        try:
+            require_engine(engine)
+        except ApplicationError as exc:
+            print(f"engine {engine!r}: {exc} — exact only")
+            engine = None
+    print(f"\ncorpus scaling: {', '.join(f'{n:,}' for n in sizes)} documents, {procs} process(es)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-scale-corpus-") as tmp:
+        res = corpus_scaling(args.data, sizes, procs, engine, Path(tmp))
+    print(table((("docs", ">9"), ("procs", ">6"), ("encode s", ">10", ".1f"), ("index+retr s", ">13", ".2f"),
+                 ("ms/doc", ">8", ".3f"), ("CPU ms/doc", ">11", ".3f"), ("peak RSS MB", ">12", ".0f"), ("index MB", ">9", ".1f"),
+                 ("nDCG@10", ">8", ".4f")),
+                [(f"{r['docs']:,}", str(r["processes"]), r["encode_docs_s"], r["index_and_retrieve_s"],
+                  r["ms_per_doc"], r["cpu_ms_per_doc"], r["peak_rss_mb"], r["index_mb"], r["ndcg@10"]) for r in res["configs"]], rule=True))
+    spread = ", ".join(f"{p} proc: {v:.2f}x" for p, v in res["time_per_doc_spread"].items())
+    cpu_spread = ", ".join(f"{p} proc: {v:.2f}x" for p, v in res["cpu_per_doc_spread"].items() if v)
+    print(f"time per document, largest / smallest (goal <= {res['time_per_doc_goal']}x): wall {spread}; "
+          f"CPU per document added from one size to the next {cpu_spread}")
+    print(f"peak RSS grew {res['rss_growth_mb']:.0f} MB while the index grew {res['index_growth_mb']:.0f} MB")
+    if res["engine"]:
+        print(table((("engine", "<9"), ("docs", ">9"), ("build s", ">8", ".2f"), ("queries/s", ">10", ".0f"),
+                     ("exact q/s", ">10", ".0f"), ("index MB", ">9", ".1f"), ("recall@10 vs exact", ">19", ".4f"),
+                     ("peak RSS MB", ">12", ".0f")),
+                    [(e["engine"], f"{e['docs']:,}", e["build_s"], e["queries_per_s"], e["exact_queries_per_s"],
+                      e["index_mb"], e["recall@10_vs_exact"], e["peak_rss_mb"]) for e in res["engine"]], rule=True))
+    return res
+
+
+def _run_length_part(args: argparse.Namespace) -> dict[str, Any]:
     steps = 2_000 if args.quick else args.steps
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         res = run_length(steps, Path(tmp), args.steps_per_second)
@@ -168,10 +237,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ], rule=True))
     print(table((("output", "<30"), ("bytes per 1k steps", ">20")),
                 [(k, f"{v:,.0f}") for k, v in res["bytes_per_1k_steps"].items()], rule=True))
-    command = "python benchmarks/bench_scale.py" + (" --quick" if args.quick else f" --steps {args.steps}") + (
-        f" --steps-per-second {args.steps_per_second:g}" if args.steps_per_second else "")
-    write_json(args.output, {"machine": machine(), "command": command, **res})
-    print(f"wrote {args.output}")
     return res
 
 
