@@ -27,13 +27,16 @@ from splade_obs_cli.main import cli
 from tests._mlflow_utils import sqlite_uri
 from tests.conftest import TINY_ARGS
 
+#: Where the fault is not about speed, the throughput alert is set out of reach: a test machine under load
+#: (CI beside a benchmark) can really run 5x slower for 3 steps, which is that alert's job to say, not this test's.
+NO_SPEED = {"throughput_fraction": 1e-9}
 #: fault -> (the alert it raises, the first step it can be seen at, health settings, steps)
 FAULTS: dict[str, tuple[str, int, dict[str, Any], int]] = {
-    "step:25:spike": ("loss_spike", 25, {}, 30),
-    "step:25:explode": ("grad_explosion", 25, {}, 30),
-    "batch:25-27:nan": ("nonfinite_loss", 25, {}, 30),
+    "step:25:spike": ("loss_spike", 25, NO_SPEED, 30),
+    "step:25:explode": ("grad_explosion", 25, NO_SPEED, 30),
+    "batch:25-27:nan": ("nonfinite_loss", 25, NO_SPEED, 30),
     "step:25-27:slow": ("throughput_drop", 27, {}, 30),
-    "step:23-50:leak": ("memory_growth", 23, {"memory_window": 8, "memory_growth_mb": 150.0}, 36),
+    "step:23-50:leak": ("memory_growth", 23, {**NO_SPEED, "memory_window": 8, "memory_growth_mb": 150.0}, 36),
 }
 
 
