@@ -82,6 +82,12 @@ class FitTracking:
         except Exception as exc:  # noqa: BLE001
             log.warning("MLflow: %s failed for the fit run (%s)", what, type(exc).__name__)
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        if self.client is not None:
+            from mlflow.entities import Param
+
+            self.call("log_batch", self.client.log_batch, params=[Param(k, str(v)) for k, v in params.items()])
+
     def stage(self, name: str, status: str, **values: Any) -> None:
         if self.client is not None:
             self.call("set_tag", self.client.set_tag, f"splade.fit.stage.{name}", status)
@@ -110,9 +116,10 @@ def fit(opts: FitOptions) -> FitResult:
     tracer = FitTrace(base.tracing.exporter, out / "logs", base.tracing.service_name, base.tracing.shutdown_timeout,
                       mlflow=to_mlflow, run_name=run_name)
     device = rank_device(opts.device, None)  # "auto": the GPU when there is one
-    tracking.call("log_params", lambda rid: [tracking.client.log_param(rid, k, v) for k, v in {
-        "fit.data": str(opts.data), "fit.model": opts.model, "fit.seeds": opts.seeds,
-        "fit.dev_queries": opts.dev_queries or "rule", "fit.dense_model": opts.dense_model or "none"}.items()])
+    if state.data.get("mlflow_run_id") == tracking.run_id and not state.done("split"):  # a new run: its params
+        tracking.log_params({"fit.data": str(opts.data), "fit.model": opts.model, "fit.seeds": opts.seeds,
+                             "fit.dev_queries": opts.dev_queries or "rule",
+                             "fit.dense_model": opts.dense_model or "none"})
     error: BaseException | None = None
     try:
         result = _stages(opts, out, state, tracking, tracer, device, run_name)

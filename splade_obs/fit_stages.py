@@ -90,11 +90,10 @@ class FitState:
 # ------------------------------------------------------------------------------------------------ split
 def split_train_queries(folder: Path, out: Path, n_dev: int | None, seed: int) -> dict[str, Any]:
     """Write ``out`` as a BEIR folder whose ``train``/``dev`` splits partition the train split's judged queries."""
-    from .beir import load_beir
-    from .mining import _training_queries
+    from .beir import load_beir, training_query_ids
 
     beir = load_beir(folder, "train")
-    judged = sorted(q for q, _ in _training_queries(beir))
+    judged = sorted(training_query_ids(beir))
     if len(judged) < 2:
         raise DataError(f"qrels/train.tsv has {len(judged)} usable quer{'y' if len(judged) == 1 else 'ies'} — "
                         "expected at least 2 (one to train on, one to hold out as dev)", file_path=str(folder),

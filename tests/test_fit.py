@@ -98,6 +98,7 @@ def test_fit_holds_dev_out_chooses_on_dev_and_reports_one_run_one_trace(tmp_path
     client = _client(tmp_path)
     parent = client.get_run(report["mlflow_run_id"])
     assert parent.info.status == "FINISHED" and parent.data.tags["splade.fit.chosen"] == report["chosen"]
+    assert parent.data.params["fit.seeds"] == "2" and parent.data.params["fit.dense_model"] == "none"
     assert {k: v for k, v in parent.data.tags.items() if k.startswith("splade.fit.stage.")} == {
         "splade.fit.stage.split": "done", "splade.fit.stage.teacher": "built", "splade.fit.stage.train": "done",
         "splade.fit.stage.report": "done"}
