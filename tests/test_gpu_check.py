@@ -50,7 +50,10 @@ def test_dry_run_reports_training_encoding_amp_checks_and_the_target(tmp_path, t
                                   "fused_head_matches_reference_float16", "fused_head_matches_reference_bfloat16"}
     assert all(amp["checks"].values()) and amp["all_ok"] is True, amp["checks"]
     assert amp["resume_fp16"]["resumed_scale"] == amp["resume_fp16"]["straight_scale"] is not None
-    assert amp["runs"]["fp16_overflow_at_batch_2"]["grad_scale_last"] < amp["runs"]["fp16"]["grad_scale_last"]
+    over, clean = amp["runs"]["fp16_overflow_at_batch_2"], amp["runs"]["fp16"]
+    # the forced overflow halves the scale; emulated fp16 on a CPU may overflow by itself in the clean run too
+    assert over["counters"]["train/overflow_steps"] >= 1
+    assert over["grad_scale_last"] < 2.0 ** 16 and over["grad_scale_last"] <= clean["grad_scale_last"]
     target = report["target"]
     assert target["threshold"] == 2.0 and set(target["ratios"]) == {"fp16", "bf16"}
     assert target["verdict"] == ("met" if target["met"] else "missed")
