@@ -18,7 +18,8 @@ pieces are in :mod:`splade_obs.fit_stages`):
 4. **average** (``--seeds`` > 1): the seeds' best models averaged weight by weight; kept when it beats the
    best single seed on dev.
 5. **report**: the chosen model, zero-shot, and BM25 (stemmed and not) on dev and (when the folder has one)
-   test, side by side; ``<output>/fit_report.json``, the fit run's metrics (``dev/<system>/ndcg_at_10``,
+   test, side by side, the models encoding as training evaluated (lengths and autocast dtype, so the chosen
+   model's dev score is the one it was chosen by); ``<output>/fit_report.json``, the fit run's metrics (``dev/<system>/ndcg_at_10``,
    ``test/...``) and the chosen model copied to ``<output>/model``.
 """
 
@@ -136,6 +137,7 @@ def fit(opts: FitOptions) -> FitResult:
 
 def _stages(opts: FitOptions, out: Path, state: FitState, tracking: FitTracking, tracer: FitTrace,
             device: str, run_name: str) -> FitResult:
+    from .device import resolve_runtime
     from .run import RunParent, run_training
 
     data = out / "data"
@@ -161,7 +163,9 @@ def _stages(opts: FitOptions, out: Path, state: FitState, tracking: FitTracking,
 
     seeds = list(SEEDS[:opts.seeds])
     probe = train_config(opts, data, teacher["file"], seeds[0], out / f"seed-{seeds[0]}")
-    lengths = (probe.model.max_query_length, probe.model.max_doc_length)  # the report scores as training evaluated
+    # the soup and the report score as training evaluated: the same lengths, under the same autocast
+    scoring = {"lengths": (probe.model.max_query_length, probe.model.max_doc_length),
+               "amp_dtype": resolve_runtime(device, probe.optim.mixed_precision).eval_amp_dtype}
     trained: dict[str, dict[str, Any]] = dict((state.done("train") or {}).get("seeds", {}))
     for seed in seeds:
         key = f"seed-{seed}"
@@ -189,7 +193,7 @@ def _stages(opts: FitOptions, out: Path, state: FitState, tracking: FitTracking,
     chosen = max(candidates, key=lambda k: dev_scores[k] if dev_scores[k] is not None else float("-inf"))
     if len(candidates) > 1:
         with tracer.stage("average", **{"splade.fit.ingredients": len(candidates)}) as span:
-            chosen, dev_scores = _average(out, candidates, dev_scores, chosen, data, device, state, lengths)
+            chosen, dev_scores = _average(out, candidates, dev_scores, chosen, data, device, state, scoring)
             if span is not None:
                 span.set_attribute("splade.fit.chosen", chosen)
     chosen_path = candidates.get(chosen, str(out / "soup"))
@@ -197,7 +201,7 @@ def _stages(opts: FitOptions, out: Path, state: FitState, tracking: FitTracking,
     with tracer.stage("report", **{"splade.fit.chosen": chosen}):
         splits = ["dev", "test"] if state.done("split")["has_test"] else ["dev"]
         scores, seconds = timed(lambda: score_systems(data, splits, {"fit": chosen_path, "zero-shot": opts.model},
-                                                      device=device, progress=opts.progress, lengths=lengths))
+                                                      device=device, progress=opts.progress, **scoring))
         report = _report(scores, chosen, dev_scores, state, seconds)
         atomic_write_text(out / "fit_report.json", json.dumps(report, indent=2) + "\n")
         copy_model(Path(chosen_path), out / "model")
@@ -208,14 +212,14 @@ def _stages(opts: FitOptions, out: Path, state: FitState, tracking: FitTracking,
 
 
 def _average(out: Path, candidates: dict[str, str], dev_scores: dict[str, Any], chosen: str, data: Path,
-             device: str, state: FitState, lengths: tuple[int, int]) -> tuple[str, dict[str, Any]]:
+             device: str, state: FitState, scoring: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     from .average import average_models
 
     done = state.done("average")
     if done is None:
         average_models(list(candidates.values()), out / "soup")
         done = {"model": str(out / "soup"), "dev_ndcg@10": dev_ndcg(str(out / "soup"), data, device=device,
-                                                                        lengths=lengths)}
+                                                                        **scoring)}
         state.save("average", done)
     scores = {**dev_scores, "soup": done["dev_ndcg@10"]}
     best_single = dev_scores[chosen] if dev_scores[chosen] is not None else float("-inf")

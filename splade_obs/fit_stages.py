@@ -269,11 +269,11 @@ def _record_error(span: Any, exc: BaseException, trace: Any) -> None:
 
 # ------------------------------------------------------------------------------------------------ scoring
 def score_systems(data: Path, splits: list[str], models: Mapping[str, str], *, device: str,
-                  progress: str = "none", bm25: bool = True, lengths: tuple[int, int] = (64, 256)
-                  ) -> dict[str, dict[str, Any]]:
+                  progress: str = "none", bm25: bool = True, lengths: tuple[int, int] = (64, 256),
+                  amp_dtype: Any = None) -> dict[str, dict[str, Any]]:
     """``{split: {system: {"metrics": ..., "per_query": {qid: ndcg@10}}}}``: each model encodes the corpus once
-    and every split's queries (``lengths``: query, document), retrieved exactly; BM25 with and without
-    stemming."""
+    and every split's queries (``lengths``: query, document; under autocast to ``amp_dtype`` when given, as a
+    training run's evaluation does), retrieved exactly; BM25 with and without stemming."""
     from .beir import load_beir
     from .evaluation import InvertedIndex, RetrievalEvaluator, compute_metrics, ndcg_per_query, run_from_search
     from .mining import bm25_search, make_stemmer
@@ -295,10 +295,11 @@ def score_systems(data: Path, splits: list[str], models: Mapping[str, str], *, d
         encoder.eval()
         bar = spec.start(f"Encoding documents ({name})", len(first.doc_texts), unit="texts")
         with bar if bar is not None else contextlib.nullcontext():
-            docs = encode_in_blocks(encoder, first.doc_texts, max_length=lengths[1], batch_size=32, progress=bar)
+            docs = encode_in_blocks(encoder, first.doc_texts, max_length=lengths[1], batch_size=32,
+                                    amp_dtype=amp_dtype, progress=bar)
         index = InvertedIndex(docs, first.doc_ids)
         for split, ev in chosen.items():
-            queries = encoder.encode(ev.query_texts, max_length=lengths[0], batch_size=32)
+            queries = encoder.encode(ev.query_texts, max_length=lengths[0], batch_size=32, amp_dtype=amp_dtype)
             record(split, name, *index.search(queries, 100))
     if bm25:
         texts = list(first.doc_texts)
@@ -309,9 +310,11 @@ def score_systems(data: Path, splits: list[str], models: Mapping[str, str], *, d
     return out
 
 
-def dev_ndcg(model: str, data: Path, *, device: str, lengths: tuple[int, int] = (64, 256)) -> float:
+def dev_ndcg(model: str, data: Path, *, device: str, lengths: tuple[int, int] = (64, 256),
+             amp_dtype: Any = None) -> float:
     """A model's nDCG@10 on the dev split (the soup's check against its seeds)."""
-    res = score_systems(data, ["dev"], {"m": model}, device=device, bm25=False, lengths=lengths)
+    res = score_systems(data, ["dev"], {"m": model}, device=device, bm25=False, lengths=lengths,
+                        amp_dtype=amp_dtype)
     return res["dev"]["m"]["metrics"]["ndcg@10"]
 
 
