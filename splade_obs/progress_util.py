@@ -183,7 +183,9 @@ def encode_with_progress(encoder: Any, texts: Sequence[str], *, max_length: int,
     import numpy as np
     import scipy.sparse as sp
 
-    lengths = [len(ids) for ids in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    from .model import token_ids
+
+    lengths = [len(ids) for ids in token_ids(tokenizer, texts, max_length)]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
     step = batch_size * CHUNK_BATCHES
     parts = []

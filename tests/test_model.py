@@ -193,8 +193,17 @@ def test_save_pretrained_loads_with_transformers(encoder: SpladeEncoder, tmp_pat
                                encoder.encode(TEXTS, max_length=24).toarray())
 
 
-def test_encode_keeps_input_order_and_top_k(encoder: SpladeEncoder) -> None:
+def test_token_ids_in_chunks_equal_one_tokenizer_call(encoder: SpladeEncoder, monkeypatch) -> None:
+    texts = TEXTS + ["another one", "", "a much much longer final text so that it is cut at the maximum length"]
+    monkeypatch.setattr(model_module, "TOKENIZE_CHUNK", 2)  # chunks of 2: every boundary crossed
+    ids = model_module.token_ids(encoder.tokenizer, texts, 12)
+    assert [x.tolist() for x in ids] == encoder.tokenizer(texts, truncation=True, max_length=12)["input_ids"]
+    assert all(x.dtype == np.int32 for x in ids) and model_module.token_ids(encoder.tokenizer, [], 12) == []
+
+
+def test_encode_keeps_input_order_and_top_k(encoder: SpladeEncoder, monkeypatch) -> None:
     _with_head(encoder, True)
+    monkeypatch.setattr(model_module, "TOKENIZE_CHUNK", 3)  # the texts tokenized over several chunks
     texts = TEXTS + ["another one", "a much much longer final text so that sorting by length moves it"]
     mat = encoder.encode(texts, max_length=24, batch_size=2)
     assert mat.shape == (len(texts), encoder.vocab_size) and mat.dtype.name == "float32"
