@@ -278,7 +278,7 @@ def idf_reweight(doc_vectors: sp.spmatrix | np.ndarray, power: float) -> sp.csr_
 
 
 # ----------------------------------------------------------------------------------------- sparsity
-def sparsity_metrics(q_csr: sp.spmatrix, d_csr: sp.spmatrix) -> dict[str, float]:
+def sparsity_metrics(q_csr: sp.spmatrix, d_csr: sp.spmatrix, doc_df: np.ndarray | None = None) -> dict[str, float]:
     """Average non-zeros per query and per document, the expected retrieval FLOPS and the index size.
 
     ``retrieval_flops`` (not the FLOPS regularizer of training) is the expected number of multiply-adds of one query-document score (SPLADE paper, eq. 4
@@ -286,18 +286,23 @@ def sparsity_metrics(q_csr: sp.spmatrix, d_csr: sp.spmatrix) -> dict[str, float]
     fraction of documents whose weight for term ``j`` is non-zero. ``index_size_mb`` is the size of the
     posting lists (float32 weight + int32 doc position per entry, plus one int32 pointer per term), in
     10^6 bytes.
+
+    ``doc_df`` (the documents' non-zeros per term, e.g. the posting lists' lengths of an index without explicit
+    zeros, :mod:`splade_obs.csr_store`) stands in for reading every document's weights.
     """
     q = sp.csr_matrix(q_csr)
-    d = sp.csr_matrix(d_csr)
-    nq, nd = q.shape[0], d.shape[0]
+    nq, nd = q.shape[0], d_csr.shape[0]
     q_active = np.bincount(q.indices[q.data != 0], minlength=q.shape[1]) / max(nq, 1)
-    d_active = np.bincount(d.indices[d.data != 0], minlength=d.shape[1]) / max(nd, 1)
-    d_nnz = int(np.count_nonzero(d.data))
+    if doc_df is None:
+        d = sp.csr_matrix(d_csr)
+        doc_df = np.bincount(d.indices[d.data != 0], minlength=d.shape[1])
+    d_active = np.asarray(doc_df, dtype=np.float64) / max(nd, 1)
+    d_nnz = int(np.sum(doc_df))
     return {
         "query_nnz": float(np.count_nonzero(q.data) / max(nq, 1)),
         "doc_nnz": float(d_nnz / max(nd, 1)),
         "retrieval_flops": float(np.dot(q_active, d_active)),
-        "index_size_mb": float((d_nnz * 8 + (d.shape[1] + 1) * 4) / 1e6),
+        "index_size_mb": float((d_nnz * 8 + (d_csr.shape[1] + 1) * 4) / 1e6),
         "num_docs": float(nd),
     }
 
@@ -406,6 +411,7 @@ class RetrievalEvaluator:
         t0, start_ns = time.perf_counter(), time.time_ns()
         from .engines import build_engine
 
+        doc_df = None  # from disk: the postings' lengths, not a read of every document's weights
         if self.index_dir is None:
             index, weighted = build_engine(self.engine, idf_reweight(docs, self.idf_power), self.doc_ids), queries
         else:
@@ -413,6 +419,7 @@ class RetrievalEvaluator:
 
             docs, index, weighted = disk_index(self.index_dir, docs, self._postings, self.doc_ids, queries,
                                                self.idf_power)
+            doc_df = np.diff(np.asarray(index.postings.indptr))
             if self.engine != "exact":  # idf already moved to the queries: index the model's own vectors
                 index = build_engine(self.engine, docs, self.doc_ids)
         found, scores = index.search(weighted, self.top_k)
@@ -421,7 +428,7 @@ class RetrievalEvaluator:
         search_s = time.perf_counter() - t0
         phases["retrieve"] = (start_ns, time.time_ns())
         self.phases = phases
-        metrics.update(sparsity_metrics(queries, docs))
+        metrics.update(sparsity_metrics(queries, docs, doc_df))
         metrics.update({"num_queries": float(len(self.query_ids)), "encode_docs_s": self._seconds["encode_docs"],
                         "encode_queries_s": self._seconds["encode_queries"], "search_s": search_s})
         return metrics

@@ -9,7 +9,7 @@ import pytest
 import scipy.sparse as sp
 from click.testing import CliRunner
 
-from splade_obs.csr_store import CsrWriter, is_memory_mapped, open_csr, transpose_to
+from splade_obs.csr_store import CsrWriter, is_memory_mapped, open_csr, release_pages, transpose_to
 from splade_obs.errors import DataError
 from splade_obs_cli.main import cli
 
@@ -42,6 +42,29 @@ def test_blocks_written_to_disk_read_back_memory_mapped_and_transposed_like_scip
         assert np.array_equal(post.indptr, ref.indptr) and np.array_equal(post.indices, ref.indices)
         assert np.array_equal(post.data, ref.data)
         assert is_memory_mapped(post.data)
+
+
+def _rss_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "MADV_DONTNEED"), reason="no madvise(MADV_DONTNEED) here")
+def test_pages_read_from_a_map_leave_the_process_and_come_back_on_reading(tmp_path):
+    """What keeps transposing a large index from holding the whole document matrix in memory."""
+    writer = CsrWriter(tmp_path / "m", 1000)
+    rows = 64 * 1024 * 1024 // 8 // 100  # 64 MB of weights and indices, 100 a row
+    writer.append(sp.csr_matrix((np.ones(rows * 100, np.float32), np.tile(np.arange(100), rows),
+                                 np.arange(0, rows * 100 + 1, 100)), shape=(rows, 1000)))
+    m = open_csr(writer.close())
+    before = _rss_mb()
+    assert float(m.data.sum()) + float(m.indices.sum()) == rows * 100 * (1 + 49.5)  # every page read
+    assert _rss_mb() - before > 50
+    release_pages(m.data, m.indices, np.zeros(3))  # an in-memory array is passed over
+    assert _rss_mb() - before < 10
+    assert float(m.data.sum()) == rows * 100  # the same values, read again from the page cache
 
 
 def test_a_folder_without_meta_is_refused(tmp_path):
