@@ -23,7 +23,7 @@ from .common import debug_option, handle_errors
               help="The model fine-tuned (and the teacher's SPLADE part): 'splade-tiny', a folder or a hub id.")
 @click.option("--seeds", default=1, show_default=True, type=click.IntRange(1, 8),
               help="Seeds trained (42, 1, 2, ...); with 2 or more their average is kept when it wins on dev. "
-                   "Each seed costs one more training stage (SciFact: 732 steps, 22 min on 2 busy CPU cores).")
+                   "Each seed costs one more training stage (SciFact: 732 steps, 15 min on 2 CPU cores).")
 @click.option("--dev-queries", type=click.IntRange(min=1), default=None,
               help="Train queries held out as dev (default a quarter, at most 200).")
 @click.option("--split-seed", default=0, show_default=True, help="Seed of the dev split's draw.")
