@@ -20,8 +20,6 @@ from splade_obs_cli.main import cli
 
 from .conftest import TINY_ARGS
 
-pytest.importorskip("bm25s", reason="bm25s (the test extra) is not installed")
-
 DOCS = {
     "d0": ("Coffee brewing", "Coffee is brewed from roasted coffee beans and hot water."),
     "d1": ("Espresso", "Espresso is coffee brewed under pressure."),
