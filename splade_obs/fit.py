@@ -19,8 +19,8 @@ pieces are in :mod:`splade_obs.fit_stages`):
    best single seed on dev.
 5. **report**: the chosen model, zero-shot, and BM25 (stemmed and not) on dev and (when the folder has one)
    test, side by side, the models encoding as training evaluated (lengths and autocast dtype, so the chosen
-   model's dev score is the one it was chosen by); ``<output>/fit_report.json``, the fit run's metrics (``dev/<system>/ndcg_at_10``,
-   ``test/...``) and the chosen model copied to ``<output>/model``.
+   model's dev score is the one it was chosen by); ``<output>/fit_report.json``, the fit run's metrics
+   (``dev/<system>/ndcg_at_10``, ``test/...``) and the chosen model copied to ``<output>/model``.
 """
 
 from __future__ import annotations
