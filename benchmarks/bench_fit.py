@@ -11,8 +11,9 @@ model, each pair compared query by query (paired randomisation test and bootstra
 ``splade_obs.significance``). Targets (issue 35): fit >= zero-shot + 0.03 nDCG@10 and above stemmed BM25; plain
 train above zero-shot; the whole fit under 45 minutes on 2 CPU cores.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_fit.py                 # ~45 min here
+    OMP_NUM_THREADS=2 python benchmarks/bench_fit.py                 # ~35 min on 2 idle cores (fit: 28)
     python benchmarks/bench_fit.py --work /tmp/fit --reuse           # score runs already in --work
+    python benchmarks/bench_fit.py --data DIR --fit-args "--dense-model none" --train-args "--max-steps 20"
 
 Prints a side-by-side table and writes benchmarks/results/bench_fit.json (--output to change).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--reuse", action="store_true", help="score the runs already in --work, train nothing")
     ap.add_argument("--runs", default="fit,plain", help="which runs to make (the others must be in --work)")
     ap.add_argument("--no-score", action="store_true", help="make the runs only (score later with --reuse)")
+    ap.add_argument("--fit-args", default="", help="more options for the fit command (one string)")
+    ap.add_argument("--train-args", default="", help="more options for the plain train command (one string)")
     ap.add_argument("--output", type=Path, default=RESULTS_FILE)
     args = ap.parse_args(argv)
     require_beir(args.data)
@@ -56,8 +60,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work = (args.work or Path(tmp)).resolve()
         work.mkdir(parents=True, exist_ok=True)
         res = run(args, work)
-    write_json(args.output, {"machine": machine(), "command": "python benchmarks/bench_fit.py"
-                             + (f" --seeds {args.seeds}" if args.seeds != 1 else ""), **res})
+    command = ["python", "benchmarks/bench_fit.py", *(["--seeds", str(args.seeds)] if args.seeds != 1 else []),
+               *(["--fit-args", args.fit_args] if args.fit_args else []),
+               *(["--train-args", args.train_args] if args.train_args else [])]
+    write_json(args.output, {"machine": machine(), "command": shlex.join(command), **res})
     print(f"wrote {args.output}")
     return res
 
@@ -73,12 +79,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if "fit" in runs:
         print(f"fit on {args.data} (work: {work})", flush=True)
         costs["fit"] = _cli(["fit", "--data", str(args.data), "--output-dir", str(work / "fit"), "--seeds",
-                             str(args.seeds), "--tracking-uri", uri, "--progress", "lines"], work, "fit")
+                             str(args.seeds), "--tracking-uri", uri, "--progress", "lines",
+                             *shlex.split(args.fit_args)], work, "fit")
         costs_file.write_text(json.dumps(costs))
     if "plain" in runs:
         print(f"plain train on {args.data} (work: {work})", flush=True)
         costs["plain"] = _cli(["train", "--train-file", str(args.data), "--output-dir", str(work / "plain"),
-                               "--tracking-uri", uri, "--progress", "lines"], work, "plain")
+                               "--tracking-uri", uri, "--progress", "lines", *shlex.split(args.train_args)],
+                              work, "plain")
         costs_file.write_text(json.dumps(costs))
     if args.no_score:
         return {"costs": costs}
