@@ -106,15 +106,14 @@ def engine_worker(engine: str, data: Path, index: Path, out: Path) -> None:
     """Open the on-disk vectors, build ``engine``, search SciFact test's queries, compare with exact."""
     import numpy as np
 
-    from splade_obs.beir import CorpusFile
+    from splade_obs.beir import load_beir
     from splade_obs.csr_store import index_over, open_csr
     from splade_obs.engines import build_engine
+    from splade_obs.evaluation import RetrievalEvaluator
     from splade_obs.model import SpladeEncoder
 
-    ids = CorpusFile(data / "corpus.jsonl").ids
-    judged = {line.split("\t")[0] for line in open(data / "qrels" / "test.tsv", encoding="utf-8")}
-    records = [json.loads(line) for line in open(data / "queries.jsonl", encoding="utf-8") if line.strip()]
-    queries = [r["text"] for r in records if str(r["_id"]) in judged]  # the queries evaluate searches
+    evaluator = RetrievalEvaluator(load_beir(data, "test", lazy_corpus=True))  # the queries evaluate searches
+    ids, queries = evaluator.doc_ids, evaluator.query_texts
     encoder = SpladeEncoder.from_pretrained("splade-tiny", device="cpu")
     q = encoder.encode(queries, max_length=32, batch_size=64)
     exact = index_over(open_csr(index / "postings"), ids)

@@ -14,12 +14,13 @@ documents, in 1 and 2 processes, then the Seismic engine built from the same vec
 retrieve time per document (goal: flat within 1.3x), peak RSS against the index size, the engine's
 queries/s, index size and recall@10 against exact.
 
-    python benchmarks/bench_scale.py                       # both parts (the corpus part: ~45 min here)
+    python benchmarks/bench_scale.py                       # both parts (the corpus part: ~60 min here)
     python benchmarks/bench_scale.py --part runlength       # 100k steps
     python benchmarks/bench_scale.py --part corpus --sizes 5000,50000 --procs 1
     python benchmarks/bench_scale.py --quick                # 2k steps, 500 and 2,000 documents (the suite's)
 
-Prints side-by-side tables and writes benchmarks/results/scale.json (--output to change).
+Prints side-by-side tables and writes benchmarks/results/scale_corpus.json or scale_runlength.json for one part,
+scale.json for both (--output to change).
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ from typing import Any
 from _common import DEFAULT_DATA, RESULTS, machine, require_beir, table, write_json
 from _scale_corpus import corpus_scaling, engine_worker
 
-RESULTS_FILE = RESULTS / "scale.json"
+#: Where each ``--part`` writes by default.
+RESULTS_FILES = {"all": RESULTS / "scale.json", "runlength": RESULTS / "scale_runlength.json",
+                 "corpus": RESULTS / "scale_corpus.json"}
 #: The growth of the process's RSS over the run that the issue sets as the goal (MB).
 RSS_GOAL_MB = 50.0
 
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--procs", default="1,2", help="process counts for the corpus part (2: under torchrun)")
     ap.add_argument("--engine", default="seismic", help="the engine measured beside exact ('none': skip)")
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help="SciFact (BEIR folder) to cycle")
-    ap.add_argument("--output", type=Path, default=RESULTS_FILE)
+    ap.add_argument("--output", type=Path, help="default: benchmarks/results/scale_<part>.json (scale.json: all)")
     ap.add_argument("--engine-worker", nargs=4, metavar=("ENGINE", "DATA", "INDEX", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.engine_worker:
@@ -180,8 +183,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f" --steps-per-second {args.steps_per_second:g}" if args.steps_per_second else "") + (
         f" --sizes {args.sizes}" if not args.quick and args.sizes != "5000,50000,500000" else "") + (
         f" --procs {args.procs}" if args.procs != "1,2" else "")
-    write_json(args.output, {"machine": machine(), "command": command, **res})
-    print(f"wrote {args.output}")
+    write_json(args.output or RESULTS_FILES[args.part], {"machine": machine(), "command": command, **res})
+    print(f"wrote {args.output or RESULTS_FILES[args.part]}")
     return res
 
 
