@@ -243,14 +243,12 @@ def _encode_into(f: Any, encoder: Any, records: Iterator[tuple[str, str]], bar: 
                  terms: list[Any], length: int, batch_size: int, top_k: int | None, quantize_scale: float | None,
                  fmt: str, amp_dtype: Any, block_size: int) -> tuple[int, int, int]:
     """Encode ``records`` block by block into ``f``; returns (records, kept non-zeros, records skipped)."""
-    from .cpu import release_heap
     from .progress_util import encode_with_progress
 
     count = nnz = skipped = 0
     for ids, texts in _blocks(records, block_size):
         matrix = encode_with_progress(encoder, texts, max_length=length, batch_size=batch_size, top_k=top_k,
                                       amp_dtype=amp_dtype, progress=bar)
-        release_heap()  # the freed batch tensors back to the OS (splade_obs.cpu.release_heap)
         kept, dropped = write_vectors(f, ids, matrix, terms, quantize_scale, texts=texts, fmt=fmt, kind=kind)
         nnz += kept
         skipped += dropped

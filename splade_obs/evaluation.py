@@ -47,10 +47,11 @@ log = logging.getLogger("splade_obs.evaluate")
 Run = dict[str, dict[str, float]]
 Qrels = Mapping[str, Mapping[str, int]]
 
-#: The dense score block of one query chunk holds at most this many floats (32 MB in float32; the sparse product
-#: it is made from takes about three times that). 8M rather than 64M: on 500k documents and 300 queries the
-#: search's peak memory went from +1,103 MB to +277 MB and its time from 11.9 s to 8.2 s (bench_scale corpus).
-MAX_BLOCK_ELEMENTS = 8 * 1024 * 1024
+#: The dense score block of one query chunk holds at most this many floats (8 MB in float32; the sparse product
+#: it is made from and the top-k selection take a few times that). 2M: SciFact's 300 test queries against 5k
+#: documents already make a 1.5M block, so the search's working memory stays the same from 5k to millions of
+#: documents (100k documents: peak +55 MB at 2M, +184 MB at 8M, the same 0.7 s; 64M took +1,103 MB at 500k).
+MAX_BLOCK_ELEMENTS = 2 * 1024 * 1024
 METRIC_KEYS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
 
 
@@ -353,7 +354,8 @@ class RetrievalEvaluator:
         self.max_doc_length = int(max_doc_length)
         self.batch_size = int(batch_size)
         self.top_k = int(top_k_retrieve)
-        self.doc_ids = list(beir.corpus)
+        #: a lazy corpus's ids stay packed (:class:`~splade_obs.beir.IdTable`: ~20 bytes a document, not ~95)
+        self.doc_ids: Sequence[str] = beir.corpus.ids if isinstance(beir.corpus, CorpusFile) else list(beir.corpus)
         #: read from the file block by block when the corpus is lazy (``load_beir(lazy_corpus=True)``)
         self.doc_texts: Sequence[str] = (beir.corpus.texts() if isinstance(beir.corpus, CorpusFile)
                                          else [beir_doc_text(beir.corpus[d]) for d in self.doc_ids])

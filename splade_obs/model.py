@@ -408,7 +408,10 @@ class SpladeEncoder(nn.Module):
         """
         import scipy.sparse
 
+        from .cpu import release_heap
+
         texts = list(texts)
+        on_cpu = self.device.type == "cpu"
         ids = token_ids(self.tokenizer, texts, max_length)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort_by_length else list(range(len(ids)))
         rows, cols, vals = [], [], []
@@ -426,6 +429,9 @@ class SpladeEncoder(nn.Module):
                 rows.append(np.asarray(batch_idx, dtype=np.int64)[r.cpu().numpy()])
                 cols.append(c.cpu().numpy())
                 vals.append(weights[r, c].float().cpu().numpy())
+                del weights
+                if on_cpu:
+                    release_heap()  # the batch's (B, V) tensors back to the OS: see splade_obs.cpu.release_heap
         finally:
             self.train(was_training)
         cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt))

@@ -211,13 +211,11 @@ def encode_in_blocks(encoder: Any, texts: Sequence[str], *, start: int = 0, stop
 
     stop = len(texts) if stop is None else stop
     block_size = block_size or BLOCK_SIZE
-    from .cpu import release_heap
 
     parts = []
     for lo in range(start, stop, block_size):
         parts.append(encode_with_progress(encoder, list(texts[lo:min(lo + block_size, stop)]), progress=progress,
                                           **kwargs))
-        release_heap()  # the freed batch tensors back to the OS: the peak stays flat with the corpus size
     if not parts:
         return encode_with_progress(encoder, [], progress=progress, **kwargs)
     return parts[0] if len(parts) == 1 else sp.vstack(parts, format="csr")
