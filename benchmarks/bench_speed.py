@@ -62,10 +62,12 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_ours(data: Path, quick: bool, batch_size: int) -> dict:
+def run_ours(data: Path, quick: bool, batch_size: int, head_pass: str = "auto") -> dict:
+    from splade_obs.cpu import head_pass as chosen_pass, set_head_pass
     from splade_obs.evaluation import RetrievalEvaluator
     from splade_obs.model import SpladeEncoder
 
+    set_head_pass(head_pass)  # what --head-pass does
     beir = load_subset(data, quick)
     start, cpu0, load0 = time.perf_counter(), cpu_seconds(), os.getloadavg()[0]
     encoder = SpladeEncoder.from_pretrained("splade-tiny")
@@ -75,7 +77,8 @@ def run_ours(data: Path, quick: bool, batch_size: int) -> dict:
     return {"eval_s": total, "cpu_s": cpu_seconds() - cpu0, "load_avg_1m": [load0, os.getloadavg()[0]],
             "ndcg@10": metrics["ndcg@10"], "mrr@10": metrics["mrr@10"],
             "encode_docs_s": metrics["encode_docs_s"], "docs_per_s": len(beir.corpus) / metrics["encode_docs_s"],
-            "num_docs": len(beir.corpus), "num_queries": int(metrics["num_queries"]), "peak_rss_mb": peak_rss_mb()}
+            "num_docs": len(beir.corpus), "num_queries": int(metrics["num_queries"]), "peak_rss_mb": peak_rss_mb(),
+            "head_pass": chosen_pass(), "head_pass_asked": head_pass}
 
 
 def run_st(data: Path, quick: bool, batch_size: int) -> dict:
@@ -127,11 +130,11 @@ def train_side(trainer: str, data: Path, triples: Path, config: Path, steps: int
     return info
 
 
-def child(side: str, args: argparse.Namespace) -> dict:
+def child(side: str, args: argparse.Namespace, head_pass: str = "auto") -> dict:
     """Run one side in a fresh interpreter and parse the JSON line it prints last."""
     cmd = [sys.executable, __file__, "--side", side, "--data", str(args.data), "--batch-size", str(args.batch_size),
            "--triples", str(args.triples), "--config", str(args.config), "--train-steps", str(args.train_steps),
-           "--skip-steps", str(args.skip_steps)]
+           "--skip-steps", str(args.skip_steps), "--head-pass", head_pass]
     if args.quick:
         cmd.append("--quick")
     if args.precision:
@@ -180,6 +183,11 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=30)
     ap.add_argument("--skip-steps", type=int, default=5, help="first steps left out of samples/s (start-up)")
     ap.add_argument("--precision", choices=["auto", "no", "bf16"], help="override the config's mixed_precision")
+    ap.add_argument("--head-pass", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                    help="our side's CPU vocabulary pass (splade-obs evaluate --head-pass)")
+    ap.add_argument("--compare-head-passes", default="fp32,bf16",
+                    help="also run our evaluation with these passes, in the same run ('' for none): the passes "
+                         "auto chose from before int8 (docs/benchmarks.md)")
     ap.add_argument("--side", choices=["ours", "st", "train-ours", "train-st"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
@@ -189,7 +197,8 @@ def main() -> None:
             out = train_side(args.side[6:], args.data, args.triples, args.config, args.train_steps,
                              args.skip_steps, args.precision)
         else:
-            out = (run_ours if args.side == "ours" else run_st)(args.data, args.quick, args.batch_size)
+            out = (run_ours(args.data, args.quick, args.batch_size, args.head_pass) if args.side == "ours"
+                   else run_st(args.data, args.quick, args.batch_size))
         print(json.dumps(out))
         return
     require_beir(args.data)
@@ -200,8 +209,10 @@ def main() -> None:
     results: dict = {k: v for k, v in previous.get("parts", {}).items() if k not in parts}
     now = dt.datetime.now().isoformat(timespec="seconds")
     if "eval" in parts:
-        ours, st = child("ours", args), child("st", args)
+        ours, st = child("ours", args, args.head_pass), child("st", args)
+        passes = {p: child("ours", args, p) for p in filter(None, args.compare_head_passes.split(","))}
         results["eval"] = {"date": now, "machine": machine(), "splade_obs": ours, "sentence_transformers": st,
+                           "head_passes": {ours["head_pass"]: ours, **passes},
                            "num_docs": ours["num_docs"], "num_queries": ours["num_queries"],
                            "batch_size": args.batch_size, "max_doc_length": 256,
                            "speedup": st["eval_s"] / ours["eval_s"], "cpu_speedup": st["cpu_s"] / ours["cpu_s"],
@@ -225,6 +236,14 @@ def main() -> None:
               f"{t['splade_obs']['precision']} precision, samples/s after the first {t['skip_steps']} steps "
               f"(measured {t['date']})")
     print(side_by_side(results))
+    if results.get("eval", {}).get("head_passes"):
+        e = results["eval"]
+        st_s = e["sentence_transformers"]["eval_s"]
+        rows = [[f"--head-pass {r['head_pass_asked']} ({name})", f"{r['eval_s']:.1f}", f"{r['docs_per_s']:.1f}",
+                 f"{r['ndcg@10']:.4f}", f"{r['eval_s'] / e['splade_obs']['eval_s']:.2f}x", f"{st_s / r['eval_s']:.2f}x"]
+                for name, r in e["head_passes"].items()]
+        print(table([("our evaluation, vocabulary pass", "<34"), ("wall s", ">8"), ("docs/s", ">8"),
+                     ("nDCG@10", ">8"), ("wall / ours", ">12"), ("vs ST's wall", ">13")], rows, rule=True))
     for part, r in results.items():
         print(f"{part}: 1-minute load average at start/end: splade-obs {r['splade_obs']['load_avg_1m']}, "
               f"sentence-transformers {r['sentence_transformers']['load_avg_1m']}")

@@ -72,9 +72,30 @@ debug_option = click.option("--debug", is_flag=True, default=False,
                             help="Show full tracebacks on errors.")
 
 
+def _set_head_pass(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from splade_obs import cpu
+
+    if value == "int8" and not cpu.int8_matmul_works():
+        raise click.BadParameter("int8 needs torch._int_mm, which does not run on this CPU build of torch "
+                                 "(use auto, fp32 or bf16)", ctx=ctx, param=param)
+    cpu.set_head_pass(value)
+    return value
+
+
+def head_pass_option(fn: F) -> F:
+    """``--head-pass``: how CPU inference computes the vocabulary max (:func:`splade_obs.cpu.head_pass`)."""
+    return click.option(
+        "--head-pass", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
+        expose_value=False, callback=_set_head_pass,
+        help="CPU encoding's vocabulary pass: int8 / bf16 select the terms that can be non-zero (a proven bound) "
+             "and compute those in fp32, the same weights as fp32 to rounding; auto takes the fastest, measured "
+             "once per machine (docs/recipes.md).")(fn)
+
+
 def encoder_options(fn: F) -> F:
-    """``--max-query-length``, ``--max-doc-length``, ``--batch-size`` and ``--device``: how a command encodes
-    (evaluate, mine-negatives and search: the same flags and defaults)."""
+    """``--max-query-length``, ``--max-doc-length``, ``--batch-size``, ``--device`` and ``--head-pass``: how a
+    command encodes (evaluate, mine-negatives and search: the same flags and defaults)."""
+    fn = head_pass_option(fn)
     fn = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")(fn)
     for name, default in (("--batch-size", 32), ("--max-doc-length", 256), ("--max-query-length", 64)):
         fn = click.option(name, default=default, show_default=True, type=click.IntRange(min=1))(fn)

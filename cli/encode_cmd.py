@@ -9,7 +9,7 @@ import click
 
 from splade_obs.errors import ErrorCategory
 
-from .common import debug_option, handle_errors
+from .common import debug_option, handle_errors, head_pass_option
 from .evaluate_cmd import progress_options
 
 
@@ -33,6 +33,7 @@ from .evaluate_cmd import progress_options
                    "it replaces the default scale 100.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@head_pass_option
 @progress_options
 @debug_option
 @handle_errors(ErrorCategory.INFERENCE_ERROR)

@@ -79,7 +79,7 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
         return  # rank 0 reports
     result = {"model": model_name, "data": str(data_dir), "split": split, "max_query_length": max_query_length,
               "max_doc_length": max_doc_length, "top_k_docs": top_k_docs, "idf_power": idf_power, "engine": engine,
-              "metrics": metrics}
+              "head_pass": _head_pass(encoder), "metrics": metrics}
     if shard is not None:
         result.update(world_size=shard.world_size, docs_per_rank=evaluator.docs_per_rank)
     if trec_run is not None:
@@ -95,3 +95,11 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
                f"{result['duration_seconds']:.1f}s (encoding {encoding:.1f}s, retrieval {metrics['search_s']:.1f}s)",
                err=True)
     click.echo(text)
+
+
+def _head_pass(encoder: object) -> str:
+    """The vocabulary pass the documents were encoded with (``--head-pass``; accelerators: always fp32)."""
+    from splade_obs.cpu import head_pass
+
+    device = getattr(encoder, "device", None)
+    return head_pass() if getattr(device, "type", "cpu") == "cpu" else "fp32"

@@ -100,6 +100,9 @@ class DataConfig:
                                          file_only=True, ge=1)
     num_negatives: int = setting(1, "Hard negatives per query when the data has them (drawn afresh each epoch "
                                     "from the example's negatives).", ge=0)
+    length_buckets: int = setting(0, "Sort each window of this many batches by text length before cutting it "
+                                     "into batches (less padding, same epoch, batches shuffled in the window; "
+                                     "the order follows the seed, so resume replays it). 0: off.", ge=0)
     beir_negatives: str = setting("bm25", "Hard negatives of a BEIR --train-file (it has none): bm25 = each "
                                           "pair's from its query's BM25 top --beir-negatives-depth, judged "
                                           "positives removed (needs bm25s); none = in-batch negatives only.",

@@ -102,3 +102,139 @@ def release_heap() -> bool:
         return False
     trim(0)
     return True
+
+
+# ---- the inference head's pass: fp32, or a bf16 / int8 prefilter, chosen by measuring ------------------------
+
+#: The passes :func:`head_pass` chooses from: ``fp32`` (every term's token max in fp32), ``bf16`` and ``int8``
+#: (a low-precision pass over the whole vocabulary selects the terms that can be non-zero, with a proven error
+#: bound, and only those are computed in fp32: :mod:`splade_obs.model`).
+HEAD_PASSES = ("fp32", "bf16", "int8")
+#: A low-precision pass must be this much faster than fp32 to be chosen (it also pays the candidates' recompute).
+HEAD_PASS_MARGIN = 1.25
+PROBE_CACHE_FILE = "cpu-probe.json"
+_forced_head_pass: str | None = None
+
+
+def set_head_pass(name: str | None) -> None:
+    """Force the head's pass for this process (``--head-pass``); None or ``auto`` goes back to measuring."""
+    global _forced_head_pass
+    if name not in (None, "auto", *HEAD_PASSES):
+        raise ValueError(f"head pass {name!r}: expected auto or one of {', '.join(HEAD_PASSES)}")
+    _forced_head_pass = None if name in (None, "auto") else name
+
+
+def int8_matmul_works() -> bool:
+    """Whether ``torch._int_mm`` (int8 x int8 -> int32) runs on this CPU build of torch."""
+    fn = getattr(torch, "_int_mm", None)
+    if fn is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (5, 128), generator=gen, dtype=torch.int8)  # odd shapes: a document's tokens
+    b = torch.randint(-127, 128, (128, 13), generator=gen, dtype=torch.int8)
+    try:
+        out = fn(a, b)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+    return bool(out.dtype == torch.int32 and torch.equal(out, a.int() @ b.int()))
+
+
+def head_pass_timings() -> dict[str, float]:
+    """Seconds of one head-shaped product, ``(256 x 128) @ (128 x 4096)``, per pass (best of 5 after a warm-up):
+    fp32 always, bf16 unless the CPU flags show it emulated, int8 where ``torch._int_mm`` runs."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(256, 128, generator=gen), torch.randn(128, 4096, generator=gen)
+    cases: dict[str, Any] = {"fp32": (torch.mm, a, b)}
+    if not x86_bf16_is_emulated():
+        cases["bf16"] = (torch.mm, a.bfloat16(), b.bfloat16())
+    if int8_matmul_works():
+        cases["int8"] = (torch._int_mm, (a * 20).clamp(-127, 127).to(torch.int8),
+                         (b * 20).clamp(-127, 127).to(torch.int8))
+    timings = {}
+    for name, (fn, x, y) in cases.items():
+        fn(x, y)  # warm-up: first calls pick and JIT the kernels
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            fn(x, y)
+            best = min(best, time.perf_counter() - t)
+        timings[name] = best
+    return timings
+
+
+def choose_head_pass(timings: dict[str, float]) -> str:
+    """The fastest low-precision pass if it beats fp32 by :data:`HEAD_PASS_MARGIN`, else ``fp32``."""
+    low = min((t, name) for name, t in timings.items() if name != "fp32") if len(timings) > 1 else None
+    if low is not None and low[0] * HEAD_PASS_MARGIN <= timings["fp32"]:
+        return low[1]
+    return "fp32"
+
+
+def machine_key() -> str:
+    """What the probe's answer depends on: the CPU (model and flags), torch's version and its thread count."""
+    import hashlib
+
+    cpu_lines = ""
+    try:
+        text = CPUINFO.read_text(encoding="utf-8", errors="replace")
+        cpu_lines = "\n".join(sorted({ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        pass
+    raw = "|".join([platform.machine(), platform.processor(), cpu_lines, torch.__version__,
+                    str(torch.get_num_threads())])
+    return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
+
+
+def probe_cache_path() -> Path:
+    """``$SPLADE_OBS_CACHE/cpu-probe.json`` (default ``~/.cache/splade-obs``): the probe's answers per machine."""
+    from .hub import cache_root
+
+    return cache_root() / PROBE_CACHE_FILE
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_head_pass() -> str:
+    import json
+    import logging
+
+    log = logging.getLogger("splade_obs.cpu")
+    key, path = machine_key(), probe_cache_path()
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("head_pass") in HEAD_PASSES:
+        return str(entry["head_pass"])
+    timings = head_pass_timings()
+    choice = choose_head_pass(timings)
+    known = known if isinstance(known, dict) else {}
+    known[key] = {"head_pass": choice, "seconds": timings, "threads": torch.get_num_threads(),
+                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    try:
+        from .atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:  # a read-only home: measured again next time
+        log.debug("could not cache the CPU probe in %s: %s", path, exc)
+    log.debug("head pass %s (measured: %s)", choice, timings)
+    return choice
+
+
+def head_pass() -> str:
+    """The inference head's pass on this CPU: ``--head-pass`` / :func:`set_head_pass`, else
+    ``SPLADE_OBS_HEAD_PASS``, else ``SPLADE_OBS_CPU_BF16`` (``1``: bf16, ``0``: fp32), else measured once per
+    machine (:func:`head_pass_timings`, cached in :func:`probe_cache_path` under :func:`machine_key`)."""
+    if _forced_head_pass is not None:
+        return _forced_head_pass
+    forced = os.environ.get("SPLADE_OBS_HEAD_PASS")
+    if forced and forced != "auto":
+        if forced not in HEAD_PASSES:
+            from .errors import ConfigError
+
+            raise ConfigError(f"SPLADE_OBS_HEAD_PASS={forced!r}: expected auto or one of {', '.join(HEAD_PASSES)}")
+        return forced
+    legacy = os.environ.get("SPLADE_OBS_CPU_BF16")
+    if legacy is not None:
+        return "bf16" if legacy == "1" else "fp32"
+    return _measured_head_pass()

@@ -50,6 +50,7 @@ TRACING_ENV_VARS: tuple[str, ...] = (
 # Read by splade-obs itself.
 OWN_ENV_VARS: tuple[str, ...] = (
     "SPLADE_OBS_CACHE",             # model cache folder (default ~/.cache/splade-obs)
+    "SPLADE_OBS_HEAD_PASS",         # CPU encoding's vocabulary pass: fp32, bf16 or int8 (default: measured)
     "MLFLOW_TAGS",                  # JSON object of extra run tags (the Hugging Face MLflow callback's convention)
     "MLFLOW_RUN_NAME",              # run name when --run-name is not given
 )

@@ -86,16 +86,19 @@ def make_plan(cfg: TrainConfig, num_examples: int, world_size: int = 1) -> Plan:
 
 def epoch_batches(examples: list[Example], epoch: int, *, batch_size: int, seed: int, rank: int = 0,
                   world_size: int = 1, negatives_for: Callable[[list[Example]], int] = lambda exs: 0,
-                  ) -> tuple[list[list[int]], list[int]]:
+                  bucket_batches: int = 0) -> tuple[list[list[int]], list[int]]:
     """This rank's batches of the epoch (example indices), and for each the hard negatives per query K.
 
     Every rank gets an equal share cut into equal batches (in-batch negatives and DDP ranks stay in step).
     Under torchrun the ranks must use the same K at a batch index, or the gathers do not match: the smallest
     K of the ranks' batches there. Every rank computes it from the data it holds, without a collective.
+    ``bucket_batches`` > 1 groups each window of that many batches by length (:func:`length_buckets`).
     """
     n = len(examples)
     order = epoch_order(n, seed, epoch)
     order = order[: n - n % world_size]
+    if bucket_batches > 1:  # on the global batches: rank r's batch b is its share of global batch b, as without
+        order = length_buckets(order, examples, batch_size * world_size, bucket_batches, f"{seed}:{epoch}")
     shares = []
     for r in range(world_size):
         share = order[r::world_size]
@@ -105,6 +108,33 @@ def epoch_batches(examples: list[Example], epoch: int, *, batch_size: int, seed:
         shares.append(batches)
     ks = [min(negatives_for([examples[i] for i in share[b]]) for share in shares) for b in range(len(shares[rank]))]
     return shares[rank], ks
+
+
+def example_length(example: Example) -> int:
+    """What a batch pads to, as characters: the longest of the example's positives (the documents it draws
+    from each epoch; its hard negatives are usually cut at the maximum length anyway) plus its query."""
+    return len(example.query) + max((len(p) for p in example.positives), default=0)
+
+
+def length_buckets(share: list[int], examples: list[Example], batch_size: int, window: int,
+                   salt: str) -> list[int]:
+    """``share`` (the epoch's shuffled order) with each window of ``window`` batches sorted by
+    :func:`example_length`, cut into batches, and those batches shuffled within the window: a batch holds
+    examples of similar length (less padding), the epoch still mixes lengths from batch to batch, and the
+    order depends only on the seed and the epoch (a resumed run replays it). Ties keep the shuffled order; a
+    last window shorter than ``window`` batches is bucketed the same way."""
+    import random
+
+    rng = random.Random(salt)  # string seeds hash deterministically (not with PYTHONHASHSEED)
+    out: list[int] = []
+    size = batch_size * window
+    for lo in range(0, len(share), size):
+        chunk = sorted(share[lo:lo + size], key=lambda i: -example_length(examples[i]))
+        batches = [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        full = [b for b in batches if len(b) == batch_size]
+        rng.shuffle(full)
+        out.extend(i for b in full + [b for b in batches if len(b) < batch_size] for i in b)
+    return out
 
 
 @dataclass

@@ -244,7 +244,8 @@ class Trainer:
             if self.global_step >= self.total_steps and not (open_epoch and epoch == self.start_epoch):
                 break
             batches, negatives = epoch_batches(examples, epoch, batch_size=o.batch_size, seed=o.seed, rank=self.rank,
-                                               world_size=self.world_size, negatives_for=self.collator.negatives_for)
+                                               world_size=self.world_size, negatives_for=self.collator.negatives_for,
+                                               bucket_batches=self.cfg.data.length_buckets)
             self._begin_epoch(epoch, len(batches))
             if self._after_pending:  # the checkpoint came before its step's own checkpoint or evaluation
                 self._after_step(epoch, self.start_batch - 1, replay=True)

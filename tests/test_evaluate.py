@@ -388,3 +388,37 @@ def test_paired_comparison_separates_a_real_gain_from_noise() -> None:
 def _centred_noise(rng: np.random.Generator, n: int) -> list[float]:
     e = rng.normal(0, 0.1, n)
     return [float(x) for x in e - e.mean()]
+
+
+def test_evaluate_cli_head_pass_flag_gives_the_same_metrics_and_is_recorded(tmp_path, monkeypatch) -> None:
+    """--head-pass fp32 / bf16 / int8: the pass named is the one that ran (recorded in the JSON), and the run
+    file and metrics are the same whichever computed the vocabulary max."""
+    from splade_obs import cpu
+    from splade_obs import model as model_module
+    from splade_obs_cli.main import cli
+
+    data = write_beir(tmp_path / "beir")
+    used: list[str] = []
+    for fn, name in (("_max_per_document_int8", "int8"), ("_max_per_document_prefiltered", "bf16"),
+                     ("_max_per_document", "fp32")):
+        real = getattr(model_module, fn)
+        monkeypatch.setattr(model_module, fn, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
+    passes = ["fp32", "bf16"] + (["int8"] if cpu.int8_matmul_works() else [])
+    runs, metrics = {}, {}
+    try:
+        for name in passes:
+            used.clear()
+            trec = tmp_path / f"{name}.trec"
+            result = CliRunner().invoke(cli, ["evaluate", "--model", "splade-tiny", "--data", str(data),
+                                              "--max-query-length", "16", "--max-doc-length", "32",
+                                              "--head-pass", name, "--trec-run", str(trec)])
+            assert result.exit_code == 0, result.output
+            payload = json.loads(result.stdout)
+            assert payload["head_pass"] == name and set(used) == {name}, (name, set(used))
+            metrics[name] = {k: payload["metrics"][k] for k in ("ndcg@10", "mrr@10", "recall@100", "doc_nnz")}
+            runs[name] = [line.split()[:4] for line in trec.read_text().splitlines()]  # qid Q0 doc rank
+    finally:
+        cpu.set_head_pass(None)
+    assert all(metrics[n] == metrics["fp32"] and runs[n] == runs["fp32"] for n in passes), metrics
+    bad = CliRunner().invoke(cli, ["evaluate", "--model", "splade-tiny", "--data", str(data), "--head-pass", "fp8"])
+    assert bad.exit_code == 2 and "--head-pass" in bad.stderr

@@ -371,3 +371,78 @@ def test_head_tiles_benchmark_runs_and_checks_its_variants_agree(tmp_path, tiny_
         assert len(row["ms_per_doc"]) == 5 and all(v > 0 for v in row["ms_per_doc"].values())
         assert row["speedup_vs_baseline"][report["baseline"]] == 1.0
     assert "vocab blocks" in proc.stdout
+
+
+def _prefiltered_inputs(encoder: SpladeEncoder) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(name, head input (B, L, H), mask (B, L)): random vectors at lengths 1, 255 and 512 with an all-padding
+    row, random vectors scaled like the real ones, and splade-tiny's own head inputs for real text (up to 512)."""
+    gen = torch.Generator().manual_seed(7)
+    width = encoder._projection().weight.shape[1]
+    cases = []
+    for length in (1, 255, 512):
+        hidden = torch.randn(3, length, width, generator=gen) * torch.tensor([1.0, 0.1, 4.0])[:, None, None]
+        mask = torch.ones(3, length, dtype=torch.long)
+        mask[1] = 0  # an all-padding row: -inf before relu, 0 after, on every path
+        mask[2, length // 2 + 1:] = 0
+        cases.append((f"random, length {length}", hidden, mask))
+    text = ("Thiqueipaix is a city in the region of Fouthan; the river Petrand flows through it. " * 40).strip()
+    batch = encoder.tokenize([text, "a", "which river flows through migu?"], 512)
+    with torch.no_grad():
+        real = encoder._head_input(batch["input_ids"], batch["attention_mask"])
+    cases.append(("splade-tiny on text, lengths 512 / 3 / 10", real, batch["attention_mask"]))
+    scaled = torch.randn(real.shape, generator=gen) * real.std()
+    cases.append(("random scaled like real", scaled, batch["attention_mask"]))
+    return cases
+
+
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_low_precision_prefilters_select_every_non_zero_term_and_keep_the_fp32_weights(encoder, kind) -> None:
+    """The int8 / bf16 pass only selects candidate terms (its error bound is proven in the docstrings of
+    _max_per_document_int8 / _max_per_document_prefiltered); the candidates' weights are then computed in fp32,
+    over a subset of the vocabulary, which a BLAS may sum in another order than the full tiles. The stated bound
+    (docs/recipes.md): every weight within the rounding of an H-term fp32 dot product of the fp32 path's,
+    |dw| <= H * 2^-24 * max_t ||h_t|| * ||w_v|| + 2^-23 * |b_v| (log1p(relu(.)) is 1-Lipschitz), zeros included:
+    a term the pass dropped would be off by its whole weight. int8 needs a CPU build with torch._int_mm."""
+    from splade_obs import cpu
+
+    if kind == "int8" and not cpu.int8_matmul_works():
+        pytest.skip("torch._int_mm does not run on this CPU build of torch")
+    proj = encoder._projection()
+    weight, bias = proj.weight.detach(), proj.bias.detach()
+    run = {"int8": lambda h, m: model_module._max_per_document_int8(h, weight, bias, m),
+           "bf16": lambda h, m: model_module._max_per_document_prefiltered(h, weight, bias, m, 64)}[kind]
+    for name, hidden, mask in _prefiltered_inputs(encoder):
+        with torch.no_grad():
+            ref = torch.log1p(torch.relu(model_module._max_per_document(hidden, weight, bias, mask.bool())))
+            got = torch.log1p(torch.relu(run(hidden, mask.bool())))
+        h_norm = (hidden.norm(dim=2) * mask).amax(dim=1)  # the longest token vector of each document
+        bound = hidden.shape[2] * 2.0 ** -24 * h_norm[:, None] * weight.norm(dim=1) + 2.0 ** -23 * bias.abs()
+        assert torch.count_nonzero(ref) > 0 and not torch.any(got[mask.sum(1) == 0]), name
+        over = (got - ref).abs() > bound
+        assert not torch.any(over), (name, int(over.sum()), float((got - ref).abs().max()))
+        assert float(torch.quantile(bound[ref > 0] / ref[ref > 0], 0.5)) < 1e-3, name  # the bound is not vacuous
+
+
+def test_the_int8_pass_keeps_few_candidates_on_real_text(encoder, monkeypatch) -> None:
+    """The bound is tight enough to be worth it: on real text the fp32 recompute covers a few percent of the
+    vocabulary, not most of it (a bound an order too loose would still be exact, and slower than fp32)."""
+    from splade_obs import cpu
+
+    if not cpu.int8_matmul_works():
+        pytest.skip("torch._int_mm does not run on this CPU build of torch")
+    proj = encoder._projection()
+    weight, bias = proj.weight.detach(), proj.bias.detach()
+    picked: list[int] = []
+    real_select = torch.Tensor.index_select
+
+    def counting(t, dim, index):
+        if t is weight:
+            picked.append(index.numel())
+        return real_select(t, dim, index)
+
+    name, hidden, mask = _prefiltered_inputs(encoder)[3]
+    monkeypatch.setattr(torch.Tensor, "index_select", counting)
+    with torch.no_grad():
+        model_module._max_per_document_int8(hidden, weight, bias, mask.bool())
+    monkeypatch.undo()
+    assert len(picked) == 3 and max(picked) < 0.05 * weight.shape[0], (name, picked)
