@@ -446,3 +446,26 @@ def test_the_int8_pass_keeps_few_candidates_on_real_text(encoder, monkeypatch) -
         model_module._max_per_document_int8(hidden, weight, bias, mask.bool())
     monkeypatch.undo()
     assert len(picked) == 3 and max(picked) < 0.05 * weight.shape[0], (name, picked)
+
+
+def test_head_benchmark_times_each_vocabulary_pass_and_checks_it_against_fp32(tmp_path, tiny_model_path) -> None:
+    """benchmarks/bench_head.py on a tiny batch: both heads, then the inference forward with each --head-pass,
+    every pass's weights compared with fp32's in the results."""
+    import json
+    import subprocess
+    import sys
+
+    from splade_obs import cpu
+
+    out = tmp_path / "head.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_head.py"
+    passes = ["fp32", "bf16"] + (["int8"] if cpu.int8_matmul_works() else [])
+    proc = subprocess.run([sys.executable, str(script), "--batch-size", "2", "--length", "24", "--iters", "1",
+                           "--head-passes", ",".join(passes), "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [r["head_pass"] for r in report["head_passes"]] == passes
+    for row in report["head_passes"]:
+        assert row["docs_per_s_forward"] > 0 and row["max_abs_diff_vs_first"] < 1e-4, row
+    assert "--head-pass" in proc.stdout and "same zeros" in proc.stdout
