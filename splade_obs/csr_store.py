@@ -4,7 +4,9 @@
 appends each block's rows here instead of keeping them, then turns the document-major matrix into the
 term-major one the index searches (its posting lists) on disk, a bounded chunk of rows at a time; retrieval
 reads that matrix memory-mapped, so the operating system pages in only the posting lists the queries touch.
-The encoder's working memory is one block; what stays in memory is the sparse index's pages in use.
+The encoder's working memory is one block; what stays in memory is the sparse index's pages in use. Under
+torchrun every rank writes its shard to its own folder ``DIR/docs.partR-of-W`` and rank 0 concatenates them on
+disk (:func:`concat_to`) before the transpose: the vectors never pass through memory or the process group.
 
 A folder holds one matrix: ``data.f32`` (float32 weights), ``indices.i32`` (int32 column of each weight),
 ``indptr.i64`` (int64 row starts, ``rows + 1`` of them), all little-endian raw arrays, and ``meta.json``
@@ -19,7 +21,7 @@ from __future__ import annotations
 import json
 import mmap
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -103,11 +105,7 @@ def transpose_to(rows: sp.csr_matrix, folder: str | Path, chunk: int = TRANSPOSE
     out = {name: _create(folder / name, dtype, nnz)
            for name, dtype in _FILES[:2]}
     cursor = indptr[:-1].copy()
-    r0 = 0
-    while r0 < n_rows:
-        # the rows whose non-zeros fit in one chunk (at least one row)
-        r1 = max(r0 + 1, int(np.searchsorted(rows.indptr, rows.indptr[r0] + chunk, side="right")) - 1)
-        r1 = min(r1, n_rows)
+    for r0, r1 in _row_chunks(rows, chunk):
         lo, hi = int(rows.indptr[r0]), int(rows.indptr[r1])
         terms = np.asarray(rows.indices[lo:hi], dtype=np.int64)
         docs = np.repeat(np.arange(r0, r1, dtype=np.int64), np.diff(np.asarray(rows.indptr[r0:r1 + 1])))
@@ -121,7 +119,6 @@ def transpose_to(rows: sp.csr_matrix, folder: str | Path, chunk: int = TRANSPOSE
             out["indices.i32"][dest] = docs
         cursor += np.bincount(terms, minlength=n_cols)
         release_pages(rows.data, rows.indices)  # the rows read stay in the page cache, out of this process's RSS
-        r0 = r1
     for array in out.values():
         if isinstance(array, np.memmap):
             array.flush()
@@ -131,6 +128,37 @@ def transpose_to(rows: sp.csr_matrix, folder: str | Path, chunk: int = TRANSPOSE
     return open_csr(folder)
 
 
+def _row_chunks(rows: sp.csr_matrix, chunk: int) -> Iterator[tuple[int, int]]:
+    """``[r0, r1)`` row ranges of ``rows`` holding about ``chunk`` non-zeros each (at least one row)."""
+    n_rows, r0 = rows.shape[0], 0
+    while r0 < n_rows:
+        r1 = max(r0 + 1, int(np.searchsorted(rows.indptr, rows.indptr[r0] + chunk, side="right")) - 1)
+        r1 = min(r1, n_rows)
+        yield r0, r1
+        r0 = r1
+
+
+def concat_to(parts: Sequence[str | Path], folder: str | Path, chunk: int = TRANSPOSE_CHUNK) -> sp.csr_matrix:
+    """The rows of the matrices in the folders ``parts``, one after the other, written to ``folder`` a chunk of
+    about ``chunk`` non-zeros at a time (the pages read dropped); the parts are deleted after. Returns it
+    memory-mapped. How rank 0 merges the shards every torchrun rank wrote (:func:`encode_rows`)."""
+    import shutil
+
+    matrices = [open_csr(p) for p in parts]
+    if not matrices:
+        raise DataError("no part to concatenate")
+    writer = CsrWriter(folder, matrices[0].shape[1])
+    for m in matrices:
+        for r0, r1 in _row_chunks(m, chunk):
+            writer.append(m[r0:r1])
+            release_pages(m.data, m.indices)
+    merged = open_csr(writer.close())
+    del matrices
+    for p in parts:
+        shutil.rmtree(p, ignore_errors=True)
+    return merged
+
+
 def _create(path: Path, dtype: str, count: int) -> np.ndarray:
     if count == 0:
         path.write_bytes(b"")
@@ -138,41 +166,39 @@ def _create(path: Path, dtype: str, count: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="w+", shape=(count,))
 
 
-def encode_to_disk(encoder: Any, texts: Sequence[str], folder: str | Path, *, block_size: int | None = None,
-                   progress: Any = None, **kwargs: Any) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """Encode ``texts`` block by block into ``folder/docs``, transpose it into ``folder/postings``; returns both,
-    memory-mapped (documents x terms, terms x documents)."""
+def encode_rows(encoder: Any, texts: Sequence[str], folder: str | Path, *, start: int = 0, stop: int | None = None,
+                block_size: int | None = None, progress: Any = None, **kwargs: Any) -> Path:
+    """Encode ``texts[start:stop]`` block by block (:data:`splade_obs.encoding.BLOCK_SIZE` texts) into the matrix
+    folder ``folder``, sealed (``meta.json``) when complete; returns the folder."""
     from .encoding import BLOCK_SIZE
     from .progress_util import encode_with_progress
 
     block_size = block_size or BLOCK_SIZE
-    writer = CsrWriter(Path(folder) / "docs", encoder.vocab_size)
-
-    for start in range(0, len(texts), block_size):
-        writer.append(encode_with_progress(encoder, list(texts[start:start + block_size]), progress=progress,
+    stop = len(texts) if stop is None else stop
+    writer = CsrWriter(folder, encoder.vocab_size)
+    for lo in range(start, stop, block_size):
+        writer.append(encode_with_progress(encoder, list(texts[lo:min(lo + block_size, stop)]), progress=progress,
                                            **kwargs))
-    docs = open_csr(writer.close())
+    return writer.close()
+
+
+def encode_to_disk(encoder: Any, texts: Sequence[str], folder: str | Path, *, block_size: int | None = None,
+                   progress: Any = None, **kwargs: Any) -> tuple[sp.csr_matrix, sp.csr_matrix]:
+    """Encode ``texts`` block by block into ``folder/docs``, transpose it into ``folder/postings``; returns both,
+    memory-mapped (documents x terms, terms x documents)."""
+    docs = open_csr(encode_rows(encoder, texts, Path(folder) / "docs", block_size=block_size, progress=progress,
+                                **kwargs))
     return docs, transpose_to(docs, Path(folder) / "postings")
 
 
-def write_index(docs: sp.spmatrix, folder: str | Path) -> tuple[sp.csr_matrix, sp.csr_matrix]:
-    """:func:`encode_to_disk` for vectors already in memory (rank 0's merged shards under torchrun)."""
-    writer = CsrWriter(Path(folder) / "docs", docs.shape[1])
-    writer.append(docs)
-    on_disk = open_csr(writer.close())
-    return on_disk, transpose_to(on_disk, Path(folder) / "postings")
-
-
-def disk_index(folder: str | Path, docs: sp.spmatrix, postings: sp.csr_matrix | None, doc_ids: Sequence[str],
-               queries: sp.csr_matrix, idf_power: float) -> tuple[sp.csr_matrix, Any, sp.csr_matrix]:
+def disk_index(docs: sp.spmatrix, postings: sp.csr_matrix, doc_ids: Sequence[str], queries: sp.csr_matrix,
+               idf_power: float) -> tuple[sp.csr_matrix, Any, sp.csr_matrix]:
     """For :class:`~splade_obs.evaluation.RetrievalEvaluator` with an index folder: the documents and the index
-    from disk (``docs`` written there first when ``postings`` is None: the merged shards of torchrun ranks)
-    and the queries to search with; ``idf_power`` > 0 weights the queries, the same product as weighting the
-    documents (:func:`~splade_obs.evaluation.idf_reweight`) without writing the index again."""
+    on disk (:func:`encode_to_disk`, or :func:`splade_obs.shard.encode_sharded_to_disk` under torchrun) and the
+    queries to search with; ``idf_power`` > 0 weights the queries, the same product as weighting the documents
+    (:func:`~splade_obs.evaluation.idf_reweight`) without writing the index again."""
     from .evaluation import _idf_power
 
-    if postings is None:
-        docs, postings = write_index(docs, folder)
     weighted = sp.csr_matrix(queries, dtype=np.float32, copy=True)
     if idf_power:
         df = np.diff(np.asarray(postings.indptr))

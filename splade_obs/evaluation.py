@@ -419,8 +419,8 @@ class RetrievalEvaluator:
         else:
             from .csr_store import disk_index
 
-            docs, index, weighted = disk_index(self.index_dir, docs, self._postings, self.doc_ids, queries,
-                                               self.idf_power)
+            assert self._postings is not None  # written with the documents (encode_to_disk)
+            docs, index, weighted = disk_index(docs, self._postings, self.doc_ids, queries, self.idf_power)
             doc_df = np.diff(np.asarray(index.postings.indptr))
             if self.engine != "exact":  # idf already moved to the queries: index the model's own vectors
                 index = build_engine(self.engine, docs, self.doc_ids)
@@ -443,7 +443,13 @@ class RetrievalEvaluator:
         t0, start_ns = time.perf_counter(), time.time_ns()
         bar = self.progress.start(desc, len(texts), unit="texts") if shard is None or shard.is_main else None
         with bar if bar is not None else contextlib.nullcontext():  # a bar closes (or says stopped) either way
-            if shard is not None:
+            if shard is not None and self.index_dir is not None and phase == "encode_docs":
+                from .shard import encode_sharded_to_disk
+
+                out, self._postings = encode_sharded_to_disk(encoder, texts, shard, self.index_dir,
+                                                             max_length=max_length, batch_size=self.batch_size,
+                                                             amp_dtype=amp_dtype, progress=bar)
+            elif shard is not None:
                 out = encode_sharded(encoder, texts, shard, max_length=max_length, batch_size=self.batch_size,
                                      amp_dtype=amp_dtype, progress=bar)
             elif self.index_dir is not None and phase == "encode_docs":

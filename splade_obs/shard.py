@@ -185,3 +185,25 @@ def encode_sharded(encoder: Any, texts: Sequence[str], shard: Shard, *, progress
     if progress is not None:  # the bar counts every text, the other ranks' included
         progress.update(len(texts) - (hi - lo))
     return sp.vstack(parts, format="csr")
+
+
+def encode_sharded_to_disk(encoder: Any, texts: Sequence[str], shard: Shard, folder: str | Path, *,
+                           progress: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+    """``evaluate --index-dir`` under torchrun: each rank encodes its shard block by block into its own matrix
+    folder ``DIR/docs.partR-of-W`` (sealed when complete, so ``DIR`` must be one every rank can reach); rank 0
+    concatenates them on disk, in rank order, into ``DIR/docs`` and transposes that into ``DIR/postings``.
+    Nothing the size of the corpus passes through memory or the process group. Rank 0 gets both matrices
+    memory-mapped, the other ranks ``(None, None)``."""
+    from .csr_store import concat_to, encode_rows, transpose_to
+
+    folder = Path(folder)
+    lo, hi = shard.bounds(len(texts))
+    part = folder / f"docs.part{shard.rank}-of-{shard.world_size}"
+    parts = shard.collect(lambda: str(encode_rows(encoder, texts, part, start=lo, stop=hi,
+                                                  progress=progress if shard.is_main else None, **kwargs)))
+    if parts is None:
+        return None, None
+    if progress is not None:  # the bar counts every text, the other ranks' included
+        progress.update(len(texts) - (hi - lo))
+    docs = concat_to(parts, folder / "docs")
+    return docs, transpose_to(docs, folder / "postings")

@@ -127,13 +127,19 @@ def test_sharded_evaluate_equals_single_process(tmp_path, monkeypatch):
     assert [r[:3] for r in run_two] == [r[:3] for r in run_one] and len(run_one) > 0
     assert [r[3] for r in run_two] == pytest.approx([r[3] for r in run_one], rel=1e-5, abs=2e-6)
 
-    # rank 0 writes the merged shards to an index on disk and retrieves from it memory-mapped: the same again
-    proc = _torchrun(tmp_path, *args, "--index-dir", str(tmp_path / "index"), "--trec-run", str(tmp_path / "disk.run"))
+    # every rank writes its shard to disk, rank 0 concatenates them there and retrieves memory-mapped: the same
+    proc = _torchrun(tmp_path, *args, "--index-dir", str(tmp_path / "index"), "--trec-run", str(tmp_path / "disk.run"),
+                     "--output", str(tmp_path / "disk.json"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_disk = _run_lines(tmp_path / "disk.run")
     assert [r[:3] for r in run_disk] == [r[:3] for r in run_one]
     assert [r[3] for r in run_disk] == pytest.approx([r[3] for r in run_one], rel=1e-5, abs=2e-6)
-    assert (tmp_path / "index" / "postings" / "meta.json").exists()
+    assert json.loads((tmp_path / "disk.json").read_text())["docs_per_rank"] == [5, 5]
+    index = tmp_path / "index"
+    assert sorted(p.name for p in index.iterdir()) == ["docs", "postings"]  # the ranks' parts merged, then gone
+    from splade_obs.csr_store import open_csr
+
+    assert open_csr(index / "docs").shape[0] == 10 and (index / "postings" / "meta.json").exists()
 
 
 def test_sharded_mine_negatives_equals_single_process(tmp_path, monkeypatch):
