@@ -106,6 +106,48 @@ def run_st(data: Path, quick: bool, batch_size: int) -> dict:
             "num_queries": len(queries), "peak_rss_mb": peak_rss_mb()}
 
 
+ENCODE_DOCS = 512
+
+
+def _first_documents(data: Path, n: int = ENCODE_DOCS) -> list[str]:
+    from splade_obs.beir import CorpusFile
+
+    return list(CorpusFile(data / "corpus.jsonl").texts()[:n])
+
+
+def encode_ours(data: Path, batch_size: int, head_pass: str) -> dict:
+    """``--part encode``: our encoder on the corpus's first 512 documents at length 256 (after a warm-up batch)."""
+    from splade_obs.cpu import head_pass as chosen_pass, set_head_pass
+    from splade_obs.model import SpladeEncoder
+
+    set_head_pass(head_pass)
+    texts = _first_documents(data)
+    encoder = SpladeEncoder.from_pretrained("splade-tiny")
+    encoder.encode(texts[:batch_size], max_length=256, batch_size=batch_size)
+    start, cpu0 = time.perf_counter(), cpu_seconds()
+    vectors = encoder.encode(texts, max_length=256, batch_size=batch_size)
+    wall = time.perf_counter() - start
+    return {"docs": len(texts), "wall_s": wall, "cpu_s": cpu_seconds() - cpu0, "docs_per_s": len(texts) / wall,
+            "nnz": int(vectors.nnz), "head_pass": chosen_pass(), "head_pass_asked": head_pass}
+
+
+def encode_st(data: Path, batch_size: int) -> dict:
+    """``--part encode``: sentence-transformers' SparseEncoder (fp32) on the same documents, the same way."""
+    from sentence_transformers.sparse_encoder import SparseEncoder
+
+    from splade_obs.hub import resolve_model
+
+    texts = _first_documents(data)
+    model = SparseEncoder(resolve_model("splade-tiny"), device="cpu")
+    model.max_seq_length = 256
+    model.encode_document(texts[:batch_size], batch_size=batch_size)
+    start, cpu0 = time.perf_counter(), cpu_seconds()
+    vectors = model.encode_document(texts, batch_size=batch_size, convert_to_sparse_tensor=True)
+    wall = time.perf_counter() - start
+    return {"docs": len(texts), "wall_s": wall, "cpu_s": cpu_seconds() - cpu0, "docs_per_s": len(texts) / wall,
+            "nnz": int(vectors.coalesce().values().numel())}
+
+
 def train_side(trainer: str, data: Path, triples: Path, config: Path, steps: int, skip: int,
                precision: str | None) -> dict:
     """``steps`` optimizer steps of one trainer on the mined SciFact triples; samples/s after ``skip`` steps."""
@@ -176,7 +218,8 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--quick", action="store_true", help="500 docs / 50 queries, 8 training steps: checks the script")
     ap.add_argument("--batch-size", type=int, default=32, help="evaluation batch size")
-    ap.add_argument("--part", action="append", choices=["eval", "train"], help="default: both")
+    ap.add_argument("--part", action="append", choices=["eval", "encode", "train"],
+                    help="default: eval and train; encode: the corpus's first 512 documents alone, both sides")
     ap.add_argument("--config", type=Path, default=CONFIGS / "scifact_finetune.toml",
                     help="training config (batch size, lengths, precision) for both trainers")
     ap.add_argument("--triples", type=Path, default=Path("/tmp/splade-obs-bench/scifact_train_triples.jsonl"))
@@ -188,12 +231,16 @@ def main() -> None:
     ap.add_argument("--compare-head-passes", default="fp32,bf16",
                     help="also run our evaluation with these passes, in the same run ('' for none): the passes "
                          "auto chose from before int8 (docs/benchmarks.md)")
-    ap.add_argument("--side", choices=["ours", "st", "train-ours", "train-st"], help=argparse.SUPPRESS)
+    ap.add_argument("--side", choices=["ours", "st", "train-ours", "train-st", "encode-ours", "encode-st"],
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.train_steps, args.skip_steps = min(args.train_steps, 8), min(args.skip_steps, 2)
     if args.side:
-        if args.side.startswith("train-"):
+        if args.side.startswith("encode-"):
+            out = (encode_ours(args.data, args.batch_size, args.head_pass) if args.side == "encode-ours"
+                   else encode_st(args.data, args.batch_size))
+        elif args.side.startswith("train-"):
             out = train_side(args.side[6:], args.data, args.triples, args.config, args.train_steps,
                              args.skip_steps, args.precision)
         else:
@@ -217,6 +264,17 @@ def main() -> None:
                            "batch_size": args.batch_size, "max_doc_length": 256,
                            "speedup": st["eval_s"] / ours["eval_s"], "cpu_speedup": st["cpu_s"] / ours["cpu_s"],
                            "memory_ratio": st["peak_rss_mb"] / ours["peak_rss_mb"]}
+    if "encode" in parts:
+        st = child("encode-st", args)
+        runs = {p: child("encode-ours", args, p) for p in ["auto", *filter(None, args.compare_head_passes.split(","))]}
+        results["encode"] = {"date": now, "machine": machine(), "sentence_transformers": st, "splade_obs": runs,
+                             "docs": st["docs"], "max_length": 256, "batch_size": args.batch_size}
+        print(f"encoding: the corpus's first {st['docs']} documents, length 256, batch {args.batch_size}, after a "
+              f"warm-up batch; sentence-transformers: {st['docs_per_s']:.1f} docs/s")
+        print(table([("ours, --head-pass", "<20"), ("docs/s", ">8"), ("vs ST", ">8"), ("non-zeros", ">10")],
+                    [[f"{p} ({r['head_pass']})", f"{r['docs_per_s']:.1f}", f"{r['docs_per_s'] / st['docs_per_s']:.2f}x",
+                      str(r["nnz"])] for p, r in runs.items()] + [["sentence-transformers", f"{st['docs_per_s']:.1f}",
+                                                                   "1.00x", str(st["nnz"])]], rule=True))
     if "train" in parts:
         ours, st = child("train-ours", args), child("train-st", args)
         results["train"] = {"date": now, "machine": machine(), "splade_obs": ours, "sentence_transformers": st,
@@ -245,6 +303,8 @@ def main() -> None:
         print(table([("our evaluation, vocabulary pass", "<34"), ("wall s", ">8"), ("docs/s", ">8"),
                      ("nDCG@10", ">8"), ("wall / ours", ">12"), ("vs ST's wall", ">13")], rows, rule=True))
     for part, r in results.items():
+        if part == "encode":
+            continue
         print(f"{part}: 1-minute load average at start/end: splade-obs {r['splade_obs']['load_avg_1m']}, "
               f"sentence-transformers {r['sentence_transformers']['load_avg_1m']}")
     write_json(out_path, {"benchmark": "speed", "date": now, "machine": machine(), "quick": args.quick,
