@@ -51,20 +51,25 @@ def bf16_matmul_speedup() -> float:
         return 2.0 if forced == "1" else 0.5
     if x86_bf16_is_emulated():
         return 0.0
+    a, b = _head_shaped_operands()
+    return _best_time(torch.mm, a, b) / max(_best_time(torch.mm, a.bfloat16(), b.bfloat16()), 1e-9)
+
+
+def _head_shaped_operands() -> tuple[torch.Tensor, torch.Tensor]:
+    """``(256 x 128)`` and ``(128 x 4096)``: 256 tokens of a 128-wide model against a block of the vocabulary."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(256, 128, generator=gen)
-    b = torch.randn(128, 4096, generator=gen)
-    timings = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, y = a.to(dtype), b.to(dtype)
-        torch.mm(x, y)  # warm-up: first calls pick and JIT the kernels
-        best = float("inf")
-        for _ in range(5):
-            t = time.perf_counter()
-            torch.mm(x, y)
-            best = min(best, time.perf_counter() - t)
-        timings[dtype] = best
-    return timings[torch.float32] / max(timings[torch.bfloat16], 1e-9)
+    return torch.randn(256, 128, generator=gen), torch.randn(128, 4096, generator=gen)
+
+
+def _best_time(fn: Any, x: torch.Tensor, y: torch.Tensor, repeats: int = 5) -> float:
+    """The best of ``repeats`` timed calls ``fn(x, y)`` after a warm-up call (first calls pick the kernels)."""
+    fn(x, y)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(x, y)
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def cpu_bf16_is_fast(threshold: float = 1.25) -> bool:
@@ -142,23 +147,13 @@ def int8_matmul_works() -> bool:
 def head_pass_timings() -> dict[str, float]:
     """Seconds of one head-shaped product, ``(256 x 128) @ (128 x 4096)``, per pass (best of 5 after a warm-up):
     fp32 always, bf16 unless the CPU flags show it emulated, int8 where ``torch._int_mm`` runs."""
-    gen = torch.Generator().manual_seed(0)
-    a, b = torch.randn(256, 128, generator=gen), torch.randn(128, 4096, generator=gen)
-    cases: dict[str, Any] = {"fp32": (torch.mm, a, b)}
+    a, b = _head_shaped_operands()
+    timings = {"fp32": _best_time(torch.mm, a, b)}
     if not x86_bf16_is_emulated():
-        cases["bf16"] = (torch.mm, a.bfloat16(), b.bfloat16())
+        timings["bf16"] = _best_time(torch.mm, a.bfloat16(), b.bfloat16())
     if int8_matmul_works():
-        cases["int8"] = (torch._int_mm, (a * 20).clamp(-127, 127).to(torch.int8),
-                         (b * 20).clamp(-127, 127).to(torch.int8))
-    timings = {}
-    for name, (fn, x, y) in cases.items():
-        fn(x, y)  # warm-up: first calls pick and JIT the kernels
-        best = float("inf")
-        for _ in range(5):
-            t = time.perf_counter()
-            fn(x, y)
-            best = min(best, time.perf_counter() - t)
-        timings[name] = best
+        as_int8 = (lambda t: (t * 20).clamp(-127, 127).to(torch.int8))  # noqa: E731
+        timings["int8"] = _best_time(torch._int_mm, as_int8(a), as_int8(b))
     return timings
 
 

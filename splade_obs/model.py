@@ -117,29 +117,26 @@ def _prefilter(hidden: Tensor, weight: Tensor) -> str:
     return head_pass()
 
 
-def _use_bf16_prefilter(hidden: Tensor, weight: Tensor) -> bool:
-    return _prefilter(hidden, weight) == "bf16"
-
-
 #: Terms per int8 tile of :func:`_max_per_document_int8` (a ``terms x tokens`` int32 tile: 4 MB at 256 tokens).
 _INT8_TILE_TERMS = 4096
 #: Safety factor on the int8 error bound, for the fp32 rounding of the scales, the bound and the approximation.
 _INT8_BOUND_SLACK = 1.0 + 2.0 ** -10
-_int8_cache: dict[tuple[int, int, tuple[int, ...]], tuple[Tensor, Tensor, Tensor]] = {}
+_int8_cache: list[Any] = [None, -1, None]  # [weakref to the weight, its _version, (q, scales, L1 norms)]
 
 
 def _int8_weights(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``weight`` quantized per row (int8, scale ``max|w_v| / 127``), the scales and the rows' L1 norms; kept
-    for the last weight seen (a training step changes its ``_version``, so it is quantized again)."""
-    key = (weight.data_ptr(), weight._version, tuple(weight.shape))
-    hit = _int8_cache.get(key)
-    if hit is None:
+    for the last weight seen, by identity (a weak reference: another model's weight, even at the same address,
+    is quantized afresh) and version (a training step changes ``_version``, so it is quantized again)."""
+    import weakref
+
+    ref, version, hit = _int8_cache
+    if hit is None or ref() is not weight or version != weight._version:
         w = weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
         hit = (q, scale, w.abs().sum(dim=1))
-        _int8_cache.clear()
-        _int8_cache[key] = hit
+        _int8_cache[:] = [weakref.ref(weight), weight._version, hit]
     return hit
 
 

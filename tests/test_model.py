@@ -331,7 +331,7 @@ def test_bf16_prefiltered_inference_equals_fp32(monkeypatch):
         results[flag] = enc.encode(texts, max_length=128, batch_size=2)
         from splade_obs import model as model_mod
         w = enc._projection().weight
-        assert model_mod._use_bf16_prefilter(torch.zeros(1, 1, 128), w) is (flag == "1")
+        assert model_mod._prefilter(torch.zeros(1, 1, 128), w) == ("bf16" if flag == "1" else "fp32")
         # training never takes it: a forward with gradients goes through the autograd Function
         calls = []
         real = model_mod._max_per_document_prefiltered
@@ -469,3 +469,22 @@ def test_head_benchmark_times_each_vocabulary_pass_and_checks_it_against_fp32(tm
     for row in report["head_passes"]:
         assert row["docs_per_s_forward"] > 0 and row["max_abs_diff_vs_first"] < 1e-4, row
     assert "--head-pass" in proc.stdout and "same zeros" in proc.stdout
+
+
+def test_the_int8_weights_are_quantized_again_for_another_or_a_changed_weight() -> None:
+    """The cached quantization belongs to one weight tensor at one version: a weight freed and another
+    allocated in its place (same address, shape and version 0, as when a second model loads), or a weight
+    changed in place by an optimizer step, gets its own."""
+    def fresh(w: torch.Tensor) -> torch.Tensor:
+        return torch.round(w / (w.abs().amax(dim=1, keepdim=True) / 127.0)).to(torch.int8)
+
+    gen = torch.Generator().manual_seed(1)
+    first = torch.randn(64, 16, generator=gen)
+    assert torch.equal(model_module._int8_weights(first)[0], fresh(first))
+    address = first.data_ptr()
+    del first
+    second = torch.randn(64, 16, generator=gen)
+    assert torch.equal(model_module._int8_weights(second)[0], fresh(second)), second.data_ptr() == address
+    with torch.no_grad():
+        second.mul_(-1.0)
+    assert torch.equal(model_module._int8_weights(second)[0], fresh(second))
