@@ -105,14 +105,9 @@ class IdTable(_StringSequence):
     a list of Python strings takes ~60 more (500k SciFact-like ids: 9 MB instead of ~45 MB). ``table[i]`` and
     iteration decode on demand; :meth:`position` (id -> index) builds its dictionary on first use."""
 
-    def __init__(self, ids: "Sequence[str] | None" = None, *, blob: bytes = b"",
-                 offsets: "np.ndarray | None" = None) -> None:
-        if ids is not None:
-            encoded = [str(i).encode("utf-8") for i in ids]
-            blob = b"".join(encoded)
-            offsets = np.cumsum([0, *map(len, encoded)], dtype=np.int64)
+    def __init__(self, blob: bytes, offsets: np.ndarray) -> None:
         self._blob = bytes(blob)
-        self._offsets = offsets if offsets is not None else np.zeros(1, dtype=np.int64)
+        self._offsets = offsets  # int64, len(ids) + 1: id i is blob[offsets[i]:offsets[i + 1]]
         self._positions: dict[str, int] | None = None
 
     def __len__(self) -> int:
