@@ -23,6 +23,7 @@ one a single pass.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import time
@@ -66,6 +67,10 @@ def bm25_negative_pools(beir: "BeirData", qids: list[str], depth: int = BEIR_NEG
     doc_ids = list(beir.corpus)
     positives = {q: {d for d, rel in beir.qrels.get(q, {}).items() if rel > 0} for q in qids}
     k = depth + max(len(p) for p in positives.values())  # room for the positives that are removed
+    try:  # bm25s sets its logger to DEBUG when first imported: import it before quieting it
+        importlib.import_module("bm25s")
+    except ImportError:
+        pass  # bm25_search says which package is missing
     quiet = logging.getLogger("bm25s")
     level = quiet.level
     quiet.setLevel(max(level, logging.WARNING))  # not its "Building index" debug lines in the run's log
