@@ -35,6 +35,8 @@ from .events import ALERT_CATEGORIES
 DISTILLATION_MODES = ("auto", "margin_mse", "kl", "kl_margin_mse", "none")
 CONTRASTIVE_NEGATIVES = ("all", "in_batch")
 AMP_MODES = ("auto", "no", "fp16", "bf16")
+HEAD_PASS_CHOICES = ("auto", "fp32", "bf16", "int8")
+CPU_DROPOUT_MODES = ("fast", "torch")
 ON_BAD_RECORD = ("error", "skip")
 PROGRESS_MODES = ("auto", "bar", "lines", "none")
 EXPORTERS = ("file", "otlp", "console", "none")
@@ -82,6 +84,13 @@ class ModelConfig:
                                       "encodes (default: all terms).", ge=1)
     dropout: float | None = setting(None, "Override the backbone's dropout probability (e.g. 0 for deterministic "
                                           "comparisons; default: keep the model's).", ge=0, lt=1)
+    head_pass: str = setting("auto", "CPU training's vocabulary pass: int8 = the exact fp32 token maxima at int8 "
+                                     "speed (a proven bound picks the terms; their argmax feeds the backward); "
+                                     "fp32 / bf16 = the plain pass in the autocast dtype; auto = int8 where this "
+                                     "machine's measurement picks it (docs/recipes.md).", choices=HEAD_PASS_CHOICES)
+    cpu_dropout: str = setting("fast", "CPU dropout masks: fast = numpy SFC64 draws seeded from torch's generator "
+                                       "(resumable, ~7x cheaper than torch's on CPUs without MKL's generator); "
+                                       "torch = torch's own.", choices=CPU_DROPOUT_MODES)
 
 
 @dataclass(frozen=True)

@@ -233,3 +233,24 @@ def head_pass() -> str:
     if legacy is not None:
         return "bf16" if legacy == "1" else "fp32"
     return _measured_head_pass()
+
+
+def training_kernels(encoder: Any, device: torch.device, pass_choice: str, dropout_masks: str) -> tuple[str, str]:
+    """Set up a CPU training run's head pass (``model.head_pass``) and dropout masks (``model.cpu_dropout``) on
+    ``encoder``; returns what the run uses, ``("", "")`` off CPU. Training takes the int8 pass where it is
+    chosen (exact maxima and their argmax) and otherwise the plain pass in the autocast dtype."""
+    if device.type != "cpu":
+        return "", ""
+    if pass_choice == "int8" and not int8_matmul_works():
+        from .errors import ConfigError
+
+        raise ConfigError("model.head_pass = int8 needs torch._int_mm, which does not run on this CPU build of torch",
+                          hint="use --head-pass auto, fp32 or bf16")
+    set_head_pass(pass_choice)
+    masks = "torch"
+    if dropout_masks == "fast":
+        from .dropout import install
+
+        done = install(encoder.mlm)
+        masks = "fast" if done["dropouts"] or done["attention"] else "torch"
+    return head_pass(), masks

@@ -135,6 +135,8 @@ class ModelLoaded(Event):
     amp_dtype: str                      # "float32" | "float16" | "bfloat16"
     start_ns: int = 0
     end_ns: int = 0
+    head_pass: str = ""                 # CPU training's vocabulary pass: "int8" | "fp32" | "bf16"; "" elsewhere
+    dropout_masks: str = ""             # CPU dropout masks: "fast" | "torch"; "" elsewhere
 
 
 @dataclass(frozen=True)

@@ -108,9 +108,9 @@ _BF16_REL_BOUND = 2.0 ** -5
 
 
 def _prefilter(hidden: Tensor, weight: Tensor) -> str:
-    """``fp32``, ``bf16`` or ``int8``: the inference head's pass on a CPU (:func:`splade_obs.cpu.head_pass`,
-    measured once per machine); fp32 elsewhere. Only for inference (the caller decides: grad mode is always off
-    inside an autograd Function)."""
+    """``fp32``, ``bf16`` or ``int8``: the head's pass on a CPU (:func:`splade_obs.cpu.head_pass`, measured once
+    per machine); fp32 elsewhere. Inference takes all three; training takes ``int8`` (its exact maxima come with
+    their argmax, which the backward needs) and otherwise the plain pass in the autocast dtype."""
     if hidden.device.type != "cpu" or weight.dtype != torch.float32:
         return "fp32"
     from .cpu import head_pass
@@ -140,8 +140,9 @@ def _int8_weights(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return hit
 
 
-def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor) -> Tensor:
-    """The fp32 token-max at int8 speed, for inference on CPUs with fast int8 matmuls (AVX512-VNNI, AMX).
+def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor,
+                           argmax: list[Tensor] | None = None) -> Tensor:
+    """The fp32 token-max at int8 speed, on CPUs with fast int8 matmuls (AVX512-VNNI, AMX).
 
     Per document, the tokens ``h_t`` are quantized with one scale ``s = max|h| / 127`` and each term's weights
     ``w_v`` with their own ``s_v``; ``torch._int_mm`` gives the exact integer products, so
@@ -153,9 +154,13 @@ def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor, mask: T
     exact value; the others (~600 of 30,522 for splade-tiny on SciFact, ~250 of them non-zero) are computed in
     fp32 over all the document's tokens, as :func:`_max_per_document_prefiltered` does. Non-candidates keep a
     value <= 0.
+
+    ``argmax`` (a list, for training): receives ``(rows, terms, tokens)``, the flat ``hidden`` row
+    (``b * L + t``) of every candidate's max, which is all the backward needs.
     """
     batch, vocab = hidden.shape[0], weight.shape[0]
     q_w, s_w, w_l1 = _int8_weights(weight)
+    found: list[tuple[Tensor, Tensor]] = []
     values = torch.full((batch, vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
     width = hidden.shape[-1]
     for b in range(batch):
@@ -171,20 +176,32 @@ def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor, mask: T
             torch.amax(tile, dim=1, out=best[start:start + _INT8_TILE_TERMS])
         approx = best.float() * (s * s_w) + bias
         err = (s_w * (0.5 * tokens.abs().sum(dim=1).max()) + (0.5 * s) * w_l1 + (0.25 * width) * s * s_w)
-        _exact_candidates(values[b], approx, err * _INT8_BOUND_SLACK + approx.abs() * 2.0 ** -20, weight, bias,
-                          tokens)
+        at = _exact_candidates(values[b], approx, err * _INT8_BOUND_SLACK + approx.abs() * 2.0 ** -20, weight,
+                               bias, tokens, want_argmax=argmax is not None)
+        if at is not None:
+            found.append((at[0], positions.index_select(0, at[1]) + b * hidden.shape[1]))
+    if argmax is not None:
+        terms = [t for t, _ in found]
+        argmax[:] = [torch.cat(terms) if terms else torch.empty(0, dtype=torch.long),
+                     torch.cat([r for _, r in found]) if found else torch.empty(0, dtype=torch.long)]
     return values
 
 
 def _exact_candidates(out: Tensor, approx: Tensor, bound: Tensor, weight: Tensor, bias: Tensor,
-                      tokens: Tensor) -> None:
+                      tokens: Tensor, want_argmax: bool = False) -> tuple[Tensor, Tensor] | None:
     """One document's row ``out``: the fp32 token max of every term whose ``approx + bound > 0`` (a candidate:
-    its max can be positive), ``min(approx, 0)`` for the others (relu makes them 0 either way)."""
+    its max can be positive), ``min(approx, 0)`` for the others (relu makes them 0 either way). With
+    ``want_argmax``: the candidates and the index, among ``tokens``, of each one's max."""
     candidates = (approx + bound > 0).nonzero().squeeze(1)
-    exact = torch.addmm(bias.index_select(0, candidates).unsqueeze(1), weight.index_select(0, candidates),
-                        tokens.t()).amax(dim=1)
+    logits = torch.addmm(bias.index_select(0, candidates).unsqueeze(1), weight.index_select(0, candidates),
+                         tokens.t())
     out.copy_(approx.clamp(max=0.0))
-    out[candidates] = exact
+    if want_argmax:
+        exact, where = logits.max(dim=1)
+        out[candidates] = exact
+        return candidates, where
+    out[candidates] = logits.amax(dim=1)
+    return None
 
 
 def _max_per_document_prefiltered(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor,
@@ -284,6 +301,32 @@ def _max_projection_backward(grad: Tensor, hidden: Tensor, weight: Tensor, mask:
     return (grad_h.view(batch, length, hid) if grad_h is not None else None), grad_w, grad_b
 
 
+def _max_projection_backward_saved(grad: Tensor, hidden: Tensor, weight: Tensor, mask: Tensor,
+                                   need: tuple[bool, bool, bool], terms: Tensor,
+                                   rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`_max_projection_backward` from the argmax the forward kept (``rows[i]``: the flat ``hidden`` row of
+    term ``terms[i]``'s max, for every candidate term of every document). Exact for the gradients SPLADE
+    produces: a term the forward did not keep has a max proven <= 0, where relu's gradient is 0 (the function
+    is applied under ``log1p(relu(.))`` only, in :func:`fused_splade_head`); reading a ``(B, V)`` count back
+    to check would cost each backward a host synchronisation on every device."""
+    batch, length, hid = hidden.shape
+    g = grad.float().masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
+    gv = g[rows // length, terms]
+    keep = gv.ne(0)
+    terms, rows, gv = terms[keep], rows[keep], gv[keep].unsqueeze(1)
+    h_flat = hidden.reshape(batch * length, hid)
+    grad_h = grad_w = None
+    if need[0]:
+        grad_h = torch.zeros((batch * length, hid), dtype=torch.float32, device=hidden.device)
+        grad_h.index_add_(0, rows, gv * weight.index_select(0, terms).float())
+        grad_h = grad_h.view(batch, length, hid)
+    if need[1]:
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_w.index_add_(0, terms, gv * h_flat.index_select(0, rows).float())
+    grad_b = g.sum(0) if need[2] else None
+    return grad_h, grad_w, grad_b
+
+
 class _ChunkedMaxProjection(torch.autograd.Function):
     """``values[b,v] = max_{t: mask[b,t]} (hidden[b,t] @ weight[v] + bias[v])`` with a sparse argmax backward.
 
@@ -296,19 +339,26 @@ class _ChunkedMaxProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int,
                 compute_dtype: torch.dtype, per_document: bool) -> Tensor:
+        found: list[Tensor] = []
         with torch.autocast(hidden.device.type, enabled=False):
-            values = _max_projection_forward(hidden, weight.to(compute_dtype), bias.to(compute_dtype), mask,
-                                             chunk_size, per_document)
-        ctx.save_for_backward(hidden, weight, mask)
+            if per_document and _prefilter(hidden, weight) == "int8":  # exact fp32 maxima, and their argmax
+                values = _max_per_document_int8(hidden, weight, bias.float(), mask, argmax=found)
+            else:
+                values = _max_projection_forward(hidden, weight.to(compute_dtype), bias.to(compute_dtype), mask,
+                                                 chunk_size, per_document)
+        ctx.save_for_backward(hidden, weight, mask, *found)
         ctx.dtypes = (hidden.dtype, weight.dtype, bias.dtype)
         return values
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        hidden, weight, mask = ctx.saved_tensors
+        hidden, weight, mask, *found = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         with torch.autocast(hidden.device.type, enabled=False):
-            gh, gw, gb = _max_projection_backward(grad, hidden, weight, mask, need)
+            if found:
+                gh, gw, gb = _max_projection_backward_saved(grad, hidden, weight, mask, need, *found)
+            else:
+                gh, gw, gb = _max_projection_backward(grad, hidden, weight, mask, need)
         h_dt, w_dt, b_dt = ctx.dtypes
         return (gh.to(h_dt) if gh is not None else None, gw.to(w_dt) if gw is not None else None,
                 gb.to(b_dt) if gb is not None else None, None, None, None, None)

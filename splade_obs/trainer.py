@@ -29,6 +29,7 @@ from . import checkpoint as ckpt_io
 from .batch_policy import BatchPolicy, Where
 from .checkpointing import Checkpointer, StopSignals
 from .config import TrainConfig
+from .cpu import training_kernels
 from .collate import PairCollator
 from .data import LoadedData
 from .device import Runtime, resolve_runtime
@@ -191,9 +192,11 @@ class Trainer:
             if isinstance(module, torch.nn.Dropout):
                 module.p = cfg.model.dropout
         self.encoder.train()
+        head_pass, masks = training_kernels(self.encoder, self.device, cfg.model.head_pass, cfg.model.cpu_dropout)
         self.emit(ModelLoaded(name=cfg.model.name, path=source, device=str(self.device),
                               num_parameters=sum(p.numel() for p in self.encoder.parameters()),
-                              amp_dtype=self.runtime.amp_name, start_ns=t, end_ns=now_ns()))
+                              amp_dtype=self.runtime.amp_name, start_ns=t, end_ns=now_ns(), head_pass=head_pass,
+                              dropout_masks=masks))
         pair = PairForward(self.encoder)
         self.model = self.dist.wrap(pair) if self.dist is not None else pair
         self.optimizer = build_optimizer(self.encoder, o.learning_rate, o.weight_decay)

@@ -1,0 +1,260 @@
+"""CPU training kernels (issue 36, point 2): the int8 vocabulary pass in training (exact maxima, argmax kept for
+the backward), fast dropout masks, and the fused AdamW step; each against the path it replaces."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from splade_obs import cpu, dropout
+from splade_obs import model as M
+from splade_obs.bus import RecordingSink
+from splade_obs.events import ModelLoaded, RunStarted, StepDone
+from splade_obs.run import run_training
+
+needs_int8 = pytest.mark.skipif(not cpu.int8_matmul_works(), reason="torch._int_mm does not run on this CPU build")
+
+
+@pytest.fixture
+def head_pass():
+    """Set the process's head pass for one test, and put ``auto`` back after it."""
+    yield cpu.set_head_pass
+    cpu.set_head_pass("auto")
+
+
+def _head_and_grads(h, w, b, mask, gen_seed=1):
+    out = M.fused_splade_head(h, w, b, mask)
+    gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(gen_seed))
+    grads = torch.autograd.grad((out * gy).sum(), (h, w, b))
+    return out.detach(), grads
+
+
+@needs_int8
+@pytest.mark.parametrize("length", [1, 255, 512])
+def test_int8_training_pass_gives_the_fp32_values_and_gradients(head_pass, length, monkeypatch):
+    """Random inputs with all-padding and one-token rows: the int8 pass's values and its saved-argmax backward
+    equal the fp32 pass and its recomputing backward; the int8 forward ran and nothing was recomputed."""
+    gen = torch.Generator().manual_seed(length)
+    batch, hid, vocab = 4, 16, 3000
+    h = torch.randn(batch, length, hid, generator=gen).requires_grad_()
+    w = (torch.randn(vocab, hid, generator=gen) * 0.3).requires_grad_()
+    b = (torch.randn(vocab, generator=gen) * 0.5 - 1.5).requires_grad_()
+    mask = torch.rand(batch, length, generator=gen) > 0.3
+    mask[0] = True
+    mask[1] = False           # all padding
+    mask[2, 1:] = False       # one token
+    mask[2, 0] = True
+    head_pass("fp32")
+    ref_out, ref_grads = _head_and_grads(h, w, b, mask)
+    calls = {"int8": 0, "recompute": 0}
+    int8_fn, recompute_fn = M._max_per_document_int8, M._max_projection_backward
+
+    def counted_int8(*args, **kwargs):
+        calls["int8"] += kwargs.get("argmax") is not None
+        return int8_fn(*args, **kwargs)
+
+    def counted_recompute(*args, **kwargs):
+        calls["recompute"] += 1
+        return recompute_fn(*args, **kwargs)
+
+    monkeypatch.setattr(M, "_max_per_document_int8", counted_int8)
+    monkeypatch.setattr(M, "_max_projection_backward", counted_recompute)
+    head_pass("int8")
+    out, grads = _head_and_grads(h, w, b, mask)
+    assert calls == {"int8": 1, "recompute": 0}
+    assert (ref_out > 0).sum() > 100  # enough active terms to mean something
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-6)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert grads[0][1].abs().sum() == 0  # the all-padding row gets no gradient
+
+
+@needs_int8
+def test_int8_training_pass_on_the_real_model_under_bf16_autocast(head_pass):
+    """splade-tiny's own hidden states: under bf16 autocast the int8 pass gives the fp32 maxima (the plain pass
+    gave bf16 ones) and the fp32 gradients."""
+    enc = M.SpladeEncoder.from_pretrained("splade-tiny")
+    texts = ["sparse retrieval with learned term weights", "a", "mixed precision training of masked language "
+             "models on CPUs that have native bf16 units " * 6]
+    batch = enc.tokenize(texts, 128)
+    with torch.no_grad():
+        hidden = enc._head_input(batch["input_ids"], batch["attention_mask"])
+    proj = enc._projection()
+    w = proj.weight.detach().clone().requires_grad_()
+    b = proj.bias.detach().clone().requires_grad_()
+    mask = batch["attention_mask"]
+    head_pass("fp32")
+    h = hidden.clone().requires_grad_()
+    ref_out, ref_grads = _head_and_grads(h, w, b, mask)
+    head_pass("int8")
+    h2 = hidden.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _head_and_grads(h2, w, b, mask)
+    # fp32 rounding only: the candidates' products are summed in another order than the full tiles' (a bf16
+    # pass would be ~1e-2 off)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+# ---- dropout masks -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_mask_has_the_rate_and_follows_torch_seed(p):
+    torch.manual_seed(3)
+    first = dropout.keep_mask((1000, 1000), p)
+    second = dropout.keep_mask((1000, 1000), p)
+    torch.manual_seed(3)
+    again = dropout.keep_mask((1000, 1000), p)
+    assert first.dtype == torch.bool and first.shape == (1000, 1000)
+    assert abs(first.float().mean().item() - (1 - p)) < 2e-3  # 1M draws: sd 3e-4 / 5e-4
+    assert torch.equal(first, again) and not torch.equal(first, second)
+    # neighbouring elements are not correlated (one 64-bit word gives four draws)
+    flat = first.flatten().float()
+    corr = torch.corrcoef(torch.stack([flat[:-1], flat[1:]]))[0, 1]
+    assert abs(corr.item()) < 5e-3
+
+
+def test_cpu_dropout_module_scales_masks_and_backpropagates():
+    layer = dropout.CpuDropout(0.25)
+    x = torch.randn(64, 300).requires_grad_()
+    layer.eval()
+    assert layer(x) is x or torch.equal(layer(x), x)
+    layer.train()
+    torch.manual_seed(0)
+    y = layer(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    assert 0.70 < kept.float().mean().item() < 0.80
+    (y * 2).sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * 2 / 0.75)
+    # bf16 input stays bf16, and the scale is applied once (not a rounded bf16 multiplier)
+    xb = torch.full((8, 1000), 3.0, dtype=torch.bfloat16)
+    yb = layer(xb)
+    assert yb.dtype == torch.bfloat16 and set(yb.unique().tolist()) <= {0.0, 4.0}
+
+
+def test_attention_math_equals_sdpa_when_nothing_is_dropped():
+    """Probabilities of 1e-9 drop nothing (the 16-bit threshold is 0): the math path equals SDPA with the same
+    padding mask, including a fully masked row."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 7, 8, generator=gen) for _ in range(3))
+    mask = torch.ones(3, 1, 7, 7, dtype=torch.bool)
+    mask[1, :, :, 4:] = False
+    module = torch.nn.Module()
+    module.train()
+    out, _ = dropout.attention(module, q, k, v, mask, dropout=1e-9, scaling=0.3)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+    module.eval()  # eval: SDPA itself
+    out_eval, _ = dropout.attention(module, q, k, v, mask, dropout=0.0, scaling=0.3)
+    torch.testing.assert_close(out_eval, want, rtol=0, atol=0)
+
+
+def test_install_keeps_outputs_config_and_padding(tmp_path):
+    """After install: eval outputs and training outputs without dropout are the plain model's (padding still
+    masked: an implementation without a mask function would attend to it), the saved config names no custom
+    attention, and dropout on gives seeded, reproducible vectors."""
+    plain = M.SpladeEncoder.from_pretrained("splade-tiny")
+    fast = M.SpladeEncoder.from_pretrained("splade-tiny")
+    assert dropout.install(fast.mlm) == {"dropouts": 7, "attention": True}
+    assert dropout.install(fast.mlm) == {"dropouts": 0, "attention": True}  # idempotent
+    batch = plain.tokenize(["a short one", "a much longer text that makes the first one padded " * 3], 64)
+    args = (batch["input_ids"], batch["attention_mask"])
+    for enc in (plain, fast):
+        enc.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(*args), plain(*args), rtol=0, atol=0)
+    for enc in (plain, fast):
+        enc.train()
+        for m in enc.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    with torch.no_grad():
+        torch.testing.assert_close(fast(*args), plain(*args), rtol=1e-5, atol=1e-5)
+        for m in fast.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.1
+        torch.manual_seed(4)
+        a = fast(*args)
+        torch.manual_seed(4)
+        b = fast(*args)
+    assert torch.equal(a, b) and not torch.allclose(a, plain(*args))
+    fast.save_pretrained(tmp_path / "saved")
+    config = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert dropout.ATTENTION not in json.dumps(config)
+
+
+# ---- the trainer -------------------------------------------------------------------------------------------
+def _weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+@needs_int8
+def test_run_records_its_kernels_and_resumes_exactly_with_them(tiny_cfg, tmp_path):
+    """Default dropout (0.1) with fast masks and the int8 pass: the run says which it used (ModelLoaded, the
+    MLflow tags), uses a fused AdamW, and a run killed after step 3 resumes to the uninterrupted run's losses
+    and weights (the masks follow torch's saved generator)."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = {"optim": {"max_steps": 6, "learning_rate": 3e-4}, "model": {"head_pass": "int8", "cpu_dropout": "fast"}}
+    straight = RecordingSink()
+    cfg = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "a")}, tracking={"enabled": True, "tracking_uri": uri},
+                   **common)
+    assert run_training(cfg, extra_sinks=[straight]).status == "FINISHED"
+    (loaded,) = straight.of(ModelLoaded)
+    assert (loaded.head_pass, loaded.dropout_masks) == ("int8", "fast")
+    run = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])[0]
+    assert run.data.tags["splade.head_pass"] == "int8" and run.data.tags["splade.dropout_masks"] == "fast"
+
+    broken = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b")}, recovery={"inject_faults": ("step:3:interrupt",)},
+                      **common)
+    assert run_training(broken).status == "KILLED"
+    rec = RecordingSink()
+    assert run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b"), "resume": "auto"}, **common),
+                        extra_sinks=[rec]).status == "FINISHED"
+    assert rec.of(RunStarted)[0].start_step == 3
+    assert [e.loss for e in rec.of(StepDone)] == [e.loss for e in straight.of(StepDone)][3:]
+    wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_torch_kernels_are_the_former_path(tiny_cfg, tmp_path):
+    """``--head-pass fp32 --cpu-dropout torch``: torch's dropout modules and SDPA stay, the run says so, and its
+    losses differ from the fast masks' (another random stream) while both train."""
+    runs = {}
+    for masks in ("torch", "fast"):
+        rec = RecordingSink()
+        cfg = tiny_cfg(checkpoint={"output_dir": str(tmp_path / masks)}, optim={"max_steps": 3},
+                       model={"head_pass": "fp32", "cpu_dropout": masks})
+        assert run_training(cfg, extra_sinks=[rec]).status == "FINISHED"
+        (loaded,) = rec.of(ModelLoaded)
+        assert (loaded.head_pass, loaded.dropout_masks) == ("fp32", masks)
+        runs[masks] = [e.loss for e in rec.of(StepDone)]
+    assert runs["torch"] != runs["fast"]
+
+
+def test_the_optimizer_is_fused_where_torch_has_the_kernel():
+    from splade_obs.optim import build_optimizer, fused_supported
+
+    enc = M.SpladeEncoder.from_pretrained("splade-tiny")
+    opt = build_optimizer(enc, 1e-4, 0.01)
+    assert all(g["fused"] for g in opt.param_groups)
+    assert not fused_supported([torch.zeros(3, dtype=torch.int64)]) and not fused_supported([])
+
+
+def test_train_cli_takes_the_kernel_flags(tmp_path):
+    from click.testing import CliRunner
+
+    from splade_obs_cli.main import cli
+
+    res = CliRunner().invoke(cli, ["train", "--output-dir", str(tmp_path / "o"), "--max-steps", "1", "--no-mlflow",
+                                   "--otel-exporter", "none", "--progress", "none", "--head-pass", "fp32",
+                                   "--cpu-dropout", "torch", "--max-query-length", "16", "--max-doc-length", "32"])
+    assert res.exit_code == 0, res.output
+    assert "head pass fp32, dropout masks torch" in res.output
+    bad = CliRunner().invoke(cli, ["train", "--output-dir", str(tmp_path / "o"), "--cpu-dropout", "numpy"])
+    assert bad.exit_code != 0 and "--cpu-dropout" in bad.output
