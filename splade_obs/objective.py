@@ -23,9 +23,10 @@ class PairForward(torch.nn.Module):
 
     def forward(self, q_ids: torch.Tensor, q_mask: torch.Tensor, p_ids: torch.Tensor, p_mask: torch.Tensor,
                 n_ids: torch.Tensor | None = None, n_mask: torch.Tensor | None = None) -> Reps:
-        q = self.encoder(q_ids, q_mask)
-        d_pos = self.encoder(p_ids, p_mask)
-        d_neg = self.encoder(n_ids, n_mask) if n_ids is not None else None
+        with self.encoder.frozen_head():  # one int8 form of the head for the three passes of the step
+            q = self.encoder(q_ids, q_mask)
+            d_pos = self.encoder(p_ids, p_mask)
+            d_neg = self.encoder(n_ids, n_mask) if n_ids is not None else None
         return q, d_pos, d_neg
 
 
