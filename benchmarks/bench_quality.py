@@ -198,7 +198,7 @@ def throughput(step_ends: list[float], batch_size: int, skip: int) -> float:
 def train_ours(cfg, skip: int = 3) -> dict[str, Any]:
     """Run this project's trainer; steps' end times come from its own StepDone events."""
     from splade_obs.bus import RecordingSink
-    from splade_obs.events import StepDone
+    from splade_obs.events import ModelLoaded, StepDone
     from splade_obs.run import run_training
 
     rec = RecordingSink()
@@ -212,7 +212,9 @@ def train_ours(cfg, skip: int = 3) -> dict[str, Any]:
             "samples_per_s": throughput(ends, cfg.optim.batch_size, skip),
             "final_loss": steps[-1].loss if steps else None,
             "final_query_nnz": steps[-1].query_nnz if steps else None,
-            "final_doc_nnz": steps[-1].doc_nnz if steps else None}
+            "final_doc_nnz": steps[-1].doc_nnz if steps else None,
+            "head_pass": next((m.head_pass for m in rec.of(ModelLoaded)), ""),
+            "dropout_masks": next((m.dropout_masks for m in rec.of(ModelLoaded)), "")}
 
 
 def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True, *, device: str = "cpu",

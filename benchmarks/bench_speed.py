@@ -148,8 +148,13 @@ def encode_st(data: Path, batch_size: int) -> dict:
             "nnz": int(vectors.coalesce().values().numel())}
 
 
+#: ``--train-kernels former``: the CPU training path before issue 36 (the plain vocabulary pass in the autocast
+#: dtype, recomputed argmax in the backward; torch's dropout masks). The AdamW step is fused in both.
+FORMER_KERNELS = {"model.head_pass": "bf16", "model.cpu_dropout": "torch"}
+
+
 def train_side(trainer: str, data: Path, triples: Path, config: Path, steps: int, skip: int,
-               precision: str | None) -> dict:
+               precision: str | None, kernels: str = "default") -> dict:
     """``steps`` optimizer steps of one trainer on the mined SciFact triples; samples/s after ``skip`` steps."""
     import tempfile
 
@@ -157,12 +162,15 @@ def train_side(trainer: str, data: Path, triples: Path, config: Path, steps: int
 
     bq.ensure_triples(triples, data, 256, bq.is_distill(config))
     overrides = {"optim.mixed_precision": precision} if precision else {}
+    if kernels == "former":
+        overrides.update(FORMER_KERNELS)
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix=f"bench-train-{trainer}-") as tmp:
         cfg = bq.train_config(config, triples, Path(tmp), max_steps=steps, overrides=overrides)
         cpu0 = cpu_seconds()
         if trainer == "ours":
             info = bq.train_ours(cfg, skip=skip)
+            info["kernels"] = kernels
         else:
             info = bq.train_st(cfg, steps, Path(tmp), skip=skip, save=False)
     info.update(cpu_s=cpu_seconds() - cpu0, peak_rss_mb=peak_rss_mb(), load_avg_1m=[load0, os.getloadavg()[0]],
@@ -172,11 +180,11 @@ def train_side(trainer: str, data: Path, triples: Path, config: Path, steps: int
     return info
 
 
-def child(side: str, args: argparse.Namespace, head_pass: str = "auto") -> dict:
+def child(side: str, args: argparse.Namespace, head_pass: str = "auto", kernels: str = "default") -> dict:
     """Run one side in a fresh interpreter and parse the JSON line it prints last."""
     cmd = [sys.executable, __file__, "--side", side, "--data", str(args.data), "--batch-size", str(args.batch_size),
            "--triples", str(args.triples), "--config", str(args.config), "--train-steps", str(args.train_steps),
-           "--skip-steps", str(args.skip_steps), "--head-pass", head_pass]
+           "--skip-steps", str(args.skip_steps), "--head-pass", head_pass, "--train-kernels", kernels]
     if args.quick:
         cmd.append("--quick")
     if args.precision:
@@ -231,6 +239,10 @@ def main() -> None:
     ap.add_argument("--compare-head-passes", default="fp32,bf16",
                     help="also run our evaluation with these passes, in the same run ('' for none): the passes "
                          "auto chose from before int8 (docs/benchmarks.md)")
+    ap.add_argument("--train-kernels", choices=["default", "former"], default="default", help=argparse.SUPPRESS)
+    ap.add_argument("--no-former-kernels", action="store_true",
+                    help="skip the extra training run of our side with the former CPU kernels (plain head pass, "
+                         "torch dropout masks)")
     ap.add_argument("--side", choices=["ours", "st", "train-ours", "train-st", "encode-ours", "encode-st"],
                     help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -242,7 +254,7 @@ def main() -> None:
                    else encode_st(args.data, args.batch_size))
         elif args.side.startswith("train-"):
             out = train_side(args.side[6:], args.data, args.triples, args.config, args.train_steps,
-                             args.skip_steps, args.precision)
+                             args.skip_steps, args.precision, args.train_kernels)
         else:
             out = (run_ours(args.data, args.quick, args.batch_size, args.head_pass) if args.side == "ours"
                    else run_st(args.data, args.quick, args.batch_size))
@@ -277,7 +289,9 @@ def main() -> None:
                                                                    "1.00x", str(st["nnz"])]], rule=True))
     if "train" in parts:
         ours, st = child("train-ours", args), child("train-st", args)
+        former = None if args.no_former_kernels else child("train-ours", args, kernels="former")
         results["train"] = {"date": now, "machine": machine(), "splade_obs": ours, "sentence_transformers": st,
+                            "splade_obs_former_kernels": former,
                             "steps": args.train_steps, "skip_steps": args.skip_steps,
                             "batch_size": ours["batch_size"], "config": str(args.config),
                             "speedup": ours["samples_per_s"] / st["samples_per_s"],
@@ -294,6 +308,15 @@ def main() -> None:
               f"{t['splade_obs']['precision']} precision, samples/s after the first {t['skip_steps']} steps "
               f"(measured {t['date']})")
     print(side_by_side(results))
+    former = results.get("train", {}).get("splade_obs_former_kernels")
+    if former:
+        t = results["train"]
+        ours, st = t["splade_obs"], t["sentence_transformers"]
+        print(f"training kernels: ours {ours['samples_per_s']:.2f} samples/s (head pass {ours.get('head_pass')}, "
+              f"dropout masks {ours.get('dropout_masks')}), former {former['samples_per_s']:.2f} (head pass "
+              f"{former.get('head_pass')}, masks {former.get('dropout_masks')}): "
+              f"{ours['samples_per_s'] / former['samples_per_s']:.2f}x; vs sentence-transformers "
+              f"{ours['samples_per_s'] / st['samples_per_s']:.2f}x (target >= 40 samples/s and >= 8x)")
     if results.get("eval", {}).get("head_passes"):
         e = results["eval"]
         st_s = e["sentence_transformers"]["eval_s"]

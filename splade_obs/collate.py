@@ -101,3 +101,48 @@ class PairCollator:
         tokens = sum(int(t["attention_mask"].sum()) for t in (q, d, n) if t is not None)
         teacher = torch.tensor(scores, dtype=torch.float32) if with_scores else None
         return Batch(q, d, n, k, teacher, len(examples), tokens)
+
+
+class Prefetch:
+    """The next micro-batch's collation (choosing its documents, tokenizing them) on a worker thread while the
+    current one computes, so tokenization leaves the step path.
+
+    The trainer :meth:`submit`\\ s batch ``i + 1`` before batch ``i``'s forward and :meth:`settle`\\ s before
+    anything else may use the tokenizer (a fast tokenizer's padding state is not safe to share between threads),
+    so the two never tokenize at once. :meth:`take` returns the prefetched batch when it is the one asked for,
+    raising its collation error there (the batch policy sees it as before), else collates in place. The collator
+    draws from no global RNG, so prefetching changes no batch and keeps exact resume.
+    """
+
+    def __init__(self, collator: Any, enabled: bool = True) -> None:
+        self.collator = collator
+        self._pool = None
+        if enabled:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="splade-obs-collate")
+        self._pending: tuple[Any, Any] | None = None
+
+    def submit(self, key: Any, examples: list[Example], **kwargs: Any) -> None:
+        if self._pool is not None:
+            self.settle()
+            self._pending = (key, self._pool.submit(self.collator, examples, **kwargs))
+
+    def take(self, key: Any, examples: list[Example], **kwargs: Any) -> Batch:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            if pending[0] == key:
+                return pending[1].result()
+            pending[1].exception()  # another batch's: wait for it (and drop it) before tokenizing here
+        return self.collator(examples, **kwargs)
+
+    def settle(self) -> None:
+        """Wait until no collation runs on the worker (its result, or error, stays for :meth:`take`)."""
+        if self._pending is not None:
+            self._pending[1].exception()
+
+    def close(self) -> None:
+        self._pending = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None

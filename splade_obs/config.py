@@ -112,6 +112,8 @@ class DataConfig:
     length_buckets: int = setting(0, "Sort each window of this many batches by text length before cutting it "
                                      "into batches (less padding, same epoch, batches shuffled in the window; "
                                      "the order follows the seed, so resume replays it). 0: off.", ge=0)
+    prefetch: bool = setting(True, "Collate and tokenize the next batch on a worker thread while the current "
+                                   "one computes (--no-prefetch: on the step path).")
     beir_negatives: str = setting("bm25", "Hard negatives of a BEIR --train-file (it has none): bm25 = each "
                                           "pair's from its query's BM25 top --beir-negatives-depth, judged "
                                           "positives removed (needs bm25s); none = in-batch negatives only.",

@@ -30,7 +30,7 @@ from .batch_policy import BatchPolicy, Where
 from .checkpointing import Checkpointer, StopSignals
 from .config import TrainConfig
 from .cpu import training_kernels
-from .collate import PairCollator
+from .collate import PairCollator, Prefetch
 from .data import LoadedData
 from .device import Runtime, resolve_runtime
 from .errors import ErrorCategory, RunInterrupted, TrainingError, classify, is_out_of_memory
@@ -121,6 +121,9 @@ class Trainer:
                     self._emit_run_started(t0_ns, None)
                 self._close_epoch_on_stop()
                 self.policy.report(error, step=self.global_step, fatal=True)
+            finally:
+                if getattr(self, "prefetch", None) is not None:
+                    self.prefetch.close()
         if not self.started:
             self._emit_run_started(t0_ns, None)
         counters = {f"errors/{k}": v for k, v in self.budget.by_category.items()}
@@ -210,6 +213,7 @@ class Trainer:
                                   lc.distillation_temperature)
         self.collator = PairCollator(self.encoder.tokenizer, cfg.model.max_query_length, cfg.model.max_doc_length,
                                      num_negatives=cfg.data.num_negatives, seed=o.seed)
+        self.prefetch = Prefetch(self.collator, enabled=cfg.data.prefetch)
         if cfg.health.alerts and self.rank == 0:
             self.health = HealthMonitor(cfg.health, self.encoder.vocab_size)
         self.stats = StepStats(self.device, total_steps=self.total_steps, world_size=self.world_size,
@@ -257,7 +261,10 @@ class Trainer:
             for bi in range(first if self.global_step < self.total_steps else len(batches), len(batches)):
                 where = Where(self.global_step + 1, epoch, bi, (epoch - 1) * len(batches) + bi + 1, now_ns())
                 closes_step = acc.count + 1 == o.gradient_accumulation_steps or bi == len(batches) - 1
-                if not self._micro_batch([examples[i] for i in batches[bi]], negatives[bi], where, acc, closes_step):
+                upcoming = (bi + 1, [examples[i] for i in batches[bi + 1]], negatives[bi + 1]) \
+                    if bi + 1 < len(batches) else None
+                if not self._micro_batch([examples[i] for i in batches[bi]], negatives[bi], where, acc, closes_step,
+                                         upcoming):
                     self._stop_if_budget_spent()
                     acc = self.stats.accumulator()
                     self.stops.check()
@@ -281,7 +288,8 @@ class Trainer:
         if self.evaluator is not None:  # under torchrun every rank has one: they encode a shard each
             self._evaluate(self.num_epochs)
 
-    def _micro_batch(self, chosen: list, k: int, where: Where, acc: StepAccumulator, closes_step: bool) -> bool:
+    def _micro_batch(self, chosen: list, k: int, where: Where, acc: StepAccumulator, closes_step: bool,
+                     upcoming: tuple[int, list, int] | None = None) -> bool:
         """Forward, loss and backward of one micro-batch; False when the batch was skipped.
 
         Under torchrun every rank must skip the same batches, or the collectives pair up wrong (DDP's forward
@@ -292,12 +300,22 @@ class Trainer:
         err, batch = None, None
         try:
             self.faults.before_batch(where.batch)  # raises an injected fault
-            batch = self.collator(chosen, epoch=where.epoch, batch_index=where.batch_index,
-                                  num_negatives=k).to(self.device)
+            batch = self.prefetch.take((where.epoch, where.batch_index), chosen, epoch=where.epoch,
+                                       batch_index=where.batch_index, num_negatives=k).to(self.device)
         except (KeyboardInterrupt, RunInterrupted):
             raise
         except Exception as exc:  # noqa: BLE001 - the batch-level policy
             err = exc
+        if upcoming is not None:  # tokenized while this batch computes
+            self.prefetch.submit((where.epoch, upcoming[0]), upcoming[1], epoch=where.epoch, batch_index=upcoming[0],
+                                 num_negatives=upcoming[2])
+        try:
+            return self._compute(batch, err, where, acc, closes_step)
+        finally:
+            self.prefetch.settle()  # nothing else tokenizes while the worker does
+
+    def _compute(self, batch: Any, err: Exception | None, where: Where, acc: StepAccumulator, closes_step: bool) -> bool:
+        """The ranks' agreement on the collation's outcome, then forward, loss and backward (see above)."""
         if not self.policy.agree(err, where, ok_before=acc.count):
             return False
         try:

@@ -134,7 +134,7 @@ def test_real_prometheus_scrapes_the_loss_of_a_real_run(prometheus, tmp_path):
     url, port = prometheus
     out = tmp_path / "out"
     args = ["train", *TINY_ARGS, "--max-steps", "30", "--log-every-steps", "1", "--output-dir", str(out),
-            "--progress", "none", "--prometheus-port", str(port), "--prometheus-linger", "3"]
+            "--progress", "none", "--prometheus-port", str(port), "--prometheus-linger", "6"]
     result = CliRunner().invoke(cli, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     (series,) = query(url, "splade_train_loss[10m]")           # raw samples, one series

@@ -258,3 +258,43 @@ def test_train_cli_takes_the_kernel_flags(tmp_path):
     assert "head pass fp32, dropout masks torch" in res.output
     bad = CliRunner().invoke(cli, ["train", "--output-dir", str(tmp_path / "o"), "--cpu-dropout", "numpy"])
     assert bad.exit_code != 0 and "--cpu-dropout" in bad.output
+
+
+# ---- tokenization off the step path ------------------------------------------------------------------------
+def test_prefetch_collates_on_the_worker_and_changes_nothing(tiny_cfg, tmp_path, monkeypatch):
+    """The next batch is tokenized on the worker thread; with --no-prefetch the run is the same, loss for loss
+    and weight for weight; a collation error of a prefetched batch still reaches the batch policy (skipped)."""
+    import threading
+
+    from splade_obs.collate import PairCollator
+    from splade_obs.errors import DataError
+
+    threads: list[str] = []
+    original = PairCollator.__call__
+
+    def recording(self, examples, **kwargs):
+        threads.append(threading.current_thread().name)
+        if kwargs.get("batch_index") == 3:
+            raise DataError("bad record in batch 3", hint="injected by the test")
+        return original(self, examples, **kwargs)
+
+    monkeypatch.setattr(PairCollator, "__call__", recording)
+    losses, counters = {}, {}
+    for prefetch in (True, False):
+        threads.clear()
+        rec = RecordingSink()
+        cfg = tiny_cfg(checkpoint={"output_dir": str(tmp_path / str(prefetch))}, optim={"max_steps": 6},
+                       data={"prefetch": prefetch})
+        result = run_training(cfg, extra_sinks=[rec])
+        assert result.status == "FINISHED"
+        losses[prefetch] = [e.loss for e in rec.of(StepDone)]
+        counters[prefetch] = result.result.counters["train/skipped_batches"]
+        on_worker = sum(name.startswith("splade-obs-collate") for name in threads)
+        if prefetch:
+            assert on_worker >= len(threads) - 1, threads  # all but the first batch
+        else:
+            assert on_worker == 0
+    assert losses[True] == losses[False] and len(losses[True]) == 6
+    assert counters == {True: 1, False: 1}
+    wa, wb = _weights(tmp_path / "True" / "final"), _weights(tmp_path / "False" / "final")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
