@@ -1,5 +1,6 @@
 """CPU training kernels (issue 36, point 2): the int8 vocabulary pass in training (exact maxima, argmax kept for
-the backward), fast dropout masks, and the fused AdamW step; each against the path it replaces."""
+the backward), fast dropout masks, the fused AdamW step and the prefetched collation; each against the path it
+replaces."""
 
 from __future__ import annotations
 
@@ -203,10 +204,13 @@ def test_run_records_its_kernels_and_resumes_exactly_with_them(tiny_cfg, tmp_pat
     common = {"optim": {"max_steps": 6, "learning_rate": 3e-4}, "model": {"head_pass": "int8", "cpu_dropout": "fast"}}
     straight = RecordingSink()
     cfg = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "a")}, tracking={"enabled": True, "tracking_uri": uri},
-                   **common)
+                   tracing={"exporter": "file"}, **common)
     assert run_training(cfg, extra_sinks=[straight]).status == "FINISHED"
     (loaded,) = straight.of(ModelLoaded)
     assert (loaded.head_pass, loaded.dropout_masks) == ("int8", "fast")
+    spans = [json.loads(line) for line in (cfg.log_dir / "traces.jsonl").read_text().splitlines() if line.strip()]
+    (load,) = [sp for sp in spans if sp["name"] == "model.load"]
+    assert load["attributes"]["splade.head_pass"] == "int8" and load["attributes"]["splade.dropout_masks"] == "fast"
     run = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])[0]
     assert run.data.tags["splade.head_pass"] == "int8" and run.data.tags["splade.dropout_masks"] == "fast"
 
