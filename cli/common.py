@@ -75,10 +75,10 @@ debug_option = click.option("--debug", is_flag=True, default=False,
 def _set_head_pass(ctx: click.Context, param: click.Parameter, value: str) -> str:
     from splade_obs import cpu
 
-    if value == "int8" and not cpu.int8_matmul_works():
-        raise click.BadParameter("int8 needs torch._int_mm, which does not run on this CPU build of torch "
-                                 "(use auto, fp32 or bf16)", ctx=ctx, param=param)
-    cpu.set_head_pass(value)
+    try:
+        cpu.set_head_pass(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from exc
     return value
 
 

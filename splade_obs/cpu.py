@@ -109,7 +109,7 @@ def release_heap() -> bool:
     return True
 
 
-# ---- the inference head's pass: fp32, or a bf16 / int8 prefilter, chosen by measuring ------------------------
+# ---- the head's pass: fp32, or a bf16 / int8 prefilter, chosen by measuring ----------------------------------
 
 #: The passes :func:`head_pass` chooses from: ``fp32`` (every term's token max in fp32), ``bf16`` and ``int8``
 #: (a low-precision pass over the whole vocabulary selects the terms that can be non-zero, with a proven error
@@ -121,12 +121,23 @@ PROBE_CACHE_FILE = "cpu-probe.json"
 _forced_head_pass: str | None = None
 
 
-def set_head_pass(name: str | None) -> None:
-    """Force the head's pass for this process (``--head-pass``); None or ``auto`` goes back to measuring."""
+def set_head_pass(name: str | None) -> str | None:
+    """Force the head's pass for this process (``--head-pass``); None or ``auto`` goes back to measuring.
+    Returns the pass forced before (None: none), for putting it back. ``int8`` where ``torch._int_mm`` does not
+    run is a ValueError."""
     global _forced_head_pass
     if name not in (None, "auto", *HEAD_PASSES):
         raise ValueError(f"head pass {name!r}: expected auto or one of {', '.join(HEAD_PASSES)}")
-    _forced_head_pass = None if name in (None, "auto") else name
+    if name == "int8" and not int8_matmul_works():
+        raise ValueError("int8 needs torch._int_mm, which does not run on this CPU build of torch "
+                         "(use auto, fp32 or bf16)")
+    before, _forced_head_pass = _forced_head_pass, (None if name in (None, "auto") else name)
+    return before
+
+
+def forced_head_pass() -> str | None:
+    """The pass :func:`set_head_pass` forced, or None (measured or from the environment)."""
+    return _forced_head_pass
 
 
 def int8_matmul_works() -> bool:
@@ -217,7 +228,7 @@ def _measured_head_pass() -> str:
 
 
 def head_pass() -> str:
-    """The inference head's pass on this CPU: ``--head-pass`` / :func:`set_head_pass`, else
+    """The head's pass on this CPU (training takes only ``int8``): ``--head-pass`` / :func:`set_head_pass`, else
     ``SPLADE_OBS_HEAD_PASS``, else ``SPLADE_OBS_CPU_BF16`` (``1``: bf16, ``0``: fp32), else measured once per
     machine (:func:`head_pass_timings`, cached in :func:`probe_cache_path` under :func:`machine_key`)."""
     if _forced_head_pass is not None:
@@ -235,22 +246,26 @@ def head_pass() -> str:
     return _measured_head_pass()
 
 
-def training_kernels(encoder: Any, device: torch.device, pass_choice: str, dropout_masks: str) -> tuple[str, str]:
-    """Set up a CPU training run's head pass (``model.head_pass``) and dropout masks (``model.cpu_dropout``) on
-    ``encoder``; returns what the run uses, ``("", "")`` off CPU. Training takes the int8 pass where it is
-    chosen (exact maxima and their argmax) and otherwise the plain pass in the autocast dtype."""
+def training_kernels(encoder: Any, device: torch.device, pass_choice: str, dropout_masks: str,
+                     amp_dtype: torch.dtype) -> tuple[str, str]:
+    """Set up a CPU training run's head pass (``model.head_pass``, process-wide: the trainer puts the former one
+    back at the end) and dropout masks (``model.cpu_dropout``) on ``encoder``. Returns what the run uses,
+    ``("", "")`` off CPU: ``int8`` where that pass is chosen and the head is split, else the autocast dtype the
+    plain pass runs in (``bf16``, ``fp16``, ``fp32``); and ``fast`` or ``torch``."""
     if device.type != "cpu":
         return "", ""
-    if pass_choice == "int8" and not int8_matmul_works():
+    try:
+        set_head_pass(pass_choice)
+    except ValueError as exc:
         from .errors import ConfigError
 
-        raise ConfigError("model.head_pass = int8 needs torch._int_mm, which does not run on this CPU build of torch",
-                          hint="use --head-pass auto, fp32 or bf16")
-    set_head_pass(pass_choice)
+        raise ConfigError(f"model.head_pass = {pass_choice}: {exc}", hint="use --head-pass auto, fp32 or bf16") from exc
+    plain = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
+    label = "int8" if head_pass() == "int8" and getattr(encoder, "fused_head", False) else plain
     masks = "torch"
     if dropout_masks == "fast":
         from .dropout import install
 
         done = install(encoder.mlm)
         masks = "fast" if done["dropouts"] or done["attention"] else "torch"
-    return head_pass(), masks
+    return label, masks

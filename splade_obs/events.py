@@ -135,8 +135,13 @@ class ModelLoaded(Event):
     amp_dtype: str                      # "float32" | "float16" | "bfloat16"
     start_ns: int = 0
     end_ns: int = 0
-    head_pass: str = ""                 # CPU training's vocabulary pass: "int8" | "fp32" | "bf16"; "" elsewhere
+    head_pass: str = ""                 # CPU training's vocabulary pass: "int8", or the plain pass's dtype "bf16" ...
     dropout_masks: str = ""             # CPU dropout masks: "fast" | "torch"; "" elsewhere
+
+    def kernels(self) -> dict[str, str]:
+        """The CPU kernels the run uses, as ``splade.``-prefixed tag / attribute names; empty off CPU."""
+        return {f"splade.{k}": v for k, v in (("head_pass", self.head_pass), ("dropout_masks", self.dropout_masks))
+                if v}
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,17 @@ gigabytes. ``log1p∘relu`` is monotonic, so ``max_t log1p(relu(x_t)) == log1p(r
 max over tokens first, computing the projection in tiles that stay in cache (on CPU: all of one document's
 tokens against a block of the vocabulary) and keep only the max. The backward pass of a max only reaches each
 term's argmax token, and relu leaves only a few hundred terms per batch with a gradient, so
-:class:`_ChunkedMaxProjection` recomputes the argmax for those terms alone and builds the exact gradient with
-index_add, without ever materialising the ``(B, L, V)`` tensor. The plain path (``fused_head=False``) stays for tests and
-benchmarks, and for architectures whose head cannot be split.
+:class:`_ChunkedMaxProjection` builds the exact gradient with index_add from those terms' argmax (kept by the
+int8 pass's forward, else recomputed for them alone), without ever materialising the ``(B, L, V)`` tensor. The
+plain path (``fused_head=False``) stays for tests and benchmarks, and for architectures whose head cannot be
+split.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -91,13 +92,14 @@ def _max_projection_forward(hidden: Tensor, weight: Tensor, bias: Tensor, mask: 
     (``_CPU_TILE_ELEMENTS`` per tile, which stays in a CPU cache, and no work on padding); otherwise a tile is
     ``chunk_size`` positions of every document at once (``B x chunk_size x V``: few, large kernels and no host
     synchronisation, which is what a GPU wants).
-    Only values are reduced (``amax``): a max that also returns indices is ~10x slower on CPU, and the
-    backward recomputes the argmax for the few terms that get a gradient.
+    The plain passes reduce only values (``amax``): a max that also returns indices is ~10x slower on CPU, and
+    the backward recomputes the argmax for the few terms that get a gradient. The int8 pass takes the argmax of
+    its few candidates only, and training keeps it for the backward.
     """
     if per_document:
         prefilter = _prefilter(hidden, weight) if inference else "fp32"
         if prefilter == "int8":
-            return _max_per_document_int8(hidden, weight, bias, mask)
+            return _max_per_document_int8(hidden, weight, bias, mask)[0]
         if prefilter == "bf16":
             return _max_per_document_prefiltered(hidden, weight, bias, mask, chunk_size)
         return _max_per_document(hidden, weight, bias, mask)
@@ -150,8 +152,8 @@ def frozen_head(weight: Tensor | None) -> Iterator[None]:
     heads.append(entry)
     try:
         yield
-    finally:
-        heads.remove(entry)
+    finally:  # by identity: list.remove would compare the weights element-wise
+        del heads[next(i for i in range(len(heads) - 1, -1, -1) if heads[i] is entry)]
 
 
 def _int8_weights(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -164,8 +166,8 @@ def _int8_weights(weight: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return _quantize_rows(weight)
 
 
-def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor,
-                           argmax: list[Tensor] | None = None) -> Tensor:
+def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor,
+                           mask: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """The fp32 token-max at int8 speed, on CPUs with fast int8 matmuls (AVX512-VNNI, AMX).
 
     Per document, the tokens ``h_t`` are quantized with one scale ``s = max|h| / 127`` and each term's weights
@@ -179,8 +181,8 @@ def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor, mask: T
     fp32 over all the document's tokens, as :func:`_max_per_document_prefiltered` does. Non-candidates keep a
     value <= 0.
 
-    ``argmax`` (a list, for training): receives ``(rows, terms, tokens)``, the flat ``hidden`` row
-    (``b * L + t``) of every candidate's max, which is all the backward needs.
+    Returns the ``(B, V)`` maxima and, for training's backward, ``(terms, rows)``: every candidate term of every
+    document and the flat ``hidden`` row (``b * L + t``) of its max.
     """
     batch, vocab = hidden.shape[0], weight.shape[0]
     q_w, s_w, w_l1 = _int8_weights(weight)
@@ -200,32 +202,26 @@ def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor, mask: T
             torch.amax(tile, dim=1, out=best[start:start + _INT8_TILE_TERMS])
         approx = best.float() * (s * s_w) + bias
         err = (s_w * (0.5 * tokens.abs().sum(dim=1).max()) + (0.5 * s) * w_l1 + (0.25 * width) * s * s_w)
-        at = _exact_candidates(values[b], approx, err * _INT8_BOUND_SLACK + approx.abs() * 2.0 ** -20, weight,
-                               bias, tokens, want_argmax=argmax is not None)
-        if at is not None:
-            found.append((at[0], positions.index_select(0, at[1]) + b * hidden.shape[1]))
-    if argmax is not None:
-        terms = [t for t, _ in found]
-        argmax[:] = [torch.cat(terms) if terms else torch.empty(0, dtype=torch.long),
-                     torch.cat([r for _, r in found]) if found else torch.empty(0, dtype=torch.long)]
-    return values
+        terms, where = _exact_candidates(values[b], approx, err * _INT8_BOUND_SLACK + approx.abs() * 2.0 ** -20,
+                                         weight, bias, tokens)
+        found.append((terms, positions.index_select(0, where) + b * hidden.shape[1]))
+    empty = torch.empty(0, dtype=torch.long, device=hidden.device)
+    return values, (torch.cat([t for t, _ in found]) if found else empty,
+                    torch.cat([r for _, r in found]) if found else empty)
 
 
 def _exact_candidates(out: Tensor, approx: Tensor, bound: Tensor, weight: Tensor, bias: Tensor,
-                      tokens: Tensor, want_argmax: bool = False) -> tuple[Tensor, Tensor] | None:
+                      tokens: Tensor) -> tuple[Tensor, Tensor]:
     """One document's row ``out``: the fp32 token max of every term whose ``approx + bound > 0`` (a candidate:
-    its max can be positive), ``min(approx, 0)`` for the others (relu makes them 0 either way). With
-    ``want_argmax``: the candidates and the index, among ``tokens``, of each one's max."""
+    its max can be positive), ``min(approx, 0)`` for the others (relu makes them 0 either way). Returns the
+    candidates and the index, among ``tokens``, of each one's max."""
     candidates = (approx + bound > 0).nonzero().squeeze(1)
     logits = torch.addmm(bias.index_select(0, candidates).unsqueeze(1), weight.index_select(0, candidates),
                          tokens.t())
     out.copy_(approx.clamp(max=0.0))
-    if want_argmax:
-        exact, where = logits.max(dim=1)
-        out[candidates] = exact
-        return candidates, where
-    out[candidates] = logits.amax(dim=1)
-    return None
+    exact, where = logits.max(dim=1)
+    out[candidates] = exact
+    return candidates, where
 
 
 def _max_per_document_prefiltered(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor,
@@ -291,54 +287,26 @@ def _max_across_batch(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor
 
 
 def _max_projection_backward(grad: Tensor, hidden: Tensor, weight: Tensor, mask: Tensor,
-                             need: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+                             need: tuple[bool, bool, bool], argmax: tuple[Tensor, Tensor] | None = None,
+                             ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Exact gradients of the token-max of a linear projection, visiting only the terms that have one.
 
     ``d values[b,v] / d hidden[b,t] = weight[v]`` only at the argmax ``t``; ``d / d weight[v] =
-    hidden[b, t]``; ``d / d bias[v] = 1``. Terms that relu switched off in every document get no gradient,
-    so the argmax is recomputed (in fp32; the bias is the same for every token and drops out) for the union
-    of active terms only — typically a few hundred of the 30k — in tiles of bounded size. Accumulation is
-    fp32 whatever the forward precision was.
+    hidden[b, t]``; ``d / d bias[v] = 1``. ``argmax``: ``(terms, rows)`` the forward kept (the int8 pass: the
+    flat ``hidden`` row ``b * L + t`` of every candidate term's max). It covers every gradient SPLADE produces:
+    a term the int8 pass did not keep has a max proven <= 0, where relu's gradient is 0 (the function is only
+    applied under ``log1p(relu(.))``, in :func:`fused_splade_head`). Without it the argmax is recomputed (in
+    fp32; the bias is the same for every token and drops out) for the union of terms with a gradient, typically
+    a few hundred of the 30k, in tiles of bounded size. Accumulation is fp32 whatever the forward precision.
     """
     batch, length, hid = hidden.shape
     g = grad.float().masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
-    w32 = weight.float()
-    h32 = hidden.float()
-    pad = ~mask.unsqueeze(2)
-    grad_h = torch.zeros((batch * length, hid), dtype=torch.float32, device=hidden.device) if need[0] else None
-    grad_w = torch.zeros_like(w32) if need[1] else None
-    active = g.ne(0).any(dim=0).nonzero().squeeze(1)
-    step = max(1, _BACKWARD_TILE_ELEMENTS // max(1, batch * length))
-    for s in range(0, active.numel(), step):
-        terms = active[s:s + step]
-        w_terms = w32.index_select(0, terms)                                          # (T, H)
-        argmax = torch.matmul(h32, w_terms.t()).masked_fill_(pad, float("-inf")).argmax(dim=1)  # (B, T)
-        g_terms = g.index_select(1, terms)                                            # (B, T)
-        rows, cols = g_terms.nonzero(as_tuple=True)
-        gv = g_terms[rows, cols].unsqueeze(1)
-        token_rows = rows * length + argmax[rows, cols]
-        if grad_h is not None:
-            grad_h.index_add_(0, token_rows, gv * w_terms.index_select(0, cols))
-        if grad_w is not None:
-            grad_w.index_add_(0, terms[cols], gv * h32.reshape(batch * length, hid).index_select(0, token_rows))
-    grad_b = g.sum(0) if need[2] else None
-    return (grad_h.view(batch, length, hid) if grad_h is not None else None), grad_w, grad_b
-
-
-def _max_projection_backward_saved(grad: Tensor, hidden: Tensor, weight: Tensor, mask: Tensor,
-                                   need: tuple[bool, bool, bool], terms: Tensor,
-                                   rows: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """:func:`_max_projection_backward` from the argmax the forward kept (``rows[i]``: the flat ``hidden`` row of
-    term ``terms[i]``'s max, for every candidate term of every document). Exact for the gradients SPLADE
-    produces: a term the forward did not keep has a max proven <= 0, where relu's gradient is 0 (the function
-    is applied under ``log1p(relu(.))`` only, in :func:`fused_splade_head`); reading a ``(B, V)`` count back
-    to check would cost each backward a host synchronisation on every device."""
-    batch, length, hid = hidden.shape
-    g = grad.float().masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
+    h_flat = hidden.reshape(batch * length, hid).float()
+    terms, rows = argmax if argmax is not None else _recompute_argmax(g, h_flat.view(batch, length, hid), weight,
+                                                                       mask)
     gv = g[rows // length, terms]
     keep = gv.ne(0)
     terms, rows, gv = terms[keep], rows[keep], gv[keep].unsqueeze(1)
-    h_flat = hidden.reshape(batch * length, hid)
     grad_h = grad_w = None
     if need[0]:
         grad_h = torch.zeros((batch * length, hid), dtype=torch.float32, device=hidden.device)
@@ -346,9 +314,26 @@ def _max_projection_backward_saved(grad: Tensor, hidden: Tensor, weight: Tensor,
         grad_h = grad_h.view(batch, length, hid)
     if need[1]:
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        grad_w.index_add_(0, terms, gv * h_flat.index_select(0, rows).float())
-    grad_b = g.sum(0) if need[2] else None
-    return grad_h, grad_w, grad_b
+        grad_w.index_add_(0, terms, gv * h_flat.index_select(0, rows))
+    return grad_h, grad_w, (g.sum(0) if need[2] else None)
+
+
+def _recompute_argmax(g: Tensor, h32: Tensor, weight: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(terms, rows)`` for every non-zero ``g[b, v]``: the flat row ``b * L + t`` of term v's max in document b."""
+    batch, length, _ = h32.shape
+    w32 = weight.float()
+    pad = ~mask.unsqueeze(2)
+    active = g.ne(0).any(dim=0).nonzero().squeeze(1)
+    step = max(1, _BACKWARD_TILE_ELEMENTS // max(1, batch * length))
+    terms, rows = [], []
+    for s in range(0, active.numel(), step):
+        tile = active[s:s + step]
+        argmax = torch.matmul(h32, w32.index_select(0, tile).t()).masked_fill_(pad, float("-inf")).argmax(dim=1)
+        docs, cols = g.index_select(1, tile).nonzero(as_tuple=True)                  # (B, T) -> pairs
+        terms.append(tile[cols])
+        rows.append(docs * length + argmax[docs, cols])
+    empty = torch.empty(0, dtype=torch.long, device=g.device)
+    return (torch.cat(terms) if terms else empty), (torch.cat(rows) if rows else empty)
 
 
 class _ChunkedMaxProjection(torch.autograd.Function):
@@ -363,10 +348,10 @@ class _ChunkedMaxProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int,
                 compute_dtype: torch.dtype, per_document: bool) -> Tensor:
-        found: list[Tensor] = []
+        found: tuple[Tensor, ...] = ()
         with torch.autocast(hidden.device.type, enabled=False):
             if per_document and _prefilter(hidden, weight) == "int8":  # exact fp32 maxima, and their argmax
-                values = _max_per_document_int8(hidden, weight, bias.float(), mask, argmax=found)
+                values, found = _max_per_document_int8(hidden, weight, bias.float(), mask)
             else:
                 values = _max_projection_forward(hidden, weight.to(compute_dtype), bias.to(compute_dtype), mask,
                                                  chunk_size, per_document)
@@ -379,10 +364,8 @@ class _ChunkedMaxProjection(torch.autograd.Function):
         hidden, weight, mask, *found = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         with torch.autocast(hidden.device.type, enabled=False):
-            if found:
-                gh, gw, gb = _max_projection_backward_saved(grad, hidden, weight, mask, need, *found)
-            else:
-                gh, gw, gb = _max_projection_backward(grad, hidden, weight, mask, need)
+            gh, gw, gb = _max_projection_backward(grad, hidden, weight, mask, need,
+                                                  (found[0], found[1]) if found else None)
         h_dt, w_dt, b_dt = ctx.dtypes
         return (gh.to(h_dt) if gh is not None else None, gw.to(w_dt) if gw is not None else None,
                 gb.to(b_dt) if gb is not None else None, None, None, None, None)
@@ -553,7 +536,10 @@ class SpladeEncoder(nn.Module):
         """
         import scipy.sparse
 
+        from .cpu import release_heap
+
         texts = list(texts)
+        on_cpu = self.device.type == "cpu"
         ids = token_ids(self.tokenizer, texts, max_length)
         order = sorted(range(len(ids)), key=lambda i: -len(ids[i])) if sort_by_length else list(range(len(ids)))
         rows, cols, vals = [], [], []
@@ -561,7 +547,20 @@ class SpladeEncoder(nn.Module):
         self.eval()
         try:
             with self.frozen_head():
-                self._encode_batches(ids, order, batch_size, top_k, amp_dtype, (rows, cols, vals))
+                for start in range(0, len(order), batch_size):
+                    batch_idx = order[start:start + batch_size]
+                    input_ids, mask = self._pad([ids[i] for i in batch_idx])
+                    with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        weights = self(input_ids.to(self.device), mask.to(self.device))
+                    if top_k is not None:
+                        weights = top_k_prune(weights, top_k)
+                    r, c = weights.nonzero(as_tuple=True)
+                    rows.append(np.asarray(batch_idx, dtype=np.int64)[r.cpu().numpy()])
+                    cols.append(c.cpu().numpy())
+                    vals.append(weights[r, c].float().cpu().numpy())
+                    del weights
+                    if on_cpu:
+                        release_heap()  # the batch's (B, V) tensors back to the OS: see splade_obs.cpu.release_heap
         finally:
             self.train(was_training)
         cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dtype=dt))
@@ -573,28 +572,7 @@ class SpladeEncoder(nn.Module):
         """A block in which the head's weights do not change (:func:`frozen_head`): their int8 form is computed
         once for all its passes. ``encode`` and a training step's forward open one."""
         proj = self._projection() if self.fused_head else None
-        return frozen_head(proj.weight if proj is not None else None)
-
-    def _encode_batches(self, ids: list[np.ndarray], order: list[int], batch_size: int, top_k: int | None,
-                        amp_dtype: torch.dtype | None, out: tuple[list, list, list]) -> None:
-        from .cpu import release_heap
-
-        rows, cols, vals = out
-        on_cpu = self.device.type == "cpu"
-        for start in range(0, len(order), batch_size):
-            batch_idx = order[start:start + batch_size]
-            input_ids, mask = self._pad([ids[i] for i in batch_idx])
-            with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                weights = self(input_ids.to(self.device), mask.to(self.device))
-            if top_k is not None:
-                weights = top_k_prune(weights, top_k)
-            r, c = weights.nonzero(as_tuple=True)
-            rows.append(np.asarray(batch_idx, dtype=np.int64)[r.cpu().numpy()])
-            cols.append(c.cpu().numpy())
-            vals.append(weights[r, c].float().cpu().numpy())
-            del weights
-            if on_cpu:
-                release_heap()  # the batch's (B, V) tensors back to the OS: see splade_obs.cpu.release_heap
+        return frozen_head(proj.weight) if proj is not None else nullcontext()
 
     def _pad(self, sequences: list[np.ndarray]) -> tuple[Tensor, Tensor]:
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -29,7 +29,7 @@ from . import checkpoint as ckpt_io
 from .batch_policy import BatchPolicy, Where
 from .checkpointing import Checkpointer, StopSignals
 from .config import TrainConfig
-from .cpu import training_kernels
+from . import cpu
 from .collate import PairCollator, Prefetch
 from .data import LoadedData
 from .device import Runtime, resolve_runtime
@@ -124,6 +124,8 @@ class Trainer:
             finally:
                 if getattr(self, "prefetch", None) is not None:
                     self.prefetch.close()
+                if hasattr(self, "_head_pass_before"):
+                    cpu.set_head_pass(self._head_pass_before)
         if not self.started:
             self._emit_run_started(t0_ns, None)
         counters = {f"errors/{k}": v for k, v in self.budget.by_category.items()}
@@ -195,7 +197,9 @@ class Trainer:
             if isinstance(module, torch.nn.Dropout):
                 module.p = cfg.model.dropout
         self.encoder.train()
-        head_pass, masks = training_kernels(self.encoder, self.device, cfg.model.head_pass, cfg.model.cpu_dropout)
+        self._head_pass_before = cpu.forced_head_pass()  # put back when the run ends (the pass is process-wide)
+        head_pass, masks = cpu.training_kernels(self.encoder, self.device, cfg.model.head_pass, cfg.model.cpu_dropout,
+                                                self.runtime.amp_dtype)
         self.emit(ModelLoaded(name=cfg.model.name, path=source, device=str(self.device),
                               num_parameters=sum(p.numel() for p in self.encoder.parameters()),
                               amp_dtype=self.runtime.amp_name, start_ns=t, end_ns=now_ns(), head_pass=head_pass,
@@ -314,7 +318,8 @@ class Trainer:
         finally:
             self.prefetch.settle()  # nothing else tokenizes while the worker does
 
-    def _compute(self, batch: Any, err: Exception | None, where: Where, acc: StepAccumulator, closes_step: bool) -> bool:
+    def _compute(self, batch: Any, err: Exception | None, where: Where, acc: StepAccumulator,
+                 closes_step: bool) -> bool:
         """The ranks' agreement on the collation's outcome, then forward, loss and backward (see above)."""
         if not self.policy.agree(err, where, ok_before=acc.count):
             return False

@@ -409,7 +409,7 @@ def test_low_precision_prefilters_select_every_non_zero_term_and_keep_the_fp32_w
         pytest.skip("torch._int_mm does not run on this CPU build of torch")
     proj = encoder._projection()
     weight, bias = proj.weight.detach(), proj.bias.detach()
-    run = {"int8": lambda h, m: model_module._max_per_document_int8(h, weight, bias, m),
+    run = {"int8": lambda h, m: model_module._max_per_document_int8(h, weight, bias, m)[0],
            "bf16": lambda h, m: model_module._max_per_document_prefiltered(h, weight, bias, m, 64)}[kind]
     for name, hidden, mask in _prefiltered_inputs(encoder):
         with torch.no_grad():
@@ -488,6 +488,12 @@ def test_the_int8_weights_are_shared_only_inside_a_frozen_head_block(monkeypatch
         assert torch.equal(model_module._int8_weights(other)[0], fresh(other))
         assert model_module._int8_weights(first) is a and torch.equal(a[0], fresh(first))
     assert len(calls) == 2
+    with model_module.frozen_head(first):  # nested blocks: each its own form, and leaving one keeps the other
+        outer = model_module._int8_weights(first)
+        with model_module.frozen_head(first), model_module.frozen_head(other):
+            assert model_module._int8_weights(first) is not outer
+        assert model_module._int8_weights(first) is outer
+    assert len(calls) == 4 and not getattr(model_module._frozen, "heads", [])
     with torch.no_grad():
         first.mul_(-1.0)
     assert torch.equal(model_module._int8_weights(first)[0], fresh(first))  # outside: afresh

@@ -51,10 +51,10 @@ def test_int8_training_pass_gives_the_fp32_values_and_gradients(head_pass, lengt
     head_pass("fp32")
     ref_out, ref_grads = _head_and_grads(h, w, b, mask)
     calls = {"int8": 0, "recompute": 0}
-    int8_fn, recompute_fn = M._max_per_document_int8, M._max_projection_backward
+    int8_fn, recompute_fn = M._max_per_document_int8, M._recompute_argmax
 
     def counted_int8(*args, **kwargs):
-        calls["int8"] += kwargs.get("argmax") is not None
+        calls["int8"] += 1
         return int8_fn(*args, **kwargs)
 
     def counted_recompute(*args, **kwargs):
@@ -62,7 +62,7 @@ def test_int8_training_pass_gives_the_fp32_values_and_gradients(head_pass, lengt
         return recompute_fn(*args, **kwargs)
 
     monkeypatch.setattr(M, "_max_per_document_int8", counted_int8)
-    monkeypatch.setattr(M, "_max_projection_backward", counted_recompute)
+    monkeypatch.setattr(M, "_recompute_argmax", counted_recompute)
     head_pass("int8")
     out, grads = _head_and_grads(h, w, b, mask)
     assert calls == {"int8": 1, "recompute": 0}
@@ -139,7 +139,7 @@ def test_cpu_dropout_module_scales_masks_and_backpropagates():
 
 def test_attention_math_equals_sdpa_when_nothing_is_dropped():
     """Probabilities of 1e-9 drop nothing (the 16-bit threshold is 0): the math path equals SDPA with the same
-    padding mask, including a fully masked row."""
+    padding mask (keys 4-6 of one sequence masked)."""
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(3, 2, 7, 8, generator=gen) for _ in range(3))
     mask = torch.ones(3, 1, 7, 7, dtype=torch.bool)
@@ -220,24 +220,36 @@ def test_run_records_its_kernels_and_resumes_exactly_with_them(tiny_cfg, tmp_pat
     rec = RecordingSink()
     assert run_training(tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b"), "resume": "auto"}, **common),
                         extra_sinks=[rec]).status == "FINISHED"
+    assert cpu.forced_head_pass() is None  # the run's pass does not outlive it
     assert rec.of(RunStarted)[0].start_step == 3
     assert [e.loss for e in rec.of(StepDone)] == [e.loss for e in straight.of(StepDone)][3:]
     wa, wb = _weights(tmp_path / "a" / "final"), _weights(tmp_path / "b" / "final")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_torch_kernels_are_the_former_path(tiny_cfg, tmp_path):
-    """``--head-pass fp32 --cpu-dropout torch``: torch's dropout modules and SDPA stay, the run says so, and its
-    losses differ from the fast masks' (another random stream) while both train."""
-    runs = {}
-    for masks in ("torch", "fast"):
-        rec = RecordingSink()
-        cfg = tiny_cfg(checkpoint={"output_dir": str(tmp_path / masks)}, optim={"max_steps": 3},
-                       model={"head_pass": "fp32", "cpu_dropout": masks})
-        assert run_training(cfg, extra_sinks=[rec]).status == "FINISHED"
-        (loaded,) = rec.of(ModelLoaded)
-        assert (loaded.head_pass, loaded.dropout_masks) == ("fp32", masks)
-        runs[masks] = [e.loss for e in rec.of(StepDone)]
+def test_torch_kernels_are_the_former_path(tiny_cfg, tmp_path, monkeypatch):
+    """``--head-pass fp32 --cpu-dropout torch``: nothing is installed (torch's dropout modules and SDPA stay),
+    the run says so (the plain pass in fp32 without autocast), its losses differ from the fast masks' (another
+    random stream), and the process's forced head pass is put back after each run."""
+    installed = []
+    real_install = dropout.install
+    monkeypatch.setattr(dropout, "install", lambda m: installed.append(type(m).__name__) or real_install(m))
+    cpu.set_head_pass("bf16")
+    try:
+        runs = {}
+        for masks in ("torch", "fast"):
+            rec = RecordingSink()
+            cfg = tiny_cfg(checkpoint={"output_dir": str(tmp_path / masks)},
+                           optim={"max_steps": 3, "mixed_precision": "no"},
+                           model={"head_pass": "fp32", "cpu_dropout": masks})
+            assert run_training(cfg, extra_sinks=[rec]).status == "FINISHED"
+            (loaded,) = rec.of(ModelLoaded)
+            assert (loaded.head_pass, loaded.dropout_masks) == ("fp32", masks)
+            assert installed == ([] if masks == "torch" else ["BertForMaskedLM"])
+            assert cpu.forced_head_pass() == "bf16"
+            runs[masks] = [e.loss for e in rec.of(StepDone)]
+    finally:
+        cpu.set_head_pass("auto")
     assert runs["torch"] != runs["fast"]
 
 
@@ -257,7 +269,8 @@ def test_train_cli_takes_the_kernel_flags(tmp_path):
 
     res = CliRunner().invoke(cli, ["train", "--output-dir", str(tmp_path / "o"), "--max-steps", "1", "--no-mlflow",
                                    "--otel-exporter", "none", "--progress", "none", "--head-pass", "fp32",
-                                   "--cpu-dropout", "torch", "--max-query-length", "16", "--max-doc-length", "32"])
+                                   "--cpu-dropout", "torch", "--max-query-length", "16", "--max-doc-length", "32",
+                                   "--mixed-precision", "no"])
     assert res.exit_code == 0, res.output
     assert "head pass fp32, dropout masks torch" in res.output
     bad = CliRunner().invoke(cli, ["train", "--output-dir", str(tmp_path / "o"), "--cpu-dropout", "numpy"])
@@ -273,8 +286,13 @@ def test_prefetch_collates_on_the_worker_and_changes_nothing(tiny_cfg, tmp_path,
     from splade_obs.collate import PairCollator
     from splade_obs.errors import DataError
 
+    from transformers import PreTrainedTokenizerBase
+
+    from tests._eval_utils import write_beir
+
     threads: list[str] = []
-    original = PairCollator.__call__
+    busy, overlaps = [], []
+    original, tokenize = PairCollator.__call__, PreTrainedTokenizerBase.__call__
 
     def recording(self, examples, **kwargs):
         threads.append(threading.current_thread().name)
@@ -282,13 +300,25 @@ def test_prefetch_collates_on_the_worker_and_changes_nothing(tiny_cfg, tmp_path,
             raise DataError("bad record in batch 3", hint="injected by the test")
         return original(self, examples, **kwargs)
 
+    def exclusive(self, *args, **kwargs):  # any tokenizer use (collation, evaluation) while another runs
+        if busy:
+            overlaps.append(threading.current_thread().name)
+        busy.append(1)
+        try:
+            return tokenize(self, *args, **kwargs)
+        finally:
+            busy.pop()
+
     monkeypatch.setattr(PairCollator, "__call__", recording)
+    monkeypatch.setattr(PreTrainedTokenizerBase, "__call__", exclusive)
+    beir = write_beir(tmp_path / "beir", split="dev")
     losses, counters = {}, {}
     for prefetch in (True, False):
         threads.clear()
         rec = RecordingSink()
-        cfg = tiny_cfg(checkpoint={"output_dir": str(tmp_path / str(prefetch))}, optim={"max_steps": 6},
-                       data={"prefetch": prefetch})
+        cfg = tiny_cfg(checkpoint={"output_dir": str(tmp_path / str(prefetch)), "save_steps": 2},
+                       optim={"max_steps": 6}, data={"prefetch": prefetch},
+                       eval={"eval_data": str(beir), "eval_split": "dev", "eval_steps": 2})
         result = run_training(cfg, extra_sinks=[rec])
         assert result.status == "FINISHED"
         losses[prefetch] = [e.loss for e in rec.of(StepDone)]
@@ -300,5 +330,6 @@ def test_prefetch_collates_on_the_worker_and_changes_nothing(tiny_cfg, tmp_path,
             assert on_worker == 0
     assert losses[True] == losses[False] and len(losses[True]) == 6
     assert counters == {True: 1, False: 1}
+    assert overlaps == []  # evaluations and checkpoints every 2 steps never ran beside a prefetch
     wa, wb = _weights(tmp_path / "True" / "final"), _weights(tmp_path / "False" / "final")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -81,8 +81,7 @@ class LogSink(Sink):
                    split=e.split, num_examples=e.num_examples, num_skipped=e.num_skipped)
 
     def on_model_loaded(self, e: ModelLoaded) -> None:
-        kernels = "".join(f", {label} {v}" for label, v in (("head pass", e.head_pass),
-                                                             ("dropout masks", e.dropout_masks)) if v)
+        kernels = "".join(f", {k[7:].replace('_', ' ')} {v}" for k, v in e.kernels().items())
         self._emit(logging.INFO, f"Model {e.name} loaded: {e.num_parameters:,} parameters on {e.device} "
                                  f"({e.amp_dtype}{kernels})", e, device=e.device, amp_dtype=e.amp_dtype,
                    head_pass=e.head_pass, dropout_masks=e.dropout_masks)

@@ -283,8 +283,7 @@ class MlflowSink(Sink):
     def on_model_loaded(self, e: ModelLoaded) -> None:
         self._model = e
         tags = {"splade.device": e.device, "splade.amp_dtype": e.amp_dtype, "splade.model_path": e.path}
-        kernels = (("head_pass", e.head_pass), ("dropout_masks", e.dropout_masks))
-        tags.update({f"splade.{k}": v for k, v in kernels if v})
+        tags.update(e.kernels())
         self.transport.set_tags(tags)
         self._log_params({"model.num_parameters": e.num_parameters})
 

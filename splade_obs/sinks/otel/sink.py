@@ -329,8 +329,7 @@ class OtelSink(Sink):
         values = {"splade.model.name": e.name, "splade.model.path": e.path,
                   "splade.model.num_parameters": e.num_parameters, "splade.device": e.device,
                   "splade.amp_dtype": e.amp_dtype}
-        values.update({f"splade.{k}": v for k, v in (("head_pass", e.head_pass), ("dropout_masks", e.dropout_masks))
-                       if v})
+        values.update(e.kernels())
         self._end(self._span("model.load", start, values, parent=self._root_ctx), end)
         if self._root is not None:
             self._root.set_attributes(attrs({"splade.device": e.device, "splade.amp_dtype": e.amp_dtype,
