@@ -8,9 +8,9 @@ trainer; the one-shot commands (evaluate, encode, mine, adapt) use :func:`device
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -105,11 +105,13 @@ class Runtime:
         """The dtype evaluation runs under autocast with (None: full precision)."""
         return None if self.amp_dtype == torch.float32 else self.amp_dtype
 
-    def autocast(self) -> Any:
-        """A fresh autocast context for one forward (a no-op context in fp32)."""
-        if self.amp_dtype == torch.float32:
-            return nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+    @contextmanager
+    def autocast(self) -> Iterator[None]:
+        """A fresh autocast context for one forward (none in fp32), with :func:`attention_kernels`."""
+        amp = nullcontext() if self.amp_dtype == torch.float32 else torch.autocast(device_type=self.device.type,
+                                                                                    dtype=self.amp_dtype)
+        with amp, attention_kernels(self.device):
+            yield
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.uses_grad_scaler)
@@ -119,3 +121,18 @@ def resolve_runtime(device: str, mixed_precision: str) -> Runtime:
     """The run's :class:`Runtime` from its settings; raises :class:`DeviceError` for an unusable choice."""
     dev = resolve_device(device)
     return Runtime(device=dev, amp_dtype=resolve_amp(mixed_precision, dev))
+
+
+def attention_kernels(device: torch.device) -> Any:
+    """On CUDA, SDPA without its cuDNN backend (flash, memory-efficient, math); elsewhere a no-op context.
+
+    Measured on an H100 with torch 2.11 (docs/benchmarks.md, "GPU check"): cuDNN's attention spent 4-5 ms of
+    host time per call, forward and backward alike, at batch 16 with dynamic padding: 53 of a step's 62 ms,
+    with the GPU busy 6.6 ms of it. The step runs autograd's backward outside this context; the kernel each
+    attention call's backward uses is fixed by its forward.
+    """
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
