@@ -65,6 +65,8 @@ def train_once(mode: str, out: Path, steps: int, batch: int, faults: tuple[str, 
         "all_finite": all(torch.isfinite(torch.tensor(losses)).tolist()) if losses else False,
         "samples_per_s": sum(sps) / len(sps),
         "grad_scale_last": steps_ev[-1].grad_scale if steps_ev else None,
+        # [epoch, batch index in the epoch (0-based), scale after the step] of every step taken (fp16)
+        "grad_scale_trace": [[s.epoch, s.batch_index, s.grad_scale] for s in steps_ev if s.grad_scale is not None],
         "peak_mem_mb": _cuda("max_memory_allocated") / 2**20,
         "error": result.error.one_line() if result.error else None,
         "counters": result.counters,
