@@ -88,9 +88,9 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     scores = torch.matmul(query, key.transpose(-1, -2)).mul_(scale)  # the autocast dtype, as eager attention
     if attention_mask is not None:
         if attention_mask.dtype == torch.bool:  # True: attend. A finite floor keeps fully masked rows finite
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)  # in place: scores is ours
         else:
-            scores = scores + attention_mask.to(scores.dtype)
+            scores.add_(attention_mask.to(scores.dtype))
     out = torch.matmul(masked_dropout(torch.softmax(scores, dim=-1), dropout), value)
     return out.transpose(1, 2).contiguous(), None
 

@@ -125,6 +125,8 @@ def _prefilter(hidden: Tensor, weight: Tensor) -> str:
 _INT8_TILE_TERMS = 4096
 #: Safety factor on the int8 error bound, for the fp32 rounding of the scales, the bound and the approximation.
 _INT8_BOUND_SLACK = 1.0 + 2.0 ** -10
+#: Logits per slice of :func:`_exact_candidates` (documents x candidates x tokens, fp32: 16 MB).
+_EXACT_TILE_ELEMENTS = 1 << 22
 _frozen = threading.local()  # .heads: [weight, its int8 form or None] per open frozen_head block, innermost last
 
 
@@ -178,50 +180,75 @@ def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor,
     ``err_v = s_v / 2 * max_t ||h_t||_1 + s / 2 * ||w_v||_1 + H * s * s_v / 4`` of its approximation, and the
     max over tokens too. A term with ``a_v + err_v <= 0`` has an fp32 max <= 0, which relu makes 0 whatever its
     exact value; the others (~600 of 30,522 for splade-tiny on SciFact, ~250 of them non-zero) are computed in
-    fp32 over all the document's tokens, as :func:`_max_per_document_prefiltered` does. Non-candidates keep a
-    value <= 0.
+    fp32 over all the document's tokens (:func:`_exact_candidates`). Non-candidates keep a value <= 0.
+
+    Only the integer products run per document (in tiles that stay in cache); the quantization, the bound and
+    the fp32 recompute run on the whole batch at once, so the step pays a few dozen operator calls for them,
+    not a few dozen per document.
 
     Returns the ``(B, V)`` maxima and, for training's backward, ``(terms, rows)``: every candidate term of every
     document and the flat ``hidden`` row (``b * L + t``) of its max.
     """
-    batch, vocab = hidden.shape[0], weight.shape[0]
+    batch, length, width = hidden.shape
+    vocab = weight.shape[0]
     q_w, s_w, w_l1 = _int8_weights(weight)
-    found: list[tuple[Tensor, Tensor]] = []
-    values = torch.full((batch, vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
-    width = hidden.shape[-1]
-    for b in range(batch):
-        positions = mask[b].nonzero().squeeze(1)
-        if positions.numel() == 0:
+    keep = mask.bool()
+    tokens = hidden.float()
+    magnitude = tokens.abs().masked_fill_(~keep.unsqueeze(2), 0.0)
+    s = (magnitude.amax(dim=(1, 2)) / 127.0).clamp_(min=torch.finfo(torch.float32).tiny)    # (B,)
+    longest_l1 = magnitude.sum(dim=2).amax(dim=1)                                            # max_t ||h_t||_1
+    q = torch.div(tokens, s[:, None, None], out=magnitude).round_().clamp_(-127, 127).to(torch.int8)
+    counts = keep.sum(dim=1)
+    prefix = bool(torch.equal(keep, torch.arange(length, device=keep.device) < counts[:, None]))
+    best = torch.zeros((batch, vocab), dtype=torch.int32, device=hidden.device)
+    for b, n in enumerate(counts.tolist()):
+        if n == 0:
             continue
-        tokens = hidden[b].index_select(0, positions).float()
-        s = (tokens.abs().amax() / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
-        q_t = torch.round(tokens / s).clamp_(-127, 127).to(torch.int8).t()  # (H, n)
-        best = torch.empty(vocab, dtype=torch.int32, device=hidden.device)
+        q_t = (q[b, :n] if prefix else q[b][keep[b]]).t()                                  # (H, n)
         for start in range(0, vocab, _INT8_TILE_TERMS):
-            tile = torch._int_mm(q_w[start:start + _INT8_TILE_TERMS], q_t)          # (terms, n) int32, exact
-            torch.amax(tile, dim=1, out=best[start:start + _INT8_TILE_TERMS])
-        approx = best.float() * (s * s_w) + bias
-        err = (s_w * (0.5 * tokens.abs().sum(dim=1).max()) + (0.5 * s) * w_l1 + (0.25 * width) * s * s_w)
-        terms, where = _exact_candidates(values[b], approx, err * _INT8_BOUND_SLACK + approx.abs() * 2.0 ** -20,
-                                         weight, bias, tokens)
-        found.append((terms, positions.index_select(0, where) + b * hidden.shape[1]))
-    empty = torch.empty(0, dtype=torch.long, device=hidden.device)
-    return values, (torch.cat([t for t, _ in found]) if found else empty,
-                    torch.cat([r for _, r in found]) if found else empty)
+            tile = torch._int_mm(q_w[start:start + _INT8_TILE_TERMS], q_t)                  # (terms, n) int32, exact
+            torch.amax(tile, dim=1, out=best[b, start:start + _INT8_TILE_TERMS])
+    scale = s[:, None] * s_w
+    approx = best.float().mul_(scale).add_(bias)
+    err = s_w * (0.5 * longest_l1)[:, None] + (0.5 * s)[:, None] * w_l1 + (0.25 * width) * scale
+    bound = err.mul_(_INT8_BOUND_SLACK).add_(approx.abs().mul_(2.0 ** -20))
+    empty = counts == 0
+    candidate = (approx + bound).gt_(0).masked_fill_(empty[:, None], False)
+    values = approx.clamp_(max=0.0).masked_fill_(empty[:, None], float("-inf"))
+    docs, terms = candidate.nonzero(as_tuple=True)                                           # by document
+    where = _exact_candidates(values, docs, terms, weight, bias, tokens, keep)
+    return values, (terms, docs * length + where)
 
 
-def _exact_candidates(out: Tensor, approx: Tensor, bound: Tensor, weight: Tensor, bias: Tensor,
-                      tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """One document's row ``out``: the fp32 token max of every term whose ``approx + bound > 0`` (a candidate:
-    its max can be positive), ``min(approx, 0)`` for the others (relu makes them 0 either way). Returns the
-    candidates and the index, among ``tokens``, of each one's max."""
-    candidates = (approx + bound > 0).nonzero().squeeze(1)
-    logits = torch.addmm(bias.index_select(0, candidates).unsqueeze(1), weight.index_select(0, candidates),
-                         tokens.t())
-    out.copy_(approx.clamp(max=0.0))
-    exact, where = logits.max(dim=1)
-    out[candidates] = exact
-    return candidates, where
+def _exact_candidates(values: Tensor, docs: Tensor, terms: Tensor, weight: Tensor, bias: Tensor, tokens: Tensor,
+                      keep: Tensor) -> Tensor:
+    """Writes ``values[docs[k], terms[k]]`` = the fp32 max over document ``docs[k]``'s tokens (``keep``) of term
+    ``terms[k]``'s logit, for candidate pairs sorted by document; returns each one's token (the argmax).
+
+    The candidates' weight rows are laid out per document (padded to the largest count) and multiplied against
+    that document's tokens in one batched matmul, a slice of documents at a time to bound the logits' size."""
+    batch, length, width = tokens.shape
+    where = torch.zeros_like(terms)
+    if terms.numel() == 0:
+        return where
+    counts = torch.bincount(docs, minlength=batch)
+    widest = int(counts.max())
+    rank = torch.arange(terms.numel(), device=terms.device) - (counts.cumsum(0) - counts).index_select(0, docs)
+    rows = torch.zeros((batch, widest, width), dtype=torch.float32, device=tokens.device)
+    rows[docs, rank] = weight.index_select(0, terms).float()
+    offset = torch.zeros((batch, widest, 1), dtype=torch.float32, device=tokens.device)
+    offset[docs, rank, 0] = bias.index_select(0, terms).float()
+    exact = torch.empty((batch, widest), dtype=torch.float32, device=tokens.device)
+    at = torch.empty((batch, widest), dtype=torch.long, device=tokens.device)
+    step = max(1, _EXACT_TILE_ELEMENTS // max(1, widest * length))
+    pad = ~keep.unsqueeze(1)
+    for start in range(0, batch, step):
+        part = slice(start, start + step)
+        logits = torch.baddbmm(offset[part], rows[part], tokens[part].transpose(1, 2))
+        logits.masked_fill_(pad[part], float("-inf"))
+        torch.max(logits, dim=2, out=(exact[part], at[part]))
+    values[docs, terms] = exact[docs, rank]
+    return at[docs, rank]
 
 
 def _max_per_document_prefiltered(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor,
@@ -237,24 +264,25 @@ def _max_per_document_prefiltered(hidden: Tensor, weight: Tensor, bias: Tensor, 
     rounding of 0 can differ in being zero.
     """
     batch, vocab = hidden.shape[0], weight.shape[0]
-    values = torch.full((batch, vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
+    keep = mask.bool()
+    tokens = hidden.float()
+    approx = torch.full((batch, vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
     w16 = weight.to(torch.bfloat16)
     b16 = bias.to(torch.bfloat16).unsqueeze(1)
-    w_norm = weight.norm(dim=1)
-    b_abs = bias.abs()
+    step = max(chunk_size, 128)  # bf16 tiles are half the size: larger chunks still stay in cache
     for b in range(batch):
-        positions = mask[b].nonzero().squeeze(1)
-        if positions.numel() == 0:
-            continue
-        tokens = hidden[b].index_select(0, positions).float()
-        t16 = tokens.to(torch.bfloat16)
-        approx = torch.full((vocab,), float("-inf"), dtype=torch.float32, device=hidden.device)
-        step = max(chunk_size, 128)  # bf16 tiles are half the size: larger chunks still stay in cache
+        positions = keep[b].nonzero().squeeze(1)
+        t16 = tokens[b].index_select(0, positions).to(torch.bfloat16)
         for start in range(0, positions.numel(), step):
             tile = torch.addmm(b16, w16, t16[start:start + step].t())                 # (V, c) bf16
-            torch.maximum(approx, tile.amax(dim=1).float(), out=approx)
-        _exact_candidates(values[b], approx, _BF16_REL_BOUND * (tokens.norm(dim=1).max() * w_norm + b_abs),
-                          weight, bias, tokens)
+            torch.maximum(approx[b], tile.amax(dim=1).float(), out=approx[b])
+    longest = (tokens.norm(dim=2) * keep).amax(dim=1)
+    bound = _BF16_REL_BOUND * (longest[:, None] * weight.norm(dim=1) + bias.abs())
+    empty = ~keep.any(dim=1)
+    candidate = (approx + bound).gt_(0).masked_fill_(empty[:, None], False)
+    values = approx.clamp(max=0.0).masked_fill_(empty[:, None], float("-inf"))
+    docs, terms = candidate.nonzero(as_tuple=True)
+    _exact_candidates(values, docs, terms, weight, bias, tokens, keep)
     return values
 
 
