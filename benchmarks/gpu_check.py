@@ -238,7 +238,8 @@ def encode_run(side: str, precision: str, docs: list[str], device: str, sizes: d
 def scale_halved_across(trace: list[list], batch_no: int, initial: float = 2.0 ** 16) -> bool:
     """Whether the GradScaler's scale at the first step taken after epoch 1's batch ``batch_no`` (1-based) is at
     most half its scale before that batch (the last step taken before it, or ``initial`` when none was), and the
-    batch took no step: its step was skipped for an overflow. ``trace``: ``[epoch, batch index (0-based), scale]`` per step."""
+    batch took no step: its step was skipped for an overflow. ``trace``: ``[epoch, batch index (0-based),
+    scale]`` per step taken."""
     if any(epoch == 1 and index + 1 == batch_no for epoch, index, _ in trace):
         return False  # the batch's step was taken
     before = [scale for epoch, index, scale in trace if epoch == 1 and index + 1 < batch_no]
