@@ -125,6 +125,8 @@ def _prefilter(hidden: Tensor, weight: Tensor) -> str:
 _INT8_TILE_TERMS = 4096
 #: Safety factor on the int8 error bound, for the fp32 rounding of the scales, the bound and the approximation.
 _INT8_BOUND_SLACK = 1.0 + 2.0 ** -10
+#: Documents per group of the int8 pass's batched steps (a group's ``(documents, V)`` temporaries: 4 MB each at 32)
+_INT8_GROUP_DOCS = 32
 #: Logits per slice of :func:`_exact_candidates` (documents x candidates x tokens, fp32: 16 MB).
 _EXACT_TILE_ELEMENTS = 1 << 22
 _frozen = threading.local()  # .heads: [weight, its int8 form or None] per open frozen_head block, innermost last
@@ -183,16 +185,38 @@ def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor,
     fp32 over all the document's tokens (:func:`_exact_candidates`). Non-candidates keep a value <= 0.
 
     Only the integer products run per document (in tiles that stay in cache); the quantization, the bound and
-    the fp32 recompute run on the whole batch at once, so the step pays a few dozen operator calls for them,
-    not a few dozen per document.
+    the fp32 recompute run on groups of up to ``_INT8_GROUP_DOCS`` documents at once (a training batch is one
+    group), so a step pays a few dozen operator calls for them, not a few dozen per document, and a large
+    encoding batch's ``(group, V)`` temporaries stay small.
 
     Returns the ``(B, V)`` maxima and, for training's backward, ``(terms, rows)``: every candidate term of every
     document and the flat ``hidden`` row (``b * L + t``) of its max.
     """
+    batch, length = hidden.shape[:2]
+    int8_weights = _int8_weights(weight)
+    values = torch.empty((batch, weight.shape[0]), dtype=torch.float32, device=hidden.device)
+    terms, rows = [], []
+    for start in range(0, batch, _INT8_GROUP_DOCS):
+        part = slice(start, start + _INT8_GROUP_DOCS)
+        group_terms, group_rows = _int8_group(values[part], hidden[part], mask[part].bool(), weight, bias,
+                                              int8_weights)
+        terms.append(group_terms)
+        rows.append(group_rows + start * length)
+    if len(terms) == 1:
+        return values, (terms[0], rows[0])
+    if not terms:  # no documents
+        empty = torch.empty(0, dtype=torch.long, device=hidden.device)
+        return values, (empty, empty)
+    return values, (torch.cat(terms), torch.cat(rows))
+
+
+def _int8_group(out: Tensor, hidden: Tensor, keep: Tensor, weight: Tensor, bias: Tensor,
+                int8_weights: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """:func:`_max_per_document_int8` for one group of documents: writes their maxima into ``out``; returns
+    ``(terms, rows)`` with rows counted from the group's first document."""
     batch, length, width = hidden.shape
     vocab = weight.shape[0]
-    q_w, s_w, w_l1 = _int8_weights(weight)
-    keep = mask.bool()
+    q_w, s_w, w_l1 = int8_weights
     tokens = hidden.float()
     magnitude = tokens.abs().masked_fill_(~keep.unsqueeze(2), 0.0)
     s = (magnitude.amax(dim=(1, 2)) / 127.0).clamp_(min=torch.finfo(torch.float32).tiny)    # (B,)
@@ -208,16 +232,19 @@ def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor,
         for start in range(0, vocab, _INT8_TILE_TERMS):
             tile = torch._int_mm(q_w[start:start + _INT8_TILE_TERMS], q_t)                  # (terms, n) int32, exact
             torch.amax(tile, dim=1, out=best[b, start:start + _INT8_TILE_TERMS])
+    # (documents, V) temporaries made in place where they can be: a large encoding batch's groups keep few
     scale = s[:, None] * s_w
     approx = best.float().mul_(scale).add_(bias)
-    err = s_w * (0.5 * longest_l1)[:, None] + (0.5 * s)[:, None] * w_l1 + (0.25 * width) * scale
-    bound = err.mul_(_INT8_BOUND_SLACK).add_(approx.abs().mul_(2.0 ** -20))
+    del best
+    bound = torch.mul(s_w, (0.5 * longest_l1)[:, None]).addcmul_((0.5 * s)[:, None], w_l1)
+    bound.add_(scale, alpha=0.25 * width).mul_(_INT8_BOUND_SLACK).add_(approx.abs().mul_(2.0 ** -20))
+    del scale
     empty = counts == 0
-    candidate = (approx + bound).gt_(0).masked_fill_(empty[:, None], False)
-    values = approx.clamp_(max=0.0).masked_fill_(empty[:, None], float("-inf"))
+    candidate = bound.add_(approx).gt_(0).masked_fill_(empty[:, None], 0)  # approx + bound > 0, as 1.0 / 0.0
+    torch.clamp(approx, max=0.0, out=out).masked_fill_(empty[:, None], float("-inf"))
     docs, terms = candidate.nonzero(as_tuple=True)                                           # by document
-    where = _exact_candidates(values, docs, terms, weight, bias, tokens, keep)
-    return values, (terms, docs * length + where)
+    where = _exact_candidates(out, docs, terms, weight, bias, tokens, keep)
+    return terms, docs * length + where
 
 
 def _exact_candidates(values: Tensor, docs: Tensor, terms: Tensor, weight: Tensor, bias: Tensor, tokens: Tensor,
@@ -264,25 +291,28 @@ def _max_per_document_prefiltered(hidden: Tensor, weight: Tensor, bias: Tensor, 
     rounding of 0 can differ in being zero.
     """
     batch, vocab = hidden.shape[0], weight.shape[0]
-    keep = mask.bool()
-    tokens = hidden.float()
-    approx = torch.full((batch, vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
+    values = torch.empty((batch, vocab), dtype=torch.float32, device=hidden.device)
     w16 = weight.to(torch.bfloat16)
     b16 = bias.to(torch.bfloat16).unsqueeze(1)
+    w_norm, b_abs = weight.norm(dim=1), bias.abs()
     step = max(chunk_size, 128)  # bf16 tiles are half the size: larger chunks still stay in cache
-    for b in range(batch):
-        positions = keep[b].nonzero().squeeze(1)
-        t16 = tokens[b].index_select(0, positions).to(torch.bfloat16)
-        for start in range(0, positions.numel(), step):
-            tile = torch.addmm(b16, w16, t16[start:start + step].t())                 # (V, c) bf16
-            torch.maximum(approx[b], tile.amax(dim=1).float(), out=approx[b])
-    longest = (tokens.norm(dim=2) * keep).amax(dim=1)
-    bound = _BF16_REL_BOUND * (longest[:, None] * weight.norm(dim=1) + bias.abs())
-    empty = ~keep.any(dim=1)
-    candidate = (approx + bound).gt_(0).masked_fill_(empty[:, None], False)
-    values = approx.clamp(max=0.0).masked_fill_(empty[:, None], float("-inf"))
-    docs, terms = candidate.nonzero(as_tuple=True)
-    _exact_candidates(values, docs, terms, weight, bias, tokens, keep)
+    for first in range(0, batch, _INT8_GROUP_DOCS):  # groups of documents, as the int8 pass
+        part = slice(first, first + _INT8_GROUP_DOCS)
+        keep, tokens = mask[part].bool(), hidden[part].float()
+        approx = torch.full((tokens.shape[0], vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
+        for b in range(tokens.shape[0]):
+            positions = keep[b].nonzero().squeeze(1)
+            t16 = tokens[b].index_select(0, positions).to(torch.bfloat16)
+            for start in range(0, positions.numel(), step):
+                tile = torch.addmm(b16, w16, t16[start:start + step].t())                 # (V, c) bf16
+                torch.maximum(approx[b], tile.amax(dim=1).float(), out=approx[b])
+        longest = (tokens.norm(dim=2) * keep).amax(dim=1)
+        empty = ~keep.any(dim=1)
+        candidate = (approx + _BF16_REL_BOUND * (longest[:, None] * w_norm + b_abs)).gt_(0)
+        candidate.masked_fill_(empty[:, None], False)
+        torch.clamp(approx, max=0.0, out=values[part]).masked_fill_(empty[:, None], float("-inf"))
+        docs, terms = candidate.nonzero(as_tuple=True)
+        _exact_candidates(values[part], docs, terms, weight, bias, tokens, keep)
     return values
 
 

@@ -395,15 +395,21 @@ def _prefiltered_inputs(encoder: SpladeEncoder) -> list[tuple[str, torch.Tensor,
     return cases
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["one-group", "groups-of-2"])
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
-def test_low_precision_prefilters_select_every_non_zero_term_and_keep_the_fp32_weights(encoder, kind) -> None:
+def test_low_precision_prefilters_select_every_non_zero_term_and_keep_the_fp32_weights(encoder, kind, grouped,
+                                                                                     monkeypatch) -> None:
     """The int8 / bf16 pass only selects candidate terms (its error bound is proven in the docstrings of
     _max_per_document_int8 / _max_per_document_prefiltered); the candidates' weights are then computed in fp32,
     over a subset of the vocabulary, which a BLAS may sum in another order than the full tiles. The stated bound
     (docs/recipes.md): every weight within the rounding of an H-term fp32 dot product of the fp32 path's,
     |dw| <= H * 2^-24 * max_t ||h_t|| * ||w_v|| + 2^-23 * |b_v| (log1p(relu(.)) is 1-Lipschitz), zeros included:
-    a term the pass dropped would be off by its whole weight. int8 needs a CPU build with torch._int_mm."""
+    a term the pass dropped would be off by its whole weight. int8 needs a CPU build with torch._int_mm.
+    ``groups-of-2``: the batched steps run two documents at a time (a large encoding batch's groups)."""
     from splade_obs import cpu
+
+    if grouped:
+        monkeypatch.setattr(model_module, "_INT8_GROUP_DOCS", 2)
 
     if kind == "int8" and not cpu.int8_matmul_works():
         pytest.skip("torch._int_mm does not run on this CPU build of torch")

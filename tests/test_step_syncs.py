@@ -21,6 +21,10 @@ PROJECT = Path(__file__).resolve().parents[1] / "splade_obs"
 #: host-side code that turns CPU tensors into Python values before anything reaches the device (tokenizer
 #: output counted by the collator, the epoch's example order): not a device-to-host copy on any device
 HOST_SIDE = {PROJECT / "data.py", PROJECT / "collate.py"}
+#: the head's CPU-only vocabulary passes: ``model._prefilter`` picks them only for a CPU tensor (checked below), so
+#: their reads of sizes and counts never wait on a device
+CPU_ONLY = {(PROJECT / "model.py", name) for name in ("_int8_group", "_exact_candidates",
+                                                        "_max_per_document_prefiltered")}
 SYNC_METHODS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy")
 TORCH = str(Path(torch.__file__).parent)
 
@@ -60,7 +64,7 @@ class SyncCounter(Sink):
         if frame is None:
             return None
         path = Path(frame.f_code.co_filename)
-        if PROJECT not in path.parents or path in HOST_SIDE:
+        if PROJECT not in path.parents or path in HOST_SIDE or (path, frame.f_code.co_name) in CPU_ONLY:
             return None
         return f"{path.relative_to(PROJECT.parent)}:{frame.f_lineno}"
 
@@ -139,3 +143,14 @@ def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step(tiny_cfg):
     assert res.result.counters["train/skipped_batches"] == 1
     (epoch,) = rec.of(EpochDone)
     assert epoch.skipped_batches == 1 and epoch.steps_completed == 3
+
+
+def test_the_cpu_only_passes_are_picked_for_cpu_tensors_only():
+    """What lets SyncCounter leave CPU_ONLY out: off a CPU the head takes the plain fp32 pass, whatever this
+    machine's measurement says."""
+    from splade_obs import model
+
+    weight = torch.zeros(8, 4)
+    assert model._prefilter(torch.zeros(1, 2, 4, device="meta"), weight) == "fp32"
+    assert model._prefilter(torch.zeros(1, 2, 4), weight.to(torch.bfloat16)) == "fp32"
+    assert {name for _, name in CPU_ONLY} <= set(vars(model))

@@ -34,13 +34,16 @@ def _head_and_grads(h, w, b, mask, gen_seed=1):
 
 
 @needs_int8
-@pytest.mark.parametrize("length,sliced", [(1, False), (255, False), (512, False), (255, True)])
-def test_int8_training_pass_gives_the_fp32_values_and_gradients(head_pass, length, sliced, monkeypatch):
+@pytest.mark.parametrize("length,split", [(1, ""), (255, ""), (512, ""), (255, "sliced"), (255, "grouped")])
+def test_int8_training_pass_gives_the_fp32_values_and_gradients(head_pass, length, split, monkeypatch):
     """Random inputs with all-padding and one-token rows and holes in the mask: the int8 pass's values and its
     saved-argmax backward equal the fp32 pass and its recomputing backward; the int8 forward ran and nothing was
-    recomputed. ``sliced``: the candidates' fp32 recompute runs one document at a time."""
-    if sliced:
+    recomputed. ``sliced``: the candidates' fp32 recompute runs one document at a time; ``grouped``: the batched
+    steps run on groups of two documents (the rows of the second group are offset by its first document)."""
+    if split == "sliced":
         monkeypatch.setattr(M, "_EXACT_TILE_ELEMENTS", 1)
+    if split == "grouped":
+        monkeypatch.setattr(M, "_INT8_GROUP_DOCS", 2)
     gen = torch.Generator().manual_seed(length)
     batch, hid, vocab = 4, 16, 3000
     h = torch.randn(batch, length, hid, generator=gen).requires_grad_()
