@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -19,6 +20,17 @@ def bench_module(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+def run_quick_training_bench(script: str, tmp_path: Path, out: Path) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> --quick`` on a small BEIR folder and the bundled demo triples, writing ``out``;
+    asserts it exited 0."""
+    data = write_beir(tmp_path / "beir")
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--data", str(data),
+                           "--triples", str(BENCH.parent / "splade_obs" / "demo" / "train.jsonl"), "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
 
 DOCS = {
     "d0": ("Coffee", "Coffee is a brewed drink prepared from roasted coffee beans."),

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
-from ._eval_utils import write_beir
-
-ROOT = Path(__file__).resolve().parents[1]
+from ._eval_utils import run_quick_training_bench
 
 
 def test_bench_train_kernels_compares_the_two_kernels_per_seed(tmp_path, tiny_model_path):
     out = tmp_path / "kernels.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train_kernels.py"), "--quick",
-                           "--data", str(write_beir(tmp_path / "beir")),
-                           "--triples", str(ROOT / "splade_obs" / "demo" / "train.jsonl"), "--output", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_quick_training_bench("bench_train_kernels.py", tmp_path, out)
     res = json.loads(out.read_text(encoding="utf-8"))
     former = {(r["head_pass"], r["dropout_masks"]) for r in res["runs"]["former"]}
     assert len(former) == 1 and next(iter(former))[0] != "int8" and next(iter(former))[1] == "torch", former

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ._eval_utils import bench_module
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.py"
 SIDES = ("splade_obs", "sentence_transformers")
@@ -24,22 +26,10 @@ def _run(tmp_path: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict
     return proc, json.loads(out.read_text())
 
 
-def _gpu_check():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gpu_check_under_test", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(SCRIPT.parent))  # its siblings (_common, gpu_amp_check)
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(SCRIPT.parent))
-    return module
-
-
 def test_the_overflow_check_reads_the_scale_across_the_forced_batch() -> None:
     """[epoch, batch index, scale] per step taken: batch 2 (index 1) skipped halves the scale from the step before
     it to the step after it; a natural overflow elsewhere neither makes nor breaks the check."""
-    halved = _gpu_check().scale_halved_across
+    halved = bench_module("gpu_check").scale_halved_across
     assert halved([[1, 0, 65536.0], [1, 2, 32768.0], [1, 3, 32768.0]], 2)
     assert halved([[1, 2, 16384.0]], 2)                                    # batch 1 overflowed by itself too
     assert halved([[1, 0, 65536.0], [1, 2, 32768.0], [1, 5, 16384.0]], 2)  # a natural overflow later
@@ -79,7 +69,7 @@ def test_dry_run_reports_training_encoding_amp_checks_and_the_target(tmp_path, t
     # batch 2 took no step, and the step after it ran at half the scale before it, or less (emulated fp16 on a
     # CPU may also overflow by itself, at any batch)
     assert over["counters"]["train/overflow_steps"] >= 1
-    assert _gpu_check().scale_halved_across(over["grad_scale_trace"], 2), over["grad_scale_trace"]
+    assert bench_module("gpu_check").scale_halved_across(over["grad_scale_trace"], 2), over["grad_scale_trace"]
     target = report["target"]
     assert target["threshold"] == 2.0 and set(target["ratios"]) == {"fp16", "bf16"}
     assert target["verdict"] == ("met" if target["met"] else "missed")

@@ -3,22 +3,13 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-from ._eval_utils import write_beir
-
-ROOT = Path(__file__).resolve().parents[1]
+from ._eval_utils import run_quick_training_bench
 
 
 def test_profile_train_records_the_steps_it_says_and_their_operators(tmp_path, tiny_model_path):
     out = tmp_path / "profile.txt"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_train.py"), "--quick",
-                           "--data", str(write_beir(tmp_path / "beir")),
-                           "--triples", str(ROOT / "splade_obs" / "demo" / "train.jsonl"), "--output", str(out)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_quick_training_bench("profile_train.py", tmp_path, out)
     header, *table = out.read_text(encoding="utf-8").splitlines()
     assert re.match(r"2 profiled steps of batch \d+ at lengths 16/32, .* ms a step \([\d.]+ samples/s", header), header
     ops = {line.split()[0] for line in table if line.strip().startswith("aten::")}
