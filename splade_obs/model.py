@@ -125,8 +125,8 @@ def _prefilter(hidden: Tensor, weight: Tensor) -> str:
 _INT8_TILE_TERMS = 4096
 #: Safety factor on the int8 error bound, for the fp32 rounding of the scales, the bound and the approximation.
 _INT8_BOUND_SLACK = 1.0 + 2.0 ** -10
-#: Documents per group of the int8 pass's batched steps (a group's ``(documents, V)`` temporaries: 4 MB each at 32)
-_INT8_GROUP_DOCS = 32
+#: Documents per group of the int8 and bf16 passes' batched steps (a group's ``(documents, V)`` temporaries: 4 MB each)
+_GROUP_DOCS = 32
 #: Logits per slice of :func:`_exact_candidates` (documents x candidates x tokens, fp32: 16 MB).
 _EXACT_TILE_ELEMENTS = 1 << 22
 _frozen = threading.local()  # .heads: [weight, its int8 form or None] per open frozen_head block, innermost last
@@ -185,7 +185,7 @@ def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor,
     fp32 over all the document's tokens (:func:`_exact_candidates`). Non-candidates keep a value <= 0.
 
     Only the integer products run per document (in tiles that stay in cache); the quantization, the bound and
-    the fp32 recompute run on groups of up to ``_INT8_GROUP_DOCS`` documents at once (a training batch is one
+    the fp32 recompute run on groups of up to ``_GROUP_DOCS`` documents at once (a training batch is one
     group), so a step pays a few dozen operator calls for them, not a few dozen per document, and a large
     encoding batch's ``(group, V)`` temporaries stay small.
 
@@ -196,8 +196,8 @@ def _max_per_document_int8(hidden: Tensor, weight: Tensor, bias: Tensor,
     int8_weights = _int8_weights(weight)
     values = torch.empty((batch, weight.shape[0]), dtype=torch.float32, device=hidden.device)
     terms, rows = [], []
-    for start in range(0, batch, _INT8_GROUP_DOCS):
-        part = slice(start, start + _INT8_GROUP_DOCS)
+    for start in range(0, batch, _GROUP_DOCS):
+        part = slice(start, start + _GROUP_DOCS)
         group_terms, group_rows = _int8_group(values[part], hidden[part], mask[part].bool(), weight, bias,
                                               int8_weights)
         terms.append(group_terms)
@@ -296,8 +296,8 @@ def _max_per_document_prefiltered(hidden: Tensor, weight: Tensor, bias: Tensor, 
     b16 = bias.to(torch.bfloat16).unsqueeze(1)
     w_norm, b_abs = weight.norm(dim=1), bias.abs()
     step = max(chunk_size, 128)  # bf16 tiles are half the size: larger chunks still stay in cache
-    for first in range(0, batch, _INT8_GROUP_DOCS):  # groups of documents, as the int8 pass
-        part = slice(first, first + _INT8_GROUP_DOCS)
+    for first in range(0, batch, _GROUP_DOCS):
+        part = slice(first, first + _GROUP_DOCS)
         keep, tokens = mask[part].bool(), hidden[part].float()
         approx = torch.full((tokens.shape[0], vocab), float("-inf"), dtype=torch.float32, device=hidden.device)
         for b in range(tokens.shape[0]):

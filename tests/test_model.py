@@ -409,7 +409,7 @@ def test_low_precision_prefilters_select_every_non_zero_term_and_keep_the_fp32_w
     from splade_obs import cpu
 
     if grouped:
-        monkeypatch.setattr(model_module, "_INT8_GROUP_DOCS", 2)
+        monkeypatch.setattr(model_module, "_GROUP_DOCS", 2)
 
     if kind == "int8" and not cpu.int8_matmul_works():
         pytest.skip("torch._int_mm does not run on this CPU build of torch")

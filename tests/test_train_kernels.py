@@ -43,7 +43,7 @@ def test_int8_training_pass_gives_the_fp32_values_and_gradients(head_pass, lengt
     if split == "sliced":
         monkeypatch.setattr(M, "_EXACT_TILE_ELEMENTS", 1)
     if split == "grouped":
-        monkeypatch.setattr(M, "_INT8_GROUP_DOCS", 2)
+        monkeypatch.setattr(M, "_GROUP_DOCS", 2)
     gen = torch.Generator().manual_seed(length)
     batch, hid, vocab = 4, 16, 3000
     h = torch.randn(batch, length, hid, generator=gen).requires_grad_()
