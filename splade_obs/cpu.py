@@ -118,6 +118,10 @@ HEAD_PASSES = ("fp32", "bf16", "int8")
 #: A low-precision pass must be this much faster than fp32 to be chosen (it also pays the candidates' recompute).
 HEAD_PASS_MARGIN = 1.25
 PROBE_CACHE_FILE = "cpu-probe.json"
+#: Bumped when :func:`head_pass_timings` measures something else: answers cached by an earlier probe are not read.
+PROBE_VERSION = 2
+#: Timed calls per pass in :func:`head_pass_timings` (a tile takes 0.3-1 ms: the best of 15 is stable to ~3%)
+TILE_REPEATS = 15
 _forced_head_pass: str | None = None
 
 
@@ -156,28 +160,65 @@ def int8_matmul_works() -> bool:
 
 
 def head_pass_timings() -> dict[str, float]:
-    """Seconds of one head-shaped product, ``(256 x 128) @ (128 x 4096)``, per pass (best of 5 after a warm-up):
-    fp32 always, bf16 unless the CPU flags show it emulated, int8 where ``torch._int_mm`` runs."""
+    """Seconds of one tile of each pass as its loop runs it (best of 15 after a warm-up): a block of 4096 terms
+    against 256 tokens of a 128-wide model, ``(4096 x 128) @ (128 x 256)``, and each term's max over the tokens.
+    fp32 always, bf16 unless the CPU flags show it emulated, int8 where ``torch._int_mm`` runs.
+
+    The layout and the reduction are the passes' own: timed as a plain ``(256 x 128) @ (128 x 4096)`` product,
+    bf16 came out 1.8x faster than int8 on an AMX Xeon, where the int8 pass evaluates SciFact 1.30x and trains
+    1.33x faster than the bf16 ones (docs/benchmarks.md, "The vocabulary pass: fp32, bf16, int8")."""
     a, b = _head_shaped_operands()
-    timings = {"fp32": _best_time(torch.mm, a, b)}
+    terms, tokens = b.t().contiguous(), a.t().contiguous()  # (4096, 128), (128, 256)
+    timings = {"fp32": _best_time(_plain_tile, terms, tokens, TILE_REPEATS)}
     if not x86_bf16_is_emulated():
-        timings["bf16"] = _best_time(torch.mm, a.bfloat16(), b.bfloat16())
+        timings["bf16"] = _best_time(_bf16_tile, terms.bfloat16(), tokens.bfloat16(), TILE_REPEATS)
     if int8_matmul_works():
         as_int8 = (lambda t: (t * 20).clamp(-127, 127).to(torch.int8))  # noqa: E731
-        timings["int8"] = _best_time(torch._int_mm, as_int8(a), as_int8(b))
+        timings["int8"] = _best_time(_int8_tile, as_int8(terms), as_int8(tokens), TILE_REPEATS)
     return timings
 
 
+def _plain_tile(terms: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.mm(terms, tokens).amax(dim=1)
+
+
+def _bf16_tile(terms: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.mm(terms, tokens).amax(dim=1).float()
+
+
+def _int8_tile(terms: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch._int_mm(terms, tokens).amax(dim=1)
+
+
+#: Share of the vocabulary each prefilter leaves to the fp32 recompute: splade-tiny on 32 SciFact documents,
+#: 637 (int8) and 1,346 (bf16, whose bound is looser) candidates of 30,522 terms a document, 254 of them non-zero.
+CANDIDATE_SHARE = {"bf16": 1346 / 30522, "int8": 637 / 30522}
+
+
+def pass_cost(timings: dict[str, float], name: str) -> float:
+    """A pass's time per tile: its own tile, plus its candidates' share of an fp32 tile for the recompute."""
+    return timings[name] + CANDIDATE_SHARE.get(name, 0.0) * timings["fp32"]
+
+
 def choose_head_pass(timings: dict[str, float]) -> str:
-    """The fastest low-precision pass if it beats fp32 by :data:`HEAD_PASS_MARGIN`, else ``fp32``."""
-    low = min((t, name) for name, t in timings.items() if name != "fp32") if len(timings) > 1 else None
+    """The low-precision pass of least :func:`pass_cost` if that beats fp32 by :data:`HEAD_PASS_MARGIN`, else
+    ``fp32``."""
+    low = min((pass_cost(timings, name), name) for name in timings if name != "fp32") if len(timings) > 1 else None
     if low is not None and low[0] * HEAD_PASS_MARGIN <= timings["fp32"]:
         return low[1]
     return "fp32"
 
 
+def choose_training_pass(timings: dict[str, float]) -> str:
+    """``int8`` if its tile beats fp32's by :data:`HEAD_PASS_MARGIN`, else ``fp32`` (the plain pass, in the run's
+    autocast dtype). Training has no bf16 prefilter to weigh against int8: its other pass is the plain one,
+    whose backward recomputes every argmax, which the int8 pass keeps from its forward."""
+    return "int8" if "int8" in timings and pass_cost(timings, "int8") * HEAD_PASS_MARGIN <= timings["fp32"] else "fp32"
+
+
 def machine_key() -> str:
-    """What the probe's answer depends on: the CPU (model and flags), torch's version and its thread count."""
+    """What the probe's answer depends on: the CPU (model and flags), torch's version, its thread count and the
+    probe's own version (:data:`PROBE_VERSION`)."""
     import hashlib
 
     cpu_lines = ""
@@ -187,7 +228,7 @@ def machine_key() -> str:
     except OSError:
         pass
     raw = "|".join([platform.machine(), platform.processor(), cpu_lines, torch.__version__,
-                    str(torch.get_num_threads())])
+                    str(torch.get_num_threads()), f"probe {PROBE_VERSION}"])
     return hashlib.sha256(raw.encode("utf-8")).hexdigest()[:16]
 
 
@@ -199,7 +240,8 @@ def probe_cache_path() -> Path:
 
 
 @functools.lru_cache(maxsize=None)
-def _measured_head_pass() -> str:
+def _measured_passes() -> tuple[str, str]:
+    """``(inference pass, training pass)`` from :func:`head_pass_timings`, read from or written to the cache."""
     import json
     import logging
 
@@ -210,27 +252,29 @@ def _measured_head_pass() -> str:
     except (OSError, ValueError):
         known = {}
     entry = known.get(key) if isinstance(known, dict) else None
-    if isinstance(entry, dict) and entry.get("head_pass") in HEAD_PASSES:
-        return str(entry["head_pass"])
+    if isinstance(entry, dict) and entry.get("head_pass") in HEAD_PASSES and entry.get("training_pass") in HEAD_PASSES:
+        return str(entry["head_pass"]), str(entry["training_pass"])
     timings = head_pass_timings()
-    choice = choose_head_pass(timings)
+    choice = (choose_head_pass(timings), choose_training_pass(timings))
     known = known if isinstance(known, dict) else {}
-    known[key] = {"head_pass": choice, "seconds": timings, "threads": torch.get_num_threads(),
-                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    known[key] = {"head_pass": choice[0], "training_pass": choice[1], "seconds": timings,
+                  "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     try:
         from .atomic import atomic_write_text
 
         atomic_write_text(path, json.dumps(known, indent=1, sort_keys=True) + "\n")
     except OSError as exc:  # a read-only home: measured again next time
         log.debug("could not cache the CPU probe in %s: %s", path, exc)
-    log.debug("head pass %s (measured: %s)", choice, timings)
+    log.debug("head pass %s, training pass %s (measured: %s)", *choice, timings)
     return choice
 
 
-def head_pass() -> str:
-    """The head's pass on this CPU (training takes only ``int8``): ``--head-pass`` / :func:`set_head_pass`, else
-    ``SPLADE_OBS_HEAD_PASS``, else ``SPLADE_OBS_CPU_BF16`` (``1``: bf16, ``0``: fp32), else measured once per
-    machine (:func:`head_pass_timings`, cached in :func:`probe_cache_path` under :func:`machine_key`)."""
+def head_pass(training: bool = False) -> str:
+    """The head's pass on this CPU: ``--head-pass`` / :func:`set_head_pass`, else ``SPLADE_OBS_HEAD_PASS``, else
+    ``SPLADE_OBS_CPU_BF16`` (``1``: bf16, ``0``: fp32), else measured once per machine
+    (:func:`head_pass_timings`, cached in :func:`probe_cache_path` under :func:`machine_key`). ``training``:
+    the pass of a forward with gradients, which takes only ``int8`` (any other answer means the plain pass):
+    a forced pass as it is, a measured one by :func:`choose_training_pass`."""
     if _forced_head_pass is not None:
         return _forced_head_pass
     forced = os.environ.get("SPLADE_OBS_HEAD_PASS")
@@ -243,7 +287,7 @@ def head_pass() -> str:
     legacy = os.environ.get("SPLADE_OBS_CPU_BF16")
     if legacy is not None:
         return "bf16" if legacy == "1" else "fp32"
-    return _measured_head_pass()
+    return _measured_passes()[1 if training else 0]
 
 
 def training_kernels(encoder: Any, device: torch.device, pass_choice: str, dropout_masks: str,
@@ -261,7 +305,7 @@ def training_kernels(encoder: Any, device: torch.device, pass_choice: str, dropo
 
         raise ConfigError(f"model.head_pass = {pass_choice}: {exc}", hint="use --head-pass auto, fp32 or bf16") from exc
     plain = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(amp_dtype, "fp32")
-    label = "int8" if head_pass() == "int8" and getattr(encoder, "fused_head", False) else plain
+    label = "int8" if head_pass(training=True) == "int8" and getattr(encoder, "fused_head", False) else plain
     masks = "torch"
     if dropout_masks == "fast":
         from .dropout import install

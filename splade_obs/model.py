@@ -111,14 +111,14 @@ def _max_projection_forward(hidden: Tensor, weight: Tensor, bias: Tensor, mask: 
 _BF16_REL_BOUND = 2.0 ** -5
 
 
-def _prefilter(hidden: Tensor, weight: Tensor) -> str:
+def _prefilter(hidden: Tensor, weight: Tensor, training: bool = False) -> str:
     """``fp32``, ``bf16`` or ``int8``: the head's pass on a CPU (:func:`splade_obs.cpu.head_pass`, measured once
-    per machine); fp32 elsewhere. Inference takes all three; training takes ``int8`` (its exact maxima come with
-    their argmax, which the backward needs) and otherwise the plain pass in the autocast dtype."""
+    per machine); fp32 elsewhere. Inference takes all three; ``training`` takes ``int8`` (its exact maxima come
+    with their argmax, which the backward needs) and otherwise the plain pass in the autocast dtype."""
     if hidden.device.type != "cpu" or weight.dtype != torch.float32:
         return "fp32"
     from .cpu import head_pass
-    return head_pass()
+    return head_pass(training)
 
 
 #: Terms per int8 tile of :func:`_max_per_document_int8` (a ``terms x tokens`` int32 tile: 4 MB at 256 tokens).
@@ -408,7 +408,7 @@ class _ChunkedMaxProjection(torch.autograd.Function):
                 compute_dtype: torch.dtype, per_document: bool) -> Tensor:
         found: tuple[Tensor, ...] = ()
         with torch.autocast(hidden.device.type, enabled=False):
-            if per_document and _prefilter(hidden, weight) == "int8":  # exact fp32 maxima, and their argmax
+            if per_document and _prefilter(hidden, weight, training=True) == "int8":  # exact maxima and their argmax
                 values, found = _max_per_document_int8(hidden, weight, bias.float(), mask)
             else:
                 values = _max_projection_forward(hidden, weight.to(compute_dtype), bias.to(compute_dtype), mask,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 
 import pytest
 import torch
@@ -76,30 +77,38 @@ def head_probe(tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("SPLADE_OBS_CACHE", str(tmp_path / "cache"))
     cpu.set_head_pass(None)
-    cpu._measured_head_pass.cache_clear()
+    cpu._measured_passes.cache_clear()
     yield tmp_path / "cache" / cpu.PROBE_CACHE_FILE
     cpu.set_head_pass(None)
-    cpu._measured_head_pass.cache_clear()
+    cpu._measured_passes.cache_clear()
 
 
-def _slow(monkeypatch, slow_dtypes: set, seconds: float = 0.05) -> list[str]:
-    """torch.mm / torch._int_mm that sleep for the given input dtypes: a CPU where those passes are slow."""
+_SHAPES: list[tuple] = []
+
+
+def _slow(monkeypatch, slow_dtypes: set | dict, seconds: float = 0.05) -> list[str]:
+    """torch.mm / torch._int_mm that sleep for the given input dtypes (a dict: each its own seconds): a CPU where
+    those passes are slow. Records each call's input dtype and shapes."""
     import time
 
     calls: list[str] = []
+    delays = slow_dtypes if isinstance(slow_dtypes, dict) else dict.fromkeys(slow_dtypes, seconds)
     real_mm, real_int = torch.mm, getattr(torch, "_int_mm", None)
 
     def mm(a, b, *args, **kw):
         calls.append(str(a.dtype))
-        if a.dtype in slow_dtypes:
-            time.sleep(seconds)
+        shapes.append((tuple(a.shape), tuple(b.shape)))
+        time.sleep(delays.get(a.dtype, 0.0))
         return real_mm(a, b, *args, **kw)
 
     def int_mm(a, b):
         calls.append("int8")
-        if torch.int8 in slow_dtypes:
-            time.sleep(seconds)
+        shapes.append((tuple(a.shape), tuple(b.shape)))
+        time.sleep(delays.get(torch.int8, 0.0))
         return real_int(a, b)
+
+    shapes: list[tuple] = []
+    monkeypatch.setattr(sys.modules[__name__], "_SHAPES", shapes)
 
     monkeypatch.setattr(torch, "mm", mm)
     if real_int is not None:
@@ -117,20 +126,50 @@ def test_auto_takes_fp32_when_the_low_precision_matmuls_measure_slow(head_probe,
 
 
 def test_auto_takes_a_low_precision_pass_when_fp32_measures_slow(head_probe, monkeypatch) -> None:
-    _slow(monkeypatch, {torch.float32})
+    _slow(monkeypatch, {torch.float32: 0.05, torch.bfloat16: 0.02})
     assert cpu.head_pass() == ("int8" if cpu.int8_matmul_works() else "bf16")
+    # each pass's tile as its loop runs it: a block of 4096 terms against 256 tokens, maxed over the tokens
+    timed = [shapes for shapes in _SHAPES if shapes[0][0] == 4096]
+    passes = 3 if cpu.int8_matmul_works() else 2
+    assert set(timed) == {((4096, 128), (128, 256))} and len(timed) == (cpu.TILE_REPEATS + 1) * passes
+
+
+@pytest.mark.skipif(not cpu.int8_matmul_works(), reason="torch._int_mm does not run on this CPU build")
+def test_training_takes_int8_when_it_beats_fp32_even_where_bf16_encodes_faster(head_probe, monkeypatch) -> None:
+    """An AMX Xeon's case: bf16's tile is the fastest, so inference takes it, but training's choice is between
+    int8 and the plain pass (whose backward recomputes the argmax), so it takes int8."""
+    _slow(monkeypatch, {torch.float32: 0.05, torch.int8: 0.02})
+    assert (cpu.head_pass(), cpu.head_pass(training=True)) == ("bf16", "int8")
+    entry = json.loads(head_probe.read_text())[cpu.machine_key()]
+    assert (entry["head_pass"], entry["training_pass"]) == ("bf16", "int8")
+    cpu._measured_passes.cache_clear()
+    _slow(monkeypatch, {torch.int8: 0.05})  # read from the cache: nothing timed again, the same answers
+    assert (cpu.head_pass(), cpu.head_pass(training=True)) == ("bf16", "int8") and _SHAPES == []
+
+
+def test_training_takes_the_plain_pass_when_int8_does_not_beat_fp32(head_probe, monkeypatch) -> None:
+    _slow(monkeypatch, {torch.float32: 0.02, torch.int8: 0.05})
+    assert cpu.head_pass(training=True) == "fp32"
+    cpu.set_head_pass("int8" if cpu.int8_matmul_works() else "bf16")  # a forced pass is taken as it is
+    assert cpu.head_pass(training=True) == cpu.forced_head_pass()
+
+
+def test_an_earlier_probe_version_is_measured_again(head_probe, monkeypatch) -> None:
+    key = cpu.machine_key()
+    monkeypatch.setattr(cpu, "PROBE_VERSION", cpu.PROBE_VERSION - 1)
+    assert cpu.machine_key() != key  # an answer cached by the former probe is not read
 
 
 def test_the_measurement_is_cached_per_machine(head_probe, monkeypatch) -> None:
     calls = _slow(monkeypatch, {torch.bfloat16, torch.int8})
     first = cpu.head_pass()
     timed = len(calls)
-    cpu._measured_head_pass.cache_clear()  # the next process on this machine
+    cpu._measured_passes.cache_clear()  # the next process on this machine
     assert cpu.head_pass() == first and len(calls) == timed  # read from the cache file: nothing timed
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(threads + 1)  # another machine as far as the answer goes: measured again
-        cpu._measured_head_pass.cache_clear()
+        cpu._measured_passes.cache_clear()
         cpu.head_pass()
         assert len(calls) > timed and len(json.loads(head_probe.read_text())) == 2
     finally:
