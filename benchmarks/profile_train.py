@@ -9,6 +9,13 @@ time go to stdout and, with ``--output``, to a text file::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/profile_train.py --output /tmp/profile.txt
     .venv/bin/python benchmarks/profile_train.py --quick     # 2 recorded steps at lengths 16/32: checks the script
+
+``--count-ops`` counts instead the aten operators the recorded steps dispatch, by phase (forward, backward,
+loss, optimizer, the rest), with views (which launch no kernel) apart, on the code path a GPU takes: the
+head's batch-wide tiles, torch's own dropout and SDPA. On a GPU our step is bound by the host's kernel launches
+(docs/benchmarks.md, "GPU check"), so this is the CPU's measure of that host work between GPU sessions::
+
+    .venv/bin/python benchmarks/profile_train.py --count-ops --precision bf16 --output /tmp/ops.txt
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 from _common import CONFIGS, DEFAULT_DATA, require_beir
 
@@ -32,18 +40,20 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--output", type=Path)
+    ap.add_argument("--count-ops", action="store_true", help="count dispatched operators by phase, on the path a "
+                    "GPU takes, instead of profiling times")
+    ap.add_argument("--precision", choices=["auto", "no", "fp16", "bf16"], help="override the config's")
     args = ap.parse_args()
     require_beir(args.data)
 
     import torch
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
     import bench_quality as bq
-    from splade_obs.run import run_training
 
     overrides = {"model.max_query_length": 16, "model.max_doc_length": 32} if args.quick else {}
+    if args.precision:
+        overrides["optim.mixed_precision"] = args.precision
     if args.quick:
         args.wait, args.active = 1, 2
     bq.ensure_triples(args.triples, args.data, 256, bq.is_distill(args.config))
@@ -52,19 +62,15 @@ def main() -> None:
     steps = args.wait + 1 + args.active
     with tempfile.TemporaryDirectory(prefix="profile-train-") as tmp:
         cfg = bq.train_config(args.config, args.triples, Path(tmp), max_steps=steps + 1, overrides=overrides)
+        if args.count_ops:
+            return count_ops(cfg, args)
         with profile(activities=[ProfilerActivity.CPU],
                      schedule=schedule(wait=args.wait, warmup=1, active=args.active, repeat=1)) as prof:
             def stepped(*_: object) -> None:
                 ends.append(time.perf_counter())
                 prof.step()
 
-            handle = register_optimizer_step_post_hook(stepped)
-            try:
-                result = run_training(cfg)
-            finally:
-                handle.remove()
-    if result.status != "FINISHED":
-        sys.exit(f"training ended {result.status}")
+            train_stepped(cfg, stepped)
     recorded = ends[args.wait + 1:args.wait + 1 + args.active]
     step_s = (recorded[-1] - ends[args.wait]) / len(recorded)
     header = (f"{len(recorded)} profiled steps of batch {cfg.optim.batch_size} at lengths "
@@ -76,6 +82,80 @@ def main() -> None:
     print(table)
     if args.output:
         args.output.write_text(header + "\n" + table + "\n", encoding="utf-8")
+        print(f"wrote {args.output}")
+
+
+def train_stepped(cfg: object, stepped: Callable[..., None]) -> None:
+    """``cfg``'s training run with ``stepped`` called after every optimizer step; exits unless it finished."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from splade_obs.run import run_training
+
+    handle = register_optimizer_step_post_hook(stepped)
+    try:
+        result = run_training(cfg)
+    finally:
+        handle.remove()
+    if result.status != "FINISHED":
+        sys.exit(f"training ended {result.status}")
+
+
+#: operators that make a view or alias of their input: no kernel runs on any device
+VIEWS = frozenset({"view", "_unsafe_view", "t", "transpose", "expand", "detach", "unsqueeze", "squeeze", "slice",
+                   "select", "permute", "alias", "as_strided", "split", "split_with_sizes", "chunk", "unbind",
+                   "reshape", "lift_fresh", "_reshape_alias", "unfold", "diagonal"})
+#: phase of an operator: the first of these functions found on its Python stack, innermost first
+PHASES = (("_engine_run_backward", "backward"), ("encode_batch", "forward"), ("batch_loss", "loss"),
+          ("_optimizer_step", "optimizer"))
+
+
+def phase_of(frame: object) -> str:
+    while frame is not None:
+        for name, phase in PHASES:
+            if frame.f_code.co_name == name:  # type: ignore[attr-defined]
+                return phase
+        frame = frame.f_back  # type: ignore[attr-defined]
+    return "rest of the step"
+
+
+def count_ops(cfg: object, args: argparse.Namespace) -> None:
+    """Operators per step of the ``--active`` steps after ``--wait`` + 1, by phase, on the GPU's code path."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import splade_obs.dropout as dropout
+    import splade_obs.model as model
+
+    counts: collections.Counter[tuple[str, bool]] = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):  # noqa: ANN001, ANN204
+            counts[phase_of(sys._getframe(1)), func.overloadpacket.__name__ in VIEWS] += 1
+            return func(*a, **(kw or {}))
+
+    mode, steps = Count(), [0]
+
+    def stepped(*_: object) -> None:
+        steps[0] += 1
+        if steps[0] == args.wait + 1:
+            mode.__enter__()
+        elif steps[0] == args.wait + 1 + args.active:
+            mode.__exit__(None, None, None)
+
+    model.fused_splade_head.__defaults__ = (64, False)  # batch-wide head tiles, as on a GPU
+    dropout._fast = lambda *_: False  # torch's dropout and SDPA, as on a GPU
+    train_stepped(cfg, stepped)
+    phases = [p for _, p in PHASES] + ["rest of the step"]
+    rows = [(p, counts[p, False] / args.active, counts[p, True] / args.active) for p in phases]
+    rows.append(("step", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    lines = [f"operators per step on the GPU's code path, {args.active} steps of batch {cfg.optim.batch_size} at "
+             f"lengths {cfg.model.max_query_length}/{cfg.model.max_doc_length}, {cfg.optim.mixed_precision} precision",
+             f"{'phase':<18}{'kernels':>10}{'views':>10}"]
+    lines += [f"{name:<18}{kernels:>10.1f}{views:>10.1f}" for name, kernels, views in rows]
+    print("\n".join(lines))
+    if args.output:
+        args.output.write_text("\n".join(lines) + "\n", encoding="utf-8")
         print(f"wrote {args.output}")
 
 

@@ -15,7 +15,14 @@ Reps = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 
 
 class PairForward(torch.nn.Module):
-    """Queries, positives and negatives in one forward call (one call per step is what DDP expects)."""
+    """Queries, positives and negatives in one forward call (one call per step is what DDP expects).
+
+    Positives and negatives go through the encoder as one batch of documents where that costs no arithmetic:
+    on an accelerator, whose step is bound by the host's kernel launches (the shorter group is padded to the
+    longer: padding is masked, so the weights are those of two passes, and the GPU has time to spare), and on a
+    CPU when both groups have the same padded length (the usual case at 256 tokens). A step then makes two
+    encoder passes instead of three: a third fewer kernels to launch.
+    """
 
     def __init__(self, encoder: SpladeEncoder) -> None:
         super().__init__()
@@ -23,11 +30,26 @@ class PairForward(torch.nn.Module):
 
     def forward(self, q_ids: torch.Tensor, q_mask: torch.Tensor, p_ids: torch.Tensor, p_mask: torch.Tensor,
                 n_ids: torch.Tensor | None = None, n_mask: torch.Tensor | None = None) -> Reps:
-        with self.encoder.frozen_head():  # one int8 form of the head for the three passes of the step
+        with self.encoder.frozen_head():  # one int8 form of the head for the passes of the step
             q = self.encoder(q_ids, q_mask)
-            d_pos = self.encoder(p_ids, p_mask)
-            d_neg = self.encoder(n_ids, n_mask) if n_ids is not None else None
-        return q, d_pos, d_neg
+            if n_ids is None or n_mask is None:
+                return q, self.encoder(p_ids, p_mask), None
+            if not one_document_pass(p_ids, n_ids):
+                return q, self.encoder(p_ids, p_mask), self.encoder(n_ids, n_mask)
+            length = max(p_ids.shape[1], n_ids.shape[1])
+            docs = self.encoder(torch.cat([_pad_to(p_ids, length), _pad_to(n_ids, length)]),
+                                torch.cat([_pad_to(p_mask, length), _pad_to(n_mask, length)]))
+        return q, docs[:p_ids.shape[0]], docs[p_ids.shape[0]:]
+
+
+def one_document_pass(p_ids: torch.Tensor, n_ids: torch.Tensor) -> bool:
+    """Whether :class:`PairForward` encodes positives and negatives in one pass (see there)."""
+    return p_ids.device.type != "cpu" or p_ids.shape[1] == n_ids.shape[1]
+
+
+def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
+    """``t`` with zero columns appended up to ``length`` (ids under a zero mask are never attended to)."""
+    return t if t.shape[1] == length else torch.nn.functional.pad(t, (0, length - t.shape[1]))
 
 
 def encode_batch(model: torch.nn.Module, batch: Batch) -> Reps:

@@ -21,12 +21,13 @@ def bench_module(name: str) -> ModuleType:
     spec.loader.exec_module(module)
     return module
 
-def run_quick_training_bench(script: str, tmp_path: Path, out: Path) -> subprocess.CompletedProcess:
-    """``benchmarks/<script> --quick`` on a small BEIR folder and the bundled demo triples, writing ``out``;
+def run_quick_training_bench(script: str, tmp_path: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> --quick [extra]`` on a small BEIR folder and the bundled demo triples, writing ``out``;
     asserts it exited 0."""
     data = write_beir(tmp_path / "beir")
     proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--data", str(data),
-                           "--triples", str(BENCH.parent / "splade_obs" / "demo" / "train.jsonl"), "--output", str(out)],
+                           "--triples", str(BENCH.parent / "splade_obs" / "demo" / "train.jsonl"), "--output", str(out),
+                           *extra],
                           capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc

@@ -1,0 +1,80 @@
+"""The training forward: positives and negatives in one encoder pass where that costs no arithmetic, with the
+weights and gradients of separate passes (real splade-tiny, eval mode so dropout does not differ)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from splade_obs import objective
+from splade_obs.model import SpladeEncoder
+from splade_obs.objective import PairForward
+
+QUERIES = ["what lowers blood pressure", "gene expression in yeast", "", "vitamin d and bone density"]
+SHORT = ["Salt intake raises blood pressure in adults.", "Yeast genes respond to heat.", "", "Bones need calcium."]
+LONG = [t * 6 for t in ("Sodium reduction lowers systolic pressure in trials of hypertensive adults. ",
+                        "Transcription of heat shock genes rises within minutes. ", "Padding only. ",
+                        "Vitamin D supplements did not change fracture rates in the elderly. ")]
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_path):
+    enc = SpladeEncoder.from_pretrained(tiny_model_path)
+    return enc.eval()
+
+
+def _inputs(enc: SpladeEncoder, pos: list[str], neg: list[str]) -> tuple[torch.Tensor, ...]:
+    q, p, n = enc.tokenize(QUERIES, 16), enc.tokenize(pos, 48), enc.tokenize(neg, 48)
+    return q["input_ids"], q["attention_mask"], p["input_ids"], p["attention_mask"], n["input_ids"], n["attention_mask"]
+
+
+def _run(enc: SpladeEncoder, inputs: tuple[torch.Tensor, ...]) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+    """(encoder passes, the three outputs, the gradients of every parameter) of one PairForward call."""
+    calls = []
+    handle = enc.register_forward_pre_hook(lambda *_: calls.append(1))
+    enc.zero_grad(set_to_none=True)
+    try:
+        reps = PairForward(enc)(*inputs)
+    finally:
+        handle.remove()
+    weights = torch.arange(1, 4, dtype=torch.float32)
+    sum(w * (r * r.detach().roll(1, -1)).sum() for w, r in zip(weights, reps) if r is not None).backward()
+    return (len(calls), [None if r is None else r.detach() for r in reps],
+            [p.grad.clone() for p in enc.parameters() if p.grad is not None])
+
+
+def _separate(enc: SpladeEncoder, inputs: tuple[torch.Tensor, ...], monkeypatch) -> tuple:
+    with monkeypatch.context() as m:
+        m.setattr(objective, "one_document_pass", lambda *_: False)
+        return _run(enc, inputs)
+
+
+@pytest.mark.parametrize("case", ["same_length", "padded"])
+def test_one_document_pass_gives_the_weights_and_gradients_of_separate_passes(encoder, monkeypatch, case):
+    inputs = _inputs(encoder, SHORT, SHORT[::-1] if case == "same_length" else LONG)
+    same = inputs[2].shape[1] == inputs[4].shape[1]
+    assert same == (case == "same_length")
+    passes_sep, reps_sep, grads_sep = _separate(encoder, inputs, monkeypatch)
+    if not same:  # a CPU pads only on the accelerator rule; force it, as a GPU would take it
+        monkeypatch.setattr(objective, "one_document_pass", lambda *_: True)
+    passes, reps, grads = _run(encoder, inputs)
+    assert (passes_sep, passes) == (3, 2)
+    for got, want in zip(reps, reps_sep):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(grads) == len(grads_sep) > 0
+    for got, want in zip(grads, grads_sep):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_cpu_rule_merges_equal_lengths_only_and_an_accelerator_always():
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    assert objective.one_document_pass(ids, torch.zeros(3, 8, dtype=torch.long))
+    assert not objective.one_document_pass(ids, torch.zeros(2, 9, dtype=torch.long))
+    assert objective.one_document_pass(ids.to("meta"), torch.zeros(2, 9, dtype=torch.long, device="meta"))
+
+
+def test_without_negatives_two_passes(encoder):
+    q_ids, q_mask, p_ids, p_mask, *_ = _inputs(encoder, SHORT, SHORT)
+    passes, reps, _ = _run(encoder, (q_ids, q_mask, p_ids, p_mask))
+    assert passes == 2 and reps[2] is None
