@@ -43,13 +43,15 @@ def _vectors(path: Path) -> list[tuple[str, dict[str, float]]]:
 
 
 def _assert_same_vectors(a: Path, b: Path) -> None:
-    """Same ids in the same order, same weights up to float32 rounding: a batch padded to another length sums
-    in another order, so a vector may differ in its last bits when its batch mates differ."""
+    """Same ids in the same order, same weights up to float32 rounding: a batch padded to another length, or run
+    on another thread count (the ranks run one thread each, this process two), sums in another order. A logit is
+    a 128-term dot product of magnitude ~30 here, so its rounding is absolute, not relative to the weight: 1.4e-6
+    on a weight of 0.09 on an AMX Xeon. The documented bound is H * 2^-24 * ||h|| * ||w_v|| (~2e-4)."""
     va, vb = _vectors(a), _vectors(b)
     assert [i for i, _ in va] == [i for i, _ in vb] and len(va) == 10  # input order
     for (_, x), (_, y) in zip(va, vb):
         for term in set(x) | set(y):
-            assert x.get(term, 0.0) == pytest.approx(y.get(term, 0.0), rel=1e-5, abs=1e-6), term
+            assert x.get(term, 0.0) == pytest.approx(y.get(term, 0.0), rel=1e-5, abs=1e-5), term
 
 
 def _run_lines(path: Path) -> list[tuple[str, str, int, float]]:
@@ -125,7 +127,7 @@ def test_sharded_evaluate_equals_single_process(tmp_path, monkeypatch):
                                                                    abs=1e-9)
     run_two, run_one = _run_lines(tmp_path / "two.run"), _run_lines(tmp_path / "one.run")
     assert [r[:3] for r in run_two] == [r[:3] for r in run_one] and len(run_one) > 0
-    assert [r[3] for r in run_two] == pytest.approx([r[3] for r in run_one], rel=1e-5, abs=2e-6)
+    assert [r[3] for r in run_two] == pytest.approx([r[3] for r in run_one], rel=1e-5, abs=1e-5)  # as above
 
     # every rank writes its shard to disk, rank 0 concatenates them there and retrieves memory-mapped: the same
     proc = _torchrun(tmp_path, *args, "--index-dir", str(tmp_path / "index"), "--trec-run", str(tmp_path / "disk.run"),
@@ -133,7 +135,7 @@ def test_sharded_evaluate_equals_single_process(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_disk = _run_lines(tmp_path / "disk.run")
     assert [r[:3] for r in run_disk] == [r[:3] for r in run_one]
-    assert [r[3] for r in run_disk] == pytest.approx([r[3] for r in run_one], rel=1e-5, abs=2e-6)
+    assert [r[3] for r in run_disk] == pytest.approx([r[3] for r in run_one], rel=1e-5, abs=1e-5)
     assert json.loads((tmp_path / "disk.json").read_text())["docs_per_rank"] == [5, 5]
     index = tmp_path / "index"
     assert sorted(p.name for p in index.iterdir()) == ["docs", "postings"]  # the ranks' parts merged, then gone
