@@ -12,7 +12,8 @@ time go to stdout and, with ``--output``, to a text file::
 
 ``--count-ops`` counts instead the aten operators the recorded steps dispatch, by phase (forward, backward,
 loss, optimizer, the rest), with views (which launch no kernel) apart, on the code path a GPU takes: the
-head's batch-wide tiles, torch's own dropout and SDPA. On a GPU our step is bound by the host's kernel launches
+head's batch-wide tiles, torch's own dropout and SDPA, one pass for positives and negatives (``--separate-docs``:
+two, as before). On a GPU our step is bound by the host's kernel launches
 (docs/benchmarks.md, "GPU check"), so this is the CPU's measure of that host work between GPU sessions::
 
     .venv/bin/python benchmarks/profile_train.py --count-ops --precision bf16 --output /tmp/ops.txt
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--count-ops", action="store_true", help="count dispatched operators by phase, on the path a "
                     "GPU takes, instead of profiling times")
     ap.add_argument("--precision", choices=["auto", "no", "fp16", "bf16"], help="override the config's")
+    ap.add_argument("--separate-docs", action="store_true", help="with --count-ops: positives and negatives in "
+                    "separate encoder passes (the step before they shared one), for comparison")
     args = ap.parse_args()
     require_beir(args.data)
 
@@ -126,6 +129,7 @@ def count_ops(cfg: object, args: argparse.Namespace) -> None:
 
     import splade_obs.dropout as dropout
     import splade_obs.model as model
+    import splade_obs.objective as objective
 
     counts: collections.Counter[tuple[str, bool]] = collections.Counter()
 
@@ -145,12 +149,15 @@ def count_ops(cfg: object, args: argparse.Namespace) -> None:
 
     model.fused_splade_head.__defaults__ = (64, False)  # batch-wide head tiles, as on a GPU
     dropout._fast = lambda *_: False  # torch's dropout and SDPA, as on a GPU
+    objective.one_document_pass = lambda *_: not args.separate_docs  # a GPU's rule, whatever the lengths
     train_stepped(cfg, stepped)
     phases = [p for _, p in PHASES] + ["rest of the step"]
     rows = [(p, counts[p, False] / args.active, counts[p, True] / args.active) for p in phases]
     rows.append(("step", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    passes = "separate document passes" if args.separate_docs else "one document pass"
     lines = [f"operators per step on the GPU's code path, {args.active} steps of batch {cfg.optim.batch_size} at "
-             f"lengths {cfg.model.max_query_length}/{cfg.model.max_doc_length}, {cfg.optim.mixed_precision} precision",
+             f"lengths {cfg.model.max_query_length}/{cfg.model.max_doc_length}, {cfg.optim.mixed_precision} precision, "
+             f"{passes}",
              f"{'phase':<18}{'kernels':>10}{'views':>10}"]
     lines += [f"{name:<18}{kernels:>10.1f}{views:>10.1f}" for name, kernels, views in rows]
     print("\n".join(lines))

@@ -88,8 +88,8 @@ def head_pass_option(fn: F) -> F:
         "--head-pass", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto", show_default=True,
         expose_value=False, callback=_set_head_pass,
         help="CPU encoding's vocabulary pass: int8 / bf16 select the terms that can be non-zero (a proven bound) "
-             "and compute those in fp32, the same weights as fp32 to rounding; auto takes the fastest, measured "
-             "once per machine (docs/recipes.md).")(fn)
+             "and compute those in fp32, the same weights as fp32 to rounding; auto takes the cheapest, counting "
+             "the candidates' recompute, if 1.25x below fp32, measured once per machine (docs/recipes.md).")(fn)
 
 
 def encoder_options(fn: F) -> F:

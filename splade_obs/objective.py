@@ -17,11 +17,12 @@ Reps = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 class PairForward(torch.nn.Module):
     """Queries, positives and negatives in one forward call (one call per step is what DDP expects).
 
-    Positives and negatives go through the encoder as one batch of documents where that costs no arithmetic:
-    on an accelerator, whose step is bound by the host's kernel launches (the shorter group is padded to the
-    longer: padding is masked, so the weights are those of two passes, and the GPU has time to spare), and on a
-    CPU when both groups have the same padded length (the usual case at 256 tokens). A step then makes two
-    encoder passes instead of three: a third fewer kernels to launch.
+    Positives and negatives go through the encoder as one batch of documents, two encoder passes a step instead
+    of three (29% fewer kernels on a GPU's code path, docs/benchmarks.md "GPU check"): on an accelerator, whose
+    step is bound by the host's kernel launches, the shorter group is padded to the longer (padding is masked, so
+    the weights are those of separate passes, and the GPU has time to spare for the padding's arithmetic); on a
+    CPU, whose step is bound by arithmetic, only when both groups have the same padded length (the usual case at
+    256 tokens), so no padding is added.
     """
 
     def __init__(self, encoder: SpladeEncoder) -> None:
@@ -36,9 +37,9 @@ class PairForward(torch.nn.Module):
                 return q, self.encoder(p_ids, p_mask), None
             if not one_document_pass(p_ids, n_ids):
                 return q, self.encoder(p_ids, p_mask), self.encoder(n_ids, n_mask)
-            length = max(p_ids.shape[1], n_ids.shape[1])
-            docs = self.encoder(torch.cat([_pad_to(p_ids, length), _pad_to(n_ids, length)]),
-                                torch.cat([_pad_to(p_mask, length), _pad_to(n_mask, length)]))
+            length, pad_id = max(p_ids.shape[1], n_ids.shape[1]), getattr(self.encoder.tokenizer, "pad_token_id", 0)
+            docs = self.encoder(torch.cat([_pad_to(p_ids, length, pad_id or 0), _pad_to(n_ids, length, pad_id or 0)]),
+                                torch.cat([_pad_to(p_mask, length, 0), _pad_to(n_mask, length, 0)]))
         return q, docs[:p_ids.shape[0]], docs[p_ids.shape[0]:]
 
 
@@ -47,9 +48,9 @@ def one_document_pass(p_ids: torch.Tensor, n_ids: torch.Tensor) -> bool:
     return p_ids.device.type != "cpu" or p_ids.shape[1] == n_ids.shape[1]
 
 
-def _pad_to(t: torch.Tensor, length: int) -> torch.Tensor:
-    """``t`` with zero columns appended up to ``length`` (ids under a zero mask are never attended to)."""
-    return t if t.shape[1] == length else torch.nn.functional.pad(t, (0, length - t.shape[1]))
+def _pad_to(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """``t`` with columns of ``value`` appended up to ``length``."""
+    return t if t.shape[1] == length else torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
 
 
 def encode_batch(model: torch.nn.Module, batch: Batch) -> Reps:

@@ -128,7 +128,7 @@ def test_auto_takes_fp32_when_the_low_precision_matmuls_measure_slow(head_probe,
 def test_auto_takes_a_low_precision_pass_when_fp32_measures_slow(head_probe, monkeypatch) -> None:
     _slow(monkeypatch, {torch.float32: 0.05, torch.bfloat16: 0.02})
     assert cpu.head_pass() == ("int8" if cpu.int8_matmul_works() else "bf16")
-    # each pass's tile as its loop runs it: a block of 4096 terms against 256 tokens, maxed over the tokens
+    # a tile in the passes' layout: a block of 4096 terms against 256 tokens, maxed over the tokens
     timed = [shapes for shapes in _SHAPES if shapes[0][0] == 4096]
     passes = 3 if cpu.int8_matmul_works() else 2
     assert set(timed) == {((4096, 128), (128, 256))} and len(timed) == (cpu.TILE_REPEATS + 1) * passes
@@ -191,3 +191,17 @@ def test_the_flag_and_the_environment_override_the_measurement(head_probe, monke
     with pytest.raises(ValueError):
         cpu.set_head_pass("fp8")
     assert calls == [] and not head_probe.exists()
+
+
+def test_the_choice_weighs_each_pass_candidates_recompute() -> None:
+    """bf16's tile a little faster than int8's, but its looser bound leaves twice the candidates to recompute in
+    fp32: int8 costs less. Without the recompute share bf16 would win."""
+    timings = {"fp32": 1.0, "bf16": 0.30, "int8": 0.31}
+    assert cpu.pass_cost(timings, "bf16") == pytest.approx(0.30 + cpu.CANDIDATE_SHARE["bf16"])
+    assert cpu.CANDIDATE_SHARE["bf16"] > cpu.CANDIDATE_SHARE["int8"] > 0
+    assert cpu.choose_head_pass(timings) == "int8"
+    assert cpu.choose_head_pass({"fp32": 1.0, "bf16": 0.25, "int8": 0.31}) == "bf16"  # a clearly faster tile wins
+    assert cpu.choose_head_pass({"fp32": 0.36, "bf16": 0.30, "int8": 0.31}) == "fp32"  # not 1.25x below fp32
+    assert cpu.choose_training_pass({"fp32": 1.0, "bf16": 0.1, "int8": 0.31}) == "int8"  # bf16 is not training's
+    assert cpu.choose_training_pass({"fp32": 0.36, "int8": 0.31}) == "fp32"
+    assert cpu.choose_training_pass({"fp32": 1.0, "bf16": 0.1}) == "fp32"  # no int8 on this build

@@ -3,12 +3,16 @@ weights and gradients of separate passes (real splade-tiny, eval mode so dropout
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
+from splade_obs import model as model_module
 from splade_obs import objective
+from splade_obs.collate import Batch
 from splade_obs.model import SpladeEncoder
-from splade_obs.objective import PairForward
+from splade_obs.objective import PairForward, encode_batch
 
 QUERIES = ["what lowers blood pressure", "gene expression in yeast", "", "vitamin d and bone density"]
 SHORT = ["Salt intake raises blood pressure in adults.", "Yeast genes respond to heat.", "", "Bones need calcium."]
@@ -49,8 +53,13 @@ def _separate(enc: SpladeEncoder, inputs: tuple[torch.Tensor, ...], monkeypatch)
         return _run(enc, inputs)
 
 
-@pytest.mark.parametrize("case", ["same_length", "padded"])
+@pytest.mark.parametrize("case", ["same_length", "padded", "padded_batch_wide_head"])
 def test_one_document_pass_gives_the_weights_and_gradients_of_separate_passes(encoder, monkeypatch, case):
+    """``padded_batch_wide_head``: the head's tiles a GPU runs (every document's positions at once, no argmax kept
+    for the backward) instead of a CPU's per-document ones."""
+    if case == "padded_batch_wide_head":
+        monkeypatch.setattr(model_module, "fused_splade_head",
+                            functools.partial(model_module.fused_splade_head, per_document=False))
     inputs = _inputs(encoder, SHORT, SHORT[::-1] if case == "same_length" else LONG)
     same = inputs[2].shape[1] == inputs[4].shape[1]
     assert same == (case == "same_length")
@@ -78,3 +87,25 @@ def test_without_negatives_two_passes(encoder):
     q_ids, q_mask, p_ids, p_mask, *_ = _inputs(encoder, SHORT, SHORT)
     passes, reps, _ = _run(encoder, (q_ids, q_mask, p_ids, p_mask))
     assert passes == 2 and reps[2] is None
+
+
+def test_several_negatives_per_query_come_back_in_their_rows(encoder):
+    """K = 2: the negatives' B*K rows share the positives' pass, and ``encode_batch`` hands back query i's
+    negatives at ``d_neg[i]``, as separate passes would."""
+    q, p, n = encoder.tokenize(QUERIES, 16), encoder.tokenize(SHORT, 48), encoder.tokenize(SHORT[::-1] * 2, 48)
+    assert p["input_ids"].shape[1] == n["input_ids"].shape[1]  # the CPU's rule merges them
+    batch = Batch(queries=q, pos_docs=p, neg_docs=n, num_negatives=2, teacher_scores=None, size=4, num_tokens=0)
+    calls = []
+    handle = encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad():
+            got_q, got_pos, got_neg = encode_batch(PairForward(encoder), batch)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        want_neg = encoder(n["input_ids"], n["attention_mask"]).view(4, 2, -1)
+        want_pos = encoder(p["input_ids"], p["attention_mask"])
+    assert len(calls) == 2 and got_neg.shape == want_neg.shape == (4, 2, encoder.vocab_size)
+    torch.testing.assert_close(got_neg, want_neg, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_pos, want_pos, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(got_neg[0, 0], got_neg[0, 1])  # two different documents, in their own rows

@@ -19,15 +19,23 @@ def test_profile_train_records_the_steps_it_says_and_their_operators(tmp_path, t
     assert "ProfilerStep*" in "\n".join(table)  # the schedule's recorded steps, advanced by the optimizer hook
 
 
-def test_count_ops_counts_each_phase_of_the_gpu_code_path(tmp_path, tiny_model_path):
-    """``--count-ops``: operators per step by phase, every phase dispatching some, the step row their sum, and a
-    forward fewer than its backward."""
-    out = tmp_path / "ops.txt"
-    run_quick_training_bench("profile_train.py", tmp_path, out, "--count-ops")
+def _op_counts(tmp_path, name: str, *extra: str) -> tuple[str, dict[str, tuple[float, ...]]]:
+    out = tmp_path / name
+    run_quick_training_bench("profile_train.py", tmp_path, out, "--count-ops", *extra)
     header, _, *rows = out.read_text(encoding="utf-8").splitlines()
+    return header, {line[:18].strip(): tuple(float(x) for x in line[18:].split()) for line in rows}
+
+
+def test_count_ops_counts_each_phase_and_one_document_pass_dispatches_fewer(tmp_path, tiny_model_path):
+    """``--count-ops``: operators per step by phase, every phase dispatching some and the step row their sum;
+    positives and negatives in one encoder pass (a GPU's rule) dispatch fewer forward and backward kernels than
+    in two (``--separate-docs``), and the rest of the step the same."""
+    header, one = _op_counts(tmp_path, "one.txt")
     assert header.startswith("operators per step on the GPU's code path, 2 steps of batch"), header
-    counts = {line[:18].strip(): tuple(float(x) for x in line[18:].split()) for line in rows}
-    assert set(counts) == {"backward", "forward", "loss", "optimizer", "rest of the step", "step"}
-    assert all(kernels > 0 for kernels, _ in counts.values()), counts
-    assert counts["step"][0] == pytest.approx(sum(counts[p][0] for p in counts if p != "step"))
-    assert counts["forward"][0] < counts["backward"][0]
+    assert header.endswith("one document pass")
+    assert set(one) == {"backward", "forward", "loss", "optimizer", "rest of the step", "step"}
+    assert all(kernels > 0 for kernels, _ in one.values()), one
+    assert one["step"][0] == pytest.approx(sum(one[p][0] for p in one if p != "step"))
+    _, two = _op_counts(tmp_path, "two.txt", "--separate-docs")
+    assert one["forward"][0] < two["forward"][0] and one["backward"][0] < two["backward"][0]
+    assert one["optimizer"] == two["optimizer"] and one["loss"] == two["loss"]
