@@ -124,6 +124,7 @@ def phase_of(frame: object) -> str:
 def count_ops(cfg: object, args: argparse.Namespace) -> None:
     """Operators per step of the ``--active`` steps after ``--wait`` + 1, by phase, on the GPU's code path."""
     import collections
+    import functools
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -147,7 +148,7 @@ def count_ops(cfg: object, args: argparse.Namespace) -> None:
         elif steps[0] == args.wait + 1 + args.active:
             mode.__exit__(None, None, None)
 
-    model.fused_splade_head.__defaults__ = (64, False)  # batch-wide head tiles, as on a GPU
+    model.fused_splade_head = functools.partial(model.fused_splade_head, per_document=False)  # batch-wide, as a GPU
     dropout._fast = lambda *_: False  # torch's dropout and SDPA, as on a GPU
     objective.one_document_pass = lambda *_: not args.separate_docs  # a GPU's rule, whatever the lengths
     train_stepped(cfg, stepped)

@@ -183,7 +183,7 @@ def _plain_tile(terms: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _bf16_tile(terms: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    return torch.mm(terms, tokens).amax(dim=1).float()
+    return _plain_tile(terms, tokens).float()
 
 
 def _int8_tile(terms: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,9 @@ class PairForward(torch.nn.Module):
                 return q, self.encoder(p_ids, p_mask), None
             if not one_document_pass(p_ids, n_ids):
                 return q, self.encoder(p_ids, p_mask), self.encoder(n_ids, n_mask)
-            length, pad_id = max(p_ids.shape[1], n_ids.shape[1]), getattr(self.encoder.tokenizer, "pad_token_id", 0)
-            docs = self.encoder(torch.cat([_pad_to(p_ids, length, pad_id or 0), _pad_to(n_ids, length, pad_id or 0)]),
+            length = max(p_ids.shape[1], n_ids.shape[1])
+            pad_id = getattr(self.encoder.tokenizer, "pad_token_id", None) or 0
+            docs = self.encoder(torch.cat([_pad_to(p_ids, length, pad_id), _pad_to(n_ids, length, pad_id)]),
                                 torch.cat([_pad_to(p_mask, length, 0), _pad_to(n_mask, length, 0)]))
         return q, docs[:p_ids.shape[0]], docs[p_ids.shape[0]:]
 
@@ -56,9 +57,9 @@ def _pad_to(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
 def encode_batch(model: torch.nn.Module, batch: Batch) -> Reps:
     """``(q, d_pos, d_neg)``: ``(B, V)``, ``(B, V)`` and ``(B, K, V)`` (None without hard negatives)."""
     negs = batch.neg_docs if (batch.neg_docs is not None and batch.num_negatives > 0) else None
+    n_ids, n_mask = (None, None) if negs is None else (negs["input_ids"], negs["attention_mask"])
     q, d_pos, flat = model(batch.queries["input_ids"], batch.queries["attention_mask"],
-                           batch.pos_docs["input_ids"], batch.pos_docs["attention_mask"],
-                           None if negs is None else negs["input_ids"], None if negs is None else negs["attention_mask"])
+                           batch.pos_docs["input_ids"], batch.pos_docs["attention_mask"], n_ids, n_mask)
     return q, d_pos, None if flat is None else flat.view(batch.size, batch.num_negatives, -1)
 
 
