@@ -6,6 +6,7 @@ Randomness here never touches the global RNGs: the choice of positive and negati
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +59,9 @@ class PairCollator:
         self.seed = int(seed)
 
     def _rng(self, epoch: int, example: Example) -> random.Random:
-        return random.Random(f"{self.seed}:{epoch}:{example.location or example.query}")
+        """Seeded by the example's identity: its file's name and line (or index), not the folder the file lies
+        in, so the same data in another checkout or copy trains the same; its query where it has no location."""
+        return random.Random(f"{self.seed}:{epoch}:{os.path.basename(example.location) or example.query}")
 
     def _tokenize(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         enc = self.tokenizer(texts, padding="longest", truncation=True, max_length=max_length,

@@ -299,3 +299,21 @@ def test_error_policy_collects_problems_of_a_json_array(tmp_path):
 def test_problem_renders_as_one_line():
     pr = data_mod.Problem("train.jsonl:17", "query", "is missing", "a non-empty string")
     assert str(pr) == 'train.jsonl:17: field "query" is missing — expected a non-empty string'
+
+
+def test_the_same_file_in_another_folder_gets_the_same_choices(tmp_path, tokenizer):
+    """The collator's choice of positive and negatives follows the example's file name and line, not the folder
+    the file lies in: a copy of the training data elsewhere (another clone) trains the same."""
+    lines = [json.dumps({"query": f"query {i}", "positives": [f"pos {i} a", f"pos {i} b", f"pos {i} c"],
+                         "negatives": [f"neg {i} {j}" for j in range(6)]}) for i in range(4)]
+    chosen = []
+    for folder in ("one", "two/deeper"):
+        path = tmp_path / folder / "train.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        examples = load_training_data(path).examples
+        assert examples[0].location == f"{path}:1"
+        col = PairCollator(tokenizer, 16, 32, num_negatives=2, seed=7)
+        chosen.append([_chosen(col(examples, epoch=e, batch_index=0), tokenizer) for e in range(3)])
+    assert chosen[0] == chosen[1]
+    assert len({tuple(negs) for _, negs in chosen[0]}) > 1  # the choices do vary, with the epoch
