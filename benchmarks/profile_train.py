@@ -12,9 +12,12 @@ time go to stdout and, with ``--output``, to a text file::
 
 ``--count-ops`` counts instead the aten operators the recorded steps dispatch, by phase (forward, backward,
 loss, optimizer, the rest), with views (which launch no kernel) apart, on the code path a GPU takes: the
-head's batch-wide tiles, torch's own dropout and SDPA, one pass for positives and negatives (``--separate-docs``:
-two, as before). On a GPU our step is bound by the host's kernel launches
-(docs/benchmarks.md, "GPU check"), so this is the CPU's measure of that host work between GPU sessions::
+head's batch-wide tiles, torch's own dropout and SDPA with the mask built as for a GPU tensor, one pass for
+positives and negatives (``--separate-docs``: two, as before). On a GPU our step is bound by the host's kernel launches
+(docs/benchmarks.md, "GPU check"), so this is the CPU's measure of that host work between GPU sessions. The
+``syncs`` column counts the calls that would make the host wait for a GPU to finish (a value read back:
+``item``, ``tolist``, ``bool(tensor)``; an output sized by data: ``nonzero``, boolean-mask indexing, ``unique``),
+and the operators behind them are listed under the table::
 
     .venv/bin/python benchmarks/profile_train.py --count-ops --precision bf16 --output /tmp/ops.txt
 """
@@ -107,6 +110,25 @@ def train_stepped(cfg: object, stepped: Callable[..., None]) -> None:
 VIEWS = frozenset({"view", "_unsafe_view", "t", "transpose", "expand", "detach", "unsqueeze", "squeeze", "slice",
                    "select", "permute", "alias", "as_strided", "split", "split_with_sizes", "chunk", "unbind",
                    "reshape", "lift_fresh", "_reshape_alias", "unfold", "diagonal"})
+#: operators whose output size or value the host must read from the device: on a GPU each waits for the queue
+SYNCS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "_unique2", "unique_dim",
+                   "unique_consecutive", "bincount", "histc"})
+#: boolean-mask indexing (``x[mask]``, ``x[mask] = v``): sized by the mask's count, read back from the device
+MASK_INDEXED = frozenset({"index", "index_put_", "index_put", "_index_put_impl_"})
+#: tensor methods that copy to the host without an operator the dispatch mode sees on a CPU tensor
+HOST_COPIES = ("tolist", "numpy", "cpu")
+
+
+def is_sync(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether operator ``name`` called with ``args`` / ``kwargs`` reads back from the device on a GPU."""
+    if name == "repeat_interleave":  # sized by the repeats' sum unless the caller gives output_size
+        return kwargs.get("output_size") is None
+    if name in MASK_INDEXED and len(args) > 1 and isinstance(args[1], (list, tuple)):
+        import torch
+        return any(getattr(i, "dtype", None) in (torch.bool, torch.uint8) for i in args[1])  # masks, not indices
+    return name in SYNCS
+
+
 #: phase of an operator: the first of these functions found on its Python stack, innermost first
 PHASES = (("_engine_run_backward", "backward"), ("encode_batch", "forward"), ("batch_loss", "loss"),
           ("_optimizer_step", "optimizer"))
@@ -126,41 +148,64 @@ def count_ops(cfg: object, args: argparse.Namespace) -> None:
     import collections
     import functools
 
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     import splade_obs.dropout as dropout
     import splade_obs.model as model
     import splade_obs.objective as objective
 
-    counts: collections.Counter[tuple[str, bool]] = collections.Counter()
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    syncs: collections.Counter[tuple[str, str]] = collections.Counter()  # (phase, operator)
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, a=(), kw=None):  # noqa: ANN001, ANN204
-            counts[phase_of(sys._getframe(1)), func.overloadpacket.__name__ in VIEWS] += 1
+            name, phase = func.overloadpacket.__name__, phase_of(sys._getframe(1))
+            counts[phase, "views" if name in VIEWS else "kernels"] += 1
+            if is_sync(name, a, kw or {}):
+                syncs[phase, name] += 1
             return func(*a, **(kw or {}))
 
+    def host_copy(name: str) -> Callable[..., object]:
+        method = getattr(torch.Tensor, name)
+
+        def copy(self: object, *a: object, **kw: object) -> object:
+            syncs[phase_of(sys._getframe(1)), name] += 1
+            return method(self, *a, **kw)
+        return copy
+
+    originals = {name: getattr(torch.Tensor, name) for name in HOST_COPIES}
     mode, steps = Count(), [0]
 
     def stepped(*_: object) -> None:
         steps[0] += 1
         if steps[0] == args.wait + 1:
             mode.__enter__()
+            for name in HOST_COPIES:
+                setattr(torch.Tensor, name, host_copy(name))
         elif steps[0] == args.wait + 1 + args.active:
             mode.__exit__(None, None, None)
+            for name, method in originals.items():
+                setattr(torch.Tensor, name, method)
 
     model.fused_splade_head = functools.partial(model.fused_splade_head, per_document=False)  # batch-wide, as a GPU
     dropout._fast = lambda *_: False  # torch's dropout and SDPA, as on a GPU
+    dropout.reads_back = lambda *_: True  # the attention mask built as for a tensor on a GPU
     objective.one_document_pass = lambda *_: not args.separate_docs  # a GPU's rule, whatever the lengths
     train_stepped(cfg, stepped)
     phases = [p for _, p in PHASES] + ["rest of the step"]
-    rows = [(p, counts[p, False] / args.active, counts[p, True] / args.active) for p in phases]
-    rows.append(("step", sum(r[1] for r in rows), sum(r[2] for r in rows)))
+    rows = [(p, *(x / args.active for x in (counts[p, "kernels"], counts[p, "views"],
+                                            sum(n for (q, _), n in syncs.items() if q == p))))
+            for p in phases]
+    rows.append(("step", *(sum(r[i] for r in rows) for i in (1, 2, 3))))
     passes = "separate document passes" if args.separate_docs else "one document pass"
     lines = [f"operators per step on the GPU's code path, {args.active} steps of batch {cfg.optim.batch_size} at "
              f"lengths {cfg.model.max_query_length}/{cfg.model.max_doc_length}, {cfg.optim.mixed_precision} precision, "
              f"{passes}",
-             f"{'phase':<18}{'kernels':>10}{'views':>10}"]
-    lines += [f"{name:<18}{kernels:>10.1f}{views:>10.1f}" for name, kernels, views in rows]
+             f"{'phase':<18}{'kernels':>10}{'views':>10}{'syncs':>10}"]
+    lines += [f"{name:<18}{kernels:>10.1f}{views:>10.1f}{waits:>10.1f}" for name, kernels, views, waits in rows]
+    lines += ["", "syncs per step (phase: operator):"]
+    lines += [f"  {p}: {name} {n / args.active:.1f}" for (p, name), n in sorted(syncs.items())] or ["  none"]
     print("\n".join(lines))
     if args.output:
         args.output.write_text("\n".join(lines) + "\n", encoding="utf-8")

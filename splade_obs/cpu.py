@@ -297,8 +297,12 @@ def training_kernels(encoder: Any, device: torch.device, pass_choice: str, dropo
     """Set up a CPU training run's head pass (``model.head_pass``, process-wide: the trainer puts the former one
     back at the end) and dropout masks (``model.cpu_dropout``) on ``encoder``. Returns what the run uses,
     ``("", "")`` off CPU: ``int8`` where that pass is chosen and the head is split, else the autocast dtype the
-    plain pass runs in (``bf16``, ``fp16``, ``fp32``); and ``fast`` or ``torch``."""
+    plain pass runs in (``bf16``, ``fp16``, ``fp32``); and ``fast`` or ``torch``. Off CPU the attention's mask
+    is built without reading the padding back from the device (:func:`splade_obs.dropout.padding_mask`)."""
     if device.type != "cpu":
+        from .dropout import install_attention
+
+        install_attention(encoder.mlm)
         return "", ""
     try:
         set_head_pass(pass_choice)

@@ -14,7 +14,9 @@ expectation is unchanged. On other devices, in eval mode, or with ``p`` of 0 or 
 :func:`install` puts it into a Hugging Face model: each ``nn.Dropout`` becomes a :class:`CpuDropout` (a
 subclass, no parameters: saved weights and configs are unchanged), and a model on the ``sdpa`` attention
 implementation gets ``splade_obs_cpu``, which runs SDPA's math (scores, softmax, dropout, values) with these
-masks when it trains on a CPU with attention dropout on, and calls SDPA itself otherwise. torch's CPU SDPA
+masks when it trains on a CPU with attention dropout on, and calls SDPA itself otherwise, with a padding mask
+built without reading it back from the device (:func:`padding_mask`; off a CPU the trainer installs only this
+attention, :func:`install_attention`). torch's CPU SDPA
 kernels take no dropout, so the training step already ran that math path, with one difference: SDPA's math
 upcasts bf16 inputs to fp32, where this one computes in the autocast dtype, as transformers' eager attention
 does under autocast. Under bf16 that is ~3x the rounding error of the fp32 computation on random inputs
@@ -95,6 +97,47 @@ def attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, atte
     return out.transpose(1, 2).contiguous(), None
 
 
+def reads_back(mask: Tensor) -> bool:
+    """Whether reading ``mask``'s values on the host waits for a device (a tensor off the CPU)."""
+    return mask.device.type != "cpu"
+
+
+def padding_mask(*args: Any, **kwargs: Any) -> Tensor | None:
+    """SDPA's mask function, except that a padding mask on an accelerator is always turned into a mask.
+
+    transformers' SDPA mask is skipped when no token is padded, which it learns by reading ``mask.all()`` back
+    from the device: a host synchronisation at the start of every encoder pass, two a training step. A mask of
+    all ``True`` gives SDPA the same attention; the padded batches of training have a mask anyway.
+    """
+    from transformers.masking_utils import sdpa_mask
+
+    mask = kwargs.get("attention_mask")
+    if mask is not None and reads_back(mask):
+        kwargs["allow_is_bidirectional_skip"] = kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def install_attention(model: nn.Module) -> bool:
+    """``splade_obs_cpu`` as ``model``'s attention implementation where it is on ``sdpa`` (see the module's
+    docstring; off a CPU it is SDPA with :func:`padding_mask`). Returns whether the model has it."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == ATTENTION:
+        return True
+    if getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+
+        AttentionInterface.register(ATTENTION, attention)
+        # the masks SDPA gets: an implementation without a registered mask function gets no padding mask
+        AttentionMaskInterface.register(ATTENTION, padding_mask)
+        model.set_attn_implementation(ATTENTION)
+    except Exception as exc:  # noqa: BLE001 - an architecture off the attention interface keeps SDPA
+        log.debug("attention stays SDPA's for %s: %s", type(model).__name__, exc)
+    return config._attn_implementation == ATTENTION
+
+
 def install(model: nn.Module) -> dict[str, int | bool]:
     """Fast CPU dropout in ``model`` (in place): ``{"dropouts": modules replaced, "attention": bool}``.
 
@@ -106,18 +149,4 @@ def install(model: nn.Module) -> dict[str, int | bool]:
             if type(child) is nn.Dropout:
                 setattr(parent, name, CpuDropout(child.p, inplace=child.inplace))
                 replaced += 1
-    config = getattr(model, "config", None)
-    attention_done = getattr(config, "_attn_implementation", None) == ATTENTION
-    if not attention_done and getattr(config, "_attn_implementation", None) == "sdpa":
-        try:
-            from transformers import AttentionInterface
-            from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-            AttentionInterface.register(ATTENTION, attention)
-            # the masks SDPA gets: an implementation without a registered mask function gets no padding mask
-            AttentionMaskInterface.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-            model.set_attn_implementation(ATTENTION)
-            attention_done = config._attn_implementation == ATTENTION
-        except Exception as exc:  # noqa: BLE001 - an architecture off the attention interface keeps SDPA
-            log.debug("attention dropout stays torch's for %s: %s", type(model).__name__, exc)
-    return {"dropouts": replaced, "attention": attention_done}
+    return {"dropouts": replaced, "attention": install_attention(model)}

@@ -92,9 +92,10 @@ def _max_projection_forward(hidden: Tensor, weight: Tensor, bias: Tensor, mask: 
     (``_CPU_TILE_ELEMENTS`` per tile, which stays in a CPU cache, and no work on padding); otherwise a tile is
     ``chunk_size`` positions of every document at once (``B x chunk_size x V``: few, large kernels and no host
     synchronisation, which is what a GPU wants).
-    The plain passes reduce only values (``amax``): a max that also returns indices is ~10x slower on CPU, and
-    the backward recomputes the argmax for the few terms that get a gradient. The int8 pass takes the argmax of
-    its few candidates only, and training keeps it for the backward.
+    The per-document plain passes reduce only values (``amax``): a max that also returns indices is ~10x slower
+    on CPU, and the backward recomputes the argmax for the few terms that get a gradient. The int8 pass takes the
+    argmax of its few candidates only, and training keeps it for the backward; so does training's batch-wide
+    pass (:func:`_max_across_batch`), whose backward then never waits for the device.
     """
     if per_document:
         prefilter = _prefilter(hidden, weight) if inference else "fp32"
@@ -333,38 +334,63 @@ def _max_per_document(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor
     return values
 
 
-def _max_across_batch(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int) -> Tensor:
+def _max_across_batch(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int,
+                      with_argmax: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """Batch-wide tiles of ``chunk_size`` positions. ``with_argmax`` (training on an accelerator): also the flat
+    ``hidden`` row ``b * L + t`` of each ``(b, v)``'s max, ``(B, V)`` int64, so the backward needs no argmax
+    recomputed and no host synchronisation to size one (a masked row's entry points at one of its padding rows,
+    which no gradient reaches: its max is ``-inf``)."""
     batch, length = hidden.shape[:2]
-    values = torch.full((batch, weight.shape[0]), float("-inf"), dtype=weight.dtype, device=hidden.device)
-    w_t = weight.t()
+    w_t, pad = weight.t(), ~mask
+    values = rows = None
     for start in range(0, length, chunk_size):
         tile = torch.matmul(hidden[:, start:start + chunk_size].to(weight.dtype), w_t).add_(bias)  # (B, c, V)
-        tile.masked_fill_(~mask[:, start:start + chunk_size, None], float("-inf"))
-        values = torch.maximum(values, tile.amax(dim=1))
-    return values
+        tile.masked_fill_(pad[:, start:start + chunk_size, None], float("-inf"))
+        if not with_argmax:
+            values = tile.amax(dim=1) if values is None else torch.maximum(values, tile.amax(dim=1))
+            continue
+        best, at = tile.max(dim=1)
+        if values is None:
+            values, rows = best, at
+            continue
+        better = best > values  # the first chunk's max is kept on a tie
+        values, rows = torch.where(better, best, values), torch.where(better, at + start, rows)
+    if values is None:  # no positions at all
+        values = torch.full((batch, weight.shape[0]), float("-inf"), dtype=weight.dtype, device=hidden.device)
+        rows = torch.zeros(values.shape, dtype=torch.long, device=hidden.device)
+    if not with_argmax:
+        return values
+    return values, rows.add_(torch.arange(0, batch * length, length, device=hidden.device).unsqueeze(1))
 
 
 def _max_projection_backward(grad: Tensor, hidden: Tensor, weight: Tensor, mask: Tensor,
-                             need: tuple[bool, bool, bool], argmax: tuple[Tensor, Tensor] | None = None,
+                             need: tuple[bool, bool, bool], argmax: tuple[Tensor, Tensor] | Tensor | None = None,
                              ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Exact gradients of the token-max of a linear projection, visiting only the terms that have one.
 
     ``d values[b,v] / d hidden[b,t] = weight[v]`` only at the argmax ``t``; ``d / d weight[v] =
-    hidden[b, t]``; ``d / d bias[v] = 1``. ``argmax``: ``(terms, rows)`` the forward kept (the int8 pass: the
-    flat ``hidden`` row ``b * L + t`` of every candidate term's max). It covers every gradient SPLADE produces:
-    a term the int8 pass did not keep has a max proven <= 0, where relu's gradient is 0 (the function is only
-    applied under ``log1p(relu(.))``, in :func:`fused_splade_head`). Without it the argmax is recomputed (in
-    fp32; the bias is the same for every token and drops out) for the union of terms with a gradient, typically
-    a few hundred of the 30k, in tiles of bounded size. Accumulation is fp32 whatever the forward precision.
+    hidden[b, t]``; ``d / d bias[v] = 1``. ``argmax``: what the forward kept of it: ``(terms, rows)`` from the
+    int8 pass (the flat ``hidden`` row ``b * L + t`` of every candidate term's max), or the batch-wide pass's
+    ``(B, V)`` rows (:func:`_max_across_batch`). The int8 pass covers every gradient SPLADE produces: a term it
+    did not keep has a max proven <= 0, where relu's gradient is 0 (the function is only applied under
+    ``log1p(relu(.))``, in :func:`fused_splade_head`). Without it the argmax is recomputed (in fp32; the bias
+    is the same for every token and drops out) for the union of terms with a gradient, typically a few hundred
+    of the 30k, in tiles of bounded size. Accumulation is fp32 whatever the forward precision.
     """
     batch, length, hid = hidden.shape
     g = grad.float().masked_fill(~mask.any(dim=1, keepdim=True), 0.0)
     h_flat = hidden.reshape(batch * length, hid).float()
-    terms, rows = argmax if argmax is not None else _recompute_argmax(g, h_flat.view(batch, length, hid), weight,
-                                                                       mask)
-    gv = g[rows // length, terms]
-    keep = gv.ne(0)
-    terms, rows, gv = terms[keep], rows[keep], gv[keep].unsqueeze(1)
+    if isinstance(argmax, Tensor):  # the batch-wide forward's (B, V) rows: one nonzero, no argmax to recompute
+        docs, terms = g.nonzero(as_tuple=True)
+        rows, gv = argmax[docs, terms], g[docs, terms].unsqueeze(1)
+    elif argmax is not None:  # the int8 pass's candidates: those without a gradient are dropped
+        terms, rows = argmax
+        gv = g[rows // length, terms]
+        keep = gv.ne(0)
+        terms, rows, gv = terms[keep], rows[keep], gv[keep].unsqueeze(1)
+    else:  # pairs of non-zero gradients only
+        terms, rows = _recompute_argmax(g, h_flat.view(batch, length, hid), weight, mask)
+        gv = g[rows // length, terms].unsqueeze(1)
     grad_h = grad_w = None
     if need[0]:
         grad_h = torch.zeros((batch * length, hid), dtype=torch.float32, device=hidden.device)
@@ -410,6 +436,10 @@ class _ChunkedMaxProjection(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             if per_document and _prefilter(hidden, weight, training=True) == "int8":  # exact maxima and their argmax
                 values, found = _max_per_document_int8(hidden, weight, bias.float(), mask)
+            elif not per_document:  # the maxima's rows too: a backward without host synchronisation
+                values, rows = _max_across_batch(hidden, weight.to(compute_dtype), bias.to(compute_dtype), mask,
+                                                 chunk_size, with_argmax=True)
+                found = (rows,)
             else:
                 values = _max_projection_forward(hidden, weight.to(compute_dtype), bias.to(compute_dtype), mask,
                                                  chunk_size, per_document)
@@ -422,8 +452,8 @@ class _ChunkedMaxProjection(torch.autograd.Function):
         hidden, weight, mask, *found = ctx.saved_tensors
         need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         with torch.autocast(hidden.device.type, enabled=False):
-            gh, gw, gb = _max_projection_backward(grad, hidden, weight, mask, need,
-                                                  (found[0], found[1]) if found else None)
+            argmax = (found[0], found[1]) if len(found) == 2 else (found[0] if found else None)
+            gh, gw, gb = _max_projection_backward(grad, hidden, weight, mask, need, argmax)
         h_dt, w_dt, b_dt = ctx.dtypes
         return (gh.to(h_dt) if gh is not None else None, gw.to(w_dt) if gw is not None else None,
                 gb.to(b_dt) if gb is not None else None, None, None, None, None)

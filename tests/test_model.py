@@ -118,6 +118,55 @@ def test_fused_head_matches_reference_with_holes_in_the_mask(per_document: bool,
     assert torch.all(ref[3] == 0)
 
 
+def test_batch_wide_training_keeps_the_argmax_and_its_backward_waits_for_no_device(monkeypatch) -> None:
+    """The accelerators' pass (``per_document=False``) keeps each maximum's row in the forward: the backward
+    recomputes no argmax and its only data-sized operator is one ``nonzero`` of the gradient (one host
+    synchronisation a pass on a GPU), for the reference's gradients; ties across chunks and an all-padding row
+    included."""
+    monkeypatch.setattr(model_module, "_recompute_argmax", lambda *a: pytest.fail("argmax recomputed"))
+    torch.manual_seed(2)
+    hidden = torch.randn(3, 8, 5, dtype=torch.float64, requires_grad=True)
+    hidden.data[0, 5] = hidden.data[0, 1]  # the same token in the first and the third chunk: a tie
+    weight = torch.randn(30, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(30, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1] * 8, [1, 1, 1, 0, 0, 0, 0, 0], [0] * 8])
+    coef = torch.randn(3, 30, dtype=torch.float64)
+    ref = splade_pool_reference(hidden @ weight.t() + bias, mask)
+    ref_grads = torch.autograd.grad((ref * coef).sum(), (hidden, weight, bias))
+
+    def tied(grad_h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        others = torch.ones(8, dtype=torch.bool)
+        others[[1, 5]] = False
+        return grad_h[0, 1] + grad_h[0, 5], torch.cat([grad_h[0, others].flatten(), grad_h[1:].flatten()])
+
+    data_sized: list[str] = []
+    nonzero, index = torch.Tensor.nonzero, torch.Tensor.__getitem__
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda t, *a, **k: data_sized.append("nonzero") or nonzero(t, *a, **k))
+    monkeypatch.setattr(torch.Tensor, "__getitem__", lambda t, i: data_sized.append("mask") or index(t, i)
+                        if isinstance(i, torch.Tensor) and i.dtype == torch.bool else index(t, i))
+    for chunk in (1, 2, 3, 64):
+        data_sized.clear()
+        out = fused_splade_head(hidden, weight, bias, mask, chunk, per_document=False)
+        torch.testing.assert_close(out, ref)
+        grads = torch.autograd.grad((out * coef).sum(), (hidden, weight, bias))
+        # a tie's gradient goes to one of the tied tokens (amax splits it): compare what the two tokens get
+        for g, r in zip(tied(grads[0]), tied(ref_grads[0])):
+            torch.testing.assert_close(g, r)
+        for g, r in zip(grads[1:], ref_grads[1:]):
+            torch.testing.assert_close(g, r)
+        assert data_sized == ["nonzero"], (chunk, data_sized)
+    # under bf16 autocast: the maxima of the bf16 logits, as the plain path's (which adds the bias in fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h32, w32, b32 = (t.detach().float().requires_grad_() for t in (hidden, weight, bias))
+        out = fused_splade_head(h32, w32, b32, mask, 3, per_document=False)
+        plain = splade_pool_reference(h32 @ w32.t() + b32, mask).float()
+    torch.testing.assert_close(out, plain, rtol=2 ** -7, atol=2 ** -7)
+    got = torch.autograd.grad((out * coef.float()).sum(), (h32, w32, b32))
+    want = torch.autograd.grad((plain * coef.float()).sum(), (h32, w32, b32))
+    for g, w in zip(got, want):
+        assert torch.nn.functional.cosine_similarity(g.flatten(), w.flatten(), dim=0) > 0.99
+
+
 # ---- the real model ---------------------------------------------------------------------------------
 
 def test_fused_forward_equals_reference_on_real_model(encoder: SpladeEncoder) -> None:

@@ -19,23 +19,31 @@ def test_profile_train_records_the_steps_it_says_and_their_operators(tmp_path, t
     assert "ProfilerStep*" in "\n".join(table)  # the schedule's recorded steps, advanced by the optimizer hook
 
 
-def _op_counts(tmp_path, name: str, *extra: str) -> tuple[str, dict[str, tuple[float, ...]]]:
+def _op_counts(tmp_path, name: str, *extra: str) -> tuple[str, dict[str, tuple[float, ...]], list[str]]:
+    """``--count-ops``' header, its table's rows (kernels, views, syncs by phase) and its syncs' lines."""
     out = tmp_path / name
     run_quick_training_bench("profile_train.py", tmp_path, out, "--count-ops", *extra)
-    header, _, *rows = out.read_text(encoding="utf-8").splitlines()
-    return header, {line[:18].strip(): tuple(float(x) for x in line[18:].split()) for line in rows}
+    header, _, *rest = out.read_text(encoding="utf-8").splitlines()
+    table, syncs = rest[:rest.index("")], rest[rest.index("") + 2:]
+    return header, {line[:18].strip(): tuple(float(x) for x in line[18:].split()) for line in table}, syncs
 
 
 def test_count_ops_counts_each_phase_and_one_document_pass_dispatches_fewer(tmp_path, tiny_model_path):
     """``--count-ops``: operators per step by phase, every phase dispatching some and the step row their sum;
     positives and negatives in one encoder pass (a GPU's rule) dispatch fewer forward and backward kernels than
-    in two (``--separate-docs``), and the rest of the step the same."""
-    header, one = _op_counts(tmp_path, "one.txt")
+    in two (``--separate-docs``), and the rest of the step the same. Host synchronisations: none in the forward
+    (the attention mask is built without reading the padding back), one ``nonzero`` per encoder pass in the
+    backward (the head keeps its maxima's rows), one read of the step's finiteness in the optimizer's phase."""
+    header, one, syncs = _op_counts(tmp_path, "one.txt")
     assert header.startswith("operators per step on the GPU's code path, 2 steps of batch"), header
     assert header.endswith("one document pass")
     assert set(one) == {"backward", "forward", "loss", "optimizer", "rest of the step", "step"}
-    assert all(kernels > 0 for kernels, _ in one.values()), one
-    assert one["step"][0] == pytest.approx(sum(one[p][0] for p in one if p != "step"))
-    _, two = _op_counts(tmp_path, "two.txt", "--separate-docs")
+    assert all(kernels > 0 for kernels, *_ in one.values()), one
+    for column in range(3):
+        assert one["step"][column] == pytest.approx(sum(one[p][column] for p in one if p != "step"))
+    assert (one["forward"][2], one["backward"][2], one["loss"][2], one["optimizer"][2]) == (0, 2, 0, 1), one
+    assert syncs == ["  backward: nonzero 2.0", "  optimizer: tolist 1.0"], syncs
+    _, two, syncs = _op_counts(tmp_path, "two.txt", "--separate-docs")
     assert one["forward"][0] < two["forward"][0] and one["backward"][0] < two["backward"][0]
     assert one["optimizer"] == two["optimizer"] and one["loss"] == two["loss"]
+    assert two["backward"][2] == 3 and "  backward: nonzero 3.0" in syncs  # one a pass

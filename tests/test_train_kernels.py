@@ -196,6 +196,32 @@ def test_install_keeps_outputs_config_and_padding(tmp_path):
     assert dropout.ATTENTION not in json.dumps(config)
 
 
+def test_the_padding_mask_of_a_device_tensor_is_built_without_reading_it():
+    """On an accelerator the attention mask is built whatever the padding (transformers' SDPA mask reads
+    ``mask.all()`` back to skip it, a host synchronisation each pass): a meta tensor, which has no values to
+    read, gets its mask where SDPA's own function fails; on a CPU both skip the mask of an unpadded batch and
+    agree on a padded one. Off a CPU the trainer's set-up installs it (and no CPU pass or dropout)."""
+    from transformers.masking_utils import bidirectional_mask_function, sdpa_mask
+
+    args = dict(batch_size=2, q_length=5, kv_length=5, mask_function=bidirectional_mask_function,
+                allow_is_bidirectional_skip=True, allow_is_causal_skip=False)
+    meta = torch.ones(2, 5, dtype=torch.bool, device="meta")
+    built = dropout.padding_mask(**args, attention_mask=meta, device="meta")
+    assert built.shape == (2, 1, 5, 5) and built.dtype == torch.bool
+    with pytest.raises(RuntimeError, match="meta"):
+        sdpa_mask(**args, attention_mask=meta, device="meta")
+    full, padded = torch.ones(2, 5, dtype=torch.bool), torch.tensor([[1] * 5, [1, 1, 1, 0, 0]], dtype=torch.bool)
+    assert dropout.padding_mask(**args, attention_mask=full) is None is sdpa_mask(**args, attention_mask=full)
+    assert torch.equal(dropout.padding_mask(**args, attention_mask=padded), sdpa_mask(**args, attention_mask=padded))
+
+    enc = M.SpladeEncoder.from_pretrained("splade-tiny")
+    assert cpu.training_kernels(enc, torch.device("meta"), "auto", "fast", torch.bfloat16) == ("", "")
+    assert enc.mlm.config._attn_implementation == dropout.ATTENTION
+    assert not any(isinstance(m, dropout.CpuDropout) for m in enc.modules())
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    assert ALL_MASK_ATTENTION_FUNCTIONS[dropout.ATTENTION] is dropout.padding_mask
+
+
 # ---- the trainer -------------------------------------------------------------------------------------------
 def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
