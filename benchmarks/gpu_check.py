@@ -8,6 +8,8 @@ under fp16 and bf16, and the AMP behaviour checks, in one script inside a time b
   autocast + GradScaler, the Hugging Face trainer's ``fp16`` / ``bf16``). Samples/s between the end of step
   ``--skip-steps`` and the last step (``bench_quality.throughput``); the sentence-transformers step clock
   synchronises CUDA at each step end, as our trainer's per-step loss read does. Target: ours >= 2x theirs.
+  One more run of ours in bf16 takes the former step (the queries in an encoder pass of their own, as in the
+  2026-12-05 runs: ``profile_train.forced_passes``), so the run measures what one pass a step gains on the GPU.
 * **Encoding**: ``SpladeEncoder.encode`` vs ``SparseEncoder.encode`` (output copied to the CPU on both sides)
   on the same ``--encode-docs`` documents, length 256, under ``torch.autocast`` at each precision; the median
   of ``--encode-reps`` timed passes after a warm-up; both sides' vectors of the first documents are compared
@@ -31,6 +33,7 @@ is printed and stored under ``target``. sentence-transformers, datasets and acce
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import gc
 import importlib.util
@@ -42,7 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
 from _common import CONFIGS, DEFAULT_DATA, RESULTS, ROOT, machine, table, write_json
@@ -53,6 +56,7 @@ import bench_quality as bq
 import gpu_amp_check as gac
 
 TARGET = 2.0  # issue 36: training samples/s at least 2x sentence-transformers'
+FORMER = "splade_obs_queries_apart"  # our bf16 run with the former step's two encoder passes
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO = ROOT / "splade_obs" / "demo"
 # the dry run's sizes are tiny because fp16 on a CPU is emulated (~20x slower than bf16 there)
@@ -175,18 +179,38 @@ def train_st_on(cfg, steps: int, out_dir: Path, skip: int, device: str, amp: tor
     return {k: info[k] for k in ("steps", "train_wall_s", "samples_per_s", "final_loss")}
 
 
-def train_run(side: str, precision: str, triples: Path, tmp: Path, device: str, sizes: dict) -> dict:
-    """One side's training run; samples/s after ``skip_steps``, wall time and peak GPU memory."""
+@contextlib.contextmanager
+def step_passes(passes: int | None) -> Iterator[None]:
+    """Our trainer's steps with ``passes`` encoder passes (``profile_train.forced_passes``); None: its own rule."""
+    import functools
+
+    import profile_train
+    from splade_obs import objective
+
+    rule = objective.pass_groups
+    if passes is not None:
+        objective.pass_groups = functools.partial(profile_train.forced_passes, passes)
+    try:
+        yield
+    finally:
+        objective.pass_groups = rule
+
+
+def train_run(side: str, precision: str, triples: Path, tmp: Path, device: str, sizes: dict,
+              passes: int | None = None) -> dict:
+    """One side's training run; samples/s after ``skip_steps``, wall time and peak GPU memory. ``passes``: ours
+    with that many encoder passes a step (:func:`step_passes`)."""
     overrides = {"optim.mixed_precision": precision, "optim.device": device, "logging.progress": "none",
                  "model.max_query_length": sizes["query_length"], "model.max_doc_length": sizes["doc_length"],
                  "optim.batch_size": sizes["train_batch"]}
-    out = tmp / f"train-{side}-{precision}"
+    out = tmp / f"train-{side}-{precision}{'' if passes is None else f'-{passes}-passes'}"
     cfg = bq.train_config(CONFIGS / "scifact_finetune.toml", triples, out, max_steps=sizes["train_steps"],
                           overrides=overrides)
     reset_peak(device)
     t0 = time.perf_counter()
     if side == "splade_obs":
-        info = bq.train_ours(cfg, skip=sizes["skip_steps"])
+        with step_passes(passes):
+            info = bq.train_ours(cfg, skip=sizes["skip_steps"])
         info = {k: info[k] for k in ("status", "steps", "train_wall_s", "samples_per_s", "final_loss")}
     else:
         info = train_st_on(cfg, sizes["train_steps"], out, sizes["skip_steps"], device, PRECISIONS[precision])
@@ -311,6 +335,13 @@ def print_tables(report: dict) -> None:
             for side in ("splade_obs", "sentence_transformers"):
                 if "error" in pair.get(side, {}):
                     print(f"{part} {p} {side} failed: {pair[side]['error']}")
+    former = report["training"].get("bf16", {}).get(FORMER)
+    if former is not None:
+        gain = report["training"]["bf16"].get("one_pass_speedup")
+        print(f"training bf16, the former step (queries in a pass of their own): "
+              f"{former.get('samples_per_s', float('nan')):.1f} samples/s; one pass a step: "
+              f"{'-' if gain is None else f'{gain:.2f}x'} that" + (f" (failed: {former['error']})"
+                                                                  if "error" in former else ""))
     if report.get("amp"):
         print("AMP checks:", ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["amp"]["checks"].items()))
     print(report["target"]["text"])
@@ -392,6 +423,12 @@ def run_all(report: dict, tmp: Path, data: Path, device: str, sizes: dict, budge
             budget.check()
         walls.append(time.perf_counter() - t0)
         pair["ratio"] = ratio(pair, "samples_per_s")
+    if "bf16" in report["training"]:  # the former step, queries apart: what one pass a step gains here
+        bf16 = report["training"]["bf16"]
+        bf16[FORMER] = guarded(lambda: train_run("splade_obs", "bf16", triples, tmp, device, sizes, passes=2))
+        now, former = bf16["splade_obs"].get("samples_per_s"), bf16[FORMER].get("samples_per_s")
+        bf16["one_pass_speedup"] = now / former if now and former else None
+        budget.check()
     docs, report["data"]["encoding"] = encoding_docs(data, sizes["encode_docs"])
     for precision in PRECISIONS:
         pair, first = report["encoding"].setdefault(precision, {}), {}

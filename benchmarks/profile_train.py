@@ -12,9 +12,10 @@ time go to stdout and, with ``--output``, to a text file::
 
 ``--count-ops`` counts instead the aten operators the recorded steps dispatch, by phase (forward, backward,
 loss, optimizer, the rest), with views (which launch no kernel) apart, on the code path a GPU takes: the
-head's batch-wide tiles, torch's own dropout and SDPA with the mask built as for a GPU tensor, one pass for
-positives and negatives (``--separate-docs``: two, as before). On a GPU our step is bound by the host's kernel launches
-(docs/benchmarks.md, "GPU check"), so this is the CPU's measure of that host work between GPU sessions. The
+head's batch-wide tiles, torch's own dropout and SDPA with the mask built as for a GPU tensor, one encoder pass
+for queries, positives and negatives (``--passes 2`` / ``3``: the former steps). On a GPU our step is bound by
+the host's kernel launches (docs/benchmarks.md, "GPU check"), so this is the CPU's measure of that host work
+between GPU sessions. The
 ``syncs`` column counts the calls that would make the host wait for a GPU to finish (a value read back:
 ``item``, ``tolist``, ``bool(tensor)``; an output sized by data: ``nonzero``, boolean-mask indexing, ``unique``),
 and the operators behind them are listed under the table::
@@ -47,8 +48,9 @@ def main() -> None:
     ap.add_argument("--count-ops", action="store_true", help="count dispatched operators by phase, on the path a "
                     "GPU takes, instead of profiling times")
     ap.add_argument("--precision", choices=["auto", "no", "fp16", "bf16"], help="override the config's")
-    ap.add_argument("--separate-docs", action="store_true", help="with --count-ops: positives and negatives in "
-                    "separate encoder passes (the step before they shared one), for comparison")
+    ap.add_argument("--passes", type=int, choices=[1, 2, 3], default=1, help="with --count-ops: encoder passes a "
+                    "step: 1 = queries, positives and negatives in one (a GPU's rule), 2 = the queries apart, 3 = each "
+                    "group apart (the former steps), for comparison")
     args = ap.parse_args()
     require_beir(args.data)
 
@@ -143,6 +145,12 @@ def phase_of(frame: object) -> str:
     return "rest of the step"
 
 
+def forced_passes(passes: int, shapes: list[tuple[int, int]], device: object) -> list[list[int]]:
+    """``objective.pass_groups`` with ``passes`` encoder passes a step (fewer when a step has fewer groups)."""
+    every = list(range(len(shapes)))
+    return {1: [every], 2: [[0], every[1:]] if len(every) > 1 else [every], 3: [[i] for i in every]}[passes]
+
+
 def count_ops(cfg: object, args: argparse.Namespace) -> None:
     """Operators per step of the ``--active`` steps after ``--wait`` + 1, by phase, on the GPU's code path."""
     import collections
@@ -191,14 +199,14 @@ def count_ops(cfg: object, args: argparse.Namespace) -> None:
     model.fused_splade_head = functools.partial(model.fused_splade_head, per_document=False)  # batch-wide, as a GPU
     dropout._fast = lambda *_: False  # torch's dropout and SDPA, as on a GPU
     dropout.reads_back = lambda *_: True  # the attention mask built as for a tensor on a GPU
-    objective.one_document_pass = lambda *_: not args.separate_docs  # a GPU's rule, whatever the lengths
+    objective.pass_groups = functools.partial(forced_passes, args.passes)  # whatever the lengths
     train_stepped(cfg, stepped)
     phases = [p for _, p in PHASES] + ["rest of the step"]
     rows = [(p, *(x / args.active for x in (counts[p, "kernels"], counts[p, "views"],
                                             sum(n for (q, _), n in syncs.items() if q == p))))
             for p in phases]
     rows.append(("step", *(sum(r[i] for r in rows) for i in (1, 2, 3))))
-    passes = "separate document passes" if args.separate_docs else "one document pass"
+    passes = "one encoder pass" if args.passes == 1 else f"{args.passes} encoder passes"
     lines = [f"operators per step on the GPU's code path, {args.active} steps of batch {cfg.optim.batch_size} at "
              f"lengths {cfg.model.max_query_length}/{cfg.model.max_doc_length}, {cfg.optim.mixed_precision} precision, "
              f"{passes}",

@@ -17,12 +17,12 @@ Reps = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None"]
 class PairForward(torch.nn.Module):
     """Queries, positives and negatives in one forward call (one call per step is what DDP expects).
 
-    Positives and negatives go through the encoder as one batch of documents, two encoder passes a step instead
-    of three (29% fewer kernels on a GPU's code path, docs/benchmarks.md "GPU check"): on an accelerator, whose
-    step is bound by the host's kernel launches, the shorter group is padded to the longer (padding is masked, so
-    the weights are those of separate passes, and the GPU has time to spare for the padding's arithmetic); on a
-    CPU, whose step is bound by arithmetic, only when both groups have the same padded length (the usual case at
-    256 tokens), so no padding is added.
+    Groups share an encoder pass as :func:`pass_groups` says: on an accelerator, whose step is bound by the host's
+    kernel launches, all three go through one pass, the shorter groups padded to the longest (padding is masked,
+    so the weights are those of separate passes, and the GPU has time to spare for the padding's arithmetic):
+    one pass a step instead of three, 60% fewer kernels (docs/benchmarks.md, "GPU check"), unless that pads too
+    much (:data:`MAX_ADDED_PADDING`). On a CPU, whose step is bound by arithmetic, only groups of the same padded
+    length share a pass (positives and negatives at 256 tokens, the usual case), so no padding is added.
     """
 
     def __init__(self, encoder: SpladeEncoder) -> None:
@@ -31,22 +31,42 @@ class PairForward(torch.nn.Module):
 
     def forward(self, q_ids: torch.Tensor, q_mask: torch.Tensor, p_ids: torch.Tensor, p_mask: torch.Tensor,
                 n_ids: torch.Tensor | None = None, n_mask: torch.Tensor | None = None) -> Reps:
+        groups = [(q_ids, q_mask), (p_ids, p_mask)] + ([] if n_ids is None or n_mask is None else [(n_ids, n_mask)])
+        reps: list[torch.Tensor | None] = [None, None, None]
+        pad_id = getattr(self.encoder.tokenizer, "pad_token_id", None) or 0
         with self.encoder.frozen_head():  # one int8 form of the head for the passes of the step
-            q = self.encoder(q_ids, q_mask)
-            if n_ids is None or n_mask is None:
-                return q, self.encoder(p_ids, p_mask), None
-            if not one_document_pass(p_ids, n_ids):
-                return q, self.encoder(p_ids, p_mask), self.encoder(n_ids, n_mask)
-            length = max(p_ids.shape[1], n_ids.shape[1])
-            pad_id = getattr(self.encoder.tokenizer, "pad_token_id", None) or 0
-            docs = self.encoder(torch.cat([_pad_to(p_ids, length, pad_id), _pad_to(n_ids, length, pad_id)]),
-                                torch.cat([_pad_to(p_mask, length, 0), _pad_to(n_mask, length, 0)]))
-        return q, docs[:p_ids.shape[0]], docs[p_ids.shape[0]:]
+            for members in pass_groups([tuple(ids.shape) for ids, _ in groups], q_ids.device):
+                if len(members) == 1:
+                    reps[members[0]] = self.encoder(*groups[members[0]])
+                    continue
+                length = max(groups[i][0].shape[1] for i in members)
+                out = self.encoder(torch.cat([_pad_to(groups[i][0], length, pad_id) for i in members]),
+                                   torch.cat([_pad_to(groups[i][1], length, 0) for i in members]))
+                for i, part in zip(members, out.split([groups[i][0].shape[0] for i in members])):
+                    reps[i] = part
+        return reps[0], reps[1], reps[2]  # type: ignore[return-value]
 
 
-def one_document_pass(p_ids: torch.Tensor, n_ids: torch.Tensor) -> bool:
-    """Whether :class:`PairForward` encodes positives and negatives in one pass (see there)."""
-    return p_ids.device.type != "cpu" or p_ids.shape[1] == n_ids.shape[1]
+#: On an accelerator, the most padding the queries' joining the documents' pass may add, as a share of the step's
+#: tokens: at lengths 64 / 256 with one negative a query adds a third (merged); without negatives, three fifths
+#: (the queries keep their own pass), so a step's activations grow by at most half.
+MAX_ADDED_PADDING = 0.5
+
+
+def pass_groups(shapes: list[tuple[int, int]], device: torch.device) -> list[list[int]]:
+    """Which of a step's groups (queries, positives, negatives: their ``(rows, padded length)``) share an encoder
+    pass, by index. On an accelerator all three when that pads at most :data:`MAX_ADDED_PADDING` more tokens,
+    else the queries apart and the documents together; on a CPU those of the same length (see
+    :class:`PairForward`)."""
+    every = list(range(len(shapes)))
+    if device.type != "cpu":
+        tokens = sum(rows * length for rows, length in shapes)
+        padded = sum(rows for rows, _ in shapes) * max(length for _, length in shapes)
+        return [every] if padded <= (1 + MAX_ADDED_PADDING) * tokens else [[0], every[1:]]
+    shared: dict[int, list[int]] = {}
+    for i, (_, length) in enumerate(shapes):
+        shared.setdefault(length, []).append(i)
+    return list(shared.values())
 
 
 def _pad_to(t: torch.Tensor, length: int, value: int) -> torch.Tensor:

@@ -55,6 +55,11 @@ def test_dry_run_reports_training_encoding_amp_checks_and_the_target(tmp_path, t
     for pair in report["training"].values():
         assert pair["splade_obs"]["status"] == "FINISHED"
         assert pair["splade_obs"]["steps"] == pair["sentence_transformers"]["steps"] == report["sizes"]["train_steps"]
+    # the former step (queries in a pass of their own) beside ours in bf16, and what one pass a step gains
+    bf16, former = report["training"]["bf16"], report["training"]["bf16"]["splade_obs_queries_apart"]
+    assert former["status"] == "FINISHED" and former["steps"] == report["sizes"]["train_steps"], former
+    assert bf16["one_pass_speedup"] == bf16["splade_obs"]["samples_per_s"] / former["samples_per_s"]
+    assert "the former step (queries in a pass of their own)" in proc.stdout
     for pair in report["encoding"].values():
         assert pair["splade_obs"]["docs"] == pair["sentence_transformers"]["docs"] == report["sizes"]["encode_docs"]
         # both encoders turn the same documents into the same vectors, up to the precision's rounding
@@ -97,3 +102,16 @@ def test_missing_scifact_falls_back_to_the_bundled_demo_data(tmp_path) -> None:
     docs, enc = gpu_check.encoding_docs(tmp_path / "no-scifact", 600)
     assert len(docs) == 600 and enc["source"] == "demo" and enc["unique_docs"] < 600
     assert docs[enc["unique_docs"]] == docs[0]  # the demo corpus repeated up to the requested count
+
+
+def test_step_passes_forces_the_trainers_encoder_passes_and_puts_the_rule_back() -> None:
+    import torch
+
+    from splade_obs import objective
+
+    shapes, rule = [(4, 8), (4, 16), (4, 16)], objective.pass_groups
+    with bench_module("gpu_check").step_passes(3):
+        assert objective.pass_groups(shapes, torch.device("cpu")) == [[0], [1], [2]]
+    with bench_module("gpu_check").step_passes(1):
+        assert objective.pass_groups(shapes, torch.device("cpu")) == [[0, 1, 2]]
+    assert objective.pass_groups is rule and rule(shapes, torch.device("cpu")) == [[0], [1, 2]]

@@ -1,5 +1,6 @@
-"""The training forward: positives and negatives in one encoder pass where that costs no arithmetic, with the
-weights and gradients of separate passes (real splade-tiny, eval mode so dropout does not differ)."""
+"""The training forward: queries, positives and negatives share encoder passes (all three in one on an
+accelerator; on a CPU those of one length), with the weights and gradients of separate passes (real
+splade-tiny, eval mode so dropout does not differ)."""
 
 from __future__ import annotations
 
@@ -47,27 +48,30 @@ def _run(enc: SpladeEncoder, inputs: tuple[torch.Tensor, ...]) -> tuple[int, lis
             [p.grad.clone() for p in enc.parameters() if p.grad is not None])
 
 
-def _separate(enc: SpladeEncoder, inputs: tuple[torch.Tensor, ...], monkeypatch) -> tuple:
+def _forced(enc: SpladeEncoder, inputs: tuple[torch.Tensor, ...], monkeypatch, groups: list[list[int]]) -> tuple:
     with monkeypatch.context() as m:
-        m.setattr(objective, "one_document_pass", lambda *_: False)
+        m.setattr(objective, "pass_groups", lambda *_: groups)
         return _run(enc, inputs)
 
 
-@pytest.mark.parametrize("case", ["same_length", "padded", "padded_batch_wide_head"])
-def test_one_document_pass_gives_the_weights_and_gradients_of_separate_passes(encoder, monkeypatch, case):
-    """``padded_batch_wide_head``: the head's tiles a GPU runs (every document's positions at once, no argmax kept
-    for the backward) instead of a CPU's per-document ones."""
-    if case == "padded_batch_wide_head":
+@pytest.mark.parametrize("case", ["cpu_rule", "one_pass", "one_pass_batch_wide_head", "queries_apart"])
+def test_shared_passes_give_the_weights_and_gradients_of_separate_passes(encoder, monkeypatch, case):
+    """``cpu_rule``: positives and negatives of one length share a pass; the others force what an accelerator
+    does: every group in one pass (the shorter padded), also with the head's tiles a GPU runs (every document's
+    positions at once, the maxima's rows kept for the backward), or the queries apart."""
+    if case == "one_pass_batch_wide_head":
         monkeypatch.setattr(model_module, "fused_splade_head",
                             functools.partial(model_module.fused_splade_head, per_document=False))
-    inputs = _inputs(encoder, SHORT, SHORT[::-1] if case == "same_length" else LONG)
-    same = inputs[2].shape[1] == inputs[4].shape[1]
-    assert same == (case == "same_length")
-    passes_sep, reps_sep, grads_sep = _separate(encoder, inputs, monkeypatch)
-    if not same:  # a CPU pads only on the accelerator rule; force it, as a GPU would take it
-        monkeypatch.setattr(objective, "one_document_pass", lambda *_: True)
-    passes, reps, grads = _run(encoder, inputs)
-    assert (passes_sep, passes) == (3, 2)
+    inputs = _inputs(encoder, SHORT, SHORT[::-1] if case == "cpu_rule" else LONG)
+    lengths = [inputs[i].shape[1] for i in (0, 2, 4)]
+    assert len(set(lengths)) == (2 if case == "cpu_rule" else 3), lengths  # the queries are shorter
+    passes_sep, reps_sep, grads_sep = _forced(encoder, inputs, monkeypatch, [[0], [1], [2]])
+    if case == "cpu_rule":
+        passes, reps, grads = _run(encoder, inputs)
+    else:
+        passes, reps, grads = _forced(encoder, inputs, monkeypatch, [[0], [1, 2]] if case == "queries_apart"
+                                      else [[0, 1, 2]])
+    assert (passes_sep, passes) == (3, 1 if case.startswith("one_pass") else 2)
     for got, want in zip(reps, reps_sep):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -76,11 +80,17 @@ def test_one_document_pass_gives_the_weights_and_gradients_of_separate_passes(en
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
-def test_the_cpu_rule_merges_equal_lengths_only_and_an_accelerator_always():
-    ids = torch.zeros(2, 8, dtype=torch.long)
-    assert objective.one_document_pass(ids, torch.zeros(3, 8, dtype=torch.long))
-    assert not objective.one_document_pass(ids, torch.zeros(2, 9, dtype=torch.long))
-    assert objective.one_document_pass(ids.to("meta"), torch.zeros(2, 9, dtype=torch.long, device="meta"))
+def test_the_cpu_rule_shares_equal_lengths_only_and_an_accelerator_pads_up_to_its_bound():
+    cpu, gpu = torch.device("cpu"), torch.device("meta")
+    assert objective.pass_groups([(2, 8), (2, 16), (2, 16)], cpu) == [[0], [1, 2]]
+    assert objective.pass_groups([(2, 8), (2, 16), (2, 9)], cpu) == [[0], [1], [2]]
+    assert objective.pass_groups([(2, 16), (2, 16), (4, 16)], cpu) == [[0, 1, 2]]
+    # 16 queries of 64 tokens joining 16 + 16 documents of 256 add a third of the step's tokens: one pass
+    assert objective.pass_groups([(16, 64), (16, 256), (16, 240)], gpu) == [[0, 1, 2]]
+    # without negatives they would add three fifths: the queries keep a pass of their own
+    assert objective.pass_groups([(16, 64), (16, 256)], gpu) == [[0], [1]]
+    assert objective.MAX_ADDED_PADDING == 0.5
+    assert objective.pass_groups([(16, 128), (16, 256)], gpu) == [[0, 1]]  # a third: shared
 
 
 def test_without_negatives_two_passes(encoder):

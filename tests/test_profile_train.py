@@ -28,22 +28,27 @@ def _op_counts(tmp_path, name: str, *extra: str) -> tuple[str, dict[str, tuple[f
     return header, {line[:18].strip(): tuple(float(x) for x in line[18:].split()) for line in table}, syncs
 
 
-def test_count_ops_counts_each_phase_and_one_document_pass_dispatches_fewer(tmp_path, tiny_model_path):
+def test_count_ops_counts_each_phase_and_fewer_passes_dispatch_fewer(tmp_path, tiny_model_path):
     """``--count-ops``: operators per step by phase, every phase dispatching some and the step row their sum;
-    positives and negatives in one encoder pass (a GPU's rule) dispatch fewer forward and backward kernels than
-    in two (``--separate-docs``), and the rest of the step the same. Host synchronisations: none in the forward
-    (the attention mask is built without reading the padding back), one ``nonzero`` per encoder pass in the
-    backward (the head keeps its maxima's rows), one read of the step's finiteness in the optimizer's phase."""
+    queries, positives and negatives in one encoder pass (a GPU's rule) dispatch fewer forward and backward
+    kernels than with the queries apart (``--passes 2``), and those fewer than three passes; the rest of the step
+    is the same. Host synchronisations: none in the forward (the attention mask is built without reading the
+    padding back), one ``nonzero`` per encoder pass in the backward (the head keeps its maxima's rows), one read
+    of the step's finiteness in the optimizer's phase."""
     header, one, syncs = _op_counts(tmp_path, "one.txt")
     assert header.startswith("operators per step on the GPU's code path, 2 steps of batch"), header
-    assert header.endswith("one document pass")
+    assert header.endswith("one encoder pass")
     assert set(one) == {"backward", "forward", "loss", "optimizer", "rest of the step", "step"}
     assert all(kernels > 0 for kernels, *_ in one.values()), one
     for column in range(3):
         assert one["step"][column] == pytest.approx(sum(one[p][column] for p in one if p != "step"))
-    assert (one["forward"][2], one["backward"][2], one["loss"][2], one["optimizer"][2]) == (0, 2, 0, 1), one
-    assert syncs == ["  backward: nonzero 2.0", "  optimizer: tolist 1.0"], syncs
-    _, two, syncs = _op_counts(tmp_path, "two.txt", "--separate-docs")
-    assert one["forward"][0] < two["forward"][0] and one["backward"][0] < two["backward"][0]
-    assert one["optimizer"] == two["optimizer"] and one["loss"] == two["loss"]
-    assert two["backward"][2] == 3 and "  backward: nonzero 3.0" in syncs  # one a pass
+    assert (one["forward"][2], one["backward"][2], one["loss"][2], one["optimizer"][2]) == (0, 1, 0, 1), one
+    assert syncs == ["  backward: nonzero 1.0", "  optimizer: tolist 1.0"], syncs
+    fewer = one
+    for passes in (2, 3):
+        header, more, syncs = _op_counts(tmp_path, f"{passes}.txt", "--passes", str(passes))
+        assert header.endswith(f"{passes} encoder passes")
+        assert fewer["forward"][0] < more["forward"][0] and fewer["backward"][0] < more["backward"][0]
+        assert one["optimizer"] == more["optimizer"] and one["loss"] == more["loss"]
+        assert more["backward"][2] == passes and f"  backward: nonzero {passes}.0" in syncs  # one a pass
+        fewer = more
