@@ -155,16 +155,18 @@ def test_batch_wide_training_keeps_the_argmax_and_its_backward_waits_for_no_devi
         for g, r in zip(grads[1:], ref_grads[1:]):
             torch.testing.assert_close(g, r)
         assert data_sized == ["nonzero"], (chunk, data_sized)
-    # under bf16 autocast: the maxima of the bf16 logits, as the plain path's (which adds the bias in fp32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        h32, w32, b32 = (t.detach().float().requires_grad_() for t in (hidden, weight, bias))
-        out = fused_splade_head(h32, w32, b32, mask, 3, per_document=False)
-        plain = splade_pool_reference(h32 @ w32.t() + b32, mask).float()
-    torch.testing.assert_close(out, plain, rtol=2 ** -7, atol=2 ** -7)
-    got = torch.autograd.grad((out * coef.float()).sum(), (h32, w32, b32))
-    want = torch.autograd.grad((plain * coef.float()).sum(), (h32, w32, b32))
-    for g, w in zip(got, want):
-        assert torch.nn.functional.cosine_similarity(g.flatten(), w.flatten(), dim=0) > 0.99
+    # under bf16 / fp16 autocast: the maxima of the low-precision logits, as the plain path's (which adds the
+    # bias in fp32)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            h32, w32, b32 = (t.detach().float().requires_grad_() for t in (hidden, weight, bias))
+            out = fused_splade_head(h32, w32, b32, mask, 3, per_document=False)
+            plain = splade_pool_reference(h32 @ w32.t() + b32, mask).float()
+        torch.testing.assert_close(out, plain, rtol=2 ** -7, atol=2 ** -7)
+        got = torch.autograd.grad((out * coef.float()).sum(), (h32, w32, b32))
+        want = torch.autograd.grad((plain * coef.float()).sum(), (h32, w32, b32))
+        for g, w in zip(got, want):
+            assert torch.nn.functional.cosine_similarity(g.flatten(), w.flatten(), dim=0) > 0.99, dtype
 
 
 # ---- the real model ---------------------------------------------------------------------------------
