@@ -7,7 +7,9 @@ under fp16 and bf16, and the AMP behaviour checks, in one script inside a time b
   picks, in our order), batch size, steps, lengths (64 / 256) and precision (each side's own AMP: our trainer's
   autocast + GradScaler, the Hugging Face trainer's ``fp16`` / ``bf16``). Samples/s between the end of step
   ``--skip-steps`` and the last step (``bench_quality.throughput``); the sentence-transformers step clock
-  synchronises CUDA at each step end, as our trainer's per-step loss read does. Target: ours >= 2x theirs.
+  synchronises CUDA at each step end, as our trainer's per-step loss read does. ``--repeats`` runs of each side,
+  alternating (ours, theirs, ours, ...) so a drift of the machine reaches both; each side's samples/s is the
+  median of its runs (all of them under ``runs_samples_per_s``). Target: ours >= 2x theirs, medians.
   One more run of ours in bf16 takes the former step (the queries in an encoder pass of their own, as in the
   2026-12-05 runs: ``profile_train.forced_passes``), so the run measures what one pass a step gains on the GPU.
 * **Encoding**: ``SpladeEncoder.encode`` vs ``SparseEncoder.encode`` (output copied to the CPU on both sides)
@@ -60,10 +62,10 @@ FORMER = "splade_obs_queries_apart"  # our bf16 run with the former step's two e
 PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO = ROOT / "splade_obs" / "demo"
 # the dry run's sizes are tiny because fp16 on a CPU is emulated (~20x slower than bf16 there)
-GPU_SIZES = {"train_steps": 100, "skip_steps": 10, "train_batch": 16, "query_length": 64, "doc_length": 256,
+GPU_SIZES = {"repeats": 3, "train_steps": 200, "skip_steps": 10, "train_batch": 16, "query_length": 64, "doc_length": 256,
              "encode_docs": 2048, "encode_batch": 64, "encode_reps": 3, "amp_steps": 40, "amp_batch": 32,
              "amp_query_length": 32, "amp_doc_length": 128, "resume_steps": 10}
-DRY_SIZES = {"train_steps": 3, "skip_steps": 1, "train_batch": 2, "query_length": 8, "doc_length": 16,
+DRY_SIZES = {"repeats": 1, "train_steps": 3, "skip_steps": 1, "train_batch": 2, "query_length": 8, "doc_length": 16,
              "encode_docs": 16, "encode_batch": 8, "encode_reps": 1, "amp_steps": 3, "amp_batch": 2,
              "amp_query_length": 8, "amp_doc_length": 16, "resume_steps": 2}
 
@@ -197,13 +199,13 @@ def step_passes(passes: int | None) -> Iterator[None]:
 
 
 def train_run(side: str, precision: str, triples: Path, tmp: Path, device: str, sizes: dict,
-              passes: int | None = None) -> dict:
+              passes: int | None = None, repeat: int = 0) -> dict:
     """One side's training run; samples/s after ``skip_steps``, wall time and peak GPU memory. ``passes``: ours
     with that many encoder passes a step (:func:`step_passes`)."""
     overrides = {"optim.mixed_precision": precision, "optim.device": device, "logging.progress": "none",
                  "model.max_query_length": sizes["query_length"], "model.max_doc_length": sizes["doc_length"],
                  "optim.batch_size": sizes["train_batch"]}
-    out = tmp / f"train-{side}-{precision}{'' if passes is None else f'-{passes}-passes'}"
+    out = tmp / f"train-{side}-{precision}{'' if passes is None else f'-{passes}-passes'}-{repeat}"
     cfg = bq.train_config(CONFIGS / "scifact_finetune.toml", triples, out, max_steps=sizes["train_steps"],
                           overrides=overrides)
     reset_peak(device)
@@ -304,6 +306,19 @@ def amp_checks(device: str, tmp: Path, sizes: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- report
+def median_run(runs: list[dict]) -> dict:
+    """The run of median samples/s among ``runs`` that did not fail (the lower middle one of an even count), its
+    ``samples_per_s`` the median itself, with every run's under ``runs_samples_per_s`` (None: failed); the last
+    run when all failed."""
+    ok = sorted((r for r in runs if "error" not in r and r.get("samples_per_s")), key=lambda r: r["samples_per_s"])
+    if not ok:
+        return dict(runs[-1])
+    out = dict(ok[(len(ok) - 1) // 2])
+    out["samples_per_s"] = statistics.median(r["samples_per_s"] for r in ok)
+    out["runs_samples_per_s"] = [r.get("samples_per_s") for r in runs]
+    return out
+
+
 def ratio(pair: dict, key: str) -> float | None:
     a, b = pair.get("splade_obs", {}).get(key), pair.get("sentence_transformers", {}).get(key)
     return a / b if a and b and a == a and b == b else None
@@ -417,15 +432,23 @@ def run_all(report: dict, tmp: Path, data: Path, device: str, sizes: dict, budge
                                  f"({budget.left():.0f} s left)")
             sizes["train_steps"] = steps
         t0, pair = time.perf_counter(), report["training"].setdefault(precision, {})
-        for side in ("splade_obs", "sentence_transformers"):
-            pair[side] = guarded(lambda: train_run(side, precision, triples, tmp, device, sizes))
-            pair[side]["requested_steps"] = sizes["train_steps"]
-            budget.check()
+        runs: dict[str, list[dict]] = {"splade_obs": [], "sentence_transformers": []}
+        for repeat in range(sizes["repeats"]):
+            for side, done in runs.items():
+                done.append(guarded(lambda: train_run(side, precision, triples, tmp, device, sizes, repeat=repeat)))
+                pair[side] = median_run(done)
+                pair[side]["requested_steps"] = sizes["train_steps"]
+                budget.check()
         walls.append(time.perf_counter() - t0)
         pair["ratio"] = ratio(pair, "samples_per_s")
     if "bf16" in report["training"]:  # the former step, queries apart: what one pass a step gains here
         bf16 = report["training"]["bf16"]
-        bf16[FORMER] = guarded(lambda: train_run("splade_obs", "bf16", triples, tmp, device, sizes, passes=2))
+        former_runs: list[dict] = []
+        for repeat in range(sizes["repeats"]):
+            former_runs.append(guarded(lambda: train_run("splade_obs", "bf16", triples, tmp, device, sizes, passes=2,
+                                                         repeat=repeat)))
+            bf16[FORMER] = median_run(former_runs)
+            budget.check()
         now, former = bf16["splade_obs"].get("samples_per_s"), bf16[FORMER].get("samples_per_s")
         bf16["one_pass_speedup"] = now / former if now and former else None
         budget.check()

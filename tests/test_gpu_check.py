@@ -39,8 +39,19 @@ def test_the_overflow_check_reads_the_scale_across_the_forced_batch() -> None:
     assert not halved([[1, 0, 65536.0]], 2)                                # no step after it
 
 
+def test_a_side_reports_its_median_run() -> None:
+    median_run = bench_module("gpu_check").median_run
+    runs = [{"samples_per_s": 10.0, "n": 1}, {"error": "boom"}, {"samples_per_s": 30.0, "n": 3},
+            {"samples_per_s": 20.0, "n": 2}]
+    assert median_run(runs) == {"samples_per_s": 20.0, "n": 2, "runs_samples_per_s": [10.0, None, 30.0, 20.0]}
+    two = median_run(runs[:2] + [{"samples_per_s": 14.0, "n": 4}])  # an even count: the median, the lower run
+    assert two == {"samples_per_s": 12.0, "n": 1, "runs_samples_per_s": [10.0, None, 14.0]}
+    assert median_run([{"error": "a"}, {"error": "b"}]) == {"error": "b"}
+
+
 def test_dry_run_reports_training_encoding_amp_checks_and_the_target(tmp_path, tiny_model_path) -> None:
-    proc, report = _run(tmp_path)
+    proc, report = _run(tmp_path, "--repeats", "2")
+    assert report["sizes"]["repeats"] == 2
     assert report["cpu_dry_run"] is True and report["device"]["device"] == "cpu" and report["device"]["gpu"] is None
     assert report["budget"]["exceeded"] is False and report["budget"]["used_s"] > 0
     assert report["data"]["source"] in ("scifact", "demo")
@@ -52,12 +63,16 @@ def test_dry_run_reports_training_encoding_amp_checks_and_the_target(tmp_path, t
                 assert "error" not in run, (part, precision, side, run)
                 assert math.isfinite(run[key]) and run[key] > 0, (part, precision, side, run)
             assert pair["ratio"] == pair["splade_obs"][key] / pair["sentence_transformers"][key]
-    for pair in report["training"].values():
+    for pair in report["training"].values():  # each side ran twice, alternating; its samples/s is the median
+        for side in SIDES:
+            runs = pair[side]["runs_samples_per_s"]
+            assert len(runs) == 2 and pair[side]["samples_per_s"] == sum(runs) / 2, pair[side]
         assert pair["splade_obs"]["status"] == "FINISHED"
         assert pair["splade_obs"]["steps"] == pair["sentence_transformers"]["steps"] == report["sizes"]["train_steps"]
     # the former step (queries in a pass of their own) beside ours in bf16, and what one pass a step gains
     bf16, former = report["training"]["bf16"], report["training"]["bf16"]["splade_obs_queries_apart"]
     assert former["status"] == "FINISHED" and former["steps"] == report["sizes"]["train_steps"], former
+    assert len(former["runs_samples_per_s"]) == 2
     assert bf16["one_pass_speedup"] == bf16["splade_obs"]["samples_per_s"] / former["samples_per_s"]
     assert "the former step (queries in a pass of their own)" in proc.stdout
     for pair in report["encoding"].values():
