@@ -63,8 +63,8 @@ PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16}
 DEMO = ROOT / "splade_obs" / "demo"
 # the dry run's sizes are tiny because fp16 on a CPU is emulated (~20x slower than bf16 there)
 GPU_SIZES = {"repeats": 3, "train_steps": 200, "skip_steps": 10, "train_batch": 16, "query_length": 64,
-             "doc_length": 256, "encode_docs": 2048, "encode_batch": 64, "encode_reps": 3, "amp_steps": 40, "amp_batch": 32,
-             "amp_query_length": 32, "amp_doc_length": 128, "resume_steps": 10}
+             "doc_length": 256, "encode_docs": 2048, "encode_batch": 64, "encode_reps": 3, "amp_steps": 40,
+             "amp_batch": 32, "amp_query_length": 32, "amp_doc_length": 128, "resume_steps": 10}
 DRY_SIZES = {"repeats": 1, "train_steps": 3, "skip_steps": 1, "train_batch": 2, "query_length": 8, "doc_length": 16,
              "encode_docs": 16, "encode_batch": 8, "encode_reps": 1, "amp_steps": 3, "amp_batch": 2,
              "amp_query_length": 8, "amp_doc_length": 16, "resume_steps": 2}
