@@ -109,12 +109,14 @@ def padding_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     from the device: a host synchronisation at the start of every encoder pass, two a training step. A mask of
     all ``True`` gives SDPA the same attention; the padded batches of training have a mask anyway.
     """
-    from transformers.masking_utils import sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     mask = kwargs.get("attention_mask")
     if mask is not None and reads_back(mask):
-        kwargs["allow_is_bidirectional_skip"] = kwargs["allow_is_causal_skip"] = False
-    return sdpa_mask(*args, **kwargs)
+        for skip in ("allow_is_bidirectional_skip", "allow_is_causal_skip"):  # those this transformers passes
+            if skip in kwargs:
+                kwargs[skip] = False
+    return ALL_MASK_ATTENTION_FUNCTIONS["sdpa"](*args, **kwargs)
 
 
 def install_attention(model: nn.Module) -> bool:
