@@ -10,8 +10,9 @@ under fp16 and bf16, and the AMP behaviour checks, in one script inside a time b
   synchronises CUDA at each step end, as our trainer's per-step loss read does. ``--repeats`` runs of each side,
   alternating (ours, theirs, ours, ...) so a drift of the machine reaches both; each side's samples/s is the
   median of its runs (all of them under ``runs_samples_per_s``). Target: ours >= 2x theirs, medians.
-  One more run of ours in bf16 takes the former step (the queries in an encoder pass of their own, as in the
-  2026-12-05 runs: ``profile_train.forced_passes``), so the run measures what one pass a step gains on the GPU.
+  ``--repeats`` more runs of ours in bf16 take the step before one pass (the queries in an encoder pass of their
+  own, the documents together: ``profile_train.forced_passes``; the 2026-12-05 runs had three passes), so the
+  check measures what one pass a step gains on the GPU (``one_pass_speedup``).
 * **Encoding**: ``SpladeEncoder.encode`` vs ``SparseEncoder.encode`` (output copied to the CPU on both sides)
   on the same ``--encode-docs`` documents, length 256, under ``torch.autocast`` at each precision; the median
   of ``--encode-reps`` timed passes after a warm-up; both sides' vectors of the first documents are compared
@@ -40,6 +41,7 @@ import datetime as dt
 import gc
 import importlib.util
 import json
+import math
 import random
 import signal
 import statistics
@@ -306,11 +308,17 @@ def amp_checks(device: str, tmp: Path, sizes: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------- report
+def finite(x: object) -> bool:
+    """A positive finite number (``throughput`` gives NaN when too few steps ran)."""
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
 def median_run(runs: list[dict]) -> dict:
-    """The run of median samples/s among ``runs`` that did not fail (the lower middle one of an even count), its
-    ``samples_per_s`` the median itself, with every run's under ``runs_samples_per_s`` (None: failed); the last
-    run when all failed."""
-    ok = sorted((r for r in runs if "error" not in r and r.get("samples_per_s")), key=lambda r: r["samples_per_s"])
+    """The run of median samples/s among ``runs`` that did not fail and measured a rate (the lower middle one of
+    an even count), its ``samples_per_s`` the median itself, with every run's under ``runs_samples_per_s`` (None:
+    failed); the last run when none measured one."""
+    ok = sorted((r for r in runs if "error" not in r and finite(r.get("samples_per_s"))),
+                key=lambda r: r["samples_per_s"])
     if not ok:
         return dict(runs[-1])
     out = dict(ok[(len(ok) - 1) // 2])
@@ -450,7 +458,7 @@ def run_all(report: dict, tmp: Path, data: Path, device: str, sizes: dict, budge
             bf16[FORMER] = median_run(former_runs)
             budget.check()
         now, former = bf16["splade_obs"].get("samples_per_s"), bf16[FORMER].get("samples_per_s")
-        bf16["one_pass_speedup"] = now / former if now and former else None
+        bf16["one_pass_speedup"] = now / former if finite(now) and finite(former) else None
         budget.check()
     docs, report["data"]["encoding"] = encoding_docs(data, sizes["encode_docs"])
     for precision in PRECISIONS:

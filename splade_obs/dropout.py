@@ -106,8 +106,10 @@ def padding_mask(*args: Any, **kwargs: Any) -> Tensor | None:
     """SDPA's mask function, except that a padding mask on an accelerator is always turned into a mask.
 
     transformers' SDPA mask is skipped when no token is padded, which it learns by reading ``mask.all()`` back
-    from the device: a host synchronisation at the start of every encoder pass, two a training step. A mask of
-    all ``True`` gives SDPA the same attention; the padded batches of training have a mask anyway.
+    from the device: a host synchronisation at the start of every encoder pass. A mask of all ``True`` gives SDPA
+    the same attention; the padded batches of training have a mask anyway (an unpadded batch, rare in training,
+    runs SDPA's memory-efficient kernel instead of flash attention; that includes encoding with the trained
+    model in the same process).
     """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 

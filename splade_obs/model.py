@@ -95,7 +95,7 @@ def _max_projection_forward(hidden: Tensor, weight: Tensor, bias: Tensor, mask: 
     The per-document plain passes reduce only values (``amax``): a max that also returns indices is ~10x slower
     on CPU, and the backward recomputes the argmax for the few terms that get a gradient. The int8 pass takes the
     argmax of its few candidates only, and training keeps it for the backward; so does training's batch-wide
-    pass (:func:`_max_across_batch`), whose backward then never waits for the device.
+    pass (:func:`_max_across_batch`), whose backward then recomputes nothing and syncs once (its ``nonzero``).
     """
     if per_document:
         prefilter = _prefilter(hidden, weight) if inference else "fp32"
@@ -337,9 +337,10 @@ def _max_per_document(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor
 def _max_across_batch(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor, chunk_size: int,
                       with_argmax: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Batch-wide tiles of ``chunk_size`` positions. ``with_argmax`` (training on an accelerator): also the flat
-    ``hidden`` row ``b * L + t`` of each ``(b, v)``'s max, ``(B, V)`` int64, so the backward needs no argmax
-    recomputed and no host synchronisation to size one (a masked row's entry points at one of its padding rows,
-    which no gradient reaches: its max is ``-inf``)."""
+    ``hidden`` row ``b * L + t`` of each ``(b, v)``'s max in the tiles' precision, ``(B, V)`` int64, so the
+    backward needs no argmax recomputed and no host synchronisation to size one (a masked row's entry points at
+    one of its padding rows, which no gradient reaches: its max is ``-inf``). A NaN maximum stays NaN, as in
+    the values-only pass."""
     batch, length = hidden.shape[:2]
     w_t, pad = weight.t(), ~mask
     values = rows = None
@@ -353,14 +354,14 @@ def _max_across_batch(hidden: Tensor, weight: Tensor, bias: Tensor, mask: Tensor
         if values is None:
             values, rows = best, at
             continue
-        better = best > values  # the first chunk's max is kept on a tie
-        values, rows = torch.where(better, best, values), torch.where(better, at + start, rows)
+        rows = torch.where(best > values, at + start, rows)  # the first chunk's max is kept on a tie
+        values = torch.maximum(values, best)  # NaN propagates, as in the values-only pass
     if values is None:  # no positions at all
         values = torch.full((batch, weight.shape[0]), float("-inf"), dtype=weight.dtype, device=hidden.device)
         rows = torch.zeros(values.shape, dtype=torch.long, device=hidden.device)
     if not with_argmax:
         return values
-    return values, rows.add_(torch.arange(0, batch * length, length, device=hidden.device).unsqueeze(1))
+    return values, rows.add_(torch.arange(batch, device=hidden.device).mul_(length).unsqueeze(1))
 
 
 def _max_projection_backward(grad: Tensor, hidden: Tensor, weight: Tensor, mask: Tensor,
@@ -371,7 +372,8 @@ def _max_projection_backward(grad: Tensor, hidden: Tensor, weight: Tensor, mask:
     ``d values[b,v] / d hidden[b,t] = weight[v]`` only at the argmax ``t``; ``d / d weight[v] =
     hidden[b, t]``; ``d / d bias[v] = 1``. ``argmax``: what the forward kept of it: ``(terms, rows)`` from the
     int8 pass (the flat ``hidden`` row ``b * L + t`` of every candidate term's max), or the batch-wide pass's
-    ``(B, V)`` rows (:func:`_max_across_batch`). The int8 pass covers every gradient SPLADE produces: a term it
+    ``(B, V)`` rows (:func:`_max_across_batch`: the argmax in the forward's precision; one ``nonzero`` of the
+    gradient finds the pairs). The int8 pass covers every gradient SPLADE produces: a term it
     did not keep has a max proven <= 0, where relu's gradient is 0 (the function is only applied under
     ``log1p(relu(.))``, in :func:`fused_splade_head`). Without it the argmax is recomputed (in fp32; the bias
     is the same for every token and drops out) for the union of terms with a gradient, typically a few hundred
@@ -436,7 +438,7 @@ class _ChunkedMaxProjection(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             if per_document and _prefilter(hidden, weight, training=True) == "int8":  # exact maxima and their argmax
                 values, found = _max_per_document_int8(hidden, weight, bias.float(), mask)
-            elif not per_document:  # the maxima's rows too: a backward without host synchronisation
+            elif not per_document:  # the maxima's rows too: a backward with one host sync (its nonzero)
                 values, rows = _max_across_batch(hidden, weight.to(compute_dtype), bias.to(compute_dtype), mask,
                                                  chunk_size, with_argmax=True)
                 found = (rows,)

@@ -47,6 +47,8 @@ def test_a_side_reports_its_median_run() -> None:
     two = median_run(runs[:2] + [{"samples_per_s": 14.0, "n": 4}])  # an even count: the median, the lower run
     assert two == {"samples_per_s": 12.0, "n": 1, "runs_samples_per_s": [10.0, None, 14.0]}
     assert median_run([{"error": "a"}, {"error": "b"}]) == {"error": "b"}
+    nan = median_run([{"samples_per_s": float("nan"), "n": 1}, {"samples_per_s": 5.0, "n": 2}])  # too few steps
+    assert nan["samples_per_s"] == 5.0 and nan["n"] == 2
 
 
 def test_dry_run_reports_training_encoding_amp_checks_and_the_target(tmp_path, tiny_model_path) -> None:

@@ -118,7 +118,7 @@ def test_fused_head_matches_reference_with_holes_in_the_mask(per_document: bool,
     assert torch.all(ref[3] == 0)
 
 
-def test_batch_wide_training_keeps_the_argmax_and_its_backward_waits_for_no_device(monkeypatch) -> None:
+def test_batch_wide_training_keeps_the_argmax_and_its_backward_syncs_once(monkeypatch) -> None:
     """The accelerators' pass (``per_document=False``) keeps each maximum's row in the forward: the backward
     recomputes no argmax and its only data-sized operator is one ``nonzero`` of the gradient (one host
     synchronisation a pass on a GPU), for the reference's gradients; ties across chunks and an all-padding row
@@ -167,6 +167,27 @@ def test_batch_wide_training_keeps_the_argmax_and_its_backward_waits_for_no_devi
         want = torch.autograd.grad((plain * coef.float()).sum(), (h32, w32, b32))
         for g, w in zip(got, want):
             assert torch.nn.functional.cosine_similarity(g.flatten(), w.flatten(), dim=0) > 0.99, dtype
+
+
+def test_batch_wide_training_keeps_a_nan_maximum_and_takes_no_positions() -> None:
+    """A NaN token in a later chunk gives NaN weights, as the values-only pass does (the step's finiteness check
+    must see it), and an input of no positions gives zero weights and zero gradients."""
+    torch.manual_seed(3)
+    weight = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(2, 6, 4, dtype=torch.float64)
+    hidden[0, 5] = float("nan")
+    mask = torch.ones(2, 6, dtype=torch.long)
+    out = fused_splade_head(hidden.requires_grad_(), weight, bias, mask, 2, per_document=False)
+    with torch.no_grad():
+        values_only = fused_splade_head(hidden, weight, bias, mask, 2, per_document=False)
+    assert out[0].isnan().all() and torch.isfinite(out[1]).all()
+    assert torch.equal(out.isnan(), values_only.isnan())
+    empty = torch.zeros(2, 0, 4, dtype=torch.float64, requires_grad=True)
+    out = fused_splade_head(empty, weight, bias, torch.zeros(2, 0, dtype=torch.long), 2, per_document=False)
+    assert torch.equal(out, torch.zeros(2, 12, dtype=torch.float64))
+    grads = torch.autograd.grad(out.sum(), (weight, bias))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
 
 
 # ---- the real model ---------------------------------------------------------------------------------
