@@ -123,7 +123,11 @@ def padding_mask(*args: Any, **kwargs: Any) -> Tensor | None:
 
 def install_attention(model: nn.Module) -> bool:
     """``splade_obs_cpu`` as ``model``'s attention implementation where it is on ``sdpa`` (see the module's
-    docstring; off a CPU it is SDPA with :func:`padding_mask`). Returns whether the model has it."""
+    docstring; off a CPU it is SDPA with :func:`padding_mask`). Returns whether the model has it.
+
+    The swap is checked on a padded probe batch: the outputs at its real positions must equal SDPA's (a
+    transformers that handled a registered implementation or its mask function otherwise would attend to the
+    padding silently); when they do not, the model goes back to ``sdpa`` with a warning."""
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) == ATTENTION:
         return True
@@ -136,10 +140,34 @@ def install_attention(model: nn.Module) -> bool:
         AttentionInterface.register(ATTENTION, attention)
         # the masks SDPA gets: an implementation without a registered mask function gets no padding mask
         AttentionMaskInterface.register(ATTENTION, padding_mask)
+        before = _probe(model)
         model.set_attn_implementation(ATTENTION)
+        after = _probe(model)
+        if not torch.allclose(after, before, rtol=1e-3, atol=1e-3):
+            model.set_attn_implementation("sdpa")
+            log.warning("attention stays SDPA's for %s: the swapped attention changed a padded batch's outputs "
+                        "by up to %.3g", type(model).__name__, float((after - before).abs().max()))
     except Exception as exc:  # noqa: BLE001 - an architecture off the attention interface keeps SDPA
         log.debug("attention stays SDPA's for %s: %s", type(model).__name__, exc)
     return config._attn_implementation == ATTENTION
+
+
+def _probe(model: nn.Module) -> Tensor:
+    """``model``'s outputs in eval mode at the real positions of two sequences, the second one padded."""
+    param = next(model.parameters())
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 108)
+    ids = (torch.arange(100, 108, device=param.device) % vocab).repeat(2, 1)
+    mask = torch.ones_like(ids)
+    mask[1, 3:] = 0
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask)
+    finally:
+        model.train(training)
+    first = out[0] if isinstance(out, tuple) else next(iter(out.values()))
+    return first[mask.bool()].float()
 
 
 def install(model: nn.Module) -> dict[str, int | bool]:

@@ -222,6 +222,29 @@ def test_the_padding_mask_of_a_device_tensor_is_built_without_reading_it():
     assert ALL_MASK_ATTENTION_FUNCTIONS[dropout.ATTENTION] is dropout.padding_mask
 
 
+def test_an_attention_swap_that_changes_outputs_is_undone(monkeypatch, caplog):
+    """Fault injected: a mask function that drops the padding mask (what a transformers that ignored the
+    registered one would do). The probe sees the padded sequence's outputs change, the model goes back to
+    SDPA with a warning, and its outputs are the plain model's."""
+    from transformers.masking_utils import AttentionMaskInterface
+
+    plain = M.SpladeEncoder.from_pretrained("splade-tiny").eval()
+    enc = M.SpladeEncoder.from_pretrained("splade-tiny")
+    try:
+        monkeypatch.setattr(dropout, "padding_mask", lambda *a, **k: None)
+        with caplog.at_level("WARNING", logger="splade_obs.dropout"):
+            assert dropout.install_attention(enc.mlm) is False
+        assert enc.mlm.config._attn_implementation == "sdpa"
+        assert "changed a padded batch's outputs" in caplog.text
+    finally:  # the registry is process-wide: the real mask function back for every other model
+        monkeypatch.undo()
+        AttentionMaskInterface.register(dropout.ATTENTION, dropout.padding_mask)
+    batch = plain.tokenize(["a short one", "a much longer text that pads the first one"], 32)
+    with torch.no_grad():
+        torch.testing.assert_close(enc.eval()(**batch), plain(**batch), rtol=0, atol=0)
+    assert dropout.install_attention(enc.mlm) is True  # the real mask function passes the probe
+
+
 # ---- the trainer -------------------------------------------------------------------------------------------
 def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
