@@ -11,7 +11,7 @@ under fp16 and bf16, and the AMP behaviour checks, in one script inside a time b
   alternating (ours, theirs, ours, ...) so a drift of the machine reaches both; each side's samples/s is the
   median of its runs (all of them under ``runs_samples_per_s``). Target: ours >= 2x theirs, medians.
   ``--repeats`` more runs of ours in bf16 take the step before one pass (the queries in an encoder pass of their
-  own, the documents together: ``profile_train.forced_passes``; the 2026-12-05 runs had three passes), so the
+  own, the documents together: ``profile_train.step_passes``; the 2026-12-05 runs had three passes), so the
   check measures what one pass a step gains on the GPU (``one_pass_speedup``).
 * **Encoding**: ``SpladeEncoder.encode`` vs ``SparseEncoder.encode`` (output copied to the CPU on both sides)
   on the same ``--encode-docs`` documents, length 256, under ``torch.autocast`` at each precision; the median
@@ -36,7 +36,6 @@ is printed and stored under ``target``. sentence-transformers, datasets and acce
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import gc
 import importlib.util
@@ -49,7 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 # the benchmarks' shared preamble (repository root on sys.path, paths, table printer, results writer)
 from _common import CONFIGS, DEFAULT_DATA, RESULTS, ROOT, machine, table, write_json
@@ -58,6 +57,7 @@ import torch
 
 import bench_quality as bq
 import gpu_amp_check as gac
+from profile_train import step_passes
 
 TARGET = 2.0  # issue 36: training samples/s at least 2x sentence-transformers'
 FORMER = "splade_obs_queries_apart"  # our bf16 run with the former step's two encoder passes
@@ -181,23 +181,6 @@ def train_st_on(cfg, steps: int, out_dir: Path, skip: int, device: str, amp: tor
     info = bq.train_st(cfg, steps, out_dir, skip=skip, save=False, device=device, amp=amp,
                        on_step=lambda: sync(device))
     return {k: info[k] for k in ("steps", "train_wall_s", "samples_per_s", "final_loss")}
-
-
-@contextlib.contextmanager
-def step_passes(passes: int | None) -> Iterator[None]:
-    """Our trainer's steps with ``passes`` encoder passes (``profile_train.forced_passes``); None: its own rule."""
-    import functools
-
-    import profile_train
-    from splade_obs import objective
-
-    rule = objective.pass_groups
-    if passes is not None:
-        objective.pass_groups = functools.partial(profile_train.forced_passes, passes)
-    try:
-        yield
-    finally:
-        objective.pass_groups = rule
 
 
 def train_run(side: str, precision: str, triples: Path, tmp: Path, device: str, sizes: dict,

@@ -26,11 +26,12 @@ and the operators behind them are listed under the table::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from _common import CONFIGS, DEFAULT_DATA, require_beir
 
@@ -145,6 +146,22 @@ def phase_of(frame: object) -> str:
     return "rest of the step"
 
 
+@contextlib.contextmanager
+def step_passes(passes: int | None) -> Iterator[None]:
+    """Our trainer's steps with ``passes`` encoder passes (:func:`forced_passes`) inside the block; None: its rule."""
+    import functools
+
+    from splade_obs import objective
+
+    rule = objective.pass_groups
+    if passes is not None:
+        objective.pass_groups = functools.partial(forced_passes, passes)
+    try:
+        yield
+    finally:
+        objective.pass_groups = rule
+
+
 def forced_passes(passes: int, shapes: list[tuple[int, int]], device: object) -> list[list[int]]:
     """``objective.pass_groups`` with ``passes`` encoder passes a step (fewer when a step has fewer groups)."""
     every = list(range(len(shapes)))
@@ -161,7 +178,6 @@ def count_ops(cfg: object, args: argparse.Namespace) -> None:
 
     import splade_obs.dropout as dropout
     import splade_obs.model as model
-    import splade_obs.objective as objective
 
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     syncs: collections.Counter[tuple[str, str]] = collections.Counter()  # (phase, operator)
@@ -199,8 +215,8 @@ def count_ops(cfg: object, args: argparse.Namespace) -> None:
     model.fused_splade_head = functools.partial(model.fused_splade_head, per_document=False)  # batch-wide, as a GPU
     dropout._fast = lambda *_: False  # torch's dropout and SDPA, as on a GPU
     dropout.reads_back = lambda *_: True  # the attention mask built as for a tensor on a GPU
-    objective.pass_groups = functools.partial(forced_passes, args.passes)  # whatever the lengths
-    train_stepped(cfg, stepped)
+    with step_passes(args.passes):  # whatever the lengths
+        train_stepped(cfg, stepped)
     phases = [p for _, p in PHASES] + ["rest of the step"]
     rows = [(p, *(x / args.active for x in (counts[p, "kernels"], counts[p, "views"],
                                             sum(n for (q, _), n in syncs.items() if q == p))))

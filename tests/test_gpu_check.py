@@ -120,15 +120,3 @@ def test_missing_scifact_falls_back_to_the_bundled_demo_data(tmp_path) -> None:
     assert len(docs) == 600 and enc["source"] == "demo" and enc["unique_docs"] < 600
     assert docs[enc["unique_docs"]] == docs[0]  # the demo corpus repeated up to the requested count
 
-
-def test_step_passes_forces_the_trainers_encoder_passes_and_puts_the_rule_back() -> None:
-    import torch
-
-    from splade_obs import objective
-
-    shapes, rule = [(4, 8), (4, 16), (4, 16)], objective.pass_groups
-    with bench_module("gpu_check").step_passes(3):
-        assert objective.pass_groups(shapes, torch.device("cpu")) == [[0], [1], [2]]
-    with bench_module("gpu_check").step_passes(1):
-        assert objective.pass_groups(shapes, torch.device("cpu")) == [[0, 1, 2]]
-    assert objective.pass_groups is rule and rule(shapes, torch.device("cpu")) == [[0], [1, 2]]

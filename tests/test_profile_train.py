@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
-from ._eval_utils import run_quick_training_bench
+from ._eval_utils import bench_module, run_quick_training_bench
 
 
 def test_profile_train_records_the_steps_it_says_and_their_operators(tmp_path, tiny_model_path):
@@ -52,3 +53,14 @@ def test_count_ops_counts_each_phase_and_fewer_passes_dispatch_fewer(tmp_path, t
         assert one["optimizer"] == more["optimizer"] and one["loss"] == more["loss"]
         assert more["backward"][2] == passes and f"  backward: nonzero {passes}.0" in syncs  # one a pass
         fewer = more
+
+
+def test_step_passes_forces_the_trainers_encoder_passes_and_puts_the_rule_back() -> None:
+    from splade_obs import objective
+
+    shapes, rule = [(4, 8), (4, 16), (4, 16)], objective.pass_groups
+    with bench_module("profile_train").step_passes(3):
+        assert objective.pass_groups(shapes, torch.device("cpu")) == [[0], [1], [2]]
+    with bench_module("profile_train").step_passes(1):
+        assert objective.pass_groups(shapes, torch.device("cpu")) == [[0, 1, 2]]
+    assert objective.pass_groups is rule and rule(shapes, torch.device("cpu")) == [[0], [1, 2]]
