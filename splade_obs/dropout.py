@@ -26,6 +26,7 @@ does under autocast. Under bf16 that is ~3x the rounding error of the fp32 compu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from typing import Any
@@ -149,6 +150,9 @@ def install_attention(model: nn.Module) -> bool:
                         "by up to %.3g", type(model).__name__, float((after - before).abs().max()))
     except Exception as exc:  # noqa: BLE001 - an architecture off the attention interface keeps SDPA
         log.debug("attention stays SDPA's for %s: %s", type(model).__name__, exc)
+        if config._attn_implementation == ATTENTION:  # swapped, then failed its check: back, unchecked
+            with contextlib.suppress(Exception):
+                model.set_attn_implementation("sdpa")
     return config._attn_implementation == ATTENTION
 
 

@@ -242,6 +242,17 @@ def test_an_attention_swap_that_changes_outputs_is_undone(monkeypatch, caplog):
     batch = plain.tokenize(["a short one", "a much longer text that pads the first one"], 32)
     with torch.no_grad():
         torch.testing.assert_close(enc.eval()(**batch), plain(**batch), rtol=0, atol=0)
+    # a check that fails outright after the swap (an older transformers raising inside the swapped forward)
+    probe = dropout._probe
+
+    def failing(model):
+        if model.config._attn_implementation == dropout.ATTENTION:
+            raise RuntimeError("unsupported attention implementation")
+        return probe(model)
+
+    monkeypatch.setattr(dropout, "_probe", failing)
+    assert dropout.install_attention(enc.mlm) is False and enc.mlm.config._attn_implementation == "sdpa"
+    monkeypatch.undo()
     assert dropout.install_attention(enc.mlm) is True  # the real mask function passes the probe
 
 
