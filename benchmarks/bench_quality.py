@@ -214,7 +214,8 @@ def train_ours(cfg, skip: int = 3) -> dict[str, Any]:
             "final_query_nnz": steps[-1].query_nnz if steps else None,
             "final_doc_nnz": steps[-1].doc_nnz if steps else None,
             "head_pass": next((m.head_pass for m in rec.of(ModelLoaded)), ""),
-            "dropout_masks": next((m.dropout_masks for m in rec.of(ModelLoaded)), "")}
+            "dropout_masks": next((m.dropout_masks for m in rec.of(ModelLoaded)), ""),
+            "attention": next((m.attention for m in rec.of(ModelLoaded)), "")}
 
 
 def train_st(cfg, steps: int, out_dir: Path, skip: int = 3, save: bool = True, *, device: str = "cpu",

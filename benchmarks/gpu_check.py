@@ -198,7 +198,7 @@ def train_run(side: str, precision: str, triples: Path, tmp: Path, device: str, 
     if side == "splade_obs":
         with step_passes(passes):
             info = bq.train_ours(cfg, skip=sizes["skip_steps"])
-        info = {k: info[k] for k in ("status", "steps", "train_wall_s", "samples_per_s", "final_loss")}
+        info = {k: info[k] for k in ("status", "steps", "train_wall_s", "samples_per_s", "final_loss", "attention")}
     else:
         info = train_st_on(cfg, sizes["train_steps"], out, sizes["skip_steps"], device, PRECISIONS[precision])
     sync(device)
@@ -348,6 +348,10 @@ def print_tables(report: dict) -> None:
               f"{former.get('samples_per_s', float('nan')):.1f} samples/s; one pass a step: "
               f"{'-' if gain is None else f'{gain:.2f}x'} that" + (f" (failed: {former['error']})"
                                                                   if "error" in former else ""))
+    used = sorted({pair["splade_obs"].get("attention") or "?" for pair in report["training"].values()
+                   if "splade_obs" in pair and "error" not in pair["splade_obs"]})
+    if used:  # splade_obs_cpu: the padding mask built with no read-back; sdpa: it failed its check (a warning)
+        print("our attention:", ", ".join(used))
     if report.get("amp"):
         print("AMP checks:", ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in report["amp"]["checks"].items()))
     print(report["target"]["text"])

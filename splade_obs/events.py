@@ -137,11 +137,15 @@ class ModelLoaded(Event):
     end_ns: int = 0
     head_pass: str = ""                 # CPU training's vocabulary pass: "int8", or the plain pass's dtype "bf16" ...
     dropout_masks: str = ""             # CPU dropout masks: "fast" | "torch"; "" elsewhere
+    attention: str = ""                 # the backbone's attention implementation: "splade_obs_cpu", "sdpa", "eager"
 
     def kernels(self) -> dict[str, str]:
-        """The CPU kernels the run uses, as ``splade.``-prefixed tag / attribute names; empty off CPU."""
-        return {f"splade.{k}": v for k, v in (("head_pass", self.head_pass), ("dropout_masks", self.dropout_masks))
-                if v}
+        """The kernels the run uses, as ``splade.``-prefixed tag / attribute names: the head pass and dropout
+        masks on CPU, the attention implementation on every device (``splade_obs_cpu``: the trainer's own,
+        whose padding mask needs no read-back from the device; ``sdpa`` where it was not installed or failed
+        its check)."""
+        return {f"splade.{k}": v for k, v in (("head_pass", self.head_pass), ("dropout_masks", self.dropout_masks),
+                                               ("attention", self.attention)) if v}
 
 
 @dataclass(frozen=True)

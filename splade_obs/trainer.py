@@ -203,7 +203,8 @@ class Trainer:
         self.emit(ModelLoaded(name=cfg.model.name, path=source, device=str(self.device),
                               num_parameters=sum(p.numel() for p in self.encoder.parameters()),
                               amp_dtype=self.runtime.amp_name, start_ns=t, end_ns=now_ns(), head_pass=head_pass,
-                              dropout_masks=masks))
+                              dropout_masks=masks, attention=str(getattr(getattr(self.encoder.mlm, "config", None),
+                                                                         "_attn_implementation", None) or "")))
         pair = PairForward(self.encoder)
         self.model = self.dist.wrap(pair) if self.dist is not None else pair
         self.optimizer = build_optimizer(self.encoder, o.learning_rate, o.weight_decay)

@@ -70,6 +70,7 @@ def test_dry_run_reports_training_encoding_amp_checks_and_the_target(tmp_path, t
             runs = pair[side]["runs_samples_per_s"]
             assert len(runs) == 2 and pair[side]["samples_per_s"] == sum(runs) / 2, pair[side]
         assert pair["splade_obs"]["status"] == "FINISHED"
+        assert pair["splade_obs"]["attention"] == "splade_obs_cpu"  # which attention each run of ours used
         assert pair["splade_obs"]["steps"] == pair["sentence_transformers"]["steps"] == report["sizes"]["train_steps"]
     # the former step (queries in a pass of their own) beside ours in bf16, and what one pass a step gains
     bf16, former = report["training"]["bf16"], report["training"]["bf16"]["splade_obs_queries_apart"]
@@ -77,6 +78,7 @@ def test_dry_run_reports_training_encoding_amp_checks_and_the_target(tmp_path, t
     assert len(former["runs_samples_per_s"]) == 2
     assert bf16["one_pass_speedup"] == bf16["splade_obs"]["samples_per_s"] / former["samples_per_s"]
     assert "the former step (queries in a pass of their own)" in proc.stdout
+    assert "our attention: splade_obs_cpu" in proc.stdout
     for pair in report["encoding"].values():
         assert pair["splade_obs"]["docs"] == pair["sentence_transformers"]["docs"] == report["sizes"]["encode_docs"]
         # both encoders turn the same documents into the same vectors, up to the precision's rounding

@@ -275,12 +275,16 @@ def test_run_records_its_kernels_and_resumes_exactly_with_them(tiny_cfg, tmp_pat
                    tracing={"exporter": "file"}, **common)
     assert run_training(cfg, extra_sinks=[straight]).status == "FINISHED"
     (loaded,) = straight.of(ModelLoaded)
-    assert (loaded.head_pass, loaded.dropout_masks) == ("int8", "fast")
+    assert (loaded.head_pass, loaded.dropout_masks, loaded.attention) == ("int8", "fast", dropout.ATTENTION)
     spans = [json.loads(line) for line in (cfg.log_dir / "traces.jsonl").read_text().splitlines() if line.strip()]
     (load,) = [sp for sp in spans if sp["name"] == "model.load"]
     assert load["attributes"]["splade.head_pass"] == "int8" and load["attributes"]["splade.dropout_masks"] == "fast"
+    assert load["attributes"]["splade.attention"] == dropout.ATTENTION
     run = MlflowClient(uri).search_runs([e.experiment_id for e in MlflowClient(uri).search_experiments()])[0]
     assert run.data.tags["splade.head_pass"] == "int8" and run.data.tags["splade.dropout_masks"] == "fast"
+    assert run.data.tags["splade.attention"] == dropout.ATTENTION
+    log_line = (cfg.log_dir / "train_splade.log").read_text()
+    assert "head pass int8, dropout masks fast, attention splade_obs_cpu)" in log_line
 
     broken = tiny_cfg(checkpoint={"output_dir": str(tmp_path / "b")}, recovery={"inject_faults": ("step:3:interrupt",)},
                       **common)
@@ -313,6 +317,7 @@ def test_torch_kernels_are_the_former_path(tiny_cfg, tmp_path, monkeypatch):
             assert run_training(cfg, extra_sinks=[rec]).status == "FINISHED"
             (loaded,) = rec.of(ModelLoaded)
             assert (loaded.head_pass, loaded.dropout_masks) == ("fp32", masks)
+            assert loaded.attention == ("sdpa" if masks == "torch" else dropout.ATTENTION)  # torch's: SDPA stays
             assert installed == ([] if masks == "torch" else ["BertForMaskedLM"])
             assert cpu.forced_head_pass() == "bf16"
             runs[masks] = [e.loss for e in rec.of(StepDone)]

@@ -84,7 +84,7 @@ class LogSink(Sink):
         kernels = "".join(f", {k[7:].replace('_', ' ')} {v}" for k, v in e.kernels().items())
         self._emit(logging.INFO, f"Model {e.name} loaded: {e.num_parameters:,} parameters on {e.device} "
                                  f"({e.amp_dtype}{kernels})", e, device=e.device, amp_dtype=e.amp_dtype,
-                   head_pass=e.head_pass, dropout_masks=e.dropout_masks)
+                   head_pass=e.head_pass, dropout_masks=e.dropout_masks, attention=e.attention)
 
     def on_epoch_started(self, e: EpochStarted) -> None:
         self.num_epochs = e.num_epochs
