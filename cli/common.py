@@ -28,15 +28,19 @@ def debug_enabled(ctx: click.Context | None = None) -> bool:
 
 
 def report_error(err: ApplicationError, debug: bool) -> None:
-    """Print ``error[CATEGORY]: file:line: message`` and an optional ``hint:`` line to stderr."""
+    """Print ``error[CATEGORY]: file:line: message`` and an optional ``hint:`` line to stderr, secrets masked
+    (an error may quote the URL or value it failed on: ``http://user:password@host``)."""
+    from splade_obs.redaction import safe_text
+
     if debug:
-        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
-    click.echo(err.one_line(), err=True)
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        click.echo(safe_text(text).rstrip("\n"), err=True)
+    click.echo(safe_text(err.one_line()), err=True)
     for line in err.details():
-        click.echo(f"  {line.strip()}", err=True)
+        click.echo(f"  {safe_text(line.strip())}", err=True)
     hint = err.hint_text()
     if hint:
-        click.echo(f"hint: {hint}", err=True)
+        click.echo(f"hint: {safe_text(hint)}", err=True)
 
 
 def handle_errors(default: ErrorCategory = ErrorCategory.UNKNOWN_ERROR) -> Callable[[F], F]:

@@ -12,7 +12,17 @@ import click  # noqa: E402
 from splade_obs import __version__  # noqa: E402
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Group(click.Group):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Remember the passwords of URLs on the command line (``--tracking-uri http://user:pw@host``) before
+        anything runs, so that an error quoting one, or a piece of one, finds it masked."""
+        from splade_obs.redaction import remember_url_credentials
+
+        remember_url_credentials(args)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, "--version", prog_name="splade-obs")
 @click.option("--debug", is_flag=True, default=False, help="Show full tracebacks on errors (all commands).")
 @click.pass_context

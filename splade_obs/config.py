@@ -371,7 +371,10 @@ class TrainConfig:
         and validate the result; errors name the key, the source it came from and the expected type."""
         merged: dict[str, dict[str, Any]] = {}
         origins: dict[str, str] = {}
+        from .redaction import remember_url_credentials
+
         for values, source in layers:
+            remember_url_credentials(values)  # masked wherever they show up from now on (a library's error)
             for sect, vals in _nested(values, source).items():
                 merged.setdefault(sect, {}).update(vals)
                 origins.update({f"{sect}.{name}": source for name in vals})

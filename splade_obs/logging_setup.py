@@ -59,7 +59,8 @@ _STD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"
 
 # ------------------------------------------------------------------------------------------ redaction
 class RedactingFilter(logging.Filter):
-    """Masks secret environment values in a record before any handler formats it.
+    """Masks secret environment values and URL credentials in a record before any handler formats it (the
+    libraries' records too: an exporter or MLflow error that prints the URL it failed on).
 
     The environment is read on every record (cheap: logging is not on the per-step path), so secrets
     set after ``setup_logging`` are still caught.
@@ -67,8 +68,6 @@ class RedactingFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         secrets = secret_values()
-        if not secrets:
-            return True
         msg = record.getMessage()
         clean = redact_text(msg, secrets)
         if clean != msg:

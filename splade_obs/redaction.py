@@ -23,8 +23,21 @@ REDACTED = "***"
 MIN_SECRET_LENGTH = 6
 SECRET_KEY_RE = re.compile(r"(token|password|passwd|secret|_key$|^key$|api[_-]?key|authorization|headers?$|"
                            r"credential)", re.IGNORECASE)
-#: ``scheme://userinfo@`` inside any text; greedy up to the last ``@`` of the authority (passwords may hold ``@``).
-URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/\s?#]*@")
+#: ``scheme://userinfo@`` inside any text. With a ``user:`` part the password runs to the last ``@`` of the
+#: whitespace- or quote-delimited token: users type passwords holding ``@``, ``/``, ``#`` or ``?`` without
+#: percent-encoding them (an ``@`` later in the URL's path then masks the path too: more, never less).
+#: Without one (``https://token@host``), up to the last ``@`` before the path.
+URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^\s/?#@:'\"]*:[^\s'\"]*|[^\s/?#'\"]*)@")
+#: ``user:password@host`` with no scheme: a gRPC target, as the OTLP gRPC exporter prints its endpoint.
+BARE_CREDENTIALS_RE = re.compile(r"(?<![\w.%+\-:/@*])([\w.%+\-]+:[^\s/@'\"]+)@(?=[\w\-\[])")
+#: Where a URL parser may cut a password it misreads (``http://u:pass/word@h``: urllib takes ``pass`` for a port
+#: and says so, ``nonnumeric port: 'pass'``): each piece is masked on its own too.
+_PASSWORD_CUTS_RE = re.compile(r"[:/?#@]")
+#: Passwords (and their pieces) of URLs given to this process (config values, command-line flags), which
+#: :func:`secret_values` adds to the environment's: an error quoting a piece of one finds it masked.
+_remembered: set[str] = set()
+#: Environment variables holding ``key=value,...`` lists whose secret-keyed entries are secrets too.
+KEY_VALUE_LISTS = ("OTEL_RESOURCE_ATTRIBUTES",)
 
 
 def is_secret_key(key: str) -> bool:
@@ -34,14 +47,43 @@ def is_secret_key(key: str) -> bool:
 
 
 def redact_url_credentials(text: str) -> str:
-    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@``.
+    """``text`` with the ``user:password@`` part of every URL in it replaced by ``***@`` (also without a
+    scheme: ``user:pw@host:port``).
 
     A tracking URI such as ``https://user:pw@host/`` is a config *value* under a harmless key, so the key
     rule alone would let the password through to params, ``config.yaml`` and traces.
     """
-    if "://" not in text or "@" not in text:
+    if "@" not in text:
         return text
-    return URL_CREDENTIALS_RE.sub(r"\1***@", text)
+    if "://" in text:
+        text = URL_CREDENTIALS_RE.sub(r"\1***@", text)
+    return BARE_CREDENTIALS_RE.sub("***@", text) if ":" in text else text
+
+
+def url_passwords(text: str) -> set[str]:
+    """The passwords (``user:password@``; a token when there is no ``user:``) of the URLs in ``text``, whole
+    and cut at ``: / ? # @`` (:data:`_PASSWORD_CUTS_RE`), the ones of at least :data:`MIN_SECRET_LENGTH`."""
+    if "@" not in text:
+        return set()
+    found: set[str] = set()
+    for match in (*URL_CREDENTIALS_RE.finditer(text), *BARE_CREDENTIALS_RE.finditer(text)):
+        info = match.group(match.lastindex or 0)
+        secret = info.partition(":")[2] if ":" in info else info
+        found.update(p for p in (secret, *_PASSWORD_CUTS_RE.split(secret)) if len(p) >= MIN_SECRET_LENGTH)
+    return found
+
+
+def remember_url_credentials(value: Any) -> None:
+    """Remember the URL passwords in ``value`` (a string, or mappings and lists of them) for
+    :func:`secret_values`: called on config values and command-line arguments as they come in."""
+    if isinstance(value, str):
+        _remembered.update(url_passwords(value))
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            remember_url_credentials(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            remember_url_credentials(v)
 
 
 def _redact_value(v: Any) -> Any:
@@ -64,11 +106,19 @@ def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
     """Values of secret-looking environment variables, longest first (so substrings mask last).
 
     ``*_HEADERS`` values (``key=value,key2=value2``, as in ``OTEL_EXPORTER_OTLP_HEADERS``) also contribute
-    each header value on its own, since a library may print one header.
+    each header value on its own, since a library may print one header; ``OTEL_RESOURCE_ATTRIBUTES`` its
+    secret-keyed entries' values. The passwords of URLs in any variable (``MLFLOW_TRACKING_URI``,
+    ``OTEL_EXPORTER_OTLP_ENDPOINT``) and of URLs given to this process (:func:`remember_url_credentials`)
+    count too, with their pieces (:func:`url_passwords`).
     """
     env = os.environ if environ is None else environ
-    found: set[str] = set()
+    found: set[str] = set(_remembered)
     for name, value in env.items():
+        if "@" in value:
+            found.update(url_passwords(value))
+        if value and name.upper() in KEY_VALUE_LISTS:  # "env=prod,api_key=abc": the secret-keyed values
+            found.update(v.strip() for k, _, v in (p.partition("=") for p in value.split(","))
+                         if is_secret_key(k.strip()) and len(v.strip()) >= MIN_SECRET_LENGTH)
         if not value or not is_secret_key(name):
             continue
         candidates = [value]
@@ -82,24 +132,23 @@ def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def redact_text(text: str, secrets: list[str] | None = None) -> str:
-    """``text`` with every secret value replaced by ``***``."""
+    """``text`` with every secret value replaced by ``***`` and the credentials of every URL by ``***@``."""
     for s in secret_values() if secrets is None else secrets:
         if s in text:
             text = text.replace(s, REDACTED)
-    return text
+    return redact_url_credentials(text)
 
 
 def safe_text(text: str, secrets: list[str] | None = None) -> str:
-    """Text as it may leave the process (MLflow tags/params/artifacts, span attributes, files): secret
-    environment values and URL credentials masked. ``secrets`` None reads the environment now."""
-    return redact_url_credentials(redact_text(text, secrets))
+    """Text as it may leave the process (MLflow tags/params/artifacts, span attributes, files, the console):
+    secret environment values and URL credentials masked. ``secrets`` None reads the environment now."""
+    return redact_text(text, secrets)
 
 
 def redact_obj(obj: Any, secrets: list[str] | None = None) -> Any:
-    """Deep copy of dicts/lists/tuples with secret values masked in every string (keys included)."""
+    """Deep copy of dicts/lists/tuples with secret values and URL credentials masked in every string (keys
+    included)."""
     secrets = secret_values() if secrets is None else secrets
-    if not secrets:
-        return obj
     if isinstance(obj, str):
         return redact_text(obj, secrets)
     if isinstance(obj, dict):

@@ -44,6 +44,7 @@ from .objective import PairForward, all_docs, batch_loss, encode_batch, validati
 from .optim import build_optimizer, build_scheduler
 from .plan import EpochClock, RunData, TrainResult, epoch_batches, every, load_run_data, make_plan
 from .recovery import retry_listener
+from .redaction import safe_text
 from .shard import Shard
 from .health import HealthMonitor, ScaleWatch, fatal_alert, memory_mb
 from .step_stats import StepAccumulator, StepStats, check_finite
@@ -529,8 +530,8 @@ class Trainer:
                  "lambda_q": self.cfg.loss.lambda_q, "lambda_d": self.cfg.loss.lambda_d,
                  "budget": self.budget.state_dict(), "best_metric": self.best_metric,
                  "mlflow_run_id": self.ids.mlflow_run_id, "world_size": self.world_size,
-                 "seed": self.cfg.optim.seed, "model": self.cfg.model.name, "saved_at_ns": now_ns(),
-                 "run_name": self.run_name, "reason": reason, "final_metrics": dict(self.final_metrics),
+                 "seed": self.cfg.optim.seed, "model": safe_text(self.cfg.model.name), "saved_at_ns": now_ns(),
+                 "run_name": safe_text(self.run_name), "reason": reason, "final_metrics": dict(self.final_metrics),
                  "health": self.health.state_dict() if self.health else None,
                  "overflow_steps": self.overflow.skipped, "epoch_stats": self._epoch_state(),
                  "after_step_pending": sorted(self._after_pending)}

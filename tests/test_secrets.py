@@ -209,3 +209,121 @@ def test_mlflow_params_and_config_artifact_have_no_url_credentials(tmp_path):
         assert run.data.params["data.train_file"] == "https://***@data.invalid/train.jsonl"
         assert URL_PASSWORD not in _all_mlflow_text(client, run)
         assert _files_with(tmp_path, URL_PASSWORD) == []
+
+
+# ------------------------------------------------------------------ credentials in error paths (an audit's cases)
+def test_url_credentials_are_masked_in_every_form_a_library_prints():
+    from splade_obs.redaction import secret_values, url_passwords
+
+    # a password with characters the user did not percent-encode; a gRPC target (no scheme); any scheme
+    assert redact_url_credentials("request to http://user:pa/ss#w0rd@127.0.0.1:5/x failed") == \
+        "request to http://***@127.0.0.1:5/x failed"
+    assert redact_url_credentials("Failed to export traces to user:s3cretpw@127.0.0.1:1, retrying") == \
+        "Failed to export traces to ***@127.0.0.1:1, retrying"
+    assert redact_url_credentials("unsupported URI 'weird://user:s3cretpw@127.0.0.1:1/x'") == \
+        "unsupported URI 'weird://***@127.0.0.1:1/x'"
+    assert redact_url_credentials("got list ['http://user:s3cretpw@h.invalid']") == "got list ['http://***@h.invalid']"
+    for plain in ("see https://example.invalid/docs (user@example.invalid)", "git@github.com:org/repo.git",
+                  "http://127.0.0.1:5000/api/2.0/mlflow/runs/get", "loss 1:2 at step 3", "mail bob@example.invalid"):
+        assert redact_url_credentials(plain) == plain
+    # the pieces a URL parser may quote alone ("nonnumeric port: 'SEKRIT1'") are secrets too
+    assert url_passwords("http://user:SEKRIT1/part22x@h.invalid") == {"SEKRIT1/part22x", "SEKRIT1", "part22x"}
+    env = {"MLFLOW_TRACKING_URI": "https://bob:tracking-pw@mlflow.invalid",
+           "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,api_key=resource-secret,team=search"}
+    found = set(secret_values(env))  # (with the URL passwords this process was given before, by other tests)
+    assert {"tracking-pw", "resource-secret"} <= found and not found & {"prod", "search", "bob", "mlflow.invalid"}
+
+
+def test_a_failing_tracking_server_and_a_bad_uri_never_print_the_url_password(tmp_path):
+    """A tracking server answering 5xx (with --require-tracking: a dependency error), ``runs list`` against it,
+    and a password that breaks URL parsing: the console and every file written keep no piece of the password."""
+    import http.server
+    import threading
+
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from splade_obs.errors import EXIT_CODES, ErrorCategory
+
+    class Failing(http.server.BaseHTTPRequestHandler):  # fault injection: a server that fails every call
+        def _answer(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200 if self.path.startswith("/health") else 500)
+            self.end_headers()
+            self.wfile.write(b"boom")
+        do_GET = do_POST = do_PATCH = _answer
+
+        def log_message(self, *args):  # noqa: ANN002
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://user:{URL_PASSWORD}-5xx@127.0.0.1:{server.server_address[1]}"
+    try:
+        runner = CliRunner()
+        train = runner.invoke(cli, ["train", "--max-steps", "1", "--output-dir", str(tmp_path / "a"), "--tracking-uri",
+                                    uri, "--require-tracking", "--no-system-metrics", "--otel-exporter", "none"])
+        listed = runner.invoke(cli, ["runs", "list", "--tracking-uri", uri])
+    finally:
+        server.shutdown()
+        server.server_close()
+    for result in (train, listed):
+        assert result.exit_code == EXIT_CODES[ErrorCategory.DEPENDENCY_ERROR], (result.output, result.stderr)
+        assert "error[DEPENDENCY_ERROR]" in result.stderr and "http://***@127.0.0.1" in result.stderr
+        assert URL_PASSWORD not in result.output + result.stderr
+    # "/" in a password: urllib reads "SEKRIT1" as a port and says so; tracking turns off with a warning
+    broken = CliRunner().invoke(cli, ["train", "--max-steps", "1", "--output-dir", str(tmp_path / "b"),
+                                      "--tracking-uri", "http://user:SEKRIT1/part22x@127.0.0.1:1",
+                                      "--otel-exporter", "none", "--no-system-metrics"])
+    assert broken.exit_code == 0, (broken.output, broken.stderr)
+    assert "nonnumeric port: '***'" in broken.output + broken.stderr
+    for needle in (URL_PASSWORD, "SEKRIT1", "part22x"):
+        assert needle not in broken.output + broken.stderr
+        assert _files_with(tmp_path, needle) == [], needle
+
+
+def test_otlp_credentials_resource_attributes_and_run_names_stay_masked(tiny_cfg, tmp_path, monkeypatch):
+    """An OTLP/gRPC endpoint with credentials (its exporter logs the target it fails to reach, without a
+    scheme), secrets in OTEL_RESOURCE_ATTRIBUTES (on every span and metric) and a run name that quotes an
+    environment secret: none reaches the logs, traces, metrics, MLflow's records or artifacts."""
+    from splade_obs.logging_setup import log_file_paths
+
+    monkeypatch.setenv("MY_SERVICE_API_KEY", SECRET)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://user:otlp-password@127.0.0.1:1")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES",
+                       "deployment.environment=prod,api_key=resource-secret,endpoint=https://bob:resource-pw@x.invalid")
+    cfg = tiny_cfg(tracing={"exporter": "otlp", "shutdown_timeout": 2.0},
+                   tracking={"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+                             "experiment_name": "secrets", "flush_interval": 0.0, "log_model": False,
+                             "run_name": f"run-{SECRET}"},
+                   optim={"max_steps": 2})
+    res = run_training(cfg)
+    assert res.status == "FINISHED"
+    log_text = log_file_paths(cfg.log_dir)[0].read_text()
+    assert "***@127.0.0.1:1" in log_text  # the exporter did log its unreachable target, masked
+    # the metrics' resource is the spans' (and the MLflow trace's)
+    first = json.loads((cfg.log_dir / "metrics.jsonl").read_text().splitlines()[0])
+    resource = first["resource_metrics"][0]["resource"]["attributes"]
+    assert resource["api_key"] == "***" and resource["endpoint"] == "https://***@x.invalid"
+    assert resource["deployment.environment"] == "prod"
+    client, run = _mlflow_run(tmp_path, res.ids.mlflow_run_id)
+    assert run.info.run_name == "run-***"
+    for needle in (SECRET, "otlp-password", "resource-secret", "resource-pw"):
+        assert needle not in _all_mlflow_text(client, run), needle
+        assert _files_with(tmp_path, needle) == [], needle
+
+
+def test_a_config_error_quoting_a_credentialed_value_masks_it(tmp_path):
+    from click.testing import CliRunner
+
+    from cli.main import cli
+    from splade_obs.errors import EXIT_CODES, ErrorCategory
+
+    config = tmp_path / "cfg.toml"
+    config.write_text(f'[tracking]\ntracking_uri = ["http://user:{URL_PASSWORD}@127.0.0.1:1"]\n')
+    for args in ([], ["--debug"]):
+        result = CliRunner().invoke(cli, [*args, "train", "--config", str(config), "--output-dir", str(tmp_path / "o")])
+        assert result.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR], (result.output, result.stderr)
+        assert "tracking.tracking_uri" in result.stderr and "http://***@127.0.0.1:1" in result.stderr
+        assert URL_PASSWORD not in result.output + result.stderr

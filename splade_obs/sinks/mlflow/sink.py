@@ -176,8 +176,9 @@ class MlflowSink(Sink):
                 log.warning("MLflow run %s to resume was not found at %s; starting a new run",
                             resume_run_id, t.safe_uri)
             self.experiment_id = self._experiment_id()
+            name = safe_text(self.options.run_name) if self.options.run_name else store.generate_run_name()
             run = t.call("create_run", t.client.create_run, self.experiment_id, tags=self._start_tags(resume_run_id),
-                         run_name=self.options.run_name or store.generate_run_name())
+                         run_name=name)
             t.run_id = run.info.run_id
         log.info("MLflow run %s (experiment %s) at %s%s", t.run_id, self.experiment_id, t.safe_uri,
                  " (resumed)" if self.resumed else "")
@@ -218,7 +219,7 @@ class MlflowSink(Sink):
             self._log_dir = Path(e.log_dir)
             t.set_log_dir(self._log_dir)
         if e.run_name and not self.resumed:
-            run_id, name = t.run_id, e.run_name
+            run_id, name = t.run_id, safe_text(e.run_name)  # the mlflow.runName tag: no secret value in it
 
             def rename() -> None:
                 if t.client.get_run(run_id).info.run_name != name:

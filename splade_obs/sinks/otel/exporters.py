@@ -335,7 +335,17 @@ def build_resource(service_name: str | None, env: Mapping[str, str] = os.environ
         attrs["service.name"] = name
     elif "service.name=" not in env.get("OTEL_RESOURCE_ATTRIBUTES", ""):
         attrs["service.name"] = "splade-obs"
-    return Resource.create(attrs)
+    return safe_resource(Resource.create(attrs))
+
+
+def safe_resource(resource: Resource) -> Resource:
+    """``resource`` with secret-keyed attributes (``api_key=...`` in OTEL_RESOURCE_ATTRIBUTES) as ``***`` and
+    secrets and URL credentials masked in the others: the resource rides on every span, metric and log."""
+    from splade_obs.redaction import REDACTED, is_secret_key, safe_text
+
+    attrs = {k: REDACTED if is_secret_key(k) else safe_text(v) if isinstance(v, str) else v
+             for k, v in resource.attributes.items()}
+    return Resource(attrs, resource.schema_url)
 
 
 @dataclass

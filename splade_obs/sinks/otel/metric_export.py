@@ -38,7 +38,7 @@ from opentelemetry.sdk.resources import Resource
 
 from splade_obs.finite import json_safe
 
-from .exporters import DEAD_EXPORTER_GRACE_S, DEFAULT_OTLP_TIMEOUT_S, build_resource
+from .exporters import DEAD_EXPORTER_GRACE_S, DEFAULT_OTLP_TIMEOUT_S, build_resource, safe_resource
 
 log = logging.getLogger("splade_obs.sinks.otel")
 
@@ -79,7 +79,7 @@ def run_resource(service_name: str | None, *, run_name: str | None, mlflow_run_i
                        ("mlflow.experiment_id", mlflow_experiment_id)):
         if value:
             extra[key] = value
-    return base.merge(Resource(extra))
+    return safe_resource(base.merge(Resource(extra)))  # a run name may quote a secret
 
 
 # ------------------------------------------------------------------------------------------ exporters
