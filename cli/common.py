@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 import click
@@ -41,6 +42,37 @@ def report_error(err: ApplicationError, debug: bool) -> None:
     hint = err.hint_text()
     if hint:
         click.echo(f"hint: {safe_text(hint)}", err=True)
+
+
+def refuse_to_overwrite(output: Path, inputs: list[Path], flag: str = "--output") -> None:
+    """A config error when ``output`` is one of the files the command reads: writing it would destroy its input
+    (the output is written before the input is done with, or replaces it when it is)."""
+    from splade_obs.errors import ConfigError
+
+    target = Path(output).resolve()
+    for path in inputs:
+        if Path(path).resolve() == target:
+            raise ConfigError(f"{flag} {output} is also an input of this command: writing it would destroy it",
+                              field=flag.lstrip("-").replace("-", "_"), hint=f"give {flag} another file")
+
+
+def check_output_file(output: Path | None, flag: str = "--output") -> None:
+    """Fail before the work when ``output`` can never be written: a folder stands at its path, or a regular file
+    where one of its folders would be (the command would otherwise fail at its very end)."""
+    if output is None:
+        return
+    from splade_obs.errors import FileSystemError
+
+    path = Path(output)
+    if path.is_dir():
+        raise FileSystemError(f"{flag} needs a file, and this is a folder", file_path=str(output),
+                              hint=f"give {flag} a file path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileSystemError(f"{flag} {output} needs a folder here, and this is a file",
+                                      file_path=str(parent), hint=f"give {flag} a path under a folder")
+            return
 
 
 def handle_errors(default: ErrorCategory = ErrorCategory.UNKNOWN_ERROR) -> Callable[[F], F]:

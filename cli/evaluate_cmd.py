@@ -12,7 +12,7 @@ from splade_obs import finite
 from splade_obs.engines import ENGINE_HELP, ENGINES
 from splade_obs.errors import ErrorCategory
 
-from .common import debug_option, encoder_options, handle_errors
+from .common import check_output_file, debug_option, encoder_options, handle_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -67,6 +67,8 @@ def evaluate(model_name: str, data_dir: Path, split: str, max_query_length: int,
     from splade_obs.model import SpladeEncoder
     from splade_obs.shard import rank_device, shard_session
 
+    check_output_file(output)  # before hours of encoding, not after
+    check_output_file(trec_run, "--trec-run")
     beir = load_beir(data_dir, split, lazy_corpus=True)  # checked before the model loads; text stays on disk
     evaluator = RetrievalEvaluator(beir, max_query_length=max_query_length, max_doc_length=max_doc_length,
                                    batch_size=batch_size, max_queries=max_queries, top_k_retrieve=top_k_docs,

@@ -9,7 +9,7 @@ import click
 
 from splade_obs.errors import ErrorCategory
 
-from .common import debug_option, encoder_options, handle_errors
+from .common import check_output_file, debug_option, encoder_options, handle_errors, refuse_to_overwrite
 from .evaluate_cmd import progress_options
 
 
@@ -78,6 +78,9 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
 
         raise ConfigError(f"--dense-model joins the teacher of --method hybrid only, not --method {method}",
                           field="dense_model", hint="add --method hybrid, or drop --dense-model")
+    refuse_to_overwrite(output, [data_dir / "corpus.jsonl", data_dir / "queries.jsonl",
+                                 *sorted((data_dir / "qrels").glob("*"))])
+    check_output_file(output)
     beir = load_beir(data_dir, split)
     stem = make_stemmer(stemmer) if method in ("bm25", "hybrid") else None
     with shard_session() as shard:

@@ -12,6 +12,7 @@ weights and the sha256 of each input's weights file.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 from typing import Sequence
@@ -64,8 +65,9 @@ def average_models(models: Sequence[str], output: str | Path, weights: Sequence[
     if len(weights) != len(models):
         raise ConfigError(f"{len(weights)} weights for {len(models)} models", field="weights",
                           hint="give one --weight per model, or none for a uniform average")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError("weights must be non-negative with a positive sum", field="weights")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or sum(weights) <= 0:  # a NaN would make a NaN model
+        raise ConfigError(f"weights must be finite and non-negative with a positive sum, got {list(weights)}",
+                          field="weights", hint="give one --weight per model, e.g. --weight 2 --weight 1")
     mix = [float(w) / float(sum(weights)) for w in weights]
     target = check_output_dir(output)
     folders = [Path(resolve_model(m)) for m in models]

@@ -299,12 +299,17 @@ def classify(exc: BaseException, default: ErrorCategory = ErrorCategory.UNKNOWN_
         return DeviceError(message, original_exception=exc, context=context)
     if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
         return DataError(message, original_exception=exc, context=context)
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
-        fname = getattr(exc, "filename", None)
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)):
+        # a two-path call (os.replace of a written temp file onto the output) names the output second
+        in_the_way = isinstance(exc, (IsADirectoryError, NotADirectoryError, FileExistsError))
+        fname = (in_the_way and getattr(exc, "filename2", None)) or getattr(exc, "filename", None)
         ctx = dict(context)
         if fname is not None:
             ctx.setdefault("file_path", str(fname))
-        return FileSystemError(exc.strerror or message, original_exception=exc, context=ctx)
+        text = exc.strerror or message
+        if isinstance(exc, FileExistsError) and fname is not None and os.path.isfile(fname):
+            text = "a file is in the way: a folder is needed at this path"  # mkdir under a regular file
+        return FileSystemError(text, original_exception=exc, context=ctx)
     if is_storage_failure(exc):
         return storage_error(exc, context.pop("file_path", None) or _os_filename(exc), **context)
     if isinstance(exc, ImportError):

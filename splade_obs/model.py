@@ -712,6 +712,12 @@ def _load_with_retry(path: str) -> tuple[nn.Module, Any]:
             raise
         raise ModelError(f"cannot load the masked-LM model: {typed.message}", original_exception=exc,
                          file_path=path) from exc
+    vocab = int(getattr(mlm.config, "vocab_size", 0) or 0)
+    if vocab and len(tokenizer) < vocab // 2:  # transformers builds a 5-token tokenizer when the files are absent
+        raise ModelError(f"its tokenizer has {len(tokenizer)} tokens for a vocabulary of {vocab}: the tokenizer "
+                         "files are missing or belong to another model (every word would become [UNK])",
+                         file_path=path, hint="copy tokenizer.json (or vocab.txt) and tokenizer_config.json from "
+                                              "the model it was trained from")
     return mlm, tokenizer
 
 

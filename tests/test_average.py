@@ -73,6 +73,7 @@ def test_uniform_average_of_a_model_with_itself_is_that_model(trained, tmp_path)
     ("one_model", ErrorCategory.CONFIG_ERROR, "at least two models"),
     ("weights", ErrorCategory.CONFIG_ERROR, "1 weights for 2 models"),
     ("negative", ErrorCategory.CONFIG_ERROR, "non-negative"),
+    ("nan", ErrorCategory.CONFIG_ERROR, "finite"),  # a NaN weight wrote an all-NaN model
     ("architecture", ErrorCategory.MODEL_ERROR, "not the same architecture"),
     ("vocabulary", ErrorCategory.MODEL_ERROR, "tokenizer.json differs"),
     ("missing", ErrorCategory.MODEL_ERROR, "does not exist"),
@@ -91,6 +92,7 @@ def test_bad_inputs_are_one_line_typed_errors(trained, tmp_path, case, category,
         (other / "tokenizer.json").write_text(json.dumps(tok))
     args = {"one_model": [str(trained)], "weights": [str(trained), str(other), "--weight", "1"],
             "negative": [str(trained), str(other), "--weight", "1", "--weight", "-1"],
+            "nan": [str(trained), str(other), "--weight", "nan", "--weight", "1"],
             "architecture": [str(trained), str(other)], "vocabulary": [str(trained), str(other)],
             "missing": [str(trained), str(tmp_path / "nowhere" / "model")]}[case]
     out = tmp_path / "soup"

@@ -241,3 +241,79 @@ def test_cli_reports_one_line_and_the_category_exit_code(name, tmp_path):
     assert not (tmp_path / "out" / "final").exists()
     assert not (tmp_path / "out" / "checkpoints").exists()
     assert "Model splade-tiny loaded" not in result.output + result.stderr
+
+
+def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path):
+    """``encode --output`` equal to ``--input``, ``mine-negatives --output`` onto the data folder's own
+    queries: a config error naming the flag, before the input is touched (the output used to replace it)."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from splade_obs.data import DEMO_RETRIEVAL_DIR
+
+    data = tmp_path / "beir"
+    shutil.copytree(DEMO_RETRIEVAL_DIR, data)
+    before = {p: p.read_bytes() for p in (data / "corpus.jsonl", data / "queries.jsonl")}
+    runs = [["encode", "--model", "splade-tiny", "--input", str(data / "corpus.jsonl"), "--kind", "corpus",
+             "--output", str(data / "corpus.jsonl")],
+            ["mine-negatives", "--method", "bm25", "--data", str(data), "--split", "test",
+             "--output", str(data / "queries.jsonl")]]
+    for args in runs:
+        result = CliRunner().invoke(_cli(), args)
+        assert result.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR], (args[0], result.output, result.stderr)
+        assert result.stderr.startswith("error[CONFIG_ERROR]: ") and "--output" in result.stderr, result.stderr
+        assert "also an input" in result.stderr and "Traceback" not in result.stderr
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_a_model_folder_without_its_tokenizer_is_a_model_error(tmp_path, tiny_model_path):
+    """transformers builds a 5-token tokenizer for a folder without tokenizer files: every word became [UNK]
+    and evaluation scored garbage with exit code 0. Now: one line naming the folder, the model error's code."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from splade_obs.data import DEMO_RETRIEVAL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    for f in model.glob("tokenizer*"):
+        f.unlink()
+    result = CliRunner().invoke(_cli(), ["encode", "--model", str(model), "--input",
+                                         str(DEMO_RETRIEVAL_DIR / "corpus.jsonl"), "--kind", "corpus",
+                                         "--output", str(tmp_path / "out.jsonl")])
+    assert result.exit_code == EXIT_CODES[ErrorCategory.MODEL_ERROR], (result.output, result.stderr)
+    (line,) = [ln for ln in result.stderr.splitlines() if ln.startswith("error[")]
+    assert line.startswith(f"error[MODEL_ERROR]: {model}: its tokenizer has ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_an_output_path_blocked_by_a_file_or_folder_is_a_file_system_error(tmp_path, monkeypatch):
+    """An output under a regular file or onto a folder: the file system error's code, naming the flag and the
+    path in the way, before any work (evaluate used to encode everything, then fail with the command's own
+    category and the parent's bare errno text; encode named its temp file)."""
+    from click.testing import CliRunner
+
+    from splade_obs.data import DEMO_RETRIEVAL_DIR
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "regfile").write_text("")
+    (tmp_path / "adir").mkdir()
+    cases = {("evaluate", "--model", "splade-tiny", "--data", str(DEMO_RETRIEVAL_DIR), "--output", "regfile/x.json"):
+             "regfile: --output regfile/x.json needs a folder here, and this is a file",
+             ("encode", "--model", "splade-tiny", "--input", str(DEMO_RETRIEVAL_DIR / "queries.jsonl"), "--kind",
+              "queries", "--output", "adir"): "adir: --output needs a file, and this is a folder",
+             ("mine-negatives", "--method", "bm25", "--data", str(DEMO_RETRIEVAL_DIR), "--split", "test", "--output",
+              "regfile/m.jsonl"): "regfile: --output regfile/m.jsonl needs a folder here"}
+    for args, says in cases.items():
+        result = CliRunner().invoke(_cli(), list(args))
+        assert result.exit_code == EXIT_CODES[ErrorCategory.FILE_SYSTEM_ERROR], (args[0], result.stderr)
+        assert result.stderr.startswith(f"error[FILE_SYSTEM_ERROR]: {says}"), result.stderr  # before the model
+        assert "Traceback" not in result.stderr
+    # where the command does not check first, the error still has the file system's code and the path in the way
+    from splade_obs.errors import classify
+    err = classify(FileExistsError(17, "File exists", str(tmp_path / "regfile")))
+    assert err.category is ErrorCategory.FILE_SYSTEM_ERROR and "a file is in the way" in err.message
+    moved = classify(IsADirectoryError(21, "Is a directory", str(tmp_path / ".adir.tmp"), None, str(tmp_path / "adir")))
+    assert moved.context["file_path"] == str(tmp_path / "adir")
