@@ -237,8 +237,11 @@ def read_trainer_state(ckpt: Path) -> dict[str, Any]:
 def save_checkpoint(output_dir: str | Path, *, encoder: Any, optimizer: torch.optim.Optimizer,
                     scheduler: Any, scaler: torch.amp.GradScaler, trainer_state: dict[str, Any],
                     rng_state: dict[str, Any], keep_last: int = 2, name: str | None = None,
-                    rank_rng_states: list[dict[str, Any]] | None = None) -> Path:
+                    rank_rng_states: list[dict[str, Any]] | None = None,
+                    unusable: frozenset[Path] = frozenset()) -> Path:
     """Write a checkpoint atomically and return its final path (``rank_rng_states``: one per torchrun rank).
+    ``unusable``: checkpoints known to be unusable (``--resume auto`` passed over them), which the rotation
+    neither counts among the ``keep_last`` nor removes.
 
     A write the storage refuses (full disk, quota, read-only) is a :class:`FileSystemError` naming the file of
     the checkpoint being written (``.../checkpoint-N/optimizer.pt``) and the space left; it is not retried."""
@@ -277,7 +280,7 @@ def save_checkpoint(output_dir: str | Path, *, encoder: Any, optimizer: torch.op
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if name is None:
-        _rotate(output_dir, keep_last)
+        _rotate(output_dir, keep_last, unusable - {final})  # this one was just written whole
     return final
 
 
@@ -374,7 +377,11 @@ def _read(path: Path, map_location: str | torch.device | None = None) -> Any:
                               original_exception=exc) from exc
 
 
-def _rotate(output_dir: str | Path, keep_last: int) -> None:
-    ckpts = list_checkpoints(output_dir)
+def _rotate(output_dir: str | Path, keep_last: int, unusable: frozenset[Path] = frozenset()) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints. An unusable one (a corrupt newer checkpoint that a
+    resume passed over) is not one of them: it stays, for a look, and the good ones it would displace stay too
+    (counting it, the rotation kept it and removed the checkpoint the run had resumed from)."""
+    bad = {Path(p).resolve() for p in unusable}
+    ckpts = [p for p in list_checkpoints(output_dir) if p.resolve() not in bad]
     for old in ckpts[: max(0, len(ckpts) - max(1, keep_last))]:
         shutil.rmtree(old, ignore_errors=True)

@@ -35,6 +35,8 @@ class Checkpointer:
         self.barrier = barrier
         self.last: str | None = None
         self.parts: dict[str, Any] = {}
+        #: checkpoints ``--resume auto`` passed over as unusable: the rotation keeps them out of its count
+        self.unusable: frozenset[Path] = frozenset()
 
     def attach(self, **parts: Any) -> None:
         """The objects a checkpoint holds: encoder, optimizer, scheduler, scaler. Every model folder written
@@ -75,7 +77,9 @@ class Checkpointer:
             self.barrier()
         t0, start = time.monotonic(), now_ns()
         path = ckpt_io.save_checkpoint(self.cfg.output_dir, **self.parts, trainer_state=trainer_state, rng_state=rng,
-                                       keep_last=self.cfg.checkpoint.keep_last, rank_rng_states=rank_rngs)
+                                       keep_last=self.cfg.checkpoint.keep_last, rank_rng_states=rank_rngs,
+                                       unusable=self.unusable)
+        self.unusable -= {path}
         self.last = str(path)
         self.emit(CheckpointSaved(step=step, epoch=epoch, path=str(path), reason=reason,
                                   duration_seconds=time.monotonic() - t0, start_ns=start))

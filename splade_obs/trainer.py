@@ -154,6 +154,7 @@ class Trainer:
             self.emit(Message(level="WARNING", text=f"validation disabled: {data.val_error.one_line()}",
                               fields={"category": data.val_error.category.value}))
         self._emit_run_started(t0_ns, data.resume)
+        self.checkpoints.unusable = frozenset(Path(p) for p, _ in data.skipped_checkpoints)
         for skipped, reason in data.skipped_checkpoints:
             self.emit(Message(level="WARNING", text=f"checkpoint {skipped} is unusable ({reason}); resuming from "
                               f"{data.resume}", fields={"checkpoint": str(skipped), "resume": str(data.resume)}))

@@ -235,3 +235,24 @@ def test_model_loading_does_not_retry_a_permanent_error(monkeypatch, fake_sleep)
     with pytest.raises(ModelError):
         SpladeEncoder.from_pretrained("splade-tiny")
     assert len(calls) == 1 and fake_sleep == []
+
+
+def test_rotation_after_a_fallback_keeps_the_checkpoint_resumed_from(tiny_cfg, tmp_path):
+    """``--resume auto`` passes over a corrupt newest checkpoint (3) and resumes from 2; the next save (4)
+    rotates with keep_last 2. The corrupt one is not counted: 2 (what the run resumed from) and 4 stay, and 3
+    stays for a look. Counting it, the rotation removed 2 and kept the corrupt 3 beside 4."""
+    out = tmp_path / "out"
+    first = tiny_cfg(optim={"max_steps": 3, "mixed_precision": "no"},
+                     checkpoint={"output_dir": str(out), "keep_last": 2, "save_steps": 1})
+    assert run_training(first).status == "FINISHED"
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    weights = ckpts / "checkpoint-3" / "model" / "model.safetensors"
+    with open(weights, "r+b") as fh:  # fault injection: a truncated newest checkpoint
+        fh.truncate(weights.stat().st_size // 2)
+    rec = RecordingSink()
+    resumed = tiny_cfg(optim={"max_steps": 4, "mixed_precision": "no"},
+                       checkpoint={"output_dir": str(out), "keep_last": 2, "save_steps": 2, "resume": "auto"})
+    assert run_training(resumed, extra_sinks=[rec]).status == "FINISHED"
+    assert [e.step for e in rec.of(StepDone)] == [3, 4]  # resumed from 2
+    assert sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
