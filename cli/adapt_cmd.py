@@ -9,7 +9,7 @@ import click
 
 from splade_obs.errors import ErrorCategory
 
-from .common import debug_option, handle_errors
+from .common import FiniteFloatRange, debug_option, handle_errors
 
 
 @click.command("adapt")
@@ -21,12 +21,12 @@ from .common import debug_option, handle_errors
 @click.option("--output", "-o", "output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Folder to write the adapted model to (replaced atomically if it exists).")
 @click.option("--epochs", default=2, show_default=True, type=click.IntRange(min=1))
-@click.option("--learning-rate", default=5e-5, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--learning-rate", default=5e-5, show_default=True, type=FiniteFloatRange(min=0, min_open=True))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-length", default=256, show_default=True, type=click.IntRange(min=1),
               help="Tokens per document (longer ones are cut).")
 @click.option("--mask-probability", default=0.15, show_default=True,
-              type=click.FloatRange(0, 1, min_open=True, max_open=True))
+              type=FiniteFloatRange(0, 1, min_open=True, max_open=True))
 @click.option("--train-part", type=click.Choice(["layers", "all"]), default="layers", show_default=True,
               help="layers: only the transformer layers learn; the embeddings and the MLM head (SPLADE's "
                    "vocabulary weights) stay as they are. all: every weight (the model stops being sparse).")

@@ -44,6 +44,19 @@ def report_error(err: ApplicationError, debug: bool) -> None:
         click.echo(f"hint: {safe_text(hint)}", err=True)
 
 
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf``: a NaN passes every bound (its comparisons are
+    false) and went on to fail later with another category, or not at all."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number.", param, ctx)
+        return number
+
+
 def refuse_to_overwrite(output: Path, inputs: list[Path], flag: str = "--output") -> None:
     """A config error when ``output`` is one of the files the command reads: writing it would destroy its input
     (the output is written before the input is done with, or replaces it when it is)."""

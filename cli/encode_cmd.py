@@ -9,7 +9,8 @@ import click
 
 from splade_obs.errors import ErrorCategory
 
-from .common import check_output_file, debug_option, handle_errors, head_pass_option, refuse_to_overwrite
+from .common import (FiniteFloatRange, check_output_file, debug_option, handle_errors,
+                     head_pass_option, refuse_to_overwrite)
 from .evaluate_cmd import progress_options
 
 
@@ -28,7 +29,7 @@ from .evaluate_cmd import progress_options
                    '{"id", "contents", "vector"}, queries as TSV "id<TAB>terms", each term repeated by its weight.')
 @click.option("--max-length", default=None, type=click.IntRange(min=1), help="Token limit (default by --kind).")
 @click.option("--top-k", default=None, type=click.IntRange(min=1), help="Keep only the K heaviest terms.")
-@click.option("--quantize-scale", default=None, type=click.FloatRange(min=0, min_open=True),
+@click.option("--quantize-scale", default=None, type=FiniteFloatRange(min=0, min_open=True),
               help="Integer weights int(w * S + 0.5), terms rounding to 0 dropped; with --format anserini "
                    "it replaces the default scale 100.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))

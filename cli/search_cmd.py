@@ -11,7 +11,7 @@ import click
 from splade_obs.engines import ENGINE_HELP, ENGINES, SeismicParams
 from splade_obs.errors import ErrorCategory
 
-from .common import check_output_file, debug_option, encoder_options, handle_errors
+from .common import FiniteFloatRange, check_output_file, debug_option, encoder_options, handle_errors
 from .evaluate_cmd import progress_options
 
 _SEISMIC = SeismicParams()
@@ -32,7 +32,7 @@ _SEISMIC = SeismicParams()
 @click.option("--query-cut", default=_SEISMIC.query_cut, show_default=True, type=click.IntRange(min=1),
               help="seismic: query terms (heaviest first) whose posting lists are searched.")
 @click.option("--heap-factor", default=_SEISMIC.heap_factor, show_default=True,
-              type=click.FloatRange(min=0, max=1, min_open=True),
+              type=FiniteFloatRange(min=0, max=1, min_open=True),
               help="seismic: skip a block whose summary score is under this times the current k-th score "
                    "(lower: more recall, slower).")
 @click.option("--n-postings", default=_SEISMIC.n_postings, show_default=True, type=click.IntRange(min=1),

@@ -499,7 +499,16 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise ConfigError("config file not found", file_path=str(p), hint="check the --config path")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:  # the line of the first bad byte, as an editor counts lines
+        line = p.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+                          file_path=str(p), line_number=line, original_exception=exc,
+                          hint="save the config file as UTF-8") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError("is a folder, not a config file", file_path=str(p), original_exception=exc,
+                          hint="check the --config path") from exc
     try:
         if p.suffix == ".toml":
             import tomllib

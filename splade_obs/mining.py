@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from .atomic import atomic_writer
-from .errors import DataError, DependencyError
+from .errors import ConfigError, DataError, DependencyError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .beir import BeirData
@@ -153,8 +153,8 @@ def make_stemmer(language: str | None) -> Any:
     try:
         return Stemmer.Stemmer(language)
     except KeyError as exc:
-        raise DataError(f"no Snowball stemmer for language {language!r}", field="stemmer",
-                        hint="e.g. english, french, german; or none") from exc
+        raise ConfigError(f"--stemmer {language}: no Snowball stemmer for this language", field="stemmer",
+                          hint=f"one of {', '.join(sorted(Stemmer.algorithms()))}; or none") from exc
 
 
 class RetrieverScores:

@@ -317,3 +317,25 @@ def test_an_output_path_blocked_by_a_file_or_folder_is_a_file_system_error(tmp_p
     assert err.category is ErrorCategory.FILE_SYSTEM_ERROR and "a file is in the way" in err.message
     moved = classify(IsADirectoryError(21, "Is a directory", str(tmp_path / ".adir.tmp"), None, str(tmp_path / "adir")))
     assert moved.context["file_path"] == str(tmp_path / "adir")
+
+
+def test_nan_flags_and_an_unknown_stemmer_name_the_flag(tmp_path):
+    """A NaN passed every FloatRange bound (its comparisons are false), then failed later as an evaluation or
+    training error, or not at all; an unknown stemmer was a data error."""
+    from click.testing import CliRunner
+
+    from splade_obs.data import DEMO_RETRIEVAL_DIR
+
+    data = str(DEMO_RETRIEVAL_DIR)
+    for args, flag in ((["evaluate", "--data", data, "--idf-power", "nan"], "--idf-power"),
+                       (["evaluate", "--data", data, "--progress-interval", "nan"], "--progress-interval"),
+                       (["adapt", "--corpus", data, "--output", str(tmp_path / "a"), "--learning-rate", "nan"],
+                        "--learning-rate")):
+        result = CliRunner().invoke(_cli(), args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"Invalid value for '{flag}': nan is not a finite number" in result.output, result.output
+    result = CliRunner().invoke(_cli(), ["mine-negatives", "--method", "bm25", "--data", data, "--split", "test",
+                                         "--output", str(tmp_path / "m.jsonl"), "--stemmer", "klingon"])
+    assert result.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR], result.output
+    assert result.stderr.startswith("error[CONFIG_ERROR]: --stemmer klingon: no Snowball stemmer"), result.stderr
+    assert "english" in result.stderr and not (tmp_path / "m.jsonl").exists()

@@ -466,3 +466,16 @@ def test_config_show_into_a_closed_pipe_prints_no_error():
                           capture_output=True, text=True, timeout=120)
     assert proc.stderr == "", proc.stderr
     assert proc.stdout.split() == ["0", "1"]
+
+
+def test_a_config_file_that_is_not_utf8_names_its_line(tmp_path):
+    """Was a DATA_ERROR with the codec's bare message and no file (the read was outside the parse errors)."""
+    path = tmp_path / "c.toml"
+    path.write_bytes(b'[optim]\nbatch_size = 4\nname = "\xff"\n')
+    with pytest.raises(ConfigError) as info:
+        TrainConfig.load(path)
+    line = info.value.one_line()
+    assert line.startswith(f"error[CONFIG_ERROR]: {path}:3: not UTF-8 text (byte 0xff"), line
+    assert "UTF-8" in (info.value.hint_text() or "")
+    with pytest.raises(ConfigError, match="is a folder"):
+        TrainConfig.load(tmp_path)

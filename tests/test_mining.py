@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from splade_obs_cli.main import cli
 from splade_obs.beir import beir_doc_text, load_beir
 from splade_obs.data import load_training_data
-from splade_obs.errors import EXIT_CODES, DataError, DependencyError, ErrorCategory
+from splade_obs.errors import EXIT_CODES, ConfigError, DependencyError, ErrorCategory
 from splade_obs.mining import mine_negatives
 from tests._eval_utils import DOCS, QRELS, read_jsonl, write_beir
 
@@ -204,7 +204,7 @@ def test_unknown_stemmer_and_missing_pystemmer_are_typed_errors(tmp_path, monkey
 
     pytest.importorskip("Stemmer", reason="PyStemmer is in the test extra")
     assert make_stemmer("none") is None
-    with pytest.raises(DataError):
+    with pytest.raises(ConfigError, match="--stemmer klingon"):  # a flag's value: a config error
         make_stemmer("klingon")
     monkeypatch.setitem(sys.modules, "Stemmer", None)  # fault injection: the import fails
     data = write_beir(tmp_path / "beir", split="train")
