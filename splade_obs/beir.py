@@ -298,6 +298,11 @@ def load_beir(folder: str | Path, split: str = "test", *, lazy_corpus: bool = Fa
         queries[qid] = str(obj.get("text") or "")
         locations[qid] = f"{queries_path}:{line_no}"
     qrels = _read_qrels(qrels_path, str(qrels_path))
+    unjudgeable = [q for q in qrels if not queries.get(q, "").strip()]
+    if unjudgeable:  # every consumer leaves them out; say so once, here
+        log.warning("%s: %d judged %s no text in %s (%s%s); left out", qrels_path, len(unjudgeable),
+                    "query has" if len(unjudgeable) == 1 else "queries have", queries_path.name,
+                    ", ".join(unjudgeable[:5]), ", ..." if len(unjudgeable) > 5 else "")
     h = hashlib.sha256()
     for name, p in (("corpus.jsonl", corpus_path), ("queries.jsonl", queries_path), (f"qrels/{split}.tsv", qrels_path)):
         h.update(f"{name}:{file_digest(p)}\n".encode())

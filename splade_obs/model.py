@@ -701,6 +701,7 @@ def _load_with_retry(path: str) -> tuple[nn.Module, Any]:
     """Load model and tokenizer; transient errors (network, timeouts) are retried by the decorator."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    _check_weights_file(path)
     try:
         mlm = AutoModelForMaskedLM.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -719,6 +720,24 @@ def _load_with_retry(path: str) -> tuple[nn.Module, Any]:
                          file_path=path, hint="copy tokenizer.json (or vocab.txt) and tokenizer_config.json from "
                                               "the model it was trained from")
     return mlm, tokenizer
+
+
+def _check_weights_file(path: str) -> None:
+    """A local folder's ``model.safetensors`` whose header does not match its size (a truncated copy) is a
+    ModelError naming the file; safetensors' own message names neither the file nor the cause."""
+    from .checkpoint import _check_safetensors
+    from .errors import FileSystemError
+
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        return
+    try:
+        _check_safetensors(weights)
+    except FileSystemError as err:
+        raise ModelError(err.message.replace("checkpoint weights", "model weights"), file_path=str(weights),
+                         original_exception=err.original_exception,
+                         hint="the file is damaged (a copy cut short?): copy the model folder again, or pass another "
+                              "one") from err
 
 
 def top_k_prune(weights: Tensor, k: int) -> Tensor:

@@ -339,3 +339,49 @@ def test_nan_flags_and_an_unknown_stemmer_name_the_flag(tmp_path):
     assert result.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR], result.output
     assert result.stderr.startswith("error[CONFIG_ERROR]: --stemmer klingon: no Snowball stemmer"), result.stderr
     assert "english" in result.stderr and not (tmp_path / "m.jsonl").exists()
+
+
+def test_judged_queries_without_a_text_are_named_when_left_out(tmp_path, caplog):
+    """A query judged in qrels but absent from queries.jsonl was left out of evaluation, training and mining
+    without a word (evaluate went from 101 to 100 queries): now one warning names how many and which."""
+    import shutil
+
+    from splade_obs.beir import load_beir
+    from splade_obs.data import DEMO_RETRIEVAL_DIR
+
+    data = tmp_path / "beir"
+    shutil.copytree(DEMO_RETRIEVAL_DIR, data)
+    lines = (data / "queries.jsonl").read_text().splitlines(keepends=True)
+    dropped = json.loads(lines[0])["_id"]
+    (data / "queries.jsonl").write_text("".join(lines[1:]))
+    with caplog.at_level("WARNING", logger="splade_obs.beir"):
+        beir = load_beir(data, "test")
+    assert dropped in beir.qrels and dropped not in beir.queries
+    (record,) = [r for r in caplog.records if "judged" in r.getMessage()]
+    assert f"1 judged query has no text in queries.jsonl ({dropped}); left out" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="splade_obs.beir"):
+        load_beir(DEMO_RETRIEVAL_DIR, "test")  # a whole folder: no warning
+    assert not [r for r in caplog.records if "judged" in r.getMessage()]
+
+
+def test_a_truncated_model_file_names_the_file(tmp_path, tiny_model_path):
+    """safetensors said "Error while deserializing header: incomplete metadata", naming neither the file nor
+    the cause, under a hint about hub ids."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from splade_obs.data import DEMO_RETRIEVAL_DIR
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as fh:  # fault injection: a copy cut short
+        fh.truncate(weights.stat().st_size // 2)
+    result = CliRunner().invoke(_cli(), ["encode", "--model", str(model), "--input",
+                                         str(DEMO_RETRIEVAL_DIR / "queries.jsonl"), "--kind", "queries",
+                                         "--output", str(tmp_path / "q.jsonl")])
+    assert result.exit_code == EXIT_CODES[ErrorCategory.MODEL_ERROR], result.output
+    assert result.stderr.startswith(f"error[MODEL_ERROR]: {weights}: model weights are truncated"), result.stderr
+    assert "hub ids" not in result.stderr and "damaged" in result.stderr

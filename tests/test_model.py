@@ -321,8 +321,8 @@ def test_from_pretrained_bad_weights_raises_model_error(tmp_path: Path) -> None:
     (bad / "model.safetensors").write_bytes(b"this is not a safetensors file")
     with pytest.raises(ModelError) as info:
         SpladeEncoder.from_pretrained(str(bad))
-    assert info.value.context.get("file_path") == str(bad)
-    assert str(bad) in info.value.one_line()
+    assert info.value.context.get("file_path") == str(bad / "model.safetensors")  # the damaged file itself
+    assert str(bad) in info.value.one_line() and "model weights are corrupt" in info.value.one_line()
 
 
 # ---- other architectures ---------------------------------------------------------------------------
