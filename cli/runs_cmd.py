@@ -48,6 +48,12 @@ def _client(tracking_uri: str | None) -> Any:
     from splade_obs.sinks.mlflow import store
 
     uri = tracking_uri or _default_uri()
+    if uri.startswith("sqlite:///"):  # reading: a mistyped path must not create an empty store there
+        db = Path(uri[len("sqlite:///"):].split("?", 1)[0])
+        if not db.exists():
+            raise FileSystemError("no MLflow store here", file_path=str(db),
+                                  hint="check --tracking-uri / MLFLOW_TRACKING_URI (runs are tracked where "
+                                       "`splade-obs train` printed its MLflow UI command)")
     store.lower_http_retries_for(uri)
     store.check_store(uri)  # a sqlite store: created, migrated or repaired under its lock, or a precise error
     try:

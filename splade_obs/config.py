@@ -170,7 +170,7 @@ class CheckpointConfig:
     output_dir: str = setting("outputs/splade-obs", "Checkpoints (checkpoints/), final model (final/), logs (logs/).",
                               metavar="DIR")
     save_steps: int | None = setting(None, "Checkpoint every N optimizer steps (always at each epoch end).", ge=1)
-    keep_last: int = setting(2, "Checkpoints kept.", ge=0)
+    keep_last: int = setting(2, "Checkpoints kept (the newest at least: a resume needs it).", ge=1)
     resume: str | None = setting(None, "'auto' (latest checkpoint in --output-dir) or a checkpoint folder.")
 
 
@@ -307,6 +307,10 @@ class EvalConfig:
                                                  "<output-dir>/best.", metavar="METRIC")
 
 
+#: The evaluation metrics a best model can be kept by (``evaluation.METRIC_KEYS``: higher is better).
+BEST_METRICS = ("ndcg@10", "mrr@10", "recall@100", "map@100")
+
+
 # ------------------------------------------------------------------------------------------------ the config
 @dataclass(frozen=True)
 class TrainConfig:
@@ -418,6 +422,14 @@ class TrainConfig:
             flag = " (--device)" if src("optim.device") == COMMAND_LINE else ""
             raise bad("optim.device", f"must be one of {', '.join(DEVICE_FORMS)}, got {o.device!r}{flag}",
                       "e.g. auto (the default: the first GPU when there is one, else the CPU), cpu or cuda:0")
+        best = self.eval.save_best_metric
+        if best is not None and best not in BEST_METRICS:
+            close = difflib.get_close_matches(best.lower(), BEST_METRICS, n=1)
+            raise bad("eval.save_best_metric", f"must be one of {', '.join(BEST_METRICS)}, got {best!r}",
+                      (f"did you mean {close[0]}? " if close else "") + "the model is kept when the metric rises")
+        if self.tracking.register_model and not self.tracking.enabled:
+            raise bad("tracking.register_model", "needs tracking, which is off (--no-mlflow)",
+                      "drop --no-mlflow, or --register-model")
         tb = self.tracing.trace_batches
         if not (tb in ("all", "none") or re.fullmatch(r"every:[1-9]\d*", tb)):
             raise bad("tracing.trace_batches", f"must be all, none or every:N, got {tb!r}",

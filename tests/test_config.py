@@ -237,7 +237,10 @@ def test_bad_config_is_a_typed_error_naming_key_file_and_type(name, tmp_path):
     (["--dropout", "-0.1"], "model.dropout", "must be >= 0 (within [0, 1)), got -0.1 (--dropout)"),
     (["--warmup-ratio", "2"], "optim.warmup_ratio", "must be <= 1 (within [0, 1]), got 2.0 (--warmup-ratio)"),
     (["--num-negatives", "-1"], "data.num_negatives", "must be >= 0, got -1 (--num-negatives)"),
-    (["--keep-last", "-1"], "checkpoint.keep_last", "must be >= 0, got -1 (--keep-last)"),
+    (["--keep-last", "0"], "checkpoint.keep_last", "must be >= 1, got 0 (--keep-last)"),  # it kept 1 anyway
+    (["--save-best-metric", "ndcg"], "eval.save_best_metric", "must be one of ndcg@10, mrr@10, recall@100, map@100, "
+                                                              "got 'ndcg'"),  # no best model was ever kept
+    (["--register-model", "m", "--no-mlflow"], "tracking.register_model", "needs tracking"),
     (["--max-skipped-fraction", "1.5"], "recovery.max_skipped_fraction", "must be <= 1 (within [0, 1]), got 1.5"),
     (["--seed", "-1"], "optim.seed", "must be >= 0"),
     # a malformed --device is a usage mistake (CONFIG_ERROR naming the flag and the accepted forms)
@@ -479,3 +482,10 @@ def test_a_config_file_that_is_not_utf8_names_its_line(tmp_path):
     assert "UTF-8" in (info.value.hint_text() or "")
     with pytest.raises(ConfigError, match="is a folder"):
         TrainConfig.load(tmp_path)
+
+
+def test_the_best_model_metrics_are_the_evaluations():
+    from splade_obs.config import BEST_METRICS
+    from splade_obs.evaluation import METRIC_KEYS
+
+    assert BEST_METRICS == METRIC_KEYS

@@ -205,3 +205,16 @@ def test_prefix_search_pages_through_experiments_and_runs(store, monkeypatch):
     assert sorted(r.info.run_id for r in runs_cmd._runs_with_prefix(client, char)) == matching
     for rid in itertools.islice(ids, 0, None, 4):
         assert runs_cmd.resolve_run_id(client, _unique_prefix(rid, ids).upper(), store["uri"]) == rid
+
+
+def test_reading_a_missing_sqlite_store_creates_nothing(tmp_path):
+    """``runs list --tracking-uri sqlite:///<typo>`` made the folder and an empty store, then listed nothing
+    with exit 0; now the file system error's code, naming the path, and nothing is created."""
+    from splade_obs_cli.main import cli
+
+    db = tmp_path / "nosuchdir" / "x.db"
+    for args in (["runs", "list"], ["runs", "compare", "abcd1234"]):
+        result = CliRunner().invoke(cli, [*args, "--tracking-uri", f"sqlite:///{db}"])
+        assert result.exit_code == EXIT_CODES[ErrorCategory.FILE_SYSTEM_ERROR], result.output
+        assert result.stderr.startswith(f"error[FILE_SYSTEM_ERROR]: {db}: no MLflow store here"), result.stderr
+    assert not (tmp_path / "nosuchdir").exists()
