@@ -52,8 +52,8 @@ def encode(model_name: str, input_path: Path, kind: str, output: Path, fmt: str,
     from splade_obs.progress_util import ProgressSpec
     from splade_obs.shard import rank_device, shard_session
 
-    input_file(input_path, kind)  # a wrong path fails before the model loads
-    refuse_to_overwrite(output, [input_path])
+    source = input_file(input_path, kind)  # a wrong path fails before the model loads
+    refuse_to_overwrite(output, [input_path, source])  # a BEIR folder's corpus.jsonl / queries.jsonl too
     check_output_file(output)
     with shard_session() as shard:
         encoder = SpladeEncoder.from_pretrained(model_name, device=rank_device(device, shard))

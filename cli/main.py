@@ -8,6 +8,7 @@ from splade_obs.api import apply_cpu_settings
 apply_cpu_settings()
 
 import click  # noqa: E402
+from typing import Any  # noqa: E402
 
 from splade_obs import __version__  # noqa: E402
 
@@ -19,7 +20,22 @@ class _Group(click.Group):
         from splade_obs.redaction import remember_url_credentials
 
         remember_url_credentials(args)
-        return super().parse_args(ctx, args)
+        return _masked_usage_errors(super().parse_args, ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return _masked_usage_errors(super().invoke, ctx)
+
+
+def _masked_usage_errors(call: Any, *args: Any) -> Any:
+    """click's own usage errors (``Got unexpected extra argument (http://user:pw@host)``) quote the arguments:
+    masked as the command's other error lines are."""
+    try:
+        return call(*args)
+    except click.UsageError as err:
+        from splade_obs.redaction import safe_text
+
+        err.message = safe_text(err.message)
+        raise
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

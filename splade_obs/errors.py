@@ -308,7 +308,7 @@ def classify(exc: BaseException, default: ErrorCategory = ErrorCategory.UNKNOWN_
             ctx.setdefault("file_path", str(fname))
         text = exc.strerror or message
         if isinstance(exc, FileExistsError) and fname is not None and os.path.isfile(fname):
-            text = "a file is in the way: a folder is needed at this path"  # mkdir under a regular file
+            text = "a file is in the way at this path"  # e.g. a folder to make under a regular file
         return FileSystemError(text, original_exception=exc, context=ctx)
     if is_storage_failure(exc):
         return storage_error(exc, context.pop("file_path", None) or _os_filename(exc), **context)

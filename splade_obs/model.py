@@ -734,6 +734,8 @@ def _check_weights_file(path: str) -> None:
     try:
         _check_safetensors(weights)
     except FileSystemError as err:
+        if isinstance(err.original_exception, OSError):  # unreadable, not damaged: the loader says which
+            return
         raise ModelError(err.message.replace("checkpoint weights", "model weights"), file_path=str(weights),
                          original_exception=err.original_exception,
                          hint="the file is damaged (a copy cut short?): copy the model folder again, or pass another "

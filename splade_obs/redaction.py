@@ -23,13 +23,19 @@ REDACTED = "***"
 MIN_SECRET_LENGTH = 6
 SECRET_KEY_RE = re.compile(r"(token|password|passwd|secret|_key$|^key$|api[_-]?key|authorization|headers?$|"
                            r"credential)", re.IGNORECASE)
-#: ``scheme://userinfo@`` inside any text. With a ``user:`` part the password runs to the last ``@`` of the
-#: whitespace- or quote-delimited token: users type passwords holding ``@``, ``/``, ``#`` or ``?`` without
-#: percent-encoding them (an ``@`` later in the URL's path then masks the path too: more, never less).
-#: Without one (``https://token@host``), up to the last ``@`` before the path.
-URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^\s/?#@:'\"]*:[^\s'\"]*|[^\s/?#'\"]*)@")
-#: ``user:password@host`` with no scheme: a gRPC target, as the OTLP gRPC exporter prints its endpoint.
-BARE_CREDENTIALS_RE = re.compile(r"(?<![\w.%+\-:/@*])([\w.%+\-]+:[^\s/@'\"]+)@(?=[\w\-\[])")
+#: ``scheme://userinfo@`` inside any text, in two forms (every repeat bounded: linear time on any input):
+#:
+#: * the authority's: up to its last ``@`` before a ``/ ? #`` or whitespace (a password may hold ``@`` or
+#:   quotes); ``https://token@host`` too;
+#: * a ``user:password`` whose password holds ``/``, ``?`` or ``#`` the user did not percent-encode
+#:   (``http://u:pa/ss@host``), ended by an ``@`` before a host; a port (``host:5000/...``) is not a password.
+URL_CREDENTIALS_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]{0,30}://)("
+                                r"[^\s/?#:'\"\[\]]{1,128}:(?!\d{1,5}[/?#])[^\s@'\"]{0,256}?[/?#][^\s@'\"]{0,256}?"
+                                r"(?=@[\w\[])|[^\s/?#]{1,512})@")
+#: ``user:password@host:port`` with no scheme: a gRPC target, as the OTLP gRPC exporter prints its endpoint (the
+#: port is required: ``12:30@office`` or ``mailto:bob@example.com`` are not credentials).
+BARE_CREDENTIALS_RE = re.compile(r"(?<![\w.%+\-:/@*])(?!mailto:)([\w.%+\-]{1,128}:[^\s/@'\"]{1,256})"
+                                 r"@(?=(?:\[[0-9A-Fa-f:.]{2,45}\]|[\w.\-]{1,253}):\d{1,5}\b)")
 #: Where a URL parser may cut a password it misreads (``http://u:pass/word@h``: urllib takes ``pass`` for a port
 #: and says so, ``nonnumeric port: 'pass'``): each piece is masked on its own too.
 _PASSWORD_CUTS_RE = re.compile(r"[:/?#@]")
@@ -68,7 +74,12 @@ def url_passwords(text: str) -> set[str]:
     found: set[str] = set()
     for match in (*URL_CREDENTIALS_RE.finditer(text), *BARE_CREDENTIALS_RE.finditer(text)):
         info = match.group(match.lastindex or 0)
-        secret = info.partition(":")[2] if ":" in info else info
+        if ":" in info:
+            secret = info.partition(":")[2]
+        elif match.re is URL_CREDENTIALS_RE and match.group(1).lower() in ("http://", "https://"):
+            secret = info  # https://token@host; elsewhere (ssh://ubuntu@host) a bare user name is no secret
+        else:
+            continue
         found.update(p for p in (secret, *_PASSWORD_CUTS_RE.split(secret)) if len(p) >= MIN_SECRET_LENGTH)
     return found
 
@@ -154,5 +165,11 @@ def redact_obj(obj: Any, secrets: list[str] | None = None) -> Any:
     if isinstance(obj, dict):
         return {redact_obj(k, secrets): redact_obj(v, secrets) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(redact_obj(v, secrets) for v in obj)
+        items = [redact_obj(v, secrets) for v in obj]
+        if type(obj) in (list, tuple):
+            return type(obj)(items)
+        try:  # a namedtuple takes its fields as arguments; a structseq or an odd subclass becomes a tuple
+            return obj._make(items) if hasattr(obj, "_make") else type(obj)(items)
+        except (TypeError, ValueError):
+            return tuple(items)
     return obj

@@ -257,6 +257,10 @@ def test_an_output_that_is_an_input_is_refused_and_the_input_kept(tmp_path):
     before = {p: p.read_bytes() for p in (data / "corpus.jsonl", data / "queries.jsonl")}
     runs = [["encode", "--model", "splade-tiny", "--input", str(data / "corpus.jsonl"), "--kind", "corpus",
              "--output", str(data / "corpus.jsonl")],
+            ["encode", "--model", "splade-tiny", "--input", str(data), "--kind", "corpus",  # a BEIR folder's
+             "--output", str(data / "corpus.jsonl")],
+            ["search", "--model", "splade-tiny", "--index-from", str(data), "--queries", str(data),
+             "--output", str(data / "queries.jsonl")],
             ["mine-negatives", "--method", "bm25", "--data", str(data), "--split", "test",
              "--output", str(data / "queries.jsonl")]]
     for args in runs:

@@ -223,11 +223,18 @@ def test_url_credentials_are_masked_in_every_form_a_library_prints():
     assert redact_url_credentials("unsupported URI 'weird://user:s3cretpw@127.0.0.1:1/x'") == \
         "unsupported URI 'weird://***@127.0.0.1:1/x'"
     assert redact_url_credentials("got list ['http://user:s3cretpw@h.invalid']") == "got list ['http://***@h.invalid']"
+    assert redact_url_credentials("http://bob:it'sMyPw@mlflow.invalid:5000") == "http://***@mlflow.invalid:5000"
+    assert redact_url_credentials("https://alice@corp.invalid:pa/ss@host.invalid/") == "https://***@host.invalid/"
     for plain in ("see https://example.invalid/docs (user@example.invalid)", "git@github.com:org/repo.git",
-                  "http://127.0.0.1:5000/api/2.0/mlflow/runs/get", "loss 1:2 at step 3", "mail bob@example.invalid"):
+                  "http://127.0.0.1:5000/api/2.0/mlflow/runs/get", "loss 1:2 at step 3", "mail bob@example.invalid",
+                  "mailto:alice@example.invalid", "12:30@office", "2024-01-01 12:30:45@worker1",
+                  "python:3.11@sha256:abc", "http://localhost:5000/#/experiments/1@x", "http://[::1]:5000/x@y",
+                  "models:/name@alias", "--run-name exp:baseline@v2"):
         assert redact_url_credentials(plain) == plain
     # the pieces a URL parser may quote alone ("nonnumeric port: 'SEKRIT1'") are secrets too
     assert url_passwords("http://user:SEKRIT1/part22x@h.invalid") == {"SEKRIT1/part22x", "SEKRIT1", "part22x"}
+    assert url_passwords("ssh://ubuntu@host.invalid") == set()  # a user name, not a secret to mask everywhere
+    assert url_passwords("https://ghp_token123@github.invalid") == {"ghp_token123"}
     env = {"MLFLOW_TRACKING_URI": "https://bob:tracking-pw@mlflow.invalid",
            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,api_key=resource-secret,team=search"}
     found = set(secret_values(env))  # (with the URL passwords this process was given before, by other tests)
@@ -327,3 +334,16 @@ def test_a_config_error_quoting_a_credentialed_value_masks_it(tmp_path):
         assert result.exit_code == EXIT_CODES[ErrorCategory.CONFIG_ERROR], (result.output, result.stderr)
         assert "tracking.tracking_uri" in result.stderr and "http://***@127.0.0.1:1" in result.stderr
         assert URL_PASSWORD not in result.output + result.stderr
+
+
+def test_click_usage_errors_mask_url_credentials():
+    """click prints its own usage errors, quoting the argument: they bypass the command's error lines."""
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    for args in (["runs", "list", f"http://bob:{URL_PASSWORD}@mlflow.invalid:5000"],
+                 ["search", "--engine", f"http://bob:{URL_PASSWORD}@mlflow.invalid:5000"]):
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 2 and "http://***@mlflow.invalid:5000" in result.output, result.output
+        assert URL_PASSWORD not in result.output
