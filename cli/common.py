@@ -57,26 +57,18 @@ class FiniteFloatRange(click.FloatRange):
         return number
 
 
-def refuse_to_overwrite(output: Path, inputs: list[Path], flag: str = "--output") -> None:
-    """A config error when ``output`` is one of the files the command reads: writing it would destroy its input
-    (the output is written before the input is done with, or replaces it when it is)."""
-    from splade_obs.errors import ConfigError
-
-    target = Path(output).resolve()
-    for path in inputs:
-        if Path(path).resolve() == target:
-            raise ConfigError(f"{flag} {output} is also an input of this command: writing it would destroy it",
-                              field=flag.lstrip("-").replace("-", "_"), hint=f"give {flag} another file")
-
-
-def check_output_file(output: Path | None, flag: str = "--output") -> None:
-    """Fail before the work when ``output`` can never be written: a folder stands at its path, or a regular file
-    where one of its folders would be (the command would otherwise fail at its very end)."""
+def check_output_file(output: Path | None, flag: str = "--output", inputs: tuple[Path, ...] = ()) -> None:
+    """Fail before the work when ``output`` must not or cannot be written: it is one of the command's ``inputs``
+    (a CONFIG_ERROR: writing it would destroy the input), a folder stands at its path, or a regular file where
+    one of its folders would be (FILE_SYSTEM_ERRORs; the command would otherwise fail at its very end)."""
     if output is None:
         return
-    from splade_obs.errors import FileSystemError
+    from splade_obs.errors import ConfigError, FileSystemError
 
     path = Path(output)
+    if any(Path(p).resolve() == path.resolve() for p in inputs):
+        raise ConfigError(f"{flag} {output} is also an input of this command: writing it would destroy it",
+                          field=flag.lstrip("-").replace("-", "_"), hint=f"give {flag} another file")
     if path.is_dir():
         raise FileSystemError(f"{flag} needs a file, and this is a folder", file_path=str(output),
                               hint=f"give {flag} a file path")

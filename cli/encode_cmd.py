@@ -9,8 +9,7 @@ import click
 
 from splade_obs.errors import ErrorCategory
 
-from .common import (FiniteFloatRange, check_output_file, debug_option, handle_errors,
-                     head_pass_option, refuse_to_overwrite)
+from .common import FiniteFloatRange, check_output_file, debug_option, handle_errors, head_pass_option
 from .evaluate_cmd import progress_options
 
 
@@ -53,8 +52,7 @@ def encode(model_name: str, input_path: Path, kind: str, output: Path, fmt: str,
     from splade_obs.shard import rank_device, shard_session
 
     source = input_file(input_path, kind)  # a wrong path fails before the model loads
-    refuse_to_overwrite(output, [input_path, source])  # a BEIR folder's corpus.jsonl / queries.jsonl too
-    check_output_file(output)
+    check_output_file(output, inputs=(input_path, source))  # a BEIR folder's corpus.jsonl / queries.jsonl too
     with shard_session() as shard:
         encoder = SpladeEncoder.from_pretrained(model_name, device=rank_device(device, shard))
         stats = encode_file(encoder, input_path, output, kind=kind, max_length=max_length, batch_size=batch_size,

@@ -9,8 +9,7 @@ import click
 
 from splade_obs.errors import ErrorCategory
 
-from .common import (FiniteFloatRange, check_output_file, debug_option, encoder_options,
-                     handle_errors, refuse_to_overwrite)
+from .common import FiniteFloatRange, check_output_file, debug_option, encoder_options, handle_errors
 from .evaluate_cmd import progress_options
 
 
@@ -79,9 +78,8 @@ def mine_negatives(model_name: str, data_dir: Path, split: str, output: Path, me
 
         raise ConfigError(f"--dense-model joins the teacher of --method hybrid only, not --method {method}",
                           field="dense_model", hint="add --method hybrid, or drop --dense-model")
-    refuse_to_overwrite(output, [data_dir / "corpus.jsonl", data_dir / "queries.jsonl",
-                                 *sorted((data_dir / "qrels").glob("*"))])
-    check_output_file(output)
+    check_output_file(output, inputs=(data_dir / "corpus.jsonl", data_dir / "queries.jsonl",
+                                      *sorted((data_dir / "qrels").glob("*"))))
     beir = load_beir(data_dir, split)
     stem = make_stemmer(stemmer) if method in ("bm25", "hybrid") else None
     with shard_session() as shard:

@@ -11,8 +11,7 @@ import click
 from splade_obs.engines import ENGINE_HELP, ENGINES, SeismicParams
 from splade_obs.errors import ErrorCategory
 
-from .common import (FiniteFloatRange, check_output_file, debug_option, encoder_options, handle_errors,
-                     refuse_to_overwrite)
+from .common import FiniteFloatRange, check_output_file, debug_option, encoder_options, handle_errors
 from .evaluate_cmd import progress_options
 
 _SEISMIC = SeismicParams()
@@ -60,8 +59,7 @@ def search(model_name: str, index_from: Path, queries_path: Path, engine: str, k
     from splade_obs.shard import rank_device
 
     require_engine(engine)  # a missing package fails before the model loads
-    check_output_file(output)
-    refuse_to_overwrite(output, [queries_path, input_file(queries_path, "queries")])
+    check_output_file(output, inputs=(queries_path, input_file(queries_path, "queries")))
     params = SeismicParams(query_cut=query_cut, heap_factor=heap_factor, n_postings=n_postings)
     queries = list(iter_records(input_file(queries_path, "queries"), "queries"))
     spec = ProgressSpec(progress, progress_interval)

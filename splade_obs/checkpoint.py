@@ -156,7 +156,7 @@ def validate_checkpoint(ckpt: Path) -> None:
         if missing:
             raise FileSystemError(f"checkpoint model shard {missing[0]} is missing", file_path=str(model / missing[0]))
     for w in weights:
-        _check_safetensors(w)
+        check_safetensors(w)
     if not weights:
         if not (model / "pytorch_model.bin").exists():
             raise FileSystemError("checkpoint has no model weights (model.safetensors)",
@@ -189,8 +189,9 @@ def _check_json(path: Path) -> Any:
                               original_exception=exc) from exc
 
 
-def _check_safetensors(path: Path) -> None:
-    """The header's length, the header itself and the end of its last tensor agree with the file's size."""
+def check_safetensors(path: Path, what: str = "checkpoint weights") -> None:
+    """The header's length, the header itself and the end of its last tensor agree with the file's size;
+    errors call the file ``what``."""
     key = _stat_key(path)
     if key in _VALID:
         return
@@ -204,10 +205,10 @@ def _check_safetensors(path: Path) -> None:
             header = json.loads(f.read(n))
         ends = [int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"]
     except (OSError, ValueError, TypeError, KeyError, IndexError) as exc:
-        raise FileSystemError(f"checkpoint weights are corrupt ({exc})", file_path=str(path),
+        raise FileSystemError(f"{what} are corrupt ({exc})", file_path=str(path),
                               original_exception=exc) from exc
     if 8 + n + max(ends, default=0) != size:
-        raise FileSystemError(f"checkpoint weights are truncated or padded: the header gives "
+        raise FileSystemError(f"{what} are truncated or padded: the header gives "
                               f"{8 + n + max(ends, default=0)} bytes, the file has {size}", file_path=str(path))
     _VALID.add(key)
 

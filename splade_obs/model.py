@@ -725,18 +725,18 @@ def _load_with_retry(path: str) -> tuple[nn.Module, Any]:
 def _check_weights_file(path: str) -> None:
     """A local folder's ``model.safetensors`` whose header does not match its size (a truncated copy) is a
     ModelError naming the file; safetensors' own message names neither the file nor the cause."""
-    from .checkpoint import _check_safetensors
+    from .checkpoint import check_safetensors
     from .errors import FileSystemError
 
     weights = Path(path) / "model.safetensors"
     if not weights.is_file():
         return
     try:
-        _check_safetensors(weights)
+        check_safetensors(weights, "model weights")
     except FileSystemError as err:
         if isinstance(err.original_exception, OSError):  # unreadable, not damaged: the loader says which
             return
-        raise ModelError(err.message.replace("checkpoint weights", "model weights"), file_path=str(weights),
+        raise ModelError(err.message, file_path=str(weights),
                          original_exception=err.original_exception,
                          hint="the file is damaged (a copy cut short?): copy the model folder again, or pass another "
                               "one") from err
